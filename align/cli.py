@@ -1,0 +1,119 @@
+"""`align`: the command line, thin over the library.
+
+Every job takes an optional YAML config and dotted overrides, e.g.
+``align sample configs/toy_sample.yaml sampler.guidance_scale=3``. ``--show-config`` prints every
+key with its default and help. Heavy imports happen inside the handlers so ``align --help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from align.config import ConfigError, describe, load_config, to_yaml
+
+Handler = Callable[[argparse.Namespace], int]
+#: name -> (help, function that adds the arguments and returns the handler)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {}
+
+
+def command(name: str, help: str):
+    """Register a (sub)command: ``name`` may be two words, e.g. ``"toy pretrain"``."""
+    def wrap(fn: Callable[[argparse.ArgumentParser], Handler]):
+        COMMANDS[name] = (help, fn)
+        return fn
+    return wrap
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config (optional); keys not in it keep their defaults")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides: key.sub=value")
+    p.add_argument("--show-config", action="store_true", help="print every config key, default and help")
+
+
+def _split_config(ns: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """A first positional containing '=' is an override, not a config path."""
+    cfg, overrides = ns.config, list(ns.overrides)
+    if cfg is not None and "=" in cfg:
+        overrides.insert(0, cfg)
+        cfg = None
+    return cfg, overrides
+
+
+def _show(schema: type) -> int:
+    rows = describe(schema)
+    width = max(len(r[0]) for r in rows)
+    for key, default, help_text in rows:
+        print(f"  {key:<{width}}  {default:<22} {help_text}")
+    return 0
+
+
+@command("toy pretrain", "train the embedded toy model on CPU (regenerates the shipped weights)")
+def _toy_pretrain(p: argparse.ArgumentParser) -> Handler:
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint")
+
+    def run(ns: argparse.Namespace) -> int:
+        from align.toy.pretrain import PretrainConfig, pretrain
+        if ns.show_config:
+            return _show(PretrainConfig)
+        cfg = load_config(PretrainConfig, *_split_config(ns))
+        print(to_yaml(cfg))
+        pretrain(cfg, resume=ns.resume)
+        return 0
+    return run
+
+
+@command("sample", "sample images (toy prompts are also scored by the toy checker)")
+def _sample(p: argparse.ArgumentParser) -> Handler:
+    _config_args(p)
+
+    def run(ns: argparse.Namespace) -> int:
+        from align.generate import SampleJobConfig, run_sample_job
+        if ns.show_config:
+            return _show(SampleJobConfig)
+        cfg = load_config(SampleJobConfig, *_split_config(ns))
+        run_sample_job(cfg)
+        return 0
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align", description=__doc__.splitlines()[0])
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (help_text, add_args) in COMMANDS.items():
+        words = name.split()
+        if len(words) == 1:
+            leaf_parser = subs.add_parser(words[0], help=help_text, description=help_text)
+            leaf_parser.set_defaults(_handler=add_args(leaf_parser))
+            continue
+        group, leaf = words
+        if group not in groups:
+            gp = subs.add_parser(group, help=f"{group} subcommands ({leaf}, ...)")
+            groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND", required=True)
+        leaf_parser = groups[group].add_parser(leaf, help=help_text, description=help_text)
+        leaf_parser.set_defaults(_handler=add_args(leaf_parser))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    handler = getattr(ns, "_handler", None)
+    if handler is None:
+        parser.print_help()
+        return 0
+    try:
+        return handler(ns)
+    except ConfigError as err:
+        print(f"align: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("align: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Dataclass configs: YAML loading, dotted command-line overrides, validation with one-line errors.
+
+A config is a plain ``@dataclass`` tree. Fields may carry metadata:
+
+* ``help``: one line shown by ``align <cmd> --show-config`` and in the docs;
+* ``choices``: the valid values (checked after loading);
+* ``path``: ``"file"`` or ``"dir"``: the value, when set, must exist on disk.
+
+Loading merges, in order: the dataclass defaults, an optional YAML file, then ``key.sub=value``
+overrides (OmegaConf does the typed merge; we only translate its errors into one line that names
+the key and the valid choices). An unknown key, a wrong type, a bad choice or a missing path raises
+:class:`ConfigError` before any heavy work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config value. The message is one line naming the key and what is valid."""
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str = "", choices: Sequence[Any] | None = None,
+          path: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with help text, optional choices and an optional must-exist path kind."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "path": path}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def load_config(schema: type[T], path: str | os.PathLike | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Build ``schema`` from its defaults, an optional YAML file and dotted ``key=value`` overrides."""
+    base = OmegaConf.structured(schema)
+    layers = [base]
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        layers.append(OmegaConf.load(path))
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _translate(err, schema) from None
+    validate(obj)
+    return obj  # type: ignore[return-value]
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check ``choices`` and ``path`` metadata recursively, then call ``cfg.validate()`` if defined."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"config key '{key}' = {value!r} is not valid; choose one of: "
+                              + ", ".join(map(str, choices)))
+        kind = f.metadata.get("path")
+        if kind and value not in (None, ""):
+            exists = os.path.isdir(value) if kind == "dir" else os.path.isfile(value)
+            if not exists:
+                raise ConfigError(f"config key '{key}': {kind} not found: {value}")
+    hook = getattr(cfg, "validate", None)
+    if callable(hook):
+        try:
+            hook()
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(f"config '{prefix.rstrip('.') or type(cfg).__name__}': {err}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain-dict view (for JSON run records and logging)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) rows for every leaf field, for ``--show-config`` and docs."""
+    rows: list[tuple[str, str, str]] = []
+    inst = schema()
+    for f in dataclasses.fields(inst):
+        value = getattr(inst, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(type(value), f"{prefix}{f.name}.")
+            continue
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += " (choices: " + ", ".join(map(str, f.metadata["choices"])) + ")"
+        rows.append((f"{prefix}{f.name}", repr(value), help_text))
+    return rows
+
+
+def _valid_keys(schema: type, dotted_parent: str) -> list[str]:
+    """The field names under ``dotted_parent`` ('' for the root) of ``schema``."""
+    node: Any = schema
+    for part in [p for p in dotted_parent.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return []
+        f = fields[part]
+        node = f.type if isinstance(f.type, type) else type(getattr(node(), part))
+        if not dataclasses.is_dataclass(node):
+            return []
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _translate(err: OmegaConfBaseException, schema: type) -> ConfigError:
+    full_key = str(getattr(err, "full_key", "") or "")
+    if isinstance(err, ConfigKeyError) or "Key '" in str(err) and "not in" in str(err):
+        parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+        valid = _valid_keys(schema, parent)
+        where = f" under '{parent}'" if parent else ""
+        return ConfigError(f"unknown config key '{full_key}'; valid keys{where}: " + ", ".join(valid))
+    if isinstance(err, ValidationError):
+        first = str(err).splitlines()[0]
+        return ConfigError(f"config key '{full_key}': {first}")
+    return ConfigError(f"config error at '{full_key}': {str(err).splitlines()[0]}")
