@@ -41,11 +41,12 @@ class PretrainConfig:
     out_dir: str = field("runs/toy_pretrain", help="run directory (checkpoints, final pipeline, log)")
     seed: int = field(0, help="seed for the dataset, initialisation and training noise")
     dataset_size: int = field(20000, help="number of rendered training scenes")
-    vae_steps: int = field(1200, help="VAE training steps (0 skips stage 1)")
+    vae_steps: int = field(400, help="VAE training steps (0 skips stage 1)")
+    vae_batch_size: int = field(64, help="VAE batch size")
     vae_lr: float = field(1e-3, help="VAE learning rate")
     kl_weight: float = field(1e-6, help="β of the VAE's KL term")
-    steps: int = field(4000, help="UNet + text-encoder training steps")
-    batch_size: int = field(64, help="batch size of both stages")
+    steps: int = field(2500, help="UNet + text-encoder training steps")
+    batch_size: int = field(32, help="UNet batch size")
     lr: float = field(1e-3, help="UNet learning rate (cosine decay, linear warm-up)")
     text_encoder_lr: float = field(3e-4, help="text-encoder learning rate")
     warmup_steps: int = field(200, help="linear warm-up steps of the UNet stage")
@@ -60,7 +61,7 @@ class PretrainConfig:
     ship: bool = field(False, help="copy the final pipeline into the package (align/toy/weights)")
 
     def validate(self) -> None:
-        for name in ("dataset_size", "steps", "batch_size"):
+        for name in ("dataset_size", "steps", "batch_size", "vae_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.cfg_dropout < 1.0:
@@ -90,7 +91,7 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, gen: torch.Generat
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     losses = []
     for _ in tqdm(range(cfg.vae_steps), desc="toy VAE", unit="step"):
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
         x = images[idx].float() / 127.5 - 1.0
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
