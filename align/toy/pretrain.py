@@ -175,8 +175,12 @@ def unet_step_loss(pipe, z0: torch.Tensor, prompts: list[str], cfg: PretrainConf
     return per_sample.mean()
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, log=print):
-    """Run both stages; returns the trained pipeline (EMA UNet weights) and the final metrics."""
+def pretrain(cfg: PretrainConfig, resume: bool = False, log=print, stop_at_step: int | None = None):
+    """Run both stages; returns the trained pipeline (EMA UNet weights) and the final metrics.
+
+    ``stop_at_step`` ends the run right after that step's checkpoint, as an interruption would
+    (used to test ``resume``); it then returns ``(pipe, None)``.
+    """
     from align.backbones import build_pipeline
 
     run = Path(cfg.out_dir)
@@ -228,6 +232,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, log=print):
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save_state(run, done, pipe, ema, opt, sched, gen)
+        if stop_at_step is not None and done >= stop_at_step:
+            _save_state(run, done, pipe, ema, opt, sched, gen)
+            return pipe, None
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             metrics = _evaluate_ema(pipe, ema, cfg)
             history.append({"step": done, "loss": float(np.mean(recent[-50:])), **metrics})

@@ -1,0 +1,19 @@
+"""Every shipped YAML in configs/ loads against its schema (torchtune-style guard)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from align.config import load_config
+from align.generate import SampleJobConfig
+from align.toy.pretrain import PretrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SCHEMAS = {"toy_sample.yaml": SampleJobConfig, "toy_pretrain.yaml": PretrainConfig}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_config_loads(name: str) -> None:
+    assert name in SCHEMAS, f"configs/{name} has no schema registered in this test"
+    load_config(SCHEMAS[name], CONFIGS / name)
