@@ -91,6 +91,7 @@ def test_two_named_adapters_coexist_and_state_dicts_are_separate() -> None:
     pipe = build_pipeline("preset:tiny-dit")
     attach_lora(pipe, "policy", rank=4)
     attach_lora(pipe, "critic", rank=2)
+    assert denoiser(pipe).active_adapters() == ["policy"]  # the critic is attached inactive
     policy, critic = lora_state_dict(pipe, "policy"), lora_state_dict(pipe, "critic")
     assert set(policy) == set(critic)  # same module paths, different adapters
     assert {v.shape[0] for k, v in policy.items() if "lora_A" in k} == {4}

@@ -24,16 +24,19 @@ def attach_lora(pipe: DiffusionPipeline, adapter_name: str = "policy", rank: int
                 init_lora_weights: bool | str = True, dropout: float = 0.0) -> list[str]:
     """Add a LoRA adapter to the denoiser; freeze everything else. Returns its trainable names.
 
-    With peft's default init (B = 0) the adapted model starts identical to the base.
+    With peft's default init (B = 0) the adapted model starts identical to the base. The first
+    adapter becomes the active one; later ones (e.g. ``critic``) are attached inactive, so the
+    policy's forward pass stays base + ``policy`` (the critic activates its own adapter).
     """
     net = denoiser(pipe)
     if adapter_name in _adapter_names(net):
         raise ValueError(f"LoRA adapter {adapter_name!r} already exists; existing: {sorted(_adapter_names(net))}")
+    previous = list(net.active_adapters()) if _adapter_names(net) else []
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
                         target_modules=list(target_modules or DEFAULT_TARGETS),
                         init_lora_weights=init_lora_weights, lora_dropout=dropout)
     net.add_adapter(config, adapter_name=adapter_name)
-    set_active_adapters(pipe, list(_adapter_names(net)))
+    set_active_adapters(pipe, previous or [adapter_name])
     for module in (pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
         if module is not None:
             module.requires_grad_(False)

@@ -4,6 +4,11 @@ A BPE model is trained with the HF ``tokenizers`` library on the words (CLIP's `
 end-of-word convention, every word one token), written as CLIP's ``vocab.json`` + ``merges.txt``
 and loaded back through ``CLIPTokenizer.from_pretrained`` — the same loading path as SD's
 tokenizer.
+
+The toy presets use a committed copy (:data:`TOY_TOKENIZER_DIR`) rather than training one per
+build: ``BpeTrainer`` breaks ties between equally frequent pairs in a per-process hash order, so
+token ids (and therefore text-encoder embeddings of the shipped toy model) would differ between
+runs. Regenerate it with ``python -m align.backbones.tokenizer`` only together with re-pretraining.
 """
 from __future__ import annotations
 
@@ -14,36 +19,50 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
-SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+#: The toy vocabulary's tokenizer (max length 16), written once by :func:`write_clip_tokenizer`.
+TOY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "toy_tokenizer"
 
 
 def write_clip_tokenizer(out_dir: str | os.PathLike, words: list[str],
                          model_max_length: int = 16) -> CLIPTokenizer:
     """Train a BPE where each of ``words`` is one token; save CLIP files in ``out_dir``; load them."""
     words = sorted({w.lower() for w in words})
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=SPECIAL_TOKENS[1]))
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=EOS))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     alphabet = sorted({c for w in words for c in w})
-    # Upper bound on the vocabulary that merges every word into one symbol.
-    vocab_size = len(SPECIAL_TOKENS) + 2 * len(alphabet) + sum(len(w) for w in words) + 8
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  end_of_word_suffix="</w>", show_progress=False,
-                                  initial_alphabet=alphabet)
-    bpe.train_from_iterator(words * 2, trainer=trainer)
+    # An upper bound on the vocabulary needed to merge every word into a single symbol.
+    vocab_size = 2 + 2 * len(alphabet) + sum(len(w) for w in words) + 8
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], end_of_word_suffix="</w>",
+                                  show_progress=False, initial_alphabet=alphabet)
+    bpe.train_from_iterator(words, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt"),
-                        model_max_length=model_max_length) if _takes_files() else \
-        CLIPTokenizer.from_pretrained(out, model_max_length=model_max_length)
-    tok.save_pretrained(out)
+    tok = CLIPTokenizer.from_pretrained(out, model_max_length=model_max_length, pad_token=EOS)
+    tok.save_pretrained(out)  # tokenizer_config.json: max length and pad token survive from_pretrained
+    _check_single_tokens(tok, words, str(out))
     return CLIPTokenizer.from_pretrained(out)
 
 
-def _takes_files() -> bool:
-    """transformers <5 builds CLIPTokenizer from file paths; 5.x from vocab/merges objects."""
-    import inspect
-    return "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters
+def _check_single_tokens(tok: CLIPTokenizer, words: list[str], where: str) -> None:
+    split = [w for w in words if len(tok(w, add_special_tokens=False).input_ids) != 1]
+    if split:
+        raise ValueError(f"tokenizer {where} splits {len(split)} word(s) into several tokens, e.g. {split[0]!r}; "
+                         "regenerate it with `python -m align.backbones.tokenizer` (then re-pretrain the toy model)")
+
+
+def toy_tokenizer() -> CLIPTokenizer:
+    """The committed CLIP tokenizer of the toy vocabulary; fails loudly if the vocabulary outgrew it."""
+    from align.toy.world import vocabulary
+    tok = CLIPTokenizer.from_pretrained(TOY_TOKENIZER_DIR)
+    _check_single_tokens(tok, vocabulary(), str(TOY_TOKENIZER_DIR))
+    return tok
+
+
+if __name__ == "__main__":
+    from align.toy.world import vocabulary
+    print(write_clip_tokenizer(TOY_TOKENIZER_DIR, vocabulary()))

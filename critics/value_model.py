@@ -1,0 +1,130 @@
+"""The state-aligned latent critic V_k(x_t, t, c) on the shared diffusion backbone (ecg_spec.md §2).
+
+The critic reads the backbone's own features for the same (x_t, t, c) the policy sees: the UNet's
+mid-block output, or the DiT's final hidden tokens (the input of ``norm_out``), computed with the
+``critic`` LoRA adapter active on the frozen base (``adapter: shared`` uses the policy's adapter).
+The forward pass stops right after the feature layer (the UNet's up-blocks are never run).
+Features are pooled (mean + a learned attention pool), concatenated with the backbone's own
+timestep embedding, and fed to one small MLP head per reward → values (B, K).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from align.backbones.loading import backbone_kind, denoiser
+from align.backbones.lora import set_active_adapters
+
+
+class _FeaturesReady(Exception):
+    """Raised by the feature hook to end the backbone's forward pass early."""
+
+
+class FeatureTap:
+    """Captures (tokens (B, N, C), temb (B, D)) from the backbone's feature layer during a forward."""
+
+    def __init__(self, pipe) -> None:
+        self.kind = backbone_kind(pipe)
+        self.net = denoiser(pipe)
+        self.tokens: Optional[torch.Tensor] = None
+        self.temb: Optional[torch.Tensor] = None
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["FeatureTap"]:
+        handles = []
+        if self.kind == "unet":
+            handles.append(self.net.time_embedding.register_forward_hook(self._on_temb))
+            handles.append(self.net.mid_block.register_forward_hook(self._on_unet_mid))
+        else:
+            handles.append(self.net.norm_out.register_forward_pre_hook(self._on_dit_norm_out))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _on_temb(self, module, args, output) -> None:
+        self.temb = output
+
+    def _on_unet_mid(self, module, args, output) -> None:
+        self.tokens = output.flatten(2).transpose(1, 2)  # (B, h·w, C)
+        raise _FeaturesReady
+
+    def _on_dit_norm_out(self, module, args) -> None:
+        self.tokens, self.temb = args[0], args[1]
+        raise _FeaturesReady
+
+
+def feature_dims(pipe) -> tuple[int, int]:
+    """(feature channels C, timestep-embedding width D) of the backbone's feature layer."""
+    net = denoiser(pipe)
+    if backbone_kind(pipe) == "unet":
+        return net.config.block_out_channels[-1], net.time_embedding.linear_2.out_features
+    inner = net.config.num_attention_heads * net.config.attention_head_dim
+    return inner, inner
+
+
+class ValueHeads(nn.Module):
+    """Attention + mean pooling of the features, then one MLP per reward on [pool, temb]."""
+
+    def __init__(self, feature_dim: int, temb_dim: int, reward_names: Sequence[str], hidden: int = 128) -> None:
+        super().__init__()
+        if not reward_names:
+            raise ValueError("ValueHeads needs at least one reward name")
+        self.reward_names = list(reward_names)
+        self.query = nn.Parameter(torch.zeros(feature_dim))
+        self.norm = nn.LayerNorm(2 * feature_dim + temb_dim)
+        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Linear(2 * feature_dim + temb_dim, hidden), nn.SiLU(),
+                                                        nn.Linear(hidden, 1)) for name in self.reward_names})
+
+    def forward(self, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(tokens @ self.query / math.sqrt(tokens.shape[-1]), dim=1)  # (B, N)
+        pooled = torch.cat([tokens.mean(dim=1), (weights[..., None] * tokens).sum(dim=1), temb], dim=-1)
+        h = self.norm(pooled)
+        return torch.cat([self.heads[name](h) for name in self.reward_names], dim=-1)  # (B, K)
+
+
+class LatentCritic(nn.Module):
+    """V(x_t, t, c) → (B, K) on the pipeline's denoiser with a LoRA adapter active (see module doc)."""
+
+    def __init__(self, pipe, reward_names: Sequence[str], adapter: str = "critic", hidden: int = 128) -> None:
+        super().__init__()
+        self.pipe = pipe
+        self.adapter = adapter
+        self.heads = ValueHeads(*feature_dims(pipe), reward_names, hidden)
+
+    @property
+    def reward_names(self) -> list[str]:
+        return self.heads.reward_names
+
+    def features(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features of (x_t, t, c) under the critic's adapter (conditional branch only)."""
+        tap = FeatureTap(self.pipe)
+        net = denoiser(self.pipe)
+        previous = list(net.active_adapters()) if getattr(net, "peft_config", None) else None
+        if previous is not None:
+            set_active_adapters(self.pipe, [self.adapter])
+        t = timestep.expand(x_t.shape[0]) if timestep.ndim == 0 else timestep
+        try:
+            with tap.attached():
+                if tap.kind == "unet":
+                    net(x_t, t, encoder_hidden_states=embeds["prompt_embeds"], return_dict=False)
+                else:
+                    net(hidden_states=x_t, timestep=t, encoder_hidden_states=embeds["prompt_embeds"],
+                        pooled_projections=embeds["pooled_prompt_embeds"], return_dict=False)
+        except _FeaturesReady:
+            pass
+        finally:
+            if previous is not None:
+                set_active_adapters(self.pipe, previous)
+        if tap.tokens is None or tap.temb is None:
+            raise RuntimeError("critic: the backbone's forward pass never reached the feature layer")
+        return tap.tokens, tap.temb
+
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: dict) -> torch.Tensor:
+        tokens, temb = self.features(x_t, timestep, embeds)
+        return self.heads(tokens.float(), temb.float())
