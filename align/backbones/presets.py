@@ -3,55 +3,65 @@
 Each preset returns a real diffusers pipeline of the same class as its full-size counterpart:
 ``tiny-unet`` and ``toy`` are ``StableDiffusionPipeline`` (UNet, VAE, CLIP text encoder, DDIM),
 ``tiny-dit`` is ``StableDiffusion3Pipeline`` (MMDiT, 16-channel VAE, two CLIP encoders, flow
-matching; ``text_encoder_3=None``). The tokenizer is written from the toy vocabulary
-(:mod:`align.backbones.tokenizer`).
+matching; ``text_encoder_3=None``). All use the committed toy-vocabulary CLIP tokenizer
+(:mod:`align.backbones.tokenizer`). Weights are random; building never touches the global RNG.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable
+import contextlib
+import inspect
+from typing import Callable, Iterator
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from align.backbones.tokenizer import toy_tokenizer
 
-PRESETS: dict[str, Callable[..., object]] = {}
+PresetBuilder = Callable[..., DiffusionPipeline]
+PRESETS: dict[str, PresetBuilder] = {}
 
 #: SD1.5's noise schedule (scaled-linear betas), shared by the UNet presets.
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                      steps_offset=1)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def register_preset(name: str):
-    def wrap(fn: Callable[..., object]) -> Callable[..., object]:
+def register_preset(name: str) -> Callable[[PresetBuilder], PresetBuilder]:
+    """Register a builder ``fn(seed=0, **sizes) -> pipeline`` under ``name``."""
+    def wrap(fn: PresetBuilder) -> PresetBuilder:
         PRESETS[name] = fn
         return fn
     return wrap
 
 
-def build_preset(name: str, **kwargs) -> object:
-    """Build a named tiny pipeline; an unknown name lists the valid ones."""
+def build_preset(name: str, **kwargs) -> DiffusionPipeline:
+    """Build a named tiny pipeline; unknown names and unknown keyword arguments fail with the valid ones."""
     if name not in PRESETS:
         raise ValueError(f"unknown backbone preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    params = inspect.signature(PRESETS[name]).parameters
+    bad = sorted(set(kwargs) - set(params))
+    if bad:
+        raise ValueError(f"backbone preset {name!r} has no option(s) {', '.join(bad)}; "
+                         f"valid options: {', '.join(params)}")
     return PRESETS[name](**kwargs)
 
 
-#: The toy vocabulary's CLIP tokenizer, written once by :func:`write_clip_tokenizer` and committed,
-#: because BPE training breaks ties in a process-dependent order (ids would differ between runs).
-TOY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "toy_tokenizer"
-
-
-def toy_tokenizer() -> CLIPTokenizer:
-    """The committed CLIP tokenizer of the toy vocabulary (max length 16)."""
-    return CLIPTokenizer.from_pretrained(TOY_TOKENIZER_DIR)
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Deterministic init from ``seed`` without disturbing the caller's global CPU RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def clip_text_encoder(tokenizer: CLIPTokenizer, hidden: int, layers: int = 2, heads: int = 4,
-                      projection_dim: int | None = None) -> CLIPTextModel:
-    """A tiny CLIP text encoder matched to ``tokenizer`` (vocab, max length, special ids)."""
+                      projection_dim: int | None = None) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A tiny CLIP text encoder matched to ``tokenizer`` (vocab, max length, special ids);
+    with ``projection_dim`` the SD3 kind that also returns a pooled, projected embedding."""
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads,
                          max_position_embeddings=tokenizer.model_max_length,
@@ -62,7 +72,7 @@ def clip_text_encoder(tokenizer: CLIPTokenizer, hidden: int, layers: int = 2, he
 
 def tiny_vae(channels: tuple[int, ...], latent_channels: int = 4, sample_size: int = 32,
              attention: bool = False, **extra) -> AutoencoderKL:
-    """AutoencoderKL with ``len(channels)`` blocks (scale factor 2**(len-1))."""
+    """AutoencoderKL with ``len(channels)`` blocks, i.e. spatial scale factor ``2 ** (len - 1)``."""
     n = len(channels)
     return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=tuple(channels),
                          down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
@@ -71,7 +81,11 @@ def tiny_vae(channels: tuple[int, ...], latent_channels: int = 4, sample_size: i
                          **extra)
 
 
-def _sd_pipeline(unet, vae, text_encoder, tokenizer, prediction_type: str) -> StableDiffusionPipeline:
+def sd_pipeline(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                tokenizer: CLIPTokenizer, prediction_type: str) -> StableDiffusionPipeline:
+    """SD1.5-style assembly: DDIM with SD1.5's schedule, no safety checker."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
     scheduler = DDIMScheduler(prediction_type=prediction_type, **SD15_SCHEDULE)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -80,52 +94,55 @@ def _sd_pipeline(unet, vae, text_encoder, tokenizer, prediction_type: str) -> St
 
 @register_preset("tiny-unet")
 def tiny_unet(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
-    """SD1.5-class pipeline: 2-level UNet (32, 64), 3-block VAE (8× down, 32 px), 2-layer CLIP."""
-    torch.manual_seed(seed)
-    tokenizer = toy_tokenizer()
-    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=16)
-    vae = tiny_vae((16, 16, 16), sample_size=32)
-    return _sd_pipeline(unet, vae, clip_text_encoder(tokenizer, 32), tokenizer, prediction_type)
+    """SD1.5-class pipeline: 2-level UNet (32, 64), 3-block VAE (4× down), 2-layer CLIP; 16 px images."""
+    with _seeded(seed):
+        tokenizer = toy_tokenizer()
+        unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                    layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=8, norm_num_groups=16)
+        vae = tiny_vae((16, 16, 16), sample_size=16)
+        return sd_pipeline(unet, vae, clip_text_encoder(tokenizer, 32), tokenizer, prediction_type)
 
 
 @register_preset("toy")
-def toy(seed: int = 0, prediction_type: str = "epsilon",
-        unet_channels: tuple[int, ...] = (32, 64, 64), vae_channels: tuple[int, ...] = (16, 32),
-        text_hidden: int = 64) -> StableDiffusionPipeline:
-    """The toy world's model, untrained: 32 px images, 16×16×4 latents (2-block VAE), a 3-level UNet
-    with cross-attention at 8×8 and 4×4, and a 2-layer CLIP text encoder of width 64.
+def toy(seed: int = 0, prediction_type: str = "epsilon", unet_channels: tuple[int, ...] = (32, 64, 64),
+        layers_per_block: int = 1, attention_head_dim: int = 8, vae_channels: tuple[int, ...] = (16, 32),
+        text_hidden: int = 64, text_layers: int = 2) -> StableDiffusionPipeline:
+    """The toy world's model, untrained: 32 px images, 16×16×4 latents (2-block VAE), a UNet with
+    cross-attention below the top level, and a CLIP text encoder of width ``text_hidden``.
     ``align toy pretrain`` trains it; the trained one ships in ``align/toy/weights``."""
     from align.toy.world import RESOLUTION
-    torch.manual_seed(seed)
-    tokenizer = toy_tokenizer()
     n = len(unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 2 ** (len(vae_channels) - 1), in_channels=4, out_channels=4,
-        block_out_channels=tuple(unet_channels), layers_per_block=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=text_hidden, attention_head_dim=8, norm_num_groups=min(32, unet_channels[0]))
-    vae = tiny_vae(tuple(vae_channels), sample_size=RESOLUTION)
-    return _sd_pipeline(unet, vae, clip_text_encoder(tokenizer, text_hidden), tokenizer, prediction_type)
+    with _seeded(seed):
+        tokenizer = toy_tokenizer()
+        unet = UNet2DConditionModel(
+            sample_size=RESOLUTION // 2 ** (len(vae_channels) - 1), in_channels=4, out_channels=4,
+            block_out_channels=tuple(unet_channels), layers_per_block=layers_per_block,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            cross_attention_dim=text_hidden, attention_head_dim=attention_head_dim,
+            norm_num_groups=min(32, unet_channels[0]))
+        vae = tiny_vae(tuple(vae_channels), sample_size=RESOLUTION)
+        text_encoder = clip_text_encoder(tokenizer, text_hidden, layers=text_layers)
+        return sd_pipeline(unet, vae, text_encoder, tokenizer, prediction_type)
 
 
 @register_preset("tiny-dit")
 def tiny_dit(seed: int = 0, shift: float = 3.0) -> StableDiffusion3Pipeline:
-    """SD3-class pipeline: 2-layer MMDiT (patch 1, QK-RMSNorm), 16-channel VAE, two CLIP encoders."""
-    torch.manual_seed(seed)
-    tokenizer = toy_tokenizer()
-    transformer = SD3Transformer2DModel(sample_size=4, patch_size=1, in_channels=16, out_channels=16,
-                                        num_layers=2, attention_head_dim=8, num_attention_heads=4,
-                                        joint_attention_dim=32, caption_projection_dim=32,
-                                        pooled_projection_dim=64, pos_embed_max_size=16, qk_norm="rms_norm")
-    vae = tiny_vae((16, 16, 16), latent_channels=16, sample_size=32, shift_factor=0.0609,
-                   scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
-    te1 = clip_text_encoder(tokenizer, 32, projection_dim=32)
-    te2 = clip_text_encoder(tokenizer, 32, projection_dim=32)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
-                                    text_encoder=te1, tokenizer=tokenizer, text_encoder_2=te2,
-                                    tokenizer_2=toy_tokenizer(), text_encoder_3=None, tokenizer_3=None)
+    """SD3-class pipeline: 2-layer MMDiT (patch 1, QK-RMSNorm), 16-channel VAE, two CLIP encoders
+    whose pooled outputs (32 + 32) make the transformer's 64-d pooled projection; 16 px images."""
+    with _seeded(seed):
+        tokenizer = toy_tokenizer()
+        transformer = SD3Transformer2DModel(sample_size=4, patch_size=1, in_channels=16, out_channels=16,
+                                            num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                            joint_attention_dim=32, caption_projection_dim=32,
+                                            pooled_projection_dim=64, pos_embed_max_size=16, qk_norm="rms_norm")
+        vae = tiny_vae((16, 16, 16), latent_channels=16, sample_size=16, shift_factor=0.0609,
+                       scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+        te1 = clip_text_encoder(tokenizer, 32, projection_dim=32)
+        te2 = clip_text_encoder(tokenizer, 32, projection_dim=32)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                                        text_encoder=te1, tokenizer=tokenizer, text_encoder_2=te2,
+                                        tokenizer_2=toy_tokenizer(), text_encoder_3=None, tokenizer_3=None)

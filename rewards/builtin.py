@@ -1,0 +1,59 @@
+"""Built-in rewards that need no model weights: the toy-world checker and DDPO's JPEG rewards."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rewards.registry import register_reward
+
+
+@register_reward("toy_geneval")
+class ToyGenEval:
+    """The toy world's GenEval-style checker: mean of per-attribute partial credit in [0, 1].
+    Per-attribute scores go to ``metadata['toy_geneval']`` (dict of (B,) tensors)."""
+    name = "toy_geneval"
+    device = "cpu"
+    batch_size = None
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
+        from align.toy.checker import check_batch
+        scores = check_batch(images.float().clamp(0, 1).cpu(), prompts)
+        metadata[self.name] = {k: v for k, v in scores.items() if k != "score"}
+        return scores["score"]
+
+
+def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """Size in kB of each image encoded as JPEG (PIL, given quality) — DDPO's compressibility."""
+    arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    sizes = []
+    for img in arr:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(img)).save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell() / 1000.0)
+    return torch.tensor(sizes, dtype=torch.float32)
+
+
+@register_reward("jpeg_compressibility")
+class JpegCompressibility:
+    """−(JPEG size in kB): smaller files score higher (DDPO)."""
+    name = "jpeg_compressibility"
+    device = "cpu"
+    batch_size = None
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
+        return -jpeg_kilobytes(images)
+
+
+@register_reward("jpeg_incompressibility")
+class JpegIncompressibility:
+    """+(JPEG size in kB): larger files score higher (DDPO)."""
+    name = "jpeg_incompressibility"
+    device = "cpu"
+    batch_size = None
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
+        return jpeg_kilobytes(images)

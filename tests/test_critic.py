@@ -1,0 +1,69 @@
+"""The state-aligned latent critic: features from the shared backbone, per-reward heads, adapters."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.backbones import attach_lora, denoiser
+from align.sampling import SamplerConfig, sample_trajectory
+from critics.value_model import FeatureTap, LatentCritic
+
+REWARDS = ["toy_geneval", "jpeg_compressibility"]
+
+
+def _setup(pipe):
+    attach_lora(pipe, "policy", rank=2)
+    attach_lora(pipe, "critic", rank=2)
+    traj = sample_trajectory(pipe, ["two red circles on the left", "one blue square on the top"],
+                             SamplerConfig(num_inference_steps=3), torch.Generator().manual_seed(0))
+    embeds = {k: getattr(traj, k) for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    return traj, embeds
+
+
+@pytest.mark.parametrize("fixture", ["tiny_unet_pipe", "tiny_dit_pipe"])
+def test_critic_gives_one_value_per_reward_and_trains_only_its_own_parameters(fixture: str, request) -> None:
+    pipe = request.getfixturevalue(fixture)
+    traj, embeds = _setup(pipe)
+    critic = LatentCritic(pipe, REWARDS, adapter="critic")
+    for p in critic.heads.parameters():
+        p.requires_grad_(True)
+    for name, p in denoiser(pipe).named_parameters():
+        p.requires_grad_(".critic." in name)
+    values = critic(traj.latents[:, 1], traj.timesteps[1], embeds)
+    assert values.shape == (2, len(REWARDS)) and torch.isfinite(values).all()
+    values.sum().backward()
+    touched = {n for n, p in denoiser(pipe).named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched and all(".critic." in n for n in touched)
+    assert all(p.grad is not None for p in critic.heads.parameters())
+    assert denoiser(pipe).active_adapters() == ["policy"]  # restored after the critic's pass
+
+
+def test_unet_features_are_the_mid_block_output(tiny_unet_pipe) -> None:
+    pipe = tiny_unet_pipe
+    traj, embeds = _setup(pipe)
+    critic = LatentCritic(pipe, REWARDS, adapter="critic")
+    tokens, temb = critic.features(traj.latents[:, 0], traj.timesteps[0], embeds)
+    captured = {}
+    hook = pipe.unet.mid_block.register_forward_hook(lambda m, a, out: captured.setdefault("mid", out))
+    from align.backbones import set_active_adapters
+    set_active_adapters(pipe, ["critic"])
+    with torch.no_grad():
+        pipe.unet(traj.latents[:, 0], traj.timesteps[0].expand(2), encoder_hidden_states=embeds["prompt_embeds"])
+    hook.remove()
+    set_active_adapters(pipe, ["policy"])
+    expected = captured["mid"].flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens.detach(), expected, atol=1e-6, rtol=0)
+    assert temb.shape == (2, pipe.unet.time_embedding.linear_2.out_features)
+
+
+def test_shared_adapter_option_reads_the_policy_adapter(tiny_unet_pipe) -> None:
+    pipe = tiny_unet_pipe
+    traj, embeds = _setup(pipe)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B.policy." in name:
+                p.add_(0.3)
+    separate = LatentCritic(pipe, REWARDS, adapter="critic").features(traj.latents[:, 0], traj.timesteps[0], embeds)[0]
+    shared = LatentCritic(pipe, REWARDS, adapter="policy").features(traj.latents[:, 0], traj.timesteps[0], embeds)[0]
+    assert not torch.allclose(separate, shared)
+    assert FeatureTap(pipe).kind == "unet"
