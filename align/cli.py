@@ -7,11 +7,16 @@ key with its default and help. Heavy imports happen inside the handlers so ``ali
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 from typing import Callable, Sequence
 
 from align.config import ConfigError, describe, load_config, to_yaml
 
+DEFAULT_TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                    "toy_ecg.yaml")
 Handler = Callable[[argparse.Namespace], int]
 #: name -> (help, function that adds the arguments and returns the handler)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {}
@@ -49,6 +54,31 @@ def _show(schema: type) -> int:
     return 0
 
 
+@command("train", "RL fine-tuning: ECG (default), GRPO or DDPO; embedded toy default")
+def _train(p: argparse.ArgumentParser) -> Handler:
+    _config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
+
+    def run(ns: argparse.Namespace) -> int:
+        from align.train import train
+        from align.train_config import TrainConfig
+        if ns.show_config:
+            return _show(TrainConfig)
+        path, overrides = _split_config(ns)
+        if ns.resume:
+            saved = os.path.join(ns.resume, "config.json")
+            if not os.path.isfile(saved):
+                raise ConfigError(f"--resume {ns.resume}: no config.json there (not a run directory)")
+            overrides = [f"run_dir={ns.resume}", *overrides]
+            path = path or _yaml_from_json(saved)
+        elif path is None and os.path.isfile(DEFAULT_TRAIN_CONFIG):
+            path = DEFAULT_TRAIN_CONFIG
+        cfg = load_config(TrainConfig, path, overrides)
+        train(cfg, resume=bool(ns.resume))
+        return 0
+    return run
+
+
 @command("toy pretrain", "train the embedded toy model on CPU (regenerates the shipped weights)")
 def _toy_pretrain(p: argparse.ArgumentParser) -> Handler:
     _config_args(p)
@@ -77,6 +107,14 @@ def _sample(p: argparse.ArgumentParser) -> Handler:
         run_sample_job(cfg)
         return 0
     return run
+
+
+def _yaml_from_json(path: str) -> str:
+    """A run's saved config.json as a temp YAML file (JSON is YAML) for reloading."""
+    fd, tmp = tempfile.mkstemp(suffix=".yaml")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(json.load(open(path)), fh)
+    return tmp
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 
-from align.backbones import (adapters_disabled, attach_lora, build_pipeline, denoiser, load_lora_state_dict,
-                             lora_num_bytes, lora_state_dict, set_trainable)
-from align.backbones.tokenizer import write_clip_tokenizer
+from align.backbones import (active_adapters, adapters_active, adapters_disabled, attach_lora, backbone_kind,
+                             build_pipeline, denoiser, load_lora_state_dict, lora_num_bytes, lora_state_dict,
+                             set_active_adapters, set_trainable, toy_tokenizer, write_clip_tokenizer)
 from align.toy.world import vocabulary
 
 PROMPTS = ["two red circles on the left", "one blue square on the top"]
@@ -15,43 +16,110 @@ PROMPTS = ["two red circles on the left", "one blue square on the top"]
 
 def _images(pipe, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, generator=gen, output_type="pt").images
+    return pipe(PROMPTS, num_inference_steps=2, guidance_scale=3.0, generator=gen, output_type="pt").images
 
 
-@pytest.mark.parametrize("preset, cls, size", [("tiny-unet", StableDiffusionPipeline, 16),
-                                               ("tiny-dit", StableDiffusion3Pipeline, 16),
-                                               ("toy", StableDiffusionPipeline, 32)])
-def test_presets_are_real_pipelines_that_sample(preset: str, cls: type, size: int) -> None:
-    pipe = build_pipeline(f"preset:{preset}")
-    assert isinstance(pipe, cls)
+def _trainable(pipe) -> list[str]:
+    return [n for n, p in denoiser(pipe).named_parameters() if p.requires_grad]
+
+
+# ---- presets and loading -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fixture, cls, kind", [("tiny_unet_pipe", StableDiffusionPipeline, "unet"),
+                                                ("tiny_unet_vpred_pipe", StableDiffusionPipeline, "unet"),
+                                                ("tiny_dit_pipe", StableDiffusion3Pipeline, "dit")])
+def test_tiny_presets_are_real_pipelines_that_sample_16px_images(fixture: str, cls: type, kind: str,
+                                                                  request) -> None:
+    pipe = request.getfixturevalue(fixture)
+    assert isinstance(pipe, cls) and backbone_kind(pipe) == kind
     images = _images(pipe)
-    assert images.shape == (2, 3, size, size) and torch.isfinite(images).all()
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
-@pytest.mark.parametrize("preset", ["tiny-unet", "tiny-dit"])
-def test_presets_are_deterministic(preset: str) -> None:
-    assert torch.equal(_images(build_pipeline(f"preset:{preset}")), _images(build_pipeline(f"preset:{preset}")))
+def test_vpred_fixture_differs_from_epsilon_only_in_the_scheduler(tiny_unet_pipe, tiny_unet_vpred_pipe) -> None:
+    assert tiny_unet_pipe.scheduler.config.prediction_type == "epsilon"
+    assert tiny_unet_vpred_pipe.scheduler.config.prediction_type == "v_prediction"
+    assert torch.equal(tiny_unet_pipe.unet.conv_in.weight, tiny_unet_vpred_pipe.unet.conv_in.weight)
 
 
-@pytest.mark.parametrize("preset", ["tiny-unet", "tiny-dit"])
-def test_save_pretrained_then_load_gives_identical_images(preset: str, tmp_path) -> None:
-    pipe = build_pipeline(f"preset:{preset}")
+def test_toy_preset_makes_32px_images_from_16px_latents_and_takes_size_overrides() -> None:
+    pipe = build_pipeline("preset:toy")
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16
+    assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 64
+    images = _images(pipe)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    small = build_pipeline("preset:toy", unet_channels=(32, 64), text_hidden=32)
+    assert small.unet.config.block_out_channels == (32, 64) and small.unet.config.cross_attention_dim == 32
+    assert _images(small).shape == (2, 3, 32, 32)
+
+
+def test_presets_are_seeded_and_leave_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a, b = build_pipeline("preset:tiny-dit"), build_pipeline("preset:tiny-dit")
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(p, q) for p, q in zip(a.transformer.parameters(), b.transformer.parameters()))
+    c = build_pipeline("preset:tiny-dit", seed=1)
+    assert not torch.equal(a.transformer.proj_out.weight, c.transformer.proj_out.weight)
+
+
+@pytest.mark.parametrize("fixture, kind", [("tiny_unet_pipe", "unet"), ("tiny_dit_pipe", "dit")])
+def test_save_pretrained_then_load_gives_bit_identical_images(fixture: str, kind: str, tmp_path, request) -> None:
+    pipe = request.getfixturevalue(fixture)
     pipe.save_pretrained(tmp_path / "pipe")
-    loaded = build_pipeline(str(tmp_path / "pipe"), kind="unet" if preset == "tiny-unet" else "dit")
+    loaded = build_pipeline(str(tmp_path / "pipe"), kind=kind)
     assert type(loaded) is type(pipe)
     assert torch.equal(_images(pipe), _images(loaded))
+    with pytest.raises(ValueError, match=f"is a {kind} backbone"):
+        build_pipeline(str(tmp_path / "pipe"), kind="dit" if kind == "unet" else "unet")
 
 
-def test_toy_tokenizer_gives_one_token_per_word_and_round_trips(tmp_path) -> None:
+def test_bad_sources_give_one_line_errors_naming_the_problem(tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown backbone preset 'nope'; valid presets: .*tiny-dit.*tiny-unet"):
+        build_pipeline("preset:nope")
+    with pytest.raises(ValueError, match="has no option.*width; valid options: seed, prediction_type"):
+        build_pipeline("preset:tiny-unet", width=3)
+    with pytest.raises(ValueError, match="prediction_type 'sample' is not supported"):
+        build_pipeline("preset:tiny-unet", prediction_type="sample")
+    with pytest.raises(FileNotFoundError, match="pipeline directory not found: ./no/such/dir"):
+        build_pipeline("./no/such/dir")
+    with pytest.raises(FileNotFoundError, match="has no model_index.json"):
+        build_pipeline(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown backbone kind 'vit'; valid kinds: unet, dit"):
+        build_pipeline("preset:tiny-unet", kind="vit")
+    with pytest.raises(ValueError, match="is a unet backbone .*kind='dit'"):
+        build_pipeline("preset:tiny-unet", kind="dit")
+    with pytest.raises(OSError, match="not in the local HF cache; pass allow_download=True"):
+        build_pipeline("someone/not-a-cached-model")
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+
+def test_written_tokenizer_has_one_token_per_word_and_round_trips(tmp_path) -> None:
     tok = write_clip_tokenizer(tmp_path / "tok", vocabulary(), model_max_length=16)
     for word in vocabulary():
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>" and tok.bos_token == "<|startoftext|>"
     again = type(tok).from_pretrained(tmp_path / "tok")
-    assert again("two red circles on the left").input_ids == tok("two red circles on the left").input_ids
-    assert again.model_max_length == 16
+    batch = again(PROMPTS, padding="max_length", max_length=again.model_max_length, truncation=True)
+    assert batch.input_ids == tok(PROMPTS, padding="max_length", max_length=16, truncation=True).input_ids
+    assert again.model_max_length == 16 and all(len(ids) == 16 for ids in batch.input_ids)
+    assert len(again) == len(tok) and again.pad_token_id == tok.eos_token_id
 
+
+def test_committed_toy_tokenizer_covers_the_toy_vocabulary() -> None:
+    tok = toy_tokenizer()
+    ids = {w: tok(w, add_special_tokens=False).input_ids for w in vocabulary()}
+    assert all(len(v) == 1 for v in ids.values())
+    assert len({v[0] for v in ids.values()}) == len(ids)  # distinct words, distinct tokens
+    assert tok.model_max_length == 16
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------
 
 def _perturb(pipe, adapter: str, seed: int) -> None:
+    """Random LoRA B so the adapter is not a no-op (peft's default init has B = 0)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in denoiser(pipe).named_parameters():
@@ -59,71 +127,98 @@ def _perturb(pipe, adapter: str, seed: int) -> None:
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen))
 
 
-def test_lora_changes_outputs_and_disabling_restores_the_base_bit_for_bit() -> None:
-    pipe = build_pipeline("preset:tiny-unet")
+@pytest.mark.parametrize("fixture", ["tiny_unet_pipe", "tiny_dit_pipe"])
+def test_lora_changes_outputs_and_disabling_gives_the_base_bit_for_bit(fixture: str, request) -> None:
+    pipe = request.getfixturevalue(fixture)
     base = _images(pipe)
     names = attach_lora(pipe, "policy", rank=4)
     assert torch.equal(_images(pipe), base)  # peft init: B = 0
     _perturb(pipe, "policy", seed=1)
     adapted = _images(pipe)
-    assert not torch.allclose(adapted, base)
+    assert not torch.allclose(adapted, base, atol=1e-3)
     with adapters_disabled(pipe):
         assert torch.equal(_images(pipe), base)
     assert torch.equal(_images(pipe), adapted)
-    trainable = [n for n, p in denoiser(pipe).named_parameters() if p.requires_grad]
-    assert trainable == names and all(".policy." in n and "lora_" in n for n in names)
-    assert not any(p.requires_grad for p in pipe.vae.parameters())
-    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    assert _trainable(pipe) == names and names and all(".policy." in n and "lora_" in n for n in names)
+    frozen = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module) and m is not denoiser(pipe)]
+    assert frozen and not any(p.requires_grad for m in frozen for p in m.parameters())
 
 
-def test_adapters_disabled_restores_state_after_an_exception() -> None:
-    pipe = build_pipeline("preset:tiny-unet")
+def test_random_init_adapter_is_not_a_no_op(tiny_unet_pipe) -> None:
+    base = _images(tiny_unet_pipe)
+    attach_lora(tiny_unet_pipe, "policy", init_lora_weights=False)
+    assert not torch.allclose(_images(tiny_unet_pipe), base, atol=1e-3)
+
+
+def test_adapters_disabled_restores_active_set_and_trainability_even_after_an_exception(tiny_unet_pipe) -> None:
+    pipe = tiny_unet_pipe
     attach_lora(pipe, "policy")
+    attach_lora(pipe, "critic", rank=2)
+    policy_only = set_trainable(pipe, ["policy"])
     _perturb(pipe, "policy", seed=1)
     adapted = _images(pipe)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with adapters_disabled(pipe):
+            assert _trainable(pipe) == []
             raise RuntimeError("boom")
+    assert _trainable(pipe) == policy_only  # peft's enable_adapters alone would make critic trainable
+    assert active_adapters(pipe) == ["policy", "critic"]
     assert torch.equal(_images(pipe), adapted)
 
 
-def test_two_named_adapters_coexist_and_state_dicts_are_separate() -> None:
-    pipe = build_pipeline("preset:tiny-dit")
-    attach_lora(pipe, "policy", rank=4)
+def test_active_adapters_can_be_switched_and_restored(tiny_dit_pipe) -> None:
+    pipe = tiny_dit_pipe
+    base = _images(pipe)
+    attach_lora(pipe, "policy")
     attach_lora(pipe, "critic", rank=2)
-    assert denoiser(pipe).active_adapters() == ["policy"]  # the critic is attached inactive
+    _perturb(pipe, "critic", seed=3)
+    trainable = _trainable(pipe)
+    with adapters_active(pipe, ["policy"]):  # policy's B is still 0
+        assert active_adapters(pipe) == ["policy"] and torch.equal(_images(pipe), base)
+    assert active_adapters(pipe) == ["policy", "critic"] and not torch.allclose(_images(pipe), base, atol=1e-3)
+    set_active_adapters(pipe, "critic")
+    assert active_adapters(pipe) == ["critic"] and _trainable(pipe) == trainable
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'value'; existing: \\['policy', 'critic'\\]"):
+        set_active_adapters(pipe, ["value"])
+
+
+def test_two_named_adapters_coexist_with_separate_state_dicts(tiny_dit_pipe) -> None:
+    pipe = tiny_dit_pipe
+    policy_names = attach_lora(pipe, "policy", rank=4)
+    critic_names = attach_lora(pipe, "critic", rank=2)
+    assert _trainable(pipe) == critic_names and not set(policy_names) & set(critic_names)
     policy, critic = lora_state_dict(pipe, "policy"), lora_state_dict(pipe, "critic")
-    assert set(policy) == set(critic)  # same module paths, different adapters
+    assert not any("policy" in k or "critic" in k for k in [*policy, *critic])  # keys name modules only
     assert {v.shape[0] for k, v in policy.items() if "lora_A" in k} == {4}
     assert {v.shape[0] for k, v in critic.items() if "lora_A" in k} == {2}
+    assert len(policy) == len(policy_names)
     assert lora_num_bytes(pipe, "policy") == sum(v.numel() * 4 for v in policy.values())
-    both = set_trainable(pipe, ["policy", "critic"])
-    assert any(".policy." in n for n in both) and any(".critic." in n for n in both)
+    assert lora_num_bytes(pipe, "critic") < lora_num_bytes(pipe, "policy")
+    with pytest.raises(ValueError, match="already exists"):
+        attach_lora(pipe, "policy")
 
 
-def test_lora_state_round_trip_and_mismatch_errors() -> None:
+def test_lora_state_survives_safetensors_and_loads_into_another_pipeline(tmp_path) -> None:
     src, dst = build_pipeline("preset:tiny-unet"), build_pipeline("preset:tiny-unet")
     attach_lora(src, "policy")
     attach_lora(dst, "policy")
     _perturb(src, "policy", seed=2)
-    load_lora_state_dict(dst, lora_state_dict(src, "policy"), "policy")
+    save_file(lora_state_dict(src, "policy"), str(tmp_path / "policy.safetensors"))
+    trainable = _trainable(dst)
+    load_lora_state_dict(dst, load_file(str(tmp_path / "policy.safetensors")), "policy")
     assert torch.equal(_images(src), _images(dst))
-    state = lora_state_dict(src, "policy")
+    assert _trainable(dst) == trainable
+
+
+def test_lora_state_mismatch_errors_say_what_differs(tiny_unet_pipe) -> None:
+    attach_lora(tiny_unet_pipe, "policy")
+    state = lora_state_dict(tiny_unet_pipe, "policy")
     key = next(iter(state))
-    with pytest.raises(ValueError, match="missing"):
-        load_lora_state_dict(dst, {k: v for k, v in state.items() if k != key}, "policy")
+    with pytest.raises(ValueError, match="1 missing"):
+        load_lora_state_dict(tiny_unet_pipe, {k: v for k, v in state.items() if k != key}, "policy")
+    with pytest.raises(ValueError, match="1 unexpected"):
+        load_lora_state_dict(tiny_unet_pipe, {**state, "foo.lora_A.weight": state[key]}, "policy")
     with pytest.raises(ValueError, match="shape mismatch"):
-        load_lora_state_dict(dst, {**state, key: torch.zeros(1, 1)}, "policy")
+        load_lora_state_dict(tiny_unet_pipe, {**state, key: torch.zeros(1, 1)}, "policy")
     with pytest.raises(ValueError, match="unknown LoRA adapter 'critic'"):
-        lora_state_dict(dst, "critic")
-
-
-def test_bad_sources_give_one_line_errors(tmp_path) -> None:
-    with pytest.raises(ValueError, match="unknown backbone preset 'nope'; valid presets: .*tiny-dit"):
-        build_pipeline("preset:nope")
-    with pytest.raises(FileNotFoundError, match="pipeline directory not found: ./no/such/dir"):
-        build_pipeline("./no/such/dir")
-    with pytest.raises(ValueError, match="is a unet backbone"):
-        build_pipeline("preset:tiny-unet", kind="dit")
-    with pytest.raises(OSError, match="not in the local HF cache"):
-        build_pipeline("someone/not-a-cached-model")
+        lora_state_dict(tiny_unet_pipe, "critic")

@@ -8,9 +8,10 @@ import pytest
 from align.config import load_config
 from align.generate import SampleJobConfig
 from align.toy.pretrain import PretrainConfig
+from align.train_config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SCHEMAS = {"toy_sample.yaml": SampleJobConfig, "toy_pretrain.yaml": PretrainConfig}
+SCHEMAS = {"toy_sample.yaml": SampleJobConfig, "toy_pretrain.yaml": PretrainConfig, "toy_ecg.yaml": TrainConfig}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))

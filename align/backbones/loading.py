@@ -5,7 +5,6 @@ Nothing is downloaded unless ``allow_download`` is set: hub ids resolve from the
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -51,7 +50,9 @@ def build_pipeline(source: str, *, kind: str | None = None, torch_dtype: torch.d
     if preset_kwargs and not source.startswith(PRESET_PREFIX):
         raise ValueError(f"options {sorted(preset_kwargs)} only apply to 'preset:<name>' sources, not {source!r}")
     if source.startswith(PRESET_PREFIX):
-        pipe = build_preset(source[len(PRESET_PREFIX):], **preset_kwargs).to(dtype=torch_dtype)
+        pipe = build_preset(source[len(PRESET_PREFIX):], **preset_kwargs)
+        if torch_dtype != torch.float32:  # presets are built in fp32
+            pipe = pipe.to(dtype=torch_dtype)
     elif _looks_like_path(source):
         pipe = _load_dir(source, torch_dtype)
     else:

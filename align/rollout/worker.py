@@ -1,0 +1,27 @@
+"""``RolloutWorker``: samples trajectories with the current policy LoRA. Imports neither Ray nor
+DeepSpeed: in-process it shares the learner's pipeline (weight sync is then a no-op); the
+distributed driver wraps it in a Ray actor that owns its own pipeline copy."""
+from __future__ import annotations
+
+import torch
+
+from align.backbones.lora import load_lora_state_dict, set_active_adapters
+from align.sampling import SamplerConfig, Trajectory, sample_trajectory
+
+
+class RolloutWorker:
+    def __init__(self, pipe, sampler: SamplerConfig, adapter: str = "policy") -> None:
+        self.pipe, self.sampler, self.adapter = pipe, sampler, adapter
+        self.policy_version = 0
+
+    def set_policy(self, state: dict[str, torch.Tensor] | None, version: int) -> None:
+        """Load a policy LoRA state (None: weights are shared with the learner) and stamp its version."""
+        if state is not None:
+            load_lora_state_dict(self.pipe, state, self.adapter)
+        self.policy_version = version
+
+    def rollout(self, prompts: list[str], seed: int) -> Trajectory:
+        """Sample one trajectory per prompt with the policy adapter active, from a seeded generator."""
+        set_active_adapters(self.pipe, [self.adapter])
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return sample_trajectory(self.pipe, prompts, self.sampler, generator, policy_version=self.policy_version)

@@ -1,0 +1,225 @@
+"""`align train`: the RL recipe (ECG by default; GRPO and DDPO on the same parts).
+
+One iteration, top to bottom:
+  1. prompts for this iteration (seeded by iteration: the data position is the iteration index);
+  2. rollouts with the policy LoRA (``RolloutWorker``) → ``Trajectory``;
+  3. rewards (validated; a bad plugin stops here, before any update) → scores (B, K);
+  4. per-reward running normalisation → value targets; advantages by algorithm;
+  5. learner update (value-only while ECG's value pretraining runs);
+  6. log line, TensorBoard, evaluation grids, atomic checkpoint.
+At the end: reward-curve plot and exports (policy LoRA in diffusers format, critic).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from align import checkpoint as ckpt
+from align.algos.advantages import ADVANTAGES
+from align.algos.core import PerPromptStatTracker, RunningMeanStd, explained_variance
+from align.backbones.lora import attach_lora, lora_state_dict
+from align.backbones.model_config import load_model
+from align.learner import Learner
+from align.rollout import RolloutWorker
+from align.train_config import TrainConfig
+from critics.value_model import LatentCritic
+from rewards import get_reward, parse_reward_specs, score
+
+
+def iteration_prompts(cfg: TrainConfig, iteration: int) -> list[str]:
+    """``prompts_per_iteration`` toy prompts, each repeated G times (grouped), seeded by iteration."""
+    from align.toy.world import sample_scenes
+    rng = np.random.default_rng([cfg.trainer.seed, iteration])
+    base = [s.prompt for s in sample_scenes(cfg.trainer.prompts_per_iteration, rng)]
+    return [p for p in base for _ in range(cfg.trainer.samples_per_prompt)]
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything besides tensors that a resume needs (JSON)."""
+    iteration: int = 0
+    policy_started: bool = False
+    policy_updates: int = 0
+    normalisers: dict = dataclasses.field(default_factory=dict)
+    tracker: dict = dataclasses.field(default_factory=dict)
+    history: list = dataclasses.field(default_factory=list)
+
+
+def build(cfg: TrainConfig):
+    """Pipeline with the policy (and critic) adapters, the critic, rewards, worker and learner."""
+    torch.manual_seed(cfg.trainer.seed)
+    pipe = load_model(cfg.model)
+    attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
+    critic = None
+    if cfg.algo == "ecg":
+        adapter = "policy" if cfg.critic.adapter == "shared" else "critic"
+        if adapter == "critic":
+            attach_lora(pipe, "critic", rank=cfg.critic.rank)
+        critic = LatentCritic(pipe, [s.name for s in parse_reward_specs(cfg.rewards)], adapter=adapter,
+                              hidden=cfg.critic.hidden)
+    specs = parse_reward_specs(cfg.rewards)
+    reward_fns = [get_reward(s.name) for s in specs]
+    weights = torch.tensor([s.weight for s in specs], dtype=torch.float32)
+    accelerator = Accelerator(cpu=cfg.model.device == "cpu")
+    learner = Learner(pipe, critic, cfg, accelerator)
+    worker = RolloutWorker(pipe, cfg.sampler)
+    return pipe, critic, reward_fns, weights, learner, worker
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = None, log=print) -> RunState:
+    """Run the recipe; ``stop_after`` ends after that many iterations as an interruption would."""
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    pipe, critic, reward_fns, weights, learner, worker = build(cfg)
+    names = [r.name for r in reward_fns]
+    norms = {n: RunningMeanStd() for n in names}
+    tracker = PerPromptStatTracker() if cfg.algo == "ddpo" else None
+    state = RunState(policy_started=cfg.algo != "ecg" or cfg.critic.pretrain_iterations == 0)
+    if resume and (run / "checkpoint" / "state.json").is_file():
+        state = _load(run / "checkpoint", learner, norms, tracker)
+        log(f"resumed {run} at iteration {state.iteration}")
+    ckpt.write_json(run / "config.json", dataclasses.asdict(cfg))
+    writer = _tensorboard(run)
+    bar = tqdm(range(state.iteration, cfg.trainer.iterations), desc=f"train {cfg.algo}", unit="it",
+               initial=state.iteration, total=cfg.trainer.iterations, file=sys.stderr)
+    for it in bar:
+        t0 = time.time()
+        prompts = iteration_prompts(cfg, it)
+        traj = worker.rollout(prompts, seed=cfg.trainer.seed * 100_003 + it)
+        raw, _ = score(reward_fns, traj.images, prompts)  # raises RewardError before any update
+        for k, n in enumerate(names):
+            norms[n].update(raw[:, k])
+        targets = torch.stack([norms[n].normalise(raw[:, k]) for k, n in enumerate(names)], dim=1).float()
+        values = learner.values(traj) if critic is not None else None
+        groups = torch.arange(len(prompts)) // cfg.trainer.samples_per_prompt
+        adv = ADVANTAGES[cfg.algo](targets, weights, traj.num_steps, values=values, gae_lambda=cfg.critic.gae_lambda,
+                                   group_ids=groups, prompts=prompts, tracker=tracker)
+        ev = explained_variance(values.mean(dim=1), targets) if values is not None else float("nan")
+        train_policy = state.policy_started
+        stats = learner.update(traj, adv, targets if critic is not None else None, values, train_policy)
+        state.policy_updates += int(train_policy)
+        if not state.policy_started and (ev >= cfg.critic.pretrain_ev_threshold
+                                         or it + 1 >= cfg.critic.pretrain_iterations):
+            state.policy_started = True
+            log(f"value pretraining done after {it + 1} iterations (explained variance {ev:.3f}); "
+                "policy updates start")
+        record = {"iteration": it + 1, "phase": "policy" if train_policy else "value-pretrain",
+                  "samples_seen": (it + 1) * len(prompts), "explained_variance": ev,
+                  "seconds": time.time() - t0, **{f"reward/{n}": float(raw[:, k].mean()) for k, n in enumerate(names)},
+                  "reward/weighted": float((raw @ weights).mean()), **stats}
+        state.history.append(record)
+        state.iteration = it + 1
+        _log_iteration(log, writer, record)
+        if cfg.eval_every and state.iteration % cfg.eval_every == 0:
+            _eval_grid(pipe, worker, cfg, run, state.iteration)
+        _save(run / "checkpoint", learner, state, norms, tracker)
+        if stop_after is not None and state.iteration >= stop_after:
+            return state
+    _eval_grid(pipe, worker, cfg, run, state.iteration)
+    _plot_rewards(state.history, names, run / "reward_curve.png")
+    _export(pipe, critic, cfg, state, run / "export")
+    log(f"done: {state.iteration} iterations; exports in {run / 'export'}")
+    writer.close()
+    return state
+
+
+def _log_iteration(log, writer, record: dict) -> None:
+    parts = [f"it {record['iteration']:>3} [{record['phase']}]"]
+    parts += [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in record.items() if k.startswith("reward/")]
+    for key, label in (("value_loss", "vloss"), ("explained_variance", "EV"), ("approx_kl", "kl"),
+                       ("clip_frac", "clip"), ("policy_loss", "pg")):
+        if key in record and record[key] == record[key]:
+            parts.append(f"{label} {record[key]:.4f}")
+    parts.append(f"{record['seconds']:.1f}s")
+    log(" | ".join(parts))
+    for key, val in record.items():
+        if isinstance(val, (int, float)) and key != "iteration" and val == val:
+            writer.add_scalar(key, val, record["iteration"])
+
+
+def _tensorboard(run: Path):
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=str(run / "tensorboard"))
+
+
+def _eval_grid(pipe, worker: RolloutWorker, cfg: TrainConfig, run: Path, iteration: int) -> None:
+    """PNG grid of the fixed evaluation prompts (fixed seed), one per evaluation."""
+    from torchvision.utils import make_grid, save_image
+
+    from align.toy.evaluate import eval_prompts
+    prompts = eval_prompts(cfg.eval_prompts, seed=cfg.trainer.seed + 1234)
+    traj = worker.rollout(prompts, seed=4321)
+    (run / "grids").mkdir(exist_ok=True)
+    save_image(make_grid(traj.images, nrow=8, padding=2, pad_value=0.5), run / "grids" / f"iter_{iteration:04d}.png")
+
+
+def _plot_rewards(history: list[dict], names: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [h["samples_seen"] for h in history]
+    for n in names + ["weighted"]:
+        ax.plot(x, [h[f"reward/{n}"] for h in history], label=n)
+    starts = [h["samples_seen"] for h in history if h["phase"] == "policy"]
+    if starts:
+        ax.axvline(starts[0], color="grey", ls="--", lw=0.8, label="policy updates start")
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("mean reward")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _save(directory: Path, learner: Learner, state: RunState, norms: dict, tracker) -> None:
+    state.normalisers = {n: r.state_dict() for n, r in norms.items()}
+    state.tracker = tracker.state_dict() if tracker is not None else {}
+    with ckpt.atomic_directory(directory) as tmp:
+        learner.save(tmp)
+        rng_t, rng_meta = ckpt.rng_state()
+        ckpt.save_tensors(tmp / "rng.safetensors", rng_t)
+        ckpt.write_json(tmp / "state.json", {**dataclasses.asdict(state), "rng": rng_meta})
+
+
+def _load(directory: Path, learner: Learner, norms: dict, tracker) -> RunState:
+    raw = ckpt.read_json(directory / "state.json")
+    rng_meta = raw.pop("rng")
+    state = RunState(**raw)
+    learner.load(directory)
+    ckpt.restore_rng_state(ckpt.load_tensors(directory / "rng.safetensors"), rng_meta)
+    for n, r in norms.items():
+        r.load_state_dict(state.normalisers[n])
+    if tracker is not None:
+        tracker.load_state_dict(state.tracker)
+    return state
+
+
+def _export(pipe, critic: Optional[LatentCritic], cfg: TrainConfig, state: RunState, out: Path) -> None:
+    """Policy LoRA in diffusers' format (``pipe.load_lora_weights``) and the critic tensors + config."""
+    from peft.utils import get_peft_model_state_dict
+
+    from align.backbones.loading import backbone_kind, denoiser
+    with ckpt.atomic_directory(out) as tmp:
+        layers = get_peft_model_state_dict(denoiser(pipe), adapter_name="policy")
+        key = "unet_lora_layers" if backbone_kind(pipe) == "unet" else "transformer_lora_layers"
+        type(pipe).save_lora_weights(tmp / "policy", **{key: layers})
+        if critic is not None:
+            (tmp / "critic").mkdir()
+            tensors = {f"heads.{k}": v for k, v in critic.heads.state_dict().items()}
+            if critic.adapter != "policy":
+                tensors.update({f"lora.{k}": v for k, v in lora_state_dict(pipe, critic.adapter).items()})
+            ckpt.save_tensors(tmp / "critic" / "model.safetensors", tensors)
+            ckpt.write_json(tmp / "critic" / "config.json", {
+                "reward_names": critic.reward_names, "reward_weights": cfg.rewards, "adapter": cfg.critic.adapter,
+                "feature_layer": "unet.mid_block" if backbone_kind(pipe) == "unet" else "transformer.norm_out:input",
+                "base_model": cfg.model.source, "lora_rank": cfg.critic.rank, "hidden": cfg.critic.hidden,
+                "final": state.history[-1] if state.history else {}})

@@ -1,0 +1,75 @@
+"""Config of `align train` (ECG, GRPO, DDPO on the same sampler, rewards and learner)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from align.backbones.model_config import ModelConfig
+from align.config import field
+from align.sampling import SamplerConfig
+
+ALGOS = ("ecg", "grpo", "ddpo")
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    rank: int = field(8, help="LoRA rank of the policy adapter")
+    alpha: float = field(8.0, help="LoRA alpha (scale = alpha / rank)")
+
+
+@dataclasses.dataclass
+class CriticConfig:
+    """ECG's value model (ecg_spec.md §Our design 1–4)."""
+    adapter: str = field("separate", choices=["separate", "shared"],
+                         help="separate: own 'critic' LoRA on the frozen base; shared: the policy's adapter + heads")
+    rank: int = field(8, help="LoRA rank of the critic adapter")
+    hidden: int = field(128, help="width of each reward head's MLP")
+    lr: float = field(1e-3, help="critic learning rate (adapter and heads)")
+    gae_lambda: float = field(0.95, help="λ of GAE along the chain (1 = Monte Carlo with value baseline)")
+    value_clip: Optional[float] = field(None, help="PPO-style value clipping range (None: off)")
+    pretrain_iterations: int = field(4, help="N_v: iterations that train only the critic before policy updates")
+    pretrain_ev_threshold: float = field(0.5, help="start policy updates early once explained variance reaches this")
+    value_coef: float = field(1.0, help="weight of the value loss")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    iterations: int = field(12, help="training iterations (each: rollouts, rewards, update)")
+    prompts_per_iteration: int = field(8, help="distinct prompts per iteration")
+    samples_per_prompt: int = field(4, help="G: images per prompt (GRPO's group size)")
+    epochs: int = field(1, help="PPO epochs over each batch")
+    minibatch_size: int = field(16, help="samples per optimiser step")
+    timestep_fraction: float = field(1.0, help="fraction of denoising steps trained per sample (random subset)")
+    lr: float = field(3e-4, help="policy LoRA learning rate")
+    clip_range: float = field(0.2, help="PPO clip ε (DDPO uses 1e-4)")
+    adv_clip: float = field(5.0, help="advantages are clipped to ±adv_clip (DDPO)")
+    kl_coef: float = field(0.0, help="weight of the KL to the reference policy (adapters disabled); 0 = off")
+    max_grad_norm: float = field(1.0, help="gradient clipping")
+    seed: int = field(0, help="seed of prompts, sampling noise and initialisation")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """`align train`: ECG by default on the embedded toy world."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_inference_steps=10))
+    algo: str = field("ecg", choices=ALGOS, help="ecg | grpo | ddpo")
+    rewards: list = field(default_factory=lambda: ["toy_geneval:1.0"], help="reward specs name:weight")
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval_every: int = field(4, help="iterations between evaluation grids (0: only at the end)")
+    eval_prompts: int = field(16, help="fixed evaluation prompts")
+    run_dir: str = field("runs/train", help="checkpoints, logs, grids and exports")
+
+    def validate(self) -> None:
+        if self.trainer.iterations < 1 or self.trainer.prompts_per_iteration < 1 or self.trainer.samples_per_prompt < 1:
+            raise ValueError("trainer.iterations, prompts_per_iteration and samples_per_prompt must be >= 1")
+        if self.algo == "grpo" and self.trainer.samples_per_prompt < 2:
+            raise ValueError("grpo needs trainer.samples_per_prompt >= 2 (the group)")
+        if not 0 < self.trainer.timestep_fraction <= 1:
+            raise ValueError("trainer.timestep_fraction must be in (0, 1]")
+        if self.sampler.eta <= 0 and self.sampler.noise_level <= 0:
+            raise ValueError("RL needs a stochastic policy: sampler.eta (UNet) or sampler.noise_level (DiT) > 0")
+        from rewards import parse_reward_specs
+        parse_reward_specs(self.rewards)
