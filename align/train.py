@@ -30,7 +30,7 @@ from align.backbones.model_config import load_model
 from align.learner import Learner
 from align.rollout import RolloutWorker
 from align.train_config import TrainConfig
-from critics.value_model import LatentCritic
+from critics.value_model import LatentCritic, critic_target_modules
 from rewards import get_reward, parse_reward_specs, score
 
 
@@ -62,7 +62,7 @@ def build(cfg: TrainConfig):
     if cfg.algo == "ecg":
         adapter = "policy" if cfg.critic.adapter == "shared" else "critic"
         if adapter == "critic":
-            attach_lora(pipe, "critic", rank=cfg.critic.rank)
+            attach_lora(pipe, "critic", rank=cfg.critic.rank, target_modules=critic_target_modules(pipe))
         critic = LatentCritic(pipe, [s.name for s in parse_reward_specs(cfg.rewards)], adapter=adapter,
                               hidden=cfg.critic.hidden)
     specs = parse_reward_specs(cfg.rewards)

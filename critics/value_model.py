@@ -59,6 +59,13 @@ class FeatureTap:
         raise _FeaturesReady
 
 
+def critic_target_modules(pipe) -> str:
+    """peft regex for the critic adapter: attention projections *upstream* of the feature layer only
+    (the UNet's down- and mid-blocks; every DiT block), since the critic's pass stops there."""
+    blocks = r"(down_blocks|mid_block)" if backbone_kind(pipe) == "unet" else r"transformer_blocks"
+    return rf"^{blocks}\..*\.(to_q|to_k|to_v|to_out\.0)$"
+
+
 def feature_dims(pipe) -> tuple[int, int]:
     """(feature channels C, timestep-embedding width D) of the backbone's feature layer."""
     net = denoiser(pipe)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
@@ -98,7 +99,9 @@ def _load_hub(source: str, dtype: torch.dtype, allow_download: bool) -> Diffusio
 def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) -> DiffusionPipeline:
     """The real diffusers loader, with the safety checker off and absent optional parts (e.g. a
     tiny SD3 without T5, saved as ``[null, null]``) passed as ``None``."""
-    index = DiffusionPipeline.load_config(source, local_files_only=local_files_only)
+    with warnings.catch_warnings():  # diffusers still passes a deprecated hf_hub_download argument
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
+        index = DiffusionPipeline.load_config(source, local_files_only=local_files_only)
     extra = {name: None for name, entry in index.items()
              if not name.startswith("_") and entry in (None, [None, None])}
     if index.get("_class_name") == StableDiffusionPipeline.__name__:

@@ -27,24 +27,26 @@ DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def attach_lora(pipe: DiffusionPipeline, adapter_name: str = "policy", rank: int = 4,
-                alpha: float | None = None, target_modules: Sequence[str] | None = None,
+                alpha: float | None = None, target_modules: str | Sequence[str] | None = None,
                 init_lora_weights: bool | str = True, dropout: float = 0.0) -> list[str]:
     """Add a LoRA adapter to the denoiser and make it the only trainable thing; returns its param names.
 
-    Existing adapters stay active (a new one starts as a no-op with peft's default init, B = 0)
-    but are frozen. With ``init_lora_weights=False`` B is random, so the adapter changes outputs.
+    The first adapter becomes the active one; later ones (e.g. ``critic``) are attached inactive,
+    so the policy's forward pass stays base + ``policy`` (the critic activates its own adapter).
+    peft's default init (B = 0) starts as a no-op; ``init_lora_weights=False`` makes B random.
     """
     net = denoiser(pipe)
     if adapter_name in adapter_names(pipe):
         raise ValueError(f"LoRA adapter {adapter_name!r} already exists; existing: {adapter_names(pipe)}")
     previous = active_adapters(pipe)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                        target_modules=list(target_modules or DEFAULT_TARGETS),
+                        target_modules=target_modules if isinstance(target_modules, str)
+                        else list(target_modules or DEFAULT_TARGETS),
                         init_lora_weights=init_lora_weights, lora_dropout=dropout)
     with warnings.catch_warnings():  # "multiple adapters": intended here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         net.add_adapter(config, adapter_name=adapter_name)
-    net.set_adapter(previous + [adapter_name])
+    net.set_adapter(previous or [adapter_name])
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)

@@ -44,7 +44,7 @@ def build_preset(name: str, **kwargs) -> DiffusionPipeline:
         raise ValueError(f"unknown backbone preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
     params = inspect.signature(PRESETS[name]).parameters
     bad = sorted(set(kwargs) - set(params))
-    if bad:
+    if bad and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise ValueError(f"backbone preset {name!r} has no option(s) {', '.join(bad)}; "
                          f"valid options: {', '.join(params)}")
     return PRESETS[name](**kwargs)
