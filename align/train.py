@@ -34,6 +34,14 @@ from critics.value_model import LatentCritic, critic_target_modules
 from rewards import get_reward, parse_reward_specs, score
 
 
+def chain_explained_variance(values: torch.Tensor, targets: torch.Tensor) -> float:
+    """Explained variance of V_k(s_i) against G_k over every (sample, step) pair, averaged over
+    heads; measured on values predicted *before* the update, i.e. on held-out rollouts."""
+    evs = [explained_variance(values[..., k].flatten(), targets[:, k, None].expand_as(values[..., k]).flatten())
+           for k in range(targets.shape[1])]
+    return float(np.nanmean(evs)) if not all(np.isnan(evs)) else float("nan")
+
+
 def iteration_prompts(cfg: TrainConfig, iteration: int) -> list[str]:
     """``prompts_per_iteration`` toy prompts, each repeated G times (grouped), seeded by iteration."""
     from align.toy.world import sample_scenes
@@ -102,7 +110,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
         groups = torch.arange(len(prompts)) // cfg.trainer.samples_per_prompt
         adv = ADVANTAGES[cfg.algo](targets, weights, traj.num_steps, values=values, gae_lambda=cfg.critic.gae_lambda,
                                    group_ids=groups, prompts=prompts, tracker=tracker)
-        ev = explained_variance(values.mean(dim=1), targets) if values is not None else float("nan")
+        ev = chain_explained_variance(values, targets) if values is not None else float("nan")
         train_policy = state.policy_started
         stats = learner.update(traj, adv, targets if critic is not None else None, values, train_policy)
         state.policy_updates += int(train_policy)

@@ -45,10 +45,10 @@ class PretrainConfig:
     vae_batch_size: int = field(64, help="VAE batch size")
     vae_lr: float = field(1e-3, help="VAE learning rate")
     kl_weight: float = field(1e-6, help="β of the VAE's KL term")
-    steps: int = field(2500, help="UNet + text-encoder training steps")
+    steps: int = field(3000, help="UNet (+ text-encoder) training steps")
     batch_size: int = field(32, help="UNet batch size")
     lr: float = field(1e-3, help="UNet learning rate (cosine decay, linear warm-up)")
-    text_encoder_lr: float = field(3e-4, help="text-encoder learning rate")
+    text_encoder_lr: float = field(0.0, help="text-encoder learning rate; 0 keeps it frozen (as SD does)")
     warmup_steps: int = field(200, help="linear warm-up steps of the UNet stage")
     cfg_dropout: float = field(0.1, help="probability of replacing the prompt by '' (for CFG)")
     snr_gamma: float = field(5.0, help="Min-SNR-γ loss weighting (0 disables)")
@@ -58,6 +58,8 @@ class PretrainConfig:
     eval_images: int = field(96, help="images per evaluation")
     eval_steps: int = field(20, help="sampling steps per evaluation")
     eval_guidance: float = field(4.5, help="CFG scale of the evaluation")
+    num_threads: int = field(0, help="torch CPU threads (0: torch's default; 1 avoids oversubscription "
+                                     "when other jobs share the cores)")
     ship: bool = field(False, help="copy the final pipeline into the package (align/toy/weights)")
 
     def validate(self) -> None:
@@ -185,6 +187,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, log=print, stop_at_step:
 
     run = Path(cfg.out_dir)
     run.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     pipe = build_pipeline("preset:toy", seed=cfg.seed)
@@ -201,10 +205,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, log=print, stop_at_step:
 
     unet, te = pipe.unet, pipe.text_encoder
     unet.train().requires_grad_(True)
-    te.train().requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": cfg.lr},
-                             {"params": list(te.parameters()), "lr": cfg.text_encoder_lr}],
-                            weight_decay=1e-2)
+    # Frozen by default: a jointly trained tiny text encoder was seen to collapse the position
+    # word (last token) so the UNet could not learn "left/right/top/bottom"; frozen random CLIP
+    # features keep every word distinct, and RL later keeps the text encoder frozen anyway.
+    train_te = cfg.text_encoder_lr > 0
+    te.train(train_te).requires_grad_(train_te)
+    groups = [{"params": list(unet.parameters()), "lr": cfg.lr}]
+    if train_te:
+        groups.append({"params": list(te.parameters()), "lr": cfg.text_encoder_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     start = _load_state(run, pipe, ema, opt, sched, gen) if resume and has_ckpt else 0
@@ -267,7 +276,6 @@ def _evaluate_ema(pipe, ema: EMAModel, cfg: PretrainConfig) -> dict[str, float]:
     finally:
         ema.restore(unet.parameters())
         unet.train()
-        pipe.text_encoder.train()
 
 
 def ship(pipeline_dir: Path) -> None:
