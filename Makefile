@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(ALIGN) sample
+	$(ALIGN) train
 
 test: install
 	$(PY) -m pytest -q

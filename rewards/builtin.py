@@ -37,23 +37,18 @@ def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32)
 
 
-@register_reward("jpeg_compressibility")
-class JpegCompressibility:
-    """−(JPEG size in kB): smaller files score higher (DDPO)."""
-    name = "jpeg_compressibility"
+class JpegSize:
+    """DDPO's JPEG rewards: ``sign`` × (JPEG size in kB). −1: compressibility (smaller files score
+    higher); +1: incompressibility."""
     device = "cpu"
     batch_size = None
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
-        return -jpeg_kilobytes(images)
-
-
-@register_reward("jpeg_incompressibility")
-class JpegIncompressibility:
-    """+(JPEG size in kB): larger files score higher (DDPO)."""
-    name = "jpeg_incompressibility"
-    device = "cpu"
-    batch_size = None
+    def __init__(self, name: str, sign: float) -> None:
+        self.name, self.sign = name, sign
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
-        return jpeg_kilobytes(images)
+        return self.sign * jpeg_kilobytes(images)
+
+
+register_reward("jpeg_compressibility")(lambda: JpegSize("jpeg_compressibility", -1.0))
+register_reward("jpeg_incompressibility")(lambda: JpegSize("jpeg_incompressibility", 1.0))
