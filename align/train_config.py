@@ -39,7 +39,7 @@ class TrainerConfig:
     samples_per_prompt: int = field(4, help="G: images per prompt (GRPO's group size)")
     epochs: int = field(1, help="PPO epochs over each batch")
     minibatch_size: int = field(16, help="samples per optimiser step")
-    timestep_fraction: float = field(1.0, help="fraction of denoising steps trained per sample (random subset)")
+    timestep_fraction: float = field(0.5, help="fraction of denoising steps trained per sample (random subset)")
     lr: float = field(3e-4, help="policy LoRA learning rate")
     clip_range: float = field(0.2, help="PPO clip ε (DDPO uses 1e-4)")
     adv_clip: float = field(5.0, help="advantages are clipped to ±adv_clip (DDPO)")
@@ -60,7 +60,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval_every: int = field(4, help="iterations between evaluation grids (0: only at the end)")
     eval_prompts: int = field(16, help="fixed evaluation prompts")
-    run_dir: str = field("runs/train", help="checkpoints, logs, grids and exports")
+    run_dir: str = field("runs/toy_ecg", help="checkpoints, logs, grids and exports")
 
     def validate(self) -> None:
         if self.trainer.iterations < 1 or self.trainer.prompts_per_iteration < 1 or self.trainer.samples_per_prompt < 1:
