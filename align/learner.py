@@ -63,7 +63,8 @@ class Learner:
         k_steps = max(1, round(tc.timestep_fraction * steps))
         totals: dict[str, float] = {}
         count = 0
-        for _ in range(tc.epochs):
+        epochs = tc.epochs if train_policy else self.cfg.critic.pretrain_epochs
+        for _ in range(epochs):
             order = torch.randperm(n, generator=self.step_generator)
             for start in range(0, n, tc.minibatch_size):
                 idx = order[start:start + tc.minibatch_size]

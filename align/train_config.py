@@ -29,6 +29,7 @@ class CriticConfig:
     value_clip: Optional[float] = field(None, help="PPO-style value clipping range (None: off)")
     pretrain_iterations: int = field(4, help="N_v: iterations that train only the critic before policy updates")
     pretrain_ev_threshold: float = field(0.5, help="start policy updates early once explained variance reaches this")
+    pretrain_epochs: int = field(4, help="epochs over each batch while only the critic trains (value-only passes are cheap)")
     value_coef: float = field(1.0, help="weight of the value loss")
 
 

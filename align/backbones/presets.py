@@ -59,14 +59,17 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 def clip_text_encoder(tokenizer: CLIPTokenizer, hidden: int, layers: int = 2, heads: int = 4,
-                      projection_dim: int | None = None) -> CLIPTextModel | CLIPTextModelWithProjection:
+                      projection_dim: int | None = None,
+                      init_factor: float = 1.0) -> CLIPTextModel | CLIPTextModelWithProjection:
     """A tiny CLIP text encoder matched to ``tokenizer`` (vocab, max length, special ids);
-    with ``projection_dim`` the SD3 kind that also returns a pooled, projected embedding."""
+    with ``projection_dim`` the SD3 kind that also returns a pooled, projected embedding.
+    ``init_factor`` scales CLIP's init std (``initializer_factor``)."""
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads,
                          max_position_embeddings=tokenizer.model_max_length,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, projection_dim=projection_dim or hidden)
+                         pad_token_id=tokenizer.pad_token_id, projection_dim=projection_dim or hidden,
+                         initializer_factor=init_factor)
     return CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
 
 
@@ -108,10 +111,15 @@ def tiny_unet(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusio
 @register_preset("toy")
 def toy(seed: int = 0, prediction_type: str = "epsilon", unet_channels: tuple[int, ...] = (32, 64, 64),
         layers_per_block: int = 1, attention_head_dim: int = 8, vae_channels: tuple[int, ...] = (16, 32),
-        text_hidden: int = 64, text_layers: int = 2) -> StableDiffusionPipeline:
+        text_hidden: int = 64, text_layers: int = 2, text_init_factor: float = 5.0) -> StableDiffusionPipeline:
     """The toy world's model, untrained: 32 px images, 16×16×4 latents (2-block VAE), a UNet with
     cross-attention below the top level, and a CLIP text encoder of width ``text_hidden``.
-    ``align toy pretrain`` trains it; the trained one ships in ``align/toy/weights``."""
+    ``align toy pretrain`` trains it; the trained one ships in ``align/toy/weights``.
+
+    The text encoder stays frozen in pretraining, so its random features must keep every word
+    apart: with CLIP's default init (factor 1) the last word's state ("left"/"right") moved by
+    ~2.5 (norm 8) between positions and the UNet never learnt position; ``text_init_factor=5``
+    makes that ~7, like the count word's."""
     from align.toy.world import RESOLUTION
     n = len(unet_channels)
     with _seeded(seed):
@@ -124,7 +132,7 @@ def toy(seed: int = 0, prediction_type: str = "epsilon", unet_channels: tuple[in
             cross_attention_dim=text_hidden, attention_head_dim=attention_head_dim,
             norm_num_groups=min(32, unet_channels[0]))
         vae = tiny_vae(tuple(vae_channels), sample_size=RESOLUTION)
-        text_encoder = clip_text_encoder(tokenizer, text_hidden, layers=text_layers)
+        text_encoder = clip_text_encoder(tokenizer, text_hidden, layers=text_layers, init_factor=text_init_factor)
         return sd_pipeline(unet, vae, text_encoder, tokenizer, prediction_type)
 
 
