@@ -73,8 +73,7 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
     pipe = load_model(cfg.model)
     gen = torch.Generator().manual_seed(cfg.seed)
     records, all_images = [], []
-    sampler_cfg = dataclasses.replace(cfg.sampler, progress=False) if hasattr(cfg.sampler, "progress") \
-        else cfg.sampler
+    sampler_cfg = dataclasses.replace(cfg.sampler, progress=False)  # one bar over batches instead
     batches = range(0, len(prompts), cfg.batch_size)
     for start in tqdm(batches, desc="sample", unit="batch", disable=not cfg.progress):
         chunk = prompts[start:start + cfg.batch_size]

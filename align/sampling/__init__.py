@@ -1,12 +1,15 @@
-"""Log-prob samplers: DDIM with η>0 (ε/v-prediction) and the flow-matching SDE, one transition API."""
-from align.sampling.sampler import (SamplerConfig, SamplerHooks, cfg_combine, decode, encode_prompts, predict,
-                                    recompute_log_probs, sample_trajectory)
+"""Log-prob samplers: DDIM with η>0 (ε/v-prediction) and the flow-matching SDE behind one transition
+API, the sampling loop over diffusers pipelines, and the ``Trajectory`` record (docs/sampling.md)."""
+from align.sampling.hooks import SamplerHooks, StepContext, cfg_combine
+from align.sampling.sampler import (EMBED_KEYS, SamplerConfig, decode, encode_prompts, initial_latents, predict,
+                                    recompute_log_probs, sample_trajectory, set_schedule)
 from align.sampling.trajectory import Trajectory
-from align.sampling.transitions import (TRANSITIONS, StepOutput, ddim_distribution, ddim_step_with_logprob,
-                                        flow_sde_distribution, flow_sde_step_with_logprob, gaussian_log_prob,
-                                        take_step, transition_for)
+from align.sampling.transitions import (LOGPROB_REDUCTIONS, TRANSITIONS, StepOutput, Transition, ddim_distribution,
+                                        ddim_step_with_logprob, flow_sde_distribution, flow_sde_step_with_logprob,
+                                        gaussian_log_prob, step_log_prob, take_step, transition_for)
 
-__all__ = ["SamplerConfig", "SamplerHooks", "StepOutput", "TRANSITIONS", "Trajectory", "cfg_combine", "decode",
-           "ddim_distribution", "ddim_step_with_logprob", "encode_prompts", "flow_sde_distribution",
-           "flow_sde_step_with_logprob", "gaussian_log_prob", "predict", "recompute_log_probs",
-           "sample_trajectory", "take_step", "transition_for"]
+__all__ = ["EMBED_KEYS", "LOGPROB_REDUCTIONS", "SamplerConfig", "SamplerHooks", "StepContext", "StepOutput",
+           "TRANSITIONS", "Trajectory", "Transition", "cfg_combine", "ddim_distribution", "ddim_step_with_logprob",
+           "decode", "encode_prompts", "flow_sde_distribution", "flow_sde_step_with_logprob", "gaussian_log_prob",
+           "initial_latents", "predict", "recompute_log_probs", "sample_trajectory", "set_schedule", "step_log_prob",
+           "take_step", "transition_for"]

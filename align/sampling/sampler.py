@@ -1,12 +1,9 @@
-"""The sampling loop with per-step log-probs, over real diffusers pipelines (SD1.5- and SD3-class).
+"""The sampling loop with per-step log-probs over real diffusers pipelines (SD1.5- and SD3-class).
 
 diffusers' ``pipe(...)`` cannot return log-probs (its callbacks see latents, not the step's
 distribution), so we run our own loop on the pipeline's own parts: ``encode_prompt``,
-``prepare_latents``, ``scheduler.set_timesteps``, the denoiser, and the VAE decoder.
-
-Hook points for modifiers (:class:`SamplerHooks`): the prompt embeddings after encoding, the
-guidance combination, and the step distribution ``(mean, std)`` before the step is drawn — so the
-stored log-probs are always those of the transition that was actually taken.
+``prepare_latents``, ``scheduler.set_timesteps``, the denoiser, the VAE and its image processor.
+Modifiers plug in through :class:`~align.sampling.hooks.SamplerHooks`.
 """
 from __future__ import annotations
 
@@ -14,12 +11,16 @@ import dataclasses
 from typing import Callable, Optional
 
 import torch
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from tqdm.auto import tqdm
 
 from align.backbones.loading import backbone_kind, denoiser
 from align.config import field
+from align.sampling.hooks import GuidanceFn, SamplerHooks, StepContext, cfg_combine
 from align.sampling.trajectory import Trajectory
-from align.sampling.transitions import TRANSITIONS, take_step, transition_for
+from align.sampling.transitions import LOGPROB_REDUCTIONS, TRANSITIONS, take_step, transition_for
+
+EMBED_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
 @dataclasses.dataclass
@@ -29,150 +30,227 @@ class SamplerConfig:
     guidance_scale: float = field(4.5, help="classifier-free guidance scale w (no CFG when w <= 1)")
     eta: float = field(1.0, help="DDIM η (UNet backbones); > 0 for a stochastic policy")
     noise_level: float = field(0.7, help="flow-SDE noise level a (DiT backbones); > 0 for a stochastic policy")
-    logprob_reduce: str = field("mean", choices=["mean", "sum"], help="reduction of the per-step log-density")
+    logprob_reduce: str = field("mean", choices=LOGPROB_REDUCTIONS,
+                                help="per-step log-density over latent dims: mean (DDPO) or sum (joint)")
     negative_prompt: str = field("", help="prompt of CFG's unconditional branch")
     progress: bool = field(False, help="show a per-step progress bar")
+    output_type: str = field("pt", choices=("pt", "latent"),
+                             help="pt: decode x_0 to images in [0, 1]; latent: skip the VAE (images = None)")
 
     def validate(self) -> None:
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.eta < 0 or self.noise_level < 0:
-            raise ValueError("eta and noise_level must be >= 0")
+            raise ValueError(f"eta and noise_level must be >= 0, got {self.eta} and {self.noise_level}")
+        if self.logprob_reduce not in LOGPROB_REDUCTIONS or self.output_type not in ("pt", "latent"):
+            raise ValueError(f"logprob_reduce must be one of {LOGPROB_REDUCTIONS} and output_type 'pt' or "
+                             f"'latent', got {self.logprob_reduce!r} and {self.output_type!r}")
 
 
-GuidanceFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+# ------------------------------------------------------------- per-backbone pipeline calls
+def _encode_unet(pipe, prompts: list[str], negative: list[str], cfg_on: bool) -> dict:
+    pos, neg = pipe.encode_prompt(prompts, pipe._execution_device, 1, cfg_on, negative_prompt=negative)
+    return {"prompt_embeds": pos, "negative_prompt_embeds": neg}
 
 
-def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: ε = ε_u + w (ε_c − ε_u)."""
-    return uncond + scale * (cond - uncond)
+def _encode_dit(pipe, prompts: list[str], negative: list[str], cfg_on: bool) -> dict:
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, None, None, device=pipe._execution_device,
+                                                      do_classifier_free_guidance=cfg_on, negative_prompt=negative)
+    return {"prompt_embeds": pos, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": neg_pooled}
 
 
-@dataclasses.dataclass
-class SamplerHooks:
-    """Modifier hook points; the defaults are the identity (stock CFG, unmodified transition)."""
-    prompt_embeds: Optional[Callable[[dict], dict]] = None
-    guidance: GuidanceFn = cfg_combine
-    step_distribution: Optional[Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = None
+def _denoise_unet(pipe, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    x = pipe.scheduler.scale_model_input(x, t)
+    return pipe.unet(x, t, encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
 
 
-def noise_scale(pipe, cfg: SamplerConfig) -> float:
-    return cfg.eta if transition_for(pipe.scheduler) == "ddim" else cfg.noise_level
+def _denoise_dit(pipe, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return pipe.transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=cond["prompt_embeds"],
+                            pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
 
 
-def encode_prompts(pipe, prompts: list[str], cfg: SamplerConfig) -> dict[str, Optional[torch.Tensor]]:
-    """Text embeddings for both CFG branches via the pipeline's own ``encode_prompt``."""
-    cfg_on = cfg.guidance_scale > 1.0
-    negative = [cfg.negative_prompt] * len(prompts)
-    if backbone_kind(pipe) == "unet":
-        pos, neg = pipe.encode_prompt(prompts, pipe.device, 1, cfg_on, negative_prompt=negative)
-        return {"prompt_embeds": pos, "negative_prompt_embeds": neg,
-                "pooled_prompt_embeds": None, "negative_pooled_prompt_embeds": None}
-    pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, None, None, device=pipe.device,
-                                                      do_classifier_free_guidance=cfg_on,
-                                                      negative_prompt=negative)
-    return {"prompt_embeds": pos, "negative_prompt_embeds": neg,
-            "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
+def _schedule_unet(pipe, latents: torch.Tensor) -> dict:
+    return {}
 
 
-def predict(pipe, latents: torch.Tensor, timestep: torch.Tensor, embeds: dict, guidance_scale: float,
-            guidance: GuidanceFn = cfg_combine) -> torch.Tensor:
-    """Denoiser output at (x_t, t, c); with CFG both branches go through one batched call."""
+def _schedule_dit(pipe, latents: torch.Tensor) -> dict:
+    """SD3's resolution-dependent shift ``mu`` when the scheduler uses dynamic shifting."""
+    conf = pipe.scheduler.config
+    if not conf.get("use_dynamic_shifting", False):
+        return {}
+    patch = pipe.transformer.config.patch_size
+    seq_len = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+    return {"mu": calculate_shift(seq_len, conf.get("base_image_seq_len", 256), conf.get("max_image_seq_len", 4096),
+                                  conf.get("base_shift", 0.5), conf.get("max_shift", 1.16))}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PipelineCalls:
+    encode: Callable[..., dict]
+    denoise: Callable[..., torch.Tensor]
+    schedule_kwargs: Callable[..., dict]
+    vae_shift: bool  # does the pipeline add vae.config.shift_factor before decoding (SD3 does)
+
+
+_CALLS = {"unet": _PipelineCalls(_encode_unet, _denoise_unet, _schedule_unet, False),
+          "dit": _PipelineCalls(_encode_dit, _denoise_dit, _schedule_dit, True)}
+
+
+# ------------------------------------------------------------------------------ public parts
+def encode_prompts(pipe, prompts: list[str], negative_prompt: str = "", guidance_scale: float = 1.0) -> dict:
+    """Embeddings of both CFG branches via the pipeline's own ``encode_prompt``: a dict with
+    :data:`EMBED_KEYS` (None where not used: no CFG, or no pooled embedding for SD1.5)."""
+    embeds = dict.fromkeys(EMBED_KEYS)
+    embeds.update(_CALLS[backbone_kind(pipe)].encode(pipe, list(prompts), [negative_prompt] * len(prompts),
+                                                     guidance_scale > 1.0))
+    return embeds
+
+
+def _conditioning(embeds: dict, cfg_on: bool) -> dict:
+    """Denoiser inputs for one batched call: [uncond; cond] when CFG is on (diffusers' order)."""
+    out = {}
+    for key in ("prompt_embeds", "pooled_prompt_embeds"):
+        pos, neg = embeds.get(key), embeds.get(f"negative_{key}")
+        if cfg_on and pos is not None and neg is None:
+            raise ValueError(f"guidance_scale > 1 needs negative_{key}; encode with the same guidance_scale")
+        out[key] = torch.cat([neg, pos]) if cfg_on and pos is not None else pos
+    return out
+
+
+def _guided(pipe, latents: torch.Tensor, t: torch.Tensor, cond: dict, guidance_scale: float,
+            guidance: GuidanceFn) -> torch.Tensor:
     cfg_on = guidance_scale > 1.0
     x = torch.cat([latents, latents]) if cfg_on else latents
-    emb = embeds["prompt_embeds"]
-    if cfg_on:
-        emb = torch.cat([embeds["negative_prompt_embeds"], emb])
-    if backbone_kind(pipe) == "unet":
-        x = pipe.scheduler.scale_model_input(x, timestep)
-        out = pipe.unet(x, timestep, encoder_hidden_states=emb, return_dict=False)[0]
-    else:
-        pooled = embeds["pooled_prompt_embeds"]
-        if cfg_on:
-            pooled = torch.cat([embeds["negative_pooled_prompt_embeds"], pooled])
-        out = pipe.transformer(hidden_states=x, timestep=timestep.expand(x.shape[0]), encoder_hidden_states=emb,
-                               pooled_projections=pooled, return_dict=False)[0]
+    out = _CALLS[backbone_kind(pipe)].denoise(pipe, x, t, cond)
     if not cfg_on:
         return out
-    uncond, cond = out.chunk(2)
-    return guidance(uncond, cond, guidance_scale)
+    uncond, cond_out = out.chunk(2)
+    return guidance(uncond, cond_out, guidance_scale)
+
+
+def predict(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: dict, guidance_scale: float,
+            guidance: GuidanceFn = cfg_combine) -> torch.Tensor:
+    """Denoiser output at (x_t, t, c); CFG (w > 1) runs both branches in one batched call and
+    returns ``guidance(out_u, out_c, w)``, by default out_u + w (out_c − out_u)."""
+    return _guided(pipe, latents, t, _conditioning(embeds, guidance_scale > 1.0), guidance_scale, guidance)
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode final latents to images in [0, 1] (SD's scaling, SD3's scaling + shift)."""
+    """x_0 latents → images in [0, 1]: z/scaling_factor (+ shift_factor for SD3), VAE, postprocess."""
     vae = pipe.vae
     z = latents / vae.config.scaling_factor
-    if getattr(vae.config, "shift_factor", None) is not None and backbone_kind(pipe) == "dit":
+    if _CALLS[backbone_kind(pipe)].vae_shift and vae.config.get("shift_factor") is not None:
         z = z + vae.config.shift_factor
     image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-    return (image / 2 + 0.5).clamp(0, 1)
+    return pipe.image_processor.postprocess(image, output_type="pt")
 
 
 def initial_latents(pipe, batch: int, generator: torch.Generator) -> torch.Tensor:
     """x_T from the pipeline's own ``prepare_latents`` at its default resolution."""
     net = denoiser(pipe)
     size = net.config.sample_size * pipe.vae_scale_factor
-    dtype = next(net.parameters()).dtype
-    return pipe.prepare_latents(batch, net.config.in_channels, size, size, dtype, pipe.device, generator)
+    return pipe.prepare_latents(batch, net.config.in_channels, size, size, net.dtype, pipe._execution_device,
+                                generator)
 
 
-def sample_trajectory(pipe, prompts: list[str], cfg: SamplerConfig, generator: torch.Generator,
+def set_schedule(pipe, num_inference_steps: int, latents: torch.Tensor) -> None:
+    """``scheduler.set_timesteps`` as the pipeline calls it (SD3: with ``mu`` if dynamically shifted)."""
+    kwargs = _CALLS[backbone_kind(pipe)].schedule_kwargs(pipe, latents)
+    pipe.scheduler.set_timesteps(num_inference_steps, device=pipe._execution_device, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the loop
+def _chain(pipe, x: torch.Tensor, cond: dict, config: SamplerConfig, hooks: SamplerHooks,
+           generator: torch.Generator, latents_out: torch.Tensor, log_probs_out: torch.Tensor) -> torch.Tensor:
+    """Run the T steps from x_T, writing x_t into ``latents_out[:, i]`` and log π into ``log_probs_out``."""
+    transition = TRANSITIONS[transition_for(pipe.scheduler)]
+    scale = getattr(config, transition.scale_key)
+    latents_out[:, 0] = x
+    timesteps = pipe.scheduler.timesteps
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not config.progress)):
+        out = _guided(pipe, x, t, cond, config.guidance_scale, hooks.guidance)
+        mean, std = transition.distribution(pipe.scheduler, out, i, x, scale)
+        if hooks.transition is not None:
+            mean, std = hooks.transition(mean, std, StepContext(i, t, x, out))
+        step = take_step(mean, std, generator=generator, reduce=config.logprob_reduce, dtype=x.dtype)
+        x = step.prev_sample
+        latents_out[:, i + 1] = x
+        log_probs_out[:, i] = step.log_prob
+    return x
+
+
+def sample_trajectory(pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator,
                       policy_version: int = 0, hooks: Optional[SamplerHooks] = None,
                       latents: Optional[torch.Tensor] = None) -> Trajectory:
-    """Sample B chains with log-probs; returns a :class:`Trajectory` (no gradients)."""
+    """Sample one chain per prompt with per-step log-probs (no autograd graph).
+
+    Runs under ``torch.inference_mode`` (``no_grad`` if ``hooks.needs_grad``); the returned
+    tensors are ordinary tensors that the learner can feed to autograd. ``latents`` overrides x_T.
+    """
+    config.validate()
     hooks = hooks or SamplerHooks()
     name = transition_for(pipe.scheduler)
-    distribution, scale = TRANSITIONS[name], noise_scale(pipe, cfg)
-    # no_grad, not inference_mode: the stored tensors are reused under autograd by the learner
-    with torch.no_grad():
-        embeds = encode_prompts(pipe, prompts, cfg)
+    if latents is None:
+        latents = initial_latents(pipe, len(prompts), generator)
+    steps = config.num_inference_steps
+    chain = latents.new_empty((latents.shape[0], steps + 1, *latents.shape[1:]))  # filled in place
+    log_probs = torch.empty((latents.shape[0], steps), dtype=torch.float32, device=latents.device)
+    with torch.no_grad() if hooks.needs_grad else torch.inference_mode():
+        embeds = encode_prompts(pipe, prompts, config.negative_prompt, config.guidance_scale)
         if hooks.prompt_embeds is not None:
             embeds = hooks.prompt_embeds(embeds)
-        pipe.scheduler.set_timesteps(cfg.num_inference_steps, device=pipe.device)
-        timesteps = pipe.scheduler.timesteps
-        x = initial_latents(pipe, len(prompts), generator) if latents is None else latents
-        chain = torch.empty((x.shape[0], len(timesteps) + 1, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        log_probs = torch.empty((x.shape[0], len(timesteps)), dtype=torch.float32, device=x.device)
-        chain[:, 0] = x
-        for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not cfg.progress)):
-            out = predict(pipe, x, t, embeds, cfg.guidance_scale, hooks.guidance)
-            mean, std = distribution(pipe.scheduler, out, i, x, scale)
-            if hooks.step_distribution is not None:
-                mean, std = hooks.step_distribution(mean, std, i)
-            step = take_step(mean, std, generator=generator, reduce=cfg.logprob_reduce)
-            x = step.prev_sample
-            chain[:, i + 1] = x
-            log_probs[:, i] = step.log_prob
-        images = decode(pipe, x)
-    return Trajectory(latents=chain, timesteps=timesteps.clone(), log_probs=log_probs, images=images,
-                      prompts=list(prompts), policy_version=policy_version, guidance_scale=cfg.guidance_scale,
-                      noise_scale=scale, num_inference_steps=cfg.num_inference_steps, transition=name,
-                      logprob_reduce=cfg.logprob_reduce, **embeds)
+        set_schedule(pipe, steps, latents)
+        x0 = _chain(pipe, latents, _conditioning(embeds, config.guidance_scale > 1.0), config, hooks, generator,
+                    chain, log_probs)
+        images = decode(pipe, x0) if config.output_type == "pt" else None
+    sigmas = pipe.scheduler.sigmas if name == "flow_sde" else None
+    return Trajectory(latents=chain, timesteps=_normal(pipe.scheduler.timesteps), log_probs=log_probs,
+                      prompts=list(prompts), images=_normal(images), sigmas=_normal(sigmas),
+                      policy_version=policy_version, guidance_scale=config.guidance_scale,
+                      noise_scale=getattr(config, TRANSITIONS[name].scale_key),
+                      num_inference_steps=steps, transition=name, logprob_reduce=config.logprob_reduce,
+                      **{k: _normal(v) for k, v in embeds.items()})
+
+
+def _normal(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A copy that autograd accepts (inference-mode tensors cannot be saved for backward)."""
+    return None if t is None else t.clone()
 
 
 def recompute_log_probs(pipe, traj: Trajectory, step_indices: Optional[list[int]] = None,
                         hooks: Optional[SamplerHooks] = None) -> torch.Tensor:
-    """log π_θ(x_{t-1} | x_t, c) of the stored steps under the current weights: (B, len(steps)).
+    """log π_θ(x_{t-1} | x_t, c) of the stored steps under the current weights: (B, len(step_indices)).
 
-    Differentiable w.r.t. trainable (LoRA) parameters; uses the stored embeddings and settings.
+    Differentiable w.r.t. trainable (LoRA) parameters when called under autograd. Uses the stored
+    embeddings (already hooked) and settings; pass the guidance/transition hooks used at sampling.
     """
     hooks = hooks or SamplerHooks()
-    if transition_for(pipe.scheduler) != traj.transition:
-        raise ValueError(f"trajectory was sampled with {traj.transition!r} but the pipeline's scheduler "
-                         f"gives {transition_for(pipe.scheduler)!r}")
-    distribution = TRANSITIONS[traj.transition]
-    pipe.scheduler.set_timesteps(traj.num_inference_steps, device=pipe.device)
-    if not torch.equal(pipe.scheduler.timesteps.cpu(), traj.timesteps.cpu()):
-        raise ValueError("trajectory timesteps differ from the scheduler's for the same number of steps")
-    embeds = {k: getattr(traj, k) for k in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                                            "negative_pooled_prompt_embeds")}
-    steps = range(traj.num_steps) if step_indices is None else step_indices
+    if traj.noise_scale <= 0:
+        raise ValueError(f"the trajectory was sampled deterministically ({traj.transition} noise scale "
+                         f"{traj.noise_scale}): it has no stochastic policy whose log-probs could be recomputed")
+    name = transition_for(pipe.scheduler)
+    if name != traj.transition:
+        raise ValueError(f"trajectory was sampled with {traj.transition!r}, the pipeline's scheduler gives {name!r}")
+    set_schedule(pipe, traj.num_inference_steps, traj.latents[:, 0])
+    _check_schedule(pipe.scheduler, traj)
+    transition = TRANSITIONS[name]
+    cond = _conditioning({k: getattr(traj, k) for k in EMBED_KEYS}, traj.guidance_scale > 1.0)
     out = []
-    for i in steps:
-        x = traj.latents[:, i]
-        model_out = predict(pipe, x, pipe.scheduler.timesteps[i], embeds, traj.guidance_scale, hooks.guidance)
-        mean, std = distribution(pipe.scheduler, model_out, i, x, traj.noise_scale)
-        if hooks.step_distribution is not None:
-            mean, std = hooks.step_distribution(mean, std, i)
+    for i in range(traj.num_steps) if step_indices is None else step_indices:
+        x, t = traj.latents[:, i], pipe.scheduler.timesteps[i]
+        model_out = _guided(pipe, x, t, cond, traj.guidance_scale, hooks.guidance)
+        mean, std = transition.distribution(pipe.scheduler, model_out, i, x, traj.noise_scale)
+        if hooks.transition is not None:
+            mean, std = hooks.transition(mean, std, StepContext(i, t, x, model_out))
         out.append(take_step(mean, std, prev_sample=traj.latents[:, i + 1], reduce=traj.logprob_reduce).log_prob)
     return torch.stack(out, dim=1)
+
+
+def _check_schedule(scheduler, traj: Trajectory) -> None:
+    same = torch.equal(scheduler.timesteps.cpu(), traj.timesteps.cpu())
+    if traj.sigmas is not None:
+        same = same and torch.equal(scheduler.sigmas.cpu(), traj.sigmas.cpu())
+    if not same:
+        raise ValueError(f"the scheduler's schedule for {traj.num_inference_steps} steps differs from the one the "
+                         "trajectory was sampled with (scheduler config changed?); recompute with the same scheduler")

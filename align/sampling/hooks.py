@@ -1,0 +1,50 @@
+"""Hook points for modifiers (MAP-RPS, StayFair, CLAMP, critic steering …) in the sampling loop.
+
+Three places, each optional; the defaults are the identity, and identity hooks give bit-identical
+trajectories (tested):
+
+* ``prompt_embeds(embeds) -> embeds``: after ``encode_prompts`` (e.g. StayFair's offset on the
+  null embedding). The trajectory stores the hooked embeddings, so recomputation sees them too.
+* ``guidance(uncond, cond, w) -> output``: how the two CFG branches combine (default
+  :func:`cfg_combine`).
+* ``transition(mean, std, ctx) -> (mean, std)``: the Gaussian step before it is drawn (e.g.
+  steering the mean with ∇V). The stored log-prob is that of the modified step.
+
+Attention processors are set on the denoiser directly (diffusers' ``set_attn_processor``) and need
+no hook here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): out = out_u + w (out_c − out_u)."""
+    return uncond + scale * (cond - uncond)
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a transition hook may read about the current step."""
+    step_index: int            # i in 0 … T−1
+    timestep: torch.Tensor     # () scheduler timestep of the step
+    sample: torch.Tensor       # (B, C, h, w) x_t
+    model_output: torch.Tensor  # (B, C, h, w) guided denoiser output (ε, v or x0 per the scheduler)
+
+
+EmbedsHook = Callable[[dict], dict]
+GuidanceFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+TransitionHook = Callable[[torch.Tensor, torch.Tensor, StepContext], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclasses.dataclass
+class SamplerHooks:
+    """Modifier hook points (module docstring); ``needs_grad`` runs sampling under ``no_grad``
+    instead of ``inference_mode`` so a hook can ``torch.enable_grad()`` (DPS, critic steering)."""
+    prompt_embeds: Optional[EmbedsHook] = None
+    guidance: GuidanceFn = cfg_combine
+    transition: Optional[TransitionHook] = None
+    needs_grad: bool = False
