@@ -39,6 +39,9 @@ class SampleJobConfig:
         for name in ("num_images", "repeats", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.sampler.output_type != "pt":
+            raise ValueError(f"sampler.output_type must be 'pt' for align sample (it writes PNGs), "
+                             f"got {self.sampler.output_type!r}")
         bad = [p for p in self.prompts if not isinstance(p, str) or not p.strip()]
         if bad:
             raise ValueError(f"prompts must be non-empty strings, got {bad[0]!r}")

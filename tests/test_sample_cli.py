@@ -37,6 +37,7 @@ def test_bad_config_key_is_a_one_line_error_with_exit_code_2() -> None:
     proc = subprocess.run([sys.executable, "-m", "align.cli", "sample", "sampler.guidance=3"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "align: error: unknown config key 'sampler.guidance'; valid keys under 'sampler': num_inference_steps, "
-        "guidance_scale, eta, noise_level, logprob_reduce, negative_prompt, progress"]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("align: error: unknown config key 'sampler.guidance'; valid keys under 'sampler': "
+                               "num_inference_steps, guidance_scale, eta, noise_level")

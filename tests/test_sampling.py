@@ -16,9 +16,9 @@ PROMPTS = ["two red circles on the left", "one blue square on the top", "three g
 PIPES = ["tiny_unet_pipe", "tiny_unet_vpred_pipe", "tiny_dit_pipe"]
 
 
-def _sample(pipe, steps: int = 4, seed: int = 0, **cfg) -> Trajectory:
+def _sample(pipe, steps: int = 4, seed: int = 0, policy_version: int = 0, **cfg) -> Trajectory:
     return sample_trajectory(pipe, PROMPTS, SamplerConfig(num_inference_steps=steps, **cfg),
-                             torch.Generator().manual_seed(seed))
+                             torch.Generator().manual_seed(seed), policy_version=policy_version)
 
 
 @pytest.mark.parametrize("fixture", PIPES)
@@ -104,9 +104,7 @@ def test_recompute_refuses_deterministic_or_mismatched_trajectories(tiny_unet_pi
 
 
 def test_trajectory_save_load_select_and_cat(tiny_dit_pipe, tmp_path) -> None:
-    a = _sample(tiny_dit_pipe, steps=2, policy_version=3) if False else sample_trajectory(
-        tiny_dit_pipe, PROMPTS, SamplerConfig(num_inference_steps=2), torch.Generator().manual_seed(0),
-        policy_version=3)
+    a = _sample(tiny_dit_pipe, steps=2, policy_version=3)
     a.save(tmp_path / "traj")
     b = Trajectory.load(tmp_path / "traj")
     for f in dataclasses.fields(Trajectory):

@@ -65,16 +65,18 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
 
 def step_log_prob(prev_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float,
                   reduce: str = "mean") -> torch.Tensor:
-    """:func:`gaussian_log_prob` where ``std > 0``; 0 where ``std == 0`` (a deterministic step).
+    """:func:`gaussian_log_prob` where ``std > 0``; exactly 0 where ``std == 0`` (a deterministic step).
 
-    Element-wise ``torch.where`` with a safe std, so there is no NaN in the value or its gradient.
+    Written as −(x−μ)²·c₁ + c₀ with c₁ = 1/(2σ²), c₀ = −log σ − ½ log 2π, both set to 0 where σ = 0:
+    no NaN in the value or its gradient, and the masking costs ops on ``std``'s shape only.
     """
     x, mean = prev_sample.float(), mean.float()
     std = torch.as_tensor(std, device=x.device).float()
     stochastic = std > 0
     safe = torch.where(stochastic, std, torch.ones_like(std))
-    per_element = -((x - mean) ** 2) / (2 * safe ** 2) - torch.log(safe) - _LOG_SQRT_2PI
-    return _reduce(torch.where(stochastic, per_element, torch.zeros_like(per_element)), reduce)
+    inv_two_var = torch.where(stochastic, 0.5 / safe ** 2, torch.zeros_like(std))
+    const = torch.where(stochastic, -torch.log(safe) - _LOG_SQRT_2PI, torch.zeros_like(std))
+    return _reduce(const - (x - mean) ** 2 * inv_two_var, reduce)
 
 
 def take_step(mean: torch.Tensor, std: torch.Tensor, *, prev_sample: Optional[torch.Tensor] = None,
