@@ -81,8 +81,10 @@ def parse_prompt(prompt: str) -> Scene:
     if count_word not in _WORD_TO_COUNT:
         _check_word("count", count_word, tuple(COUNT_WORDS.values()))
     count = _WORD_TO_COUNT[count_word]
-    shape = noun[:-1] if count > 1 and noun.endswith("s") else noun
-    if count > 1 and not noun.endswith("s") or count == 1 and noun.endswith("s") and noun[:-1] in SHAPES:
+    plural = noun.endswith("s") and noun[:-1] in SHAPES
+    shape = noun[:-1] if plural else noun
+    _check_word("shape", shape, SHAPES)
+    if plural != (count > 1):
         raise ValueError(f"toy prompt {prompt!r}: '{noun}' does not agree with count {count_word!r}")
     return Scene(color=color, shape=shape, count=count, position=position)
 
