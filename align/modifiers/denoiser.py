@@ -1,0 +1,175 @@
+"""The backbone as a VE denoiser D(z, s) = E[x0 | z], z = x0 + s·ε (modifiers_spec.md §0).
+
+Inverse-problem samplers (DPS, CLAMP, MAP-RPS) work in variance-exploding coordinates whatever the
+backbone was trained with. The maps, per parameterisation:
+
+* DDPM/VP (SD1.5, ε or v): ᾱ = 1/(1+s²), x_t = √ᾱ z at the continuous timestep whose training
+  sigma √((1−ᾱ_t)/ᾱ_t) is s (log-sigma interpolation of the scheduler's table);
+  ε-pred: D = (x_t − √(1−ᾱ) ε̂)/√ᾱ; v-pred: D = √ᾱ x_t − √(1−ᾱ) v̂.
+* Rectified flow (SD3): t = s/(1+s), x_t = (1−t) z = z/(1+s), timestep 1000·t; D = x_t − t v̂.
+
+The prompt is a fixed neutral one (CLAMP's SD wrapper uses "a natural looking image" with CFG);
+CFG runs through :func:`align.sampling.predict`, so the policy LoRA (if attached) is used as is.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from align.backbones.loading import backbone_kind, denoiser as backbone_net
+from align.sampling.sampler import encode_prompts, predict, set_schedule
+
+
+def edm_sigmas(steps: int, sigma_max: float, sigma_min: float, rho: float = 7.0) -> torch.Tensor:
+    """CLAMP's grid: the first ``steps`` of ``steps+1`` EDM poly-ρ points from σ_max to σ_min, then 0
+    (modifiers_spec.md §4.2; σ_min itself is dropped, as in CLAMP's ``Scheduler.discretize``)."""
+    r = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    s = (sigma_max ** (1 / rho) + r * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s[:-1], s.new_zeros(1)])
+
+
+class Denoiser:
+    """Interface: ``__call__(z, s)`` → E[x0|z]; ``schedule(n)`` → the backbone's own descending
+    n-step sigma grid ending in 0; ``state_shape(batch)``; counters of forwards and VJPs."""
+    sigma_min: float
+    sigma_max: float
+
+    def __init__(self) -> None:
+        self.calls = {"forward": 0, "vjp": 0}
+
+    def __call__(self, z: torch.Tensor, s: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        return edm_sigmas(steps, self.sigma_max, self.sigma_min)
+
+    def state_shape(self, batch: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def clip_sigma(self, s: float) -> float:
+        return float(min(max(s, self.sigma_min), self.sigma_max))
+
+
+def denoise_with_vjp(den: Denoiser, z: torch.Tensor, s: float):
+    """(x0, vjp) with one retained graph: vjp(u) = J_D(z)ᵀ u via ``autograd.grad`` (no torch.func,
+    so gradient checkpointing wrappers and peft layers work; spec §4.4)."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        x0 = den(z, s)
+
+    def vjp(u: torch.Tensor) -> torch.Tensor:
+        den.calls["vjp"] += 1
+        return torch.autograd.grad(x0, z, u, retain_graph=True)[0]
+    return x0, vjp
+
+
+class GaussianDenoiser(Denoiser):
+    """Exact denoiser of a Gaussian prior N(μ, Σ) on flat states (B, n) (spec F1):
+    D(z, s) = μ + K_s (z − μ), K_s = Σ (Σ + s² I)⁻¹ — the known-answer fixture for every sampler."""
+
+    def __init__(self, mean: torch.Tensor, cov: torch.Tensor, sigma_max: float = 100.0, sigma_min: float = 0.002):
+        super().__init__()
+        self.mean, self.cov = mean, cov
+        self.sigma_max, self.sigma_min = sigma_max, sigma_min
+
+    def gain(self, s: float) -> torch.Tensor:
+        eye = torch.eye(self.cov.shape[0], dtype=self.cov.dtype, device=self.cov.device)
+        return torch.linalg.solve(self.cov + s * s * eye, self.cov).T  # Σ(Σ+s²I)⁻¹ (symmetric)
+
+    def __call__(self, z: torch.Tensor, s: float) -> torch.Tensor:
+        self.calls["forward"] += 1
+        return self.mean + (z - self.mean) @ self.gain(s).T
+
+    def state_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, self.mean.shape[0])
+
+
+class PipelineDenoiser(Denoiser):
+    """A diffusers SD1.5- or SD3-class pipeline as a VE denoiser on its (scaled) latents."""
+
+    def __init__(self, pipe, prompt: str = "a photo", negative_prompt: str = "", guidance_scale: float = 1.0,
+                 sigma_max_flow: float = 100.0):
+        super().__init__()
+        self.pipe, self.guidance_scale, self.kind = pipe, guidance_scale, backbone_kind(pipe)
+        self.net = backbone_net(pipe)
+        with torch.no_grad():
+            self.embeds = encode_prompts(pipe, [prompt], negative_prompt, guidance_scale)
+        if self.kind == "unet":
+            ab = pipe.scheduler.alphas_cumprod.double()
+            self._log_sigmas = (((1 - ab) / ab).sqrt().log()).numpy()
+            self.sigma_min, self.sigma_max = float(np.exp(self._log_sigmas[0])), float(np.exp(self._log_sigmas[-1]))
+            self.prediction_type = pipe.scheduler.config.prediction_type
+        else:
+            self.sigma_min, self.sigma_max = 1.0 / (pipe.scheduler.config.num_train_timesteps - 1), sigma_max_flow
+
+    # ----------------------------------------------------------------------- denoiser
+    def _embeds(self, batch: int) -> dict:
+        return {k: None if v is None else v.expand(batch, *v.shape[1:]) for k, v in self.embeds.items()}
+
+    def timestep(self, s: float) -> float:
+        """The model's (continuous) timestep for VE noise level s."""
+        if self.kind == "unet":
+            return float(np.interp(np.log(s), self._log_sigmas, np.arange(len(self._log_sigmas))))
+        return 1000.0 * s / (1.0 + s)
+
+    def __call__(self, z: torch.Tensor, s: float) -> torch.Tensor:
+        self.calls["forward"] += 1
+        s = self.clip_sigma(float(s))
+        t = torch.tensor(self.timestep(s), dtype=torch.float32, device=z.device)
+        dtype = self.net.dtype
+        if self.kind == "unet":
+            a = 1.0 / (1.0 + s * s)  # ᾱ
+            x_t = z * a ** 0.5
+            out = predict(self.pipe, x_t.to(dtype), t, self._embeds(z.shape[0]), self.guidance_scale).to(z.dtype)
+            if self.prediction_type == "v_prediction":
+                return a ** 0.5 * x_t - (1 - a) ** 0.5 * out
+            return (x_t - (1 - a) ** 0.5 * out) / a ** 0.5
+        tf = s / (1.0 + s)
+        x_t = z / (1.0 + s)
+        v = predict(self.pipe, x_t.to(dtype), t, self._embeds(z.shape[0]), self.guidance_scale).to(z.dtype)
+        return x_t - tf * v
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        """The scheduler's own ``steps``-step grid as VE sigmas (σ ≤ σ_max), then 0."""
+        if self.kind == "unet":
+            self.pipe.scheduler.set_timesteps(steps)
+            ts = self.pipe.scheduler.timesteps.cpu().numpy()
+            s = torch.from_numpy(np.exp(self._log_sigmas[ts]))
+        else:
+            set_schedule(self.pipe, steps, torch.zeros(self.state_shape(1)))
+            t = self.pipe.scheduler.sigmas[:-1].double().cpu()
+            s = (t / (1 - t).clamp_min(1e-12)).clamp(max=self.sigma_max)
+        return torch.cat([s, s.new_zeros(1)])
+
+    def state_shape(self, batch: int) -> tuple[int, ...]:
+        size = self.net.config.sample_size
+        return (batch, self.net.config.in_channels, size, size)
+
+    # ------------------------------------------------------------------------- VAE
+    def image_shape(self, batch: int) -> tuple[int, ...]:
+        size = self.net.config.sample_size * self.pipe.vae_scale_factor
+        return (batch, 3, size, size)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [-1, 1] (no clamp, so A∘Dec stays differentiable)."""
+        vae = self.pipe.vae
+        z = z / vae.config.scaling_factor
+        if self.kind == "dit" and vae.config.get("shift_factor") is not None:
+            z = z + vae.config.shift_factor
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0].to(z.dtype)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] → latents (posterior mean of the VAE encoder, scaled as the pipeline does)."""
+        vae = self.pipe.vae
+        z = vae.encode(x.to(vae.dtype)).latent_dist.mean.to(x.dtype)
+        if self.kind == "dit" and vae.config.get("shift_factor") is not None:
+            z = z - vae.config.shift_factor
+        return z * vae.config.scaling_factor
+
+
+def check_has_vae(pipe) -> None:
+    """The latent variants need A∘Dec: one-line error for a backbone without a VAE."""
+    if getattr(pipe, "vae", None) is None:
+        raise ValueError(f"latent inverse solvers (LMAP-RPS, latent CLAMP/DPS) need a backbone with a VAE; "
+                         f"{type(pipe).__name__} has none")
+

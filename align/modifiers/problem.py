@@ -1,0 +1,57 @@
+"""An inverse problem y = A(x0) + n, n ~ N(0, σ_y² I), bound to a VE denoiser (spec §2.2, §4.4).
+
+Given a diffusers pipeline, the state is its latent and the operator becomes A∘Dec (the latent
+variant: LMAP-RPS, latent CLAMP/DPS); given a :class:`~align.modifiers.denoiser.Denoiser` over
+pixels (or flat vectors), the operator acts on the state directly (the pixel variant). Every shape
+is checked here, before any denoiser call.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from align.modifiers.denoiser import Denoiser, PipelineDenoiser, check_has_vae
+from align.modifiers.operators import LatentOperator, Operator
+
+
+@dataclasses.dataclass
+class InverseProblem:
+    denoiser: Denoiser
+    operator: Operator          # acts on the sampler's state (A∘Dec for latents)
+    y: torch.Tensor             # (B, ...) measurements
+    sigma_y: float              # measurement noise std
+    latent: bool                # state is a VAE latent: outputs are decoded
+
+    @property
+    def batch(self) -> int:
+        return self.y.shape[0]
+
+    def state_shape(self) -> tuple[int, ...]:
+        return self.denoiser.state_shape(self.batch)
+
+    def output(self, state: torch.Tensor) -> torch.Tensor:
+        """The reconstruction in image space ([-1, 1] for pipelines)."""
+        if not self.latent:
+            return state
+        with torch.no_grad():
+            return self.denoiser.decode(state)
+
+
+def make_problem(model, operator: Operator, y: torch.Tensor, sigma_y: float,
+                 denoiser_kwargs: Optional[dict] = None) -> InverseProblem:
+    """Bind (model, A, y, σ_y): ``model`` is a pipeline (latent variant) or a Denoiser (pixel variant)."""
+    if not sigma_y > 0:
+        raise ValueError(f"sigma_y (measurement noise std) must be > 0, got {sigma_y}")
+    if not isinstance(operator, Operator):
+        raise TypeError(f"operator must be an align.modifiers.operators.Operator, got {type(operator).__name__}")
+    if isinstance(model, Denoiser):
+        operator.check_measurement(y, model.state_shape(y.shape[0]))
+        return InverseProblem(model, operator, y, float(sigma_y), latent=False)
+    check_has_vae(model)
+    den = PipelineDenoiser(model, **(denoiser_kwargs or {}))
+    image_shape = den.image_shape(y.shape[0])
+    operator.check_measurement(y, image_shape)
+    latent_op = LatentOperator(operator, den.decode, den.encode, image_shape)
+    return InverseProblem(den, latent_op, y.to(den.net.device), float(sigma_y), latent=True)
