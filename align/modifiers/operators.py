@@ -48,7 +48,7 @@ class Operator:
         """J_A(x) v: A(v) when linear, else the double-VJP trick d/du <J^T u, v>."""
         if self.linear:
             return self(v)
-        return linearize(self, x)[1](v)
+        return linearize(self, x)[2](v)
 
     def pseudo_inverse(self, y: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
         """A cheap image consistent-ish with y (stage-1 initialisation): A^T y by default."""
