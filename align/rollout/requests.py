@@ -1,0 +1,69 @@
+"""Seeded rollout requests and the in-process rollout group (no Ray).
+
+A batch of prompts is cut into chunks of ``chunk_size``; chunk ``i`` of the batch seeded ``seed`` is
+sampled from ``torch.Generator().manual_seed(chunk_seed(seed, i))``. The trajectory of a chunk
+therefore depends only on (prompts, seed, index, policy weights), never on which worker serves
+it or how many workers there are, and a re-issued request reproduces the lost one exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from align.rollout.worker import RolloutWorker
+from align.sampling import Trajectory
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    index: int          # position of the chunk in the batch
+    prompts: list[str]  # the chunk's prompts
+    seed: int           # seed of the chunk's generator
+
+
+@dataclasses.dataclass
+class SyncStats:
+    """One weight sync: LoRA bytes put once in the object store, and the wall time until every
+    actor acknowledged the new version."""
+    version: int
+    bytes: int
+    seconds: float
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """Independent 63-bit seed of chunk ``index`` of a batch seeded ``seed`` (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def make_requests(prompts: list[str], seed: int, chunk_size: int) -> list[Request]:
+    return [Request(i, list(prompts[start:start + chunk_size]), chunk_seed(seed, i))
+            for i, start in enumerate(range(0, len(prompts), chunk_size))]
+
+
+def state_num_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+class LocalRollouts:
+    """``ray.num_rollout_workers=0``: the same requests served in-process by one ``RolloutWorker``
+    that shares the learner's pipeline (weight sync only stamps the version)."""
+
+    def __init__(self, worker: RolloutWorker, chunk_size: int) -> None:
+        self.worker, self.chunk_size = worker, chunk_size
+        self.reissued = 0
+
+    def rollout(self, prompts: list[str], seed: int, on_dispatch: Optional[Callable[[], None]] = None) -> Trajectory:
+        parts = [self.worker.rollout(r.prompts, r.seed) for r in make_requests(prompts, seed, self.chunk_size)]
+        return Trajectory.cat(parts)
+
+    def set_policy(self, state: Optional[dict[str, torch.Tensor]], version: int) -> SyncStats:
+        t0 = time.perf_counter()
+        self.worker.set_policy(None, version)
+        return SyncStats(version, 0, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,136 @@
+"""Ray rollout and reward actors (local Ray, CPU): seeded requests, weight sync, a killed actor,
+a reward actor that raises, stale data refused."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.backbones.lora import attach_lora, lora_num_bytes
+from align.backbones.model_config import load_model
+from align.config import load_config
+from align.rollout import LocalRollouts, RolloutWorker, chunk_seed, make_requests
+from align.train_config import TrainConfig
+
+pytestmark = pytest.mark.distributed
+TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
+        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "eval_prompts=2",
+        "critic.pretrain_iterations=1", "critic.hidden=16", "ray.chunk_size=2"]
+PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle", "a red square",
+           "a blue circle on the left", "a green square on the right"]
+
+
+def _cfg(tmp_path, *extra: str) -> TrainConfig:
+    return load_config(TrainConfig, None, TINY + [f"run_dir={tmp_path}", *extra])
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """Local Ray whose workers also register tests/distributed_plugins.py; shut down after the module."""
+    ray = pytest.importorskip("ray")
+    tests_dir = str(Path(__file__).parent)
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env={
+        "env_vars": {"PYTHONPATH": tests_dir, "OMP_NUM_THREADS": "1"},
+        "worker_process_setup_hook": "distributed_plugins.register"})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_pipe():
+    """The learner-side pipeline with a non-trivial policy LoRA (B ≠ 0, so the sync matters)."""
+    cfg = _cfg("/tmp/unused")
+    torch.manual_seed(3)
+    pipe = load_model(cfg.model)
+    attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha, init_lora_weights=False)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def group(ray_session, local_pipe, tmp_path_factory):
+    from align.learner import Learner  # noqa: F401  (same imports as the trainer)
+    from align.backbones.lora import lora_state_dict
+    from align.rollout.ray_group import RayRollouts
+    rollouts = RayRollouts(_cfg(tmp_path_factory.mktemp("g")))
+    rollouts.set_policy(lora_state_dict(local_pipe, "policy"), version=5)
+    yield rollouts
+    rollouts.close()
+
+
+def _assert_same(a, b) -> None:
+    assert a.prompts == b.prompts and a.policy_version == b.policy_version
+    for field in ("latents", "log_probs", "images", "prompt_embeds"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=0, atol=1e-6, msg=field)
+
+
+def test_chunk_seeds_depend_only_on_batch_seed_and_position() -> None:
+    reqs = make_requests(PROMPTS, seed=11, chunk_size=4)
+    assert [r.prompts for r in reqs] == [PROMPTS[:4], PROMPTS[4:]]
+    assert [r.seed for r in reqs] == [chunk_seed(11, 0), chunk_seed(11, 1)]
+    assert len({chunk_seed(s, i) for s in range(20) for i in range(20)}) == 400
+
+
+def test_rollouts_are_identical_whichever_actor_serves_them(group, local_pipe) -> None:
+    """Two actors with their own pipeline copies, fed the synced LoRA, reproduce the in-process
+    worker on the learner's pipeline request by request."""
+    local = LocalRollouts(RolloutWorker(local_pipe, group_cfg_sampler()), chunk_size=2)
+    local.set_policy(None, 5)
+    _assert_same(group.rollout(PROMPTS, seed=7), local.rollout(PROMPTS, seed=7))
+
+
+def group_cfg_sampler():
+    return _cfg("/tmp/unused").sampler
+
+
+def test_sync_bytes_equal_the_lora_parameter_bytes(group, local_pipe) -> None:
+    from align.backbones.lora import lora_state_dict
+    from align.backbones.loading import denoiser
+    state = lora_state_dict(local_pipe, "policy")
+    stats = group.set_policy(state, version=5)
+    lora_params = [p for n, p in denoiser(local_pipe).named_parameters() if ".policy." in n and "lora_" in n]
+    assert stats.bytes == lora_num_bytes(local_pipe, "policy") == sum(p.numel() * 4 for p in lora_params)
+    full = sum(t.numel() * t.element_size() for t in denoiser(local_pipe).state_dict().values())
+    assert stats.bytes < 0.2 * full and stats.version == 5 and stats.seconds > 0
+
+
+def test_killed_rollout_actor_mid_iteration_still_gives_the_full_batch(group, local_pipe) -> None:
+    """SIGKILL to an actor's process while its request is in flight: Ray restarts the actor, the
+    driver re-issues the lost request, and the batch equals an undisturbed one: nothing missing,
+    nothing duplicated."""
+    reference = group.rollout(PROMPTS, seed=9)
+    victim = group.pids()[0]
+    before = group.reissued
+    traj = group.rollout(PROMPTS, seed=9, on_dispatch=lambda: os.kill(victim, signal.SIGKILL))
+    assert group.reissued > before
+    assert traj.batch_size == len(PROMPTS) and traj.prompts == PROMPTS
+    _assert_same(traj, reference)
+    assert victim not in group.pids()  # the restarted actor is a new process, with the synced weights
+
+
+def test_reward_actor_that_raises_names_the_reward_and_no_update_happens(ray_session, tmp_path) -> None:
+    from align.train import train
+    from rewards import RewardError
+    import distributed_plugins  # noqa: F401  (registers the plugin here too: the config validates names)
+    cfg = _cfg(tmp_path, "trainer.iterations=1", "ray.num_rollout_workers=1",
+               "rewards=[toy_geneval:1.0,test_raising_reward:0.5]")
+    with pytest.raises(RewardError, match="reward 'test_raising_reward' raised on a batch of 2: RuntimeError: "
+                                          "reward model crashed"):
+        train(cfg, log=lambda *_: None)
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_learner_refuses_rollouts_staler_than_max_policy_lag(tmp_path) -> None:
+    from align.train import build
+    cfg = _cfg(tmp_path, "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "learner.max_policy_lag=1")
+    pipe, critic, _, _, learner, worker = build(cfg)
+    worker.set_policy(None, 0)
+    traj = worker.rollout(PROMPTS[:4], seed=0)
+    learner.version = 1
+    learner.check_fresh(traj)  # lag 1 is allowed
+    learner.version = 2
+    with pytest.raises(RuntimeError, match=r"rollouts from policy version 0 while the learner is at version 2 "
+                                           r"\(lag 2\); learner.max_policy_lag = 1"):
+        learner.update(traj, torch.zeros(4, 3), None, None, train_policy=True)
