@@ -10,8 +10,11 @@ trajectories (tested):
 * ``transition(mean, std, ctx) -> (mean, std)``: the Gaussian step before it is drawn (e.g.
   steering the mean with ∇V). The stored log-prob is that of the modified step.
 
+A fourth, ``extra_branch``, adds a third denoiser branch batched with CFG's two (FairCFG's plain
+null, StayFair §3.2(c)); its ``combine(uncond, cond, extra, w)`` then replaces ``guidance``.
+
 Attention processors are set on the denoiser directly (diffusers' ``set_attn_processor``) and need
-no hook here.
+no hook here (``align.modifiers`` composes them with these hooks).
 """
 from __future__ import annotations
 
@@ -35,6 +38,15 @@ class StepContext:
     model_output: torch.Tensor  # (B, C, h, w) guided denoiser output (ε, v or x0 per the scheduler)
 
 
+@dataclasses.dataclass
+class ExtraBranch:
+    """A third CFG branch: ``conditioning(B)`` gives its denoiser inputs for a batch of B
+    (``prompt_embeds`` and, for SD3, ``pooled_prompt_embeds``); ``combine(uncond, cond, extra, w)``
+    mixes the three outputs."""
+    conditioning: Callable[[int], dict]
+    combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
 EmbedsHook = Callable[[dict], dict]
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 TransitionHook = Callable[[torch.Tensor, torch.Tensor, StepContext], tuple[torch.Tensor, torch.Tensor]]
@@ -48,3 +60,4 @@ class SamplerHooks:
     guidance: GuidanceFn = cfg_combine
     transition: Optional[TransitionHook] = None
     needs_grad: bool = False
+    extra_branch: Optional[ExtraBranch] = None

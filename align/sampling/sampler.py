@@ -7,6 +7,7 @@ Modifiers plug in through :class:`~align.sampling.hooks.SamplerHooks`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, Optional
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from align.backbones.loading import backbone_kind, denoiser
 from align.config import field
-from align.sampling.hooks import GuidanceFn, SamplerHooks, StepContext, cfg_combine
+from align.sampling.hooks import ExtraBranch, GuidanceFn, SamplerHooks, StepContext, cfg_combine
 from align.sampling.trajectory import Trajectory
 from align.sampling.transitions import LOGPROB_REDUCTIONS, TRANSITIONS, take_step, transition_for
 
@@ -36,6 +37,9 @@ class SamplerConfig:
     progress: bool = field(False, help="show a per-step progress bar")
     output_type: str = field("pt", choices=("pt", "latent"),
                              help="pt: decode x_0 to images in [0, 1]; latent: skip the VAE (images = None)")
+    modifiers: list = field(default_factory=list,
+                            help="guidance/attention modifiers of the policy, e.g. [stayfair: {alpha: 5}, "
+                                 "sym_attn: {alpha: 1.05, beta: 3}] (docs/modifiers.md)")
 
     def validate(self) -> None:
         if self.num_inference_steps < 1:
@@ -45,6 +49,9 @@ class SamplerConfig:
         if self.logprob_reduce not in LOGPROB_REDUCTIONS or self.output_type not in ("pt", "latent"):
             raise ValueError(f"logprob_reduce must be one of {LOGPROB_REDUCTIONS} and output_type 'pt' or "
                              f"'latent', got {self.logprob_reduce!r} and {self.output_type!r}")
+        if self.modifiers:
+            from align.modifiers.protocol import build_modifiers
+            build_modifiers(self.modifiers)  # one-line error for an unknown name or a bad arg
 
 
 # ------------------------------------------------------------- per-backbone pipeline calls
@@ -119,14 +126,26 @@ def _conditioning(embeds: dict, cfg_on: bool) -> dict:
 
 
 def _guided(pipe, latents: torch.Tensor, t: torch.Tensor, cond: dict, guidance_scale: float,
-            guidance: GuidanceFn) -> torch.Tensor:
+            guidance: GuidanceFn, extra: Optional[tuple[dict, ExtraBranch]] = None) -> torch.Tensor:
     cfg_on = guidance_scale > 1.0
+    if cfg_on and extra is not None:  # [uncond; cond; extra] in one call, mixed by the branch's combine
+        extra_cond, branch = extra
+        cond3 = {k: None if v is None else torch.cat([v, extra_cond[k]]) for k, v in cond.items()}
+        uncond, cond_out, extra_out = _CALLS[backbone_kind(pipe)].denoise(pipe, torch.cat([latents] * 3), t,
+                                                                          cond3).chunk(3)
+        return branch.combine(uncond, cond_out, extra_out, guidance_scale)
     x = torch.cat([latents, latents]) if cfg_on else latents
     out = _CALLS[backbone_kind(pipe)].denoise(pipe, x, t, cond)
     if not cfg_on:
         return out
     uncond, cond_out = out.chunk(2)
     return guidance(uncond, cond_out, guidance_scale)
+
+
+def _extra(hooks: SamplerHooks, batch: int) -> Optional[tuple[dict, ExtraBranch]]:
+    """The hooks' third branch with its conditioning for this batch, or None."""
+    branch = hooks.extra_branch
+    return None if branch is None else (branch.conditioning(batch), branch)
 
 
 def predict(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: dict, guidance_scale: float,
@@ -168,8 +187,9 @@ def _chain(pipe, x: torch.Tensor, cond: dict, config: SamplerConfig, hooks: Samp
     scale = getattr(config, transition.scale_key)
     latents_out[:, 0] = x
     timesteps = pipe.scheduler.timesteps
+    extra = _extra(hooks, x.shape[0])
     for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not config.progress)):
-        out = _guided(pipe, x, t, cond, config.guidance_scale, hooks.guidance)
+        out = _guided(pipe, x, t, cond, config.guidance_scale, hooks.guidance, extra)
         mean, std = transition.distribution(pipe.scheduler, out, i, x, scale)
         if hooks.transition is not None:
             mean, std = hooks.transition(mean, std, StepContext(i, t, x, out))
@@ -189,14 +209,15 @@ def sample_trajectory(pipe, prompts: list[str], config: SamplerConfig, generator
     tensors are ordinary tensors that the learner can feed to autograd. ``latents`` overrides x_T.
     """
     config.validate()
-    hooks = hooks or SamplerHooks()
+    stack = _modifier_stack(pipe, config.modifiers, hooks)
+    hooks = hooks or (stack.hooks(pipe, list(prompts)) if stack is not None else SamplerHooks())
     name = transition_for(pipe.scheduler)
     if latents is None:
         latents = initial_latents(pipe, len(prompts), generator)
     steps = config.num_inference_steps
     chain = latents.new_empty((latents.shape[0], steps + 1, *latents.shape[1:]))  # filled in place
     log_probs = torch.empty((latents.shape[0], steps), dtype=torch.float32, device=latents.device)
-    with torch.no_grad() if hooks.needs_grad else torch.inference_mode():
+    with torch.no_grad() if hooks.needs_grad else torch.inference_mode(), _attention(pipe, stack):
         embeds = encode_prompts(pipe, prompts, config.negative_prompt, config.guidance_scale)
         if hooks.prompt_embeds is not None:
             embeds = hooks.prompt_embeds(embeds)
@@ -210,7 +231,29 @@ def sample_trajectory(pipe, prompts: list[str], config: SamplerConfig, generator
                       policy_version=policy_version, guidance_scale=config.guidance_scale,
                       noise_scale=getattr(config, TRANSITIONS[name].scale_key),
                       num_inference_steps=steps, transition=name, logprob_reduce=config.logprob_reduce,
-                      **{k: _normal(v) for k, v in embeds.items()})
+                      modifiers=_canonical(config.modifiers), **{k: _normal(v) for k, v in embeds.items()})
+
+
+def _modifier_stack(pipe, specs: list, hooks: Optional[SamplerHooks]):
+    """The modifier stack of ``specs`` (None if empty); explicit hooks and modifiers together are ambiguous."""
+    if not specs:
+        return None
+    if hooks is not None:
+        raise ValueError("pass either hooks or sampler.modifiers, not both (the modifiers compose their own hooks)")
+    from align.modifiers.protocol import stack_for
+    return stack_for(pipe, specs)
+
+
+def _attention(pipe, stack):
+    """The stack's attention-processor context (stock processors restored on exit)."""
+    return stack.attention(pipe) if stack is not None else contextlib.nullcontext()
+
+
+def _canonical(specs: list) -> list:
+    if not specs:
+        return []
+    from align.modifiers.protocol import canonical_specs
+    return canonical_specs(specs)
 
 
 def _normal(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -223,9 +266,16 @@ def recompute_log_probs(pipe, traj: Trajectory, step_indices: Optional[list[int]
     """log π_θ(x_{t-1} | x_t, c) of the stored steps under the current weights: (B, len(step_indices)).
 
     Differentiable w.r.t. trainable (LoRA) parameters when called under autograd. Uses the stored
-    embeddings (already hooked) and settings; pass the guidance/transition hooks used at sampling.
+    embeddings (already hooked) and settings; the trajectory's ``modifiers`` are re-applied (same
+    guidance, transition and attention processors), else pass the hooks used at sampling.
     """
-    hooks = hooks or SamplerHooks()
+    stack = _modifier_stack(pipe, traj.modifiers, hooks)
+    hooks = hooks or (stack.hooks(pipe) if stack is not None else SamplerHooks())
+    with _attention(pipe, stack):
+        return _recompute(pipe, traj, step_indices, hooks)
+
+
+def _recompute(pipe, traj: Trajectory, step_indices: Optional[list[int]], hooks: SamplerHooks) -> torch.Tensor:
     if traj.noise_scale <= 0:
         raise ValueError(f"the trajectory was sampled deterministically ({traj.transition} noise scale "
                          f"{traj.noise_scale}): it has no stochastic policy whose log-probs could be recomputed")
@@ -237,9 +287,10 @@ def recompute_log_probs(pipe, traj: Trajectory, step_indices: Optional[list[int]
     transition = TRANSITIONS[name]
     cond = _conditioning({k: getattr(traj, k) for k in EMBED_KEYS}, traj.guidance_scale > 1.0)
     out = []
+    extra = _extra(hooks, traj.batch_size)
     for i in range(traj.num_steps) if step_indices is None else step_indices:
         x, t = traj.latents[:, i], pipe.scheduler.timesteps[i]
-        model_out = _guided(pipe, x, t, cond, traj.guidance_scale, hooks.guidance)
+        model_out = _guided(pipe, x, t, cond, traj.guidance_scale, hooks.guidance, extra)
         mean, std = transition.distribution(pipe.scheduler, model_out, i, x, traj.noise_scale)
         if hooks.transition is not None:
             mean, std = hooks.transition(mean, std, StepContext(i, t, x, model_out))

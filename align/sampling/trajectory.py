@@ -17,7 +17,7 @@ PER_SAMPLE = ("latents", "log_probs", "prompt_embeds", "negative_prompt_embeds",
 SHARED = ("timesteps", "sigmas")
 #: Scalar settings, stored in the JSON sidecar; ``cat`` requires them equal.
 SETTINGS = ("policy_version", "guidance_scale", "noise_scale", "num_inference_steps", "transition",
-            "logprob_reduce")
+            "logprob_reduce", "modifiers")
 
 
 @dataclasses.dataclass
@@ -39,6 +39,7 @@ class Trajectory:
     num_inference_steps: int = 0       # N of scheduler.set_timesteps(N)
     transition: str = "ddim"           # key of align.sampling.transitions.TRANSITIONS
     logprob_reduce: str = "mean"       # reduction of the per-step log-density: "mean" | "sum"
+    modifiers: list = dataclasses.field(default_factory=list)  # sampler.modifiers specs [{name: args}] of π
 
     @property
     def batch_size(self) -> int:
