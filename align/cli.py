@@ -95,16 +95,47 @@ def _toy_pretrain(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
-@command("sample", "sample images (toy prompts are also scored by the toy checker)")
+#: `align sample` flags that are shorthands for ``steering.*`` config keys
+_STEER_FLAGS = {"critic": "critic", "steer": "steer", "scale": "scale", "candidates": "candidates"}
+
+
+@command("sample", "sample images (toy prompts are also scored by the toy checker); --critic DIR --steer to steer")
 def _sample(p: argparse.ArgumentParser) -> Handler:
     _config_args(p)
+    p.add_argument("--critic", metavar="DIR", help="exported critic directory (= steering.critic)")
+    p.add_argument("--steer", help="none | grad | rerank | best_of_n (= steering.steer)")
+    p.add_argument("--scale", help="grad steering scale s (= steering.scale)")
+    p.add_argument("--candidates", help="rerank: M candidates per step; best_of_n: N chains (= steering.candidates)")
+    p.add_argument("--policy-lora", metavar="DIR", help="exported policy LoRA directory (= policy_lora)")
+    p.add_argument("--force", action="store_true", help="load the critic onto another base (= steering.force=true)")
 
     def run(ns: argparse.Namespace) -> int:
         from align.generate import SampleJobConfig, run_sample_job
         if ns.show_config:
             return _show(SampleJobConfig)
-        cfg = load_config(SampleJobConfig, *_split_config(ns))
+        path, overrides = _split_config(ns)
+        overrides += [f"steering.{key}={getattr(ns, flag)}" for flag, key in _STEER_FLAGS.items()
+                      if getattr(ns, flag) is not None]
+        overrides += ["steering.force=true"] if ns.force else []
+        overrides += [f"policy_lora={ns.policy_lora}"] if ns.policy_lora else []
+        cfg = load_config(SampleJobConfig, path, overrides)
         run_sample_job(cfg)
+        return 0
+    return run
+
+
+@command("export", "export a run: policy LoRA (diffusers format) and critic (HF-style directory)")
+def _export(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `align train` (config.json + checkpoint/)")
+    p.add_argument("--out", metavar="DIR", default=None, help="where to write policy/ and critic/ (default RUN_DIR/export)")
+
+    def run(ns: argparse.Namespace) -> int:
+        from critics.export import export_run
+        try:
+            out = export_run(ns.run_dir, ns.out)
+        except (FileNotFoundError, FileExistsError) as err:
+            raise ConfigError(str(err)) from None
+        print(f"exported {ns.run_dir} to {out} (policy/: pipe.load_lora_weights; critic/: critics.load)")
         return 0
     return run
 

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from align.backbones.model_config import ModelConfig, load_model
 from align.checkpoint import write_json
 from align.config import field
-from align.sampling import SamplerConfig, sample_trajectory
+from align.sampling import SamplerConfig
+from critics.steering import SteeringConfig, sample_steered
 
 
 @dataclasses.dataclass
@@ -34,6 +35,8 @@ class SampleJobConfig:
     eval_seed: int = field(1234, help="seed that picks the toy evaluation prompts")
     out_dir: str = field("runs/sample", help="where PNGs, grid.png and samples.json go")
     progress: bool = field(True, help="show a progress bar")
+    policy_lora: str = field("", path="dir", help="exported policy LoRA dir (`align export` → OUT/policy); empty: base")
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
 
     def validate(self) -> None:
         for name in ("num_images", "repeats", "batch_size"):
@@ -74,23 +77,30 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
     out = Path(cfg.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     pipe = load_model(cfg.model)
+    critic, reward_fns = _steering_parts(pipe, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
+    candidate_gen = torch.Generator().manual_seed(cfg.seed + 1)  # steering's own noise (rerank candidates)
     records, all_images = [], []
     sampler_cfg = dataclasses.replace(cfg.sampler, progress=False)  # one bar over batches instead
     batches = range(0, len(prompts), cfg.batch_size)
     for start in tqdm(batches, desc="sample", unit="batch", disable=not cfg.progress):
         chunk = prompts[start:start + cfg.batch_size]
-        traj = sample_trajectory(pipe, chunk, sampler_cfg, generator=gen)
+        batch = sample_steered(pipe, chunk, sampler_cfg, gen, critic, cfg.steering, candidate_gen)
+        traj = batch.traj
         images = traj.images.float().clamp(0, 1).cpu()
+        extra = _critic_records(critic, reward_fns, batch, images, chunk)
         for j, (img, score) in enumerate(zip(images, toy_scores(images, chunk))):
             idx = start + j
             save_image(img, out / "images" / f"{idx:04d}.png")
             records.append({"index": idx, "prompt": chunk[j], "file": f"images/{idx:04d}.png",
-                            "log_prob_mean": float(traj.log_probs[j].mean()), "toy_checker": score})
+                            "log_prob_mean": float(traj.log_probs[j].mean()), "toy_checker": score, **extra[j]})
         all_images.append(images)
     grid = make_grid(torch.cat(all_images), nrow=min(8, len(prompts)), padding=2, pad_value=0.5)
     save_image(grid, out / "grid.png")
     summary = _summarise([r["toy_checker"] for r in records])
+    if critic is not None:
+        summary.update(_summarise([r["rewards"] for r in records if r.get("rewards")], prefix="reward/"))
+        summary["critic_rows_per_image"] = sum(r["critic_rows"] for r in records) / len(records)
     result = {"config": dataclasses.asdict(cfg), "summary": summary, "samples": records}
     write_json(out / "samples.json", result)
     print(f"wrote {len(records)} images, grid.png and samples.json to {out}")
@@ -99,8 +109,35 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
     return result
 
 
-def _summarise(scores: list[Optional[dict[str, float]]]) -> dict[str, float]:
+def _summarise(scores: list[Optional[dict[str, float]]], prefix: str = "") -> dict[str, float]:
     scored = [s for s in scores if s is not None]
     if not scored:
         return {}
-    return {k: sum(s[k] for s in scored) / len(scored) for k in scored[0]}
+    return {prefix + k: sum(s[k] for s in scored) / len(scored) for k in scored[0]}
+
+
+def _steering_parts(pipe, cfg: SampleJobConfig):
+    """Policy LoRA (diffusers' own loader), the exported critic, and its reward plugins (for the JSON)."""
+    if cfg.policy_lora:
+        pipe.load_lora_weights(cfg.policy_lora, adapter_name="policy")
+    if not cfg.steering.critic:
+        return None, []
+    import critics
+    from rewards import get_reward
+    critic = critics.load(cfg.steering.critic, pipe, force=cfg.steering.force)
+    critic.weights_with(cfg.steering.weights)  # a bad override fails here, before sampling
+    return critic, [get_reward(n) for n in critic.reward_names] if cfg.steering.score_rewards else []
+
+
+def _critic_records(critic, reward_fns, batch, images: torch.Tensor, prompts: list[str]) -> list[dict]:
+    """Per image: the critic's values V_k at the last state, the rewards they predict, the real rewards."""
+    if critic is None:
+        return [{} for _ in prompts]
+    from rewards import score
+    predicted = critic.predicted_rewards(batch.values)
+    rewards = score(reward_fns, images, prompts)[0] if reward_fns else None
+    names = critic.reward_names
+    return [{"critic_values": dict(zip(names, batch.values[j].tolist())),
+             "predicted_rewards": dict(zip(names, predicted[j].tolist())),
+             "rewards": dict(zip(names, rewards[j].tolist())) if rewards is not None else None,
+             "critic_rows": batch.critic_rows / len(prompts)} for j in range(len(prompts))]

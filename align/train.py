@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from align import checkpoint as ckpt
 from align.algos.advantages import ADVANTAGES
 from align.algos.core import PerPromptStatTracker, RunningMeanStd, explained_variance
-from align.backbones.lora import attach_lora, lora_state_dict
+from align.backbones.lora import attach_lora
 from align.backbones.model_config import load_model
 from align.learner import Learner
 from align.rollout import RolloutWorker
@@ -212,22 +212,8 @@ def _load(directory: Path, learner: Learner, norms: dict, tracker) -> RunState:
 
 
 def _export(pipe, critic: Optional[LatentCritic], cfg: TrainConfig, state: RunState, out: Path) -> None:
-    """Policy LoRA in diffusers' format (``pipe.load_lora_weights``) and the critic tensors + config."""
-    from peft.utils import get_peft_model_state_dict
+    """Policy LoRA in diffusers' format and the critic as an HF-style directory (critics/export.py;
+    ``state.normalisers`` is current: every iteration's checkpoint refreshes it)."""
+    from critics.export import export_pipeline, run_export_kwargs
+    export_pipeline(pipe, critic, out, **run_export_kwargs(cfg, dataclasses.asdict(state)))
 
-    from align.backbones.loading import backbone_kind, denoiser
-    with ckpt.atomic_directory(out) as tmp:
-        layers = get_peft_model_state_dict(denoiser(pipe), adapter_name="policy")
-        key = "unet_lora_layers" if backbone_kind(pipe) == "unet" else "transformer_lora_layers"
-        type(pipe).save_lora_weights(tmp / "policy", **{key: layers})
-        if critic is not None:
-            (tmp / "critic").mkdir()
-            tensors = {f"heads.{k}": v for k, v in critic.heads.state_dict().items()}
-            if critic.adapter != "policy":
-                tensors.update({f"lora.{k}": v for k, v in lora_state_dict(pipe, critic.adapter).items()})
-            ckpt.save_tensors(tmp / "critic" / "model.safetensors", tensors)
-            ckpt.write_json(tmp / "critic" / "config.json", {
-                "reward_names": critic.reward_names, "reward_weights": cfg.rewards, "adapter": cfg.critic.adapter,
-                "feature_layer": "unet.mid_block" if backbone_kind(pipe) == "unet" else "transformer.norm_out:input",
-                "base_model": cfg.model.source, "lora_rank": cfg.critic.rank, "hidden": cfg.critic.hidden,
-                "final": state.history[-1] if state.history else {}})
