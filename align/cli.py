@@ -140,6 +140,84 @@ def _export(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
+def _reward_args(items: Sequence[str]) -> dict:
+    """``--arg key=value`` pairs → kwargs (values parsed as YAML scalars: 16, 1e-3, true, a/path)."""
+    import yaml
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        raise ConfigError(f"--arg {bad[0]!r} is not of the form key=value")
+    return {k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in items)}
+
+
+def _reward_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="reward name (see `align rewards list`) or remote:http://HOST:PORT/NAME")
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument of the reward (repeatable), as in the config's reward_args")
+
+
+@command("rewards list", "list the built-in and installed reward plugins with their source")
+def _rewards_list(p: argparse.ArgumentParser) -> Handler:
+    def run(ns: argparse.Namespace) -> int:
+        from rewards.registry import available_rewards, describe_reward
+        found = available_rewards()
+        width = max(map(len, found))
+        for name, source in sorted(found.items()):
+            print(f"  {name:<{width}}  {source:<40} {describe_reward(name)}")
+        return 0
+    return run
+
+
+@command("rewards check", "run a reward on toy renders: shape, dtype, finiteness, batch-size invariance")
+def _rewards_check(p: argparse.ArgumentParser) -> Handler:
+    _reward_cli_args(p)
+    p.add_argument("--num-images", type=int, default=8, help="images in the test batch")
+    p.add_argument("--size", type=int, default=64, help="render size in pixels")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the invariance checks")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the invariance checks")
+
+    def run(ns: argparse.Namespace) -> int:
+        from rewards import get_reward
+        from rewards.check import check_reward
+        try:
+            reward = get_reward(ns.name, **_reward_args(ns.arg))
+        except (ValueError, OSError, RuntimeError) as err:
+            raise ConfigError(str(err)) from None
+        results = check_reward(reward, ns.num_images, size=ns.size, rtol=ns.rtol, atol=ns.atol)
+        for r in results:
+            print(f"  {'PASS' if r.ok else 'FAIL'}  {r.check:<22} {r.detail}")
+        ok = all(r.ok for r in results)
+        print(f"{ns.name}: {'ok' if ok else 'FAILED'}")
+        return 0 if ok else 1
+    return run
+
+
+@command("rewards serve", "serve one reward over HTTP for remote:http://HOST:PORT/NAME")
+def _rewards_serve(p: argparse.ArgumentParser) -> Handler:
+    _reward_cli_args(p)
+    p.add_argument("--port", type=int, required=True, help="TCP port (0: a free one, printed)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs a token")
+    p.add_argument("--token-env", default="ALIGN_REWARD_TOKEN", help="environment variable holding the bearer token")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MB)")
+
+    def run(ns: argparse.Namespace) -> int:
+        from rewards import get_reward
+        from rewards.server import make_server
+        try:
+            reward = get_reward(ns.name, **_reward_args(ns.arg))
+            server = make_server(reward, ns.host, ns.port, os.environ.get(ns.token_env) or None,
+                                 int(ns.max_request_mb * (1 << 20)))
+        except (ValueError, OSError, RuntimeError) as err:
+            raise ConfigError(str(err)) from None
+        host, port = server.server_address[:2]
+        print(f"serving reward {reward.name!r} at http://{host}:{port}/{reward.name}", flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+        return 0
+    return run
+
+
 def _yaml_from_json(path: str) -> str:
     """A run's saved config.json as a temp YAML file (JSON is YAML) for reloading."""
     fd, tmp = tempfile.mkstemp(suffix=".yaml")

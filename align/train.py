@@ -31,7 +31,7 @@ from align.learner import Learner
 from align.rollout import RolloutWorker
 from align.train_config import TrainConfig
 from critics.value_model import LatentCritic, critic_target_modules
-from rewards import get_reward, parse_reward_specs, score
+from rewards import RewardError, build_rewards, parse_reward_specs, score
 
 
 def chain_explained_variance(values: torch.Tensor, targets: torch.Tensor) -> float:
@@ -59,6 +59,7 @@ class RunState:
     normalisers: dict = dataclasses.field(default_factory=dict)
     tracker: dict = dataclasses.field(default_factory=dict)
     history: list = dataclasses.field(default_factory=list)
+    skipped_batches: int = 0
 
 
 def build(cfg: TrainConfig):
@@ -74,7 +75,7 @@ def build(cfg: TrainConfig):
         critic = LatentCritic(pipe, [s.name for s in parse_reward_specs(cfg.rewards)], adapter=adapter,
                               hidden=cfg.critic.hidden)
     specs = parse_reward_specs(cfg.rewards)
-    reward_fns = [get_reward(s.name) for s in specs]
+    reward_fns = build_rewards(specs, cfg.reward_args)
     weights = torch.tensor([s.weight for s in specs], dtype=torch.float32)
     accelerator = Accelerator(cpu=cfg.model.device == "cpu")
     learner = Learner(pipe, critic, cfg, accelerator)
@@ -102,7 +103,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
         t0 = time.time()
         prompts = iteration_prompts(cfg, it)
         traj = worker.rollout(prompts, seed=cfg.trainer.seed * 100_003 + it)
-        raw, _ = score(reward_fns, traj.images, prompts)  # raises RewardError before any update
+        try:
+            raw, _ = score(reward_fns, traj.images, prompts)  # raises RewardError before any update
+        except RewardError as err:
+            if cfg.reward_on_error == "raise":
+                raise
+            state.skipped_batches, state.iteration = state.skipped_batches + 1, it + 1  # no update on this batch
+            log(f"it {it + 1:>3} [skipped batch] {err} | skipped batches: {state.skipped_batches}")
+            writer.add_scalar("skipped_batches", state.skipped_batches, it + 1)
+            _save(run / "checkpoint", learner, state, norms, tracker)
+            continue
         for k, n in enumerate(names):
             norms[n].update(raw[:, k])
         targets = torch.stack([norms[n].normalise(raw[:, k]) for k, n in enumerate(names)], dim=1).float()

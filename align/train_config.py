@@ -56,6 +56,11 @@ class TrainConfig:
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_inference_steps=10))
     algo: str = field("ecg", choices=ALGOS, help="ecg | grpo | ddpo")
     rewards: list = field(default_factory=lambda: ["toy_geneval:1.0"], help="reward specs name:weight")
+    reward_args: dict = field(default_factory=dict, help="keyword args per reward, e.g. {clip_score: {checkpoint: "
+                              "/w/clip.pt, batch_size: 16, device: cuda, timeout_s: 60}} (docs/rewards.md)")
+    reward_on_error: str = field("raise", choices=["raise", "skip_batch"],
+                                 help="a reward that fails (raises, NaN/inf, wrong shape, timeout): stop, or drop the "
+                                      "whole batch from the update and count it in the log")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -72,5 +77,5 @@ class TrainConfig:
             raise ValueError("trainer.timestep_fraction must be in (0, 1]")
         if self.sampler.eta <= 0 and self.sampler.noise_level <= 0:
             raise ValueError("RL needs a stochastic policy: sampler.eta (UNet) or sampler.noise_level (DiT) > 0")
-        from rewards import parse_reward_specs
-        parse_reward_specs(self.rewards)
+        from rewards import check_reward_args, parse_reward_specs
+        check_reward_args(parse_reward_specs(self.rewards), self.reward_args)

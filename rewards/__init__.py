@@ -1,6 +1,10 @@
-"""Reward plugins: protocol, registry and entry points, built-ins, validated multi-reward scoring."""
-from rewards.registry import (ENTRY_POINT_GROUP, Reward, RewardError, RewardSpec, available_rewards, get_reward,
-                              parse_reward_specs, register_reward, score, validate_scores)
+"""Reward plugins: protocol, registry and entry points, built-ins, validated multi-reward scoring,
+remote reward server and client."""
+from rewards.registry import (ENTRY_POINT_GROUP, PROTOCOL_ARGS, FunctionReward, Reward, RewardError, RewardSpec,
+                              available_rewards, build_rewards, check_reward_args, get_reward, parse_reward_specs,
+                              register_reward)
+from rewards.scoring import score, validate_scores
 
-__all__ = ["ENTRY_POINT_GROUP", "Reward", "RewardError", "RewardSpec", "available_rewards", "get_reward",
-           "parse_reward_specs", "register_reward", "score", "validate_scores"]
+__all__ = ["ENTRY_POINT_GROUP", "PROTOCOL_ARGS", "FunctionReward", "Reward", "RewardError", "RewardSpec",
+           "available_rewards", "build_rewards", "check_reward_args", "get_reward", "parse_reward_specs",
+           "register_reward", "score", "validate_scores"]

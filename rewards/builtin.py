@@ -40,15 +40,25 @@ def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
 class JpegSize:
     """DDPO's JPEG rewards: ``sign`` × (JPEG size in kB). −1: compressibility (smaller files score
     higher); +1: incompressibility."""
+    name = "jpeg_size"
+    sign = 1.0
     device = "cpu"
     batch_size = None
 
-    def __init__(self, name: str, sign: float) -> None:
-        self.name, self.sign = name, sign
+    def __init__(self, quality: int = 95) -> None:
+        self.quality = quality
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
-        return self.sign * jpeg_kilobytes(images)
+        return self.sign * jpeg_kilobytes(images, self.quality)
 
 
-register_reward("jpeg_compressibility")(lambda: JpegSize("jpeg_compressibility", -1.0))
-register_reward("jpeg_incompressibility")(lambda: JpegSize("jpeg_incompressibility", 1.0))
+@register_reward("jpeg_compressibility")
+class JpegCompressibility(JpegSize):
+    """DDPO's compressibility: −(JPEG size in kB) at the given quality (real PIL encoding)."""
+    name, sign = "jpeg_compressibility", -1.0
+
+
+@register_reward("jpeg_incompressibility")
+class JpegIncompressibility(JpegSize):
+    """DDPO's incompressibility: +(JPEG size in kB) at the given quality (real PIL encoding)."""
+    name, sign = "jpeg_incompressibility", 1.0

@@ -1,23 +1,31 @@
-"""Reward plugins: the protocol, the registry (decorator + ``align.rewards`` entry points), and the
-validated multi-reward scoring that turns B images into a (B, K) score matrix.
+"""Reward plugins: the protocol and the registry (decorator + ``align.rewards`` entry points).
 
-A reward maps ``(images (B,3,H,W) in [0,1], prompts, metadata) -> Tensor (B,)``. A plugin that
-raises, or returns a wrong shape or non-finite values, stops scoring with a :class:`RewardError`
-that names it, its input batch size and the bad values — before any update can use the batch.
+A reward maps ``(images (B,3,H,W) in [0,1], prompts, metadata) -> Tensor (B,)`` and declares
+``device`` (where its inputs go) and ``batch_size`` (the most images per call; ``None``: any).
+It is a class (instantiated with the keyword arguments from the config's ``reward_args``) or a
+plain function (those keyword arguments are bound to it). Scoring, chunking and validation live
+in :mod:`rewards.scoring`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
 ENTRY_POINT_GROUP = "align.rewards"
+REMOTE_PREFIX = "remote:"
+#: keyword arguments every reward accepts: the scoring protocol applies them, not the plugin
+PROTOCOL_ARGS = ("device", "batch_size", "timeout_s")
 
 
 class Reward(Protocol):
     name: str
+    device: str
+    batch_size: Optional[int]
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor: ...
 
@@ -26,35 +34,104 @@ class RewardError(RuntimeError):
     """A reward plugin failed or returned bad values; the message names the plugin."""
 
 
-_BUILTIN: dict[str, Callable[[], Reward]] = {}
+@dataclasses.dataclass
+class FunctionReward:
+    """A plain scoring function as a Reward; ``kwargs`` (from ``reward_args``) are passed on each call."""
+    fn: Callable[..., torch.Tensor]
+    name: str
+    device: str = "cpu"
+    batch_size: Optional[int] = None
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
+        return self.fn(images, prompts, metadata, **self.kwargs)
 
 
-def register_reward(name: str):
-    """Register a reward factory (a class or a zero-argument function returning a Reward)."""
-    def wrap(factory):
-        _BUILTIN[name] = factory
-        return factory
+_BUILTIN: dict[str, Callable[..., Any]] = {}
+_DECLARED: dict[str, dict[str, Any]] = {}
+
+
+def register_reward(name: str, *, device: str = "cpu", batch_size: Optional[int] = None):
+    """Register a reward class, or a scoring function ``f(images, prompts, metadata, **kw)``, under ``name``.
+    ``device`` / ``batch_size`` are the defaults for functions (classes declare them as attributes)."""
+    def wrap(obj):
+        _BUILTIN[name] = obj
+        _DECLARED[name] = {"device": device, "batch_size": batch_size}
+        return obj
     return wrap
 
 
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def available_rewards() -> dict[str, str]:
-    """name -> source ('builtin' or the entry point's distribution)."""
-    found = {name: "builtin" for name in _BUILTIN}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, f"entry point {ep.value}")
+    """name -> source: 'builtin' / 'registered <module>' or the entry point and its distribution."""
+    _load_builtins()
+    found = {name: ("builtin" if getattr(obj, "__module__", "").startswith("rewards.")
+                    else f"registered in {getattr(obj, '__module__', '?')}") for name, obj in _BUILTIN.items()}
+    for name, ep in _entry_points().items():
+        dist = f" ({ep.dist.name} {ep.dist.version})" if getattr(ep, "dist", None) else ""
+        found.setdefault(name, f"entry point {ep.value}{dist}")
     return found
 
 
-def get_reward(name: str) -> Reward:
-    """Instantiate a reward by name; an unknown name lists the available ones."""
+def describe_reward(name: str) -> str:
+    """First line of a registered reward's docstring ('' for entry points, which are not imported)."""
+    doc = inspect.getdoc(_BUILTIN[name]) if name in _BUILTIN else None
+    return doc.splitlines()[0] if doc else ""
+
+
+def get_reward(name: str, **kwargs: Any) -> Reward:
+    """Instantiate a reward by name with keyword arguments; protocol arguments (``device``,
+    ``batch_size``, ``timeout_s``) are set on the instance. Unknown names list the available ones;
+    unknown arguments list the accepted ones."""
+    if name.startswith(REMOTE_PREFIX):
+        from rewards.remote import RemoteReward
+        return _with_protocol_args(RemoteReward(name, **_plugin_args(RemoteReward, name, kwargs, skip=1)), kwargs)
     _load_builtins()
     if name in _BUILTIN:
-        return _BUILTIN[name]()
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            obj = ep.load()
-            return obj() if isinstance(obj, type) else obj
-    raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(available_rewards()))}")
+        obj, declared = _BUILTIN[name], _DECLARED[name]
+    elif name in _entry_points():
+        obj, declared = _entry_points()[name].load(), {}
+    else:
+        raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(available_rewards()))}")
+    if inspect.isclass(obj):
+        reward = obj(**_plugin_args(obj, name, kwargs))
+        if not getattr(reward, "name", None):
+            reward.name = name
+    elif callable(obj):
+        params = _plugin_args(obj, name, kwargs, skip=3)
+        reward = FunctionReward(obj, getattr(obj, "reward_name", name), kwargs=params,
+                                device=declared.get("device", getattr(obj, "device", "cpu")),
+                                batch_size=declared.get("batch_size", getattr(obj, "batch_size", None)))
+    else:
+        raise ValueError(f"reward {name!r}: {obj!r} is neither a class nor a function")
+    return _with_protocol_args(reward, kwargs)
+
+
+def _plugin_args(obj: Callable, name: str, kwargs: dict, skip: int = 0) -> dict:
+    """The non-protocol kwargs, checked against ``obj``'s signature before anything heavy runs."""
+    args = {k: v for k, v in kwargs.items() if k not in PROTOCOL_ARGS}
+    sig = inspect.signature(obj)
+    params = list(sig.parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return args
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(args) - set(accepted))
+    if unknown:
+        raise ValueError(f"reward {name!r}: unknown argument {unknown[0]!r}; accepted: "
+                         f"{', '.join(dict.fromkeys(accepted + list(PROTOCOL_ARGS)))}")
+    return args
+
+
+def _with_protocol_args(reward: Any, kwargs: dict) -> Reward:
+    for key in PROTOCOL_ARGS:
+        if key in kwargs:
+            setattr(reward, key, kwargs[key])
+    if kwargs.get("batch_size") is not None and int(kwargs["batch_size"]) < 1:
+        raise ValueError(f"reward {reward.name!r}: batch_size must be >= 1, got {kwargs['batch_size']}")
+    return reward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +141,12 @@ class RewardSpec:
 
 
 def parse_reward_specs(specs: Sequence[str]) -> list[RewardSpec]:
-    """``["toy_geneval:1.0", "jpeg_compressibility:0.2"]`` → specs (weight defaults to 1)."""
+    """``["toy_geneval:1.0", "remote:http://127.0.0.1:8000/clip_score:0.5"]`` → specs (weight
+    defaults to 1; the weight is the text after the last ':' unless it contains a '/')."""
     out = []
     for spec in specs:
-        name, _, weight = str(spec).partition(":")
+        head, sep, tail = str(spec).rpartition(":")
+        name, weight = (head, tail) if sep and "/" not in tail and head != "remote" else (str(spec), "")
         try:
             out.append(RewardSpec(name.strip(), float(weight) if weight else 1.0))
         except ValueError:
@@ -75,42 +154,39 @@ def parse_reward_specs(specs: Sequence[str]) -> list[RewardSpec]:
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise ValueError(f"reward listed twice in {list(specs)}")
-    _load_builtins()
-    unknown = [n for n in names if n not in available_rewards()]
-    if unknown:
-        raise ValueError(f"unknown reward {unknown[0]!r}; available: {', '.join(sorted(available_rewards()))}")
+    known = available_rewards()
+    for n in names:
+        if n.startswith(REMOTE_PREFIX):
+            from rewards.remote import parse_url
+            parse_url(n)
+        elif n not in known:
+            raise ValueError(f"unknown reward {n!r}; available: {', '.join(sorted(known))}")
     return out
 
 
-def score(rewards: Sequence[Reward], images: torch.Tensor, prompts: list[str],
-          metadata: Optional[dict[str, Any]] = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run every reward; returns scores (B, K) and the metadata the rewards added."""
-    metadata = {} if metadata is None else metadata
-    columns = []
-    for reward in rewards:
-        try:
-            values = reward(images, prompts, metadata)
-        except Exception as err:  # noqa: BLE001 - re-raised with the plugin's name
-            raise RewardError(f"reward {reward.name!r} raised on a batch of {len(prompts)}: "
-                              f"{type(err).__name__}: {err}") from err
-        columns.append(validate_scores(reward.name, values, len(prompts)))
-    return torch.stack(columns, dim=1), metadata
+def check_reward_args(specs: Sequence[RewardSpec], reward_args: dict) -> None:
+    """Every ``reward_args`` key names a listed reward and maps to a dict of keyword arguments."""
+    names = [s.name for s in specs]
+    _load_builtins()
+    for key, args in (reward_args or {}).items():
+        if key not in names:
+            raise ValueError(f"reward_args.{key}: {key!r} is not in rewards {names}")
+        if not isinstance(args, dict):
+            raise ValueError(f"reward_args.{key} must be a mapping of keyword arguments, got {args!r}")
+        if not key.startswith(REMOTE_PREFIX):  # check names against the signature without loading weights
+            obj = _BUILTIN.get(key) or _entry_points()[key].load()
+            _plugin_args(obj, key, args, skip=0 if inspect.isclass(obj) else 3)
 
 
-def validate_scores(name: str, values: Any, batch_size: int) -> torch.Tensor:
-    if not torch.is_tensor(values):
-        raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected a Tensor of shape ({batch_size},)")
-    if tuple(values.shape) != (batch_size,):
-        raise RewardError(f"reward {name!r} returned shape {tuple(values.shape)} for a batch of {batch_size}; "
-                          f"expected ({batch_size},)")
-    values = values.detach().float().cpu()
-    bad = ~torch.isfinite(values)
-    if bad.any():
-        idx = bad.nonzero().flatten().tolist()
-        raise RewardError(f"reward {name!r} returned non-finite values on a batch of {batch_size}: "
-                          f"{values[bad].tolist()[:5]} at indices {idx[:5]}")
-    return values
+def build_rewards(specs: Sequence[RewardSpec], reward_args: Optional[dict] = None) -> list[Reward]:
+    """Instantiate each spec's reward with its ``reward_args`` (what training and reward workers call)."""
+    reward_args = reward_args or {}
+    check_reward_args(specs, reward_args)
+    return [get_reward(s.name, **dict(reward_args.get(s.name) or {})) for s in specs]
 
 
+@functools.lru_cache(maxsize=None)
 def _load_builtins() -> None:
     import rewards.builtin  # noqa: F401  (registers the built-in rewards)
+    import rewards.clip_rewards  # noqa: F401
+    import rewards.hps  # noqa: F401

@@ -1,0 +1,114 @@
+"""``align rewards serve``: one reward behind a small HTTP server (stdlib ``ThreadingHTTPServer``).
+
+Binds 127.0.0.1 unless told otherwise; bound anywhere else it refuses to start without a token.
+Requests need a Content-Length no larger than ``max_request_bytes`` (checked before the body is
+read). Calls into the reward are serialised by a lock (one model, one device). The reward runs
+through the same validated scoring as in training, so a bad plugin answers 422 naming itself.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+
+from rewards.registry import Reward, RewardError
+from rewards.remote import decode_request, encode_response
+from rewards.scoring import score_one
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(reward: Reward, host: str = "127.0.0.1", port: int = 0, token: Optional[str] = None,
+                max_request_bytes: int = 64 << 20, quiet: bool = False) -> ThreadingHTTPServer:
+    """A server for ``reward`` at ``http://host:port/<reward.name>`` (port 0: a free one, see
+    ``server.server_address``). Call ``serve_forever()``; ``shutdown()`` + ``server_close()`` stop it."""
+    if not is_loopback(host) and not token:
+        raise ValueError(f"align rewards serve: binding {host} (not loopback) needs a token; "
+                         "set ALIGN_REWARD_TOKEN (clients send it as a bearer token)")
+    handler = type("RewardHandler", (_Handler,), {
+        "reward": reward, "token": token, "max_request_bytes": int(max_request_bytes), "lock": threading.Lock(),
+        "quiet": quiet})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    reward: Reward
+    token: Optional[str]
+    max_request_bytes: int
+    lock: threading.Lock
+    quiet: bool
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self._authorised() and self._known_path():
+            r = self.reward
+            self._json(200, {"name": r.name, "device": str(getattr(r, "device", "cpu")),
+                             "batch_size": getattr(r, "batch_size", None), "max_request_bytes": self.max_request_bytes})
+
+    def do_POST(self) -> None:  # noqa: N802
+        if not (self._authorised() and self._known_path()):
+            return
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            return self._json(411, {"error": "Content-Length required"})
+        if int(length) > self.max_request_bytes:
+            self.close_connection = True  # never read an oversized body
+            return self._json(413, {"error": f"request of {int(length)} bytes exceeds the limit of "
+                                             f"{self.max_request_bytes} bytes (align rewards serve --max-request-mb)"})
+        try:
+            images, prompts = decode_request(self.rfile.read(int(length)))
+        except Exception as err:  # noqa: BLE001 - any malformed body is the client's fault
+            return self._json(400, {"error": f"bad request body: {err}"})
+        metadata: dict = {}
+        try:
+            with self.lock:
+                scores = score_one(self.reward, images, prompts, metadata)
+        except RewardError as err:
+            return self._json(422, {"error": str(err)})
+        body = encode_response(scores, metadata)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _authorised(self) -> bool:
+        if not self.token:
+            return True
+        sent = self.headers.get("Authorization", "")
+        if hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
+            return True
+        self.close_connection = True
+        self._json(401, {"error": "missing or wrong bearer token (ALIGN_REWARD_TOKEN)"})
+        return False
+
+    def _known_path(self) -> bool:
+        if self.path.strip("/") == self.reward.name:
+            return True
+        self.close_connection = True
+        self._json(404, {"error": f"this server serves /{self.reward.name}, not {self.path}"})
+        return False
+
+    def _json(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
+        if not self.quiet:
+            super().log_message(format, *args)
