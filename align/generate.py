@@ -19,7 +19,7 @@ from align.backbones.model_config import ModelConfig, load_model
 from align.checkpoint import write_json
 from align.config import field
 from align.sampling import SamplerConfig
-from critics.steering import SteeringConfig, sample_steered
+from critics.steering import HOOKED_MODES, SteeringConfig, sample_steered
 
 
 @dataclasses.dataclass
@@ -48,6 +48,9 @@ class SampleJobConfig:
         bad = [p for p in self.prompts if not isinstance(p, str) or not p.strip()]
         if bad:
             raise ValueError(f"prompts must be non-empty strings, got {bad[0]!r}")
+        if self.steering.steer in HOOKED_MODES and self.sampler.modifiers:
+            raise ValueError(f"steering.steer={self.steering.steer} hooks the sampler's transition and cannot be "
+                             "combined with sampler.modifiers yet; use one or the other")
 
 
 def job_prompts(cfg: SampleJobConfig) -> list[str]:

@@ -45,6 +45,8 @@ class SteerContext:
 
 SteerFn = Callable[..., Trajectory]
 STEERING: dict[str, SteerFn] = {}
+#: modes that pass their own SamplerHooks (so they cannot run together with sampler.modifiers)
+HOOKED_MODES = ("grad", "rerank")
 
 
 def register_steering(name: str) -> Callable[[SteerFn], SteerFn]:
@@ -139,7 +141,7 @@ def final_values(critic: LoadedCritic, traj: Trajectory) -> torch.Tensor:
 @dataclasses.dataclass
 class SteeringConfig:
     """``steering:`` section of `align sample` (CLI: --critic, --steer, --scale, --candidates, --force)."""
-    critic: str = field("", help="exported critic directory (`align export` → OUT/critic); empty: no critic")
+    critic: str = field("", path="dir", help="exported critic directory (`align export` → OUT/critic); empty: no critic")
     steer: str = field("none", choices=tuple(STEERING),
                        help="none | grad (∇V on the step mean) | rerank (best of M candidate steps) | "
                             "best_of_n (best of N chains by V at the last state)")
