@@ -218,6 +218,35 @@ def _rewards_serve(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
+#: `align solve` flags → SolveConfig fields (the rest via dotted overrides, e.g. model.source=...).
+SOLVE_FLAGS = {"--task": "task", "--method": "method", "--input": "input", "--out": "out", "--mask": "mask",
+               "--box": "box", "--scale": "scale", "--kernel": "kernel", "--renoise": "renoise",
+               "--reference": "reference", "--lora": "lora", "--lpips-weights": "lpips_weights",
+               "--stage2": "stage2", "--sigma-y": "sigma_y", "--seed": "seed"}
+
+
+@command("solve", "inverse problems (inpaint, sr, deblur) with MAP-RPS, CLAMP or DPS; metrics and knob sweeps")
+def _solve(p: argparse.ArgumentParser) -> Handler:
+    _config_args(p)
+    for flag, key in SOLVE_FLAGS.items():
+        p.add_argument(flag, dest=f"flag_{key}", default=None, help=f"sets {key} (see --show-config)")
+    p.add_argument("--degrade", action="store_true", help="input is clean: simulate the measurement from it")
+
+    def run(ns: argparse.Namespace) -> int:
+        from align.modifiers.solve import SolveConfig, apply_flags, run_solve
+        if ns.show_config:
+            return _show(SolveConfig)
+        cfg = load_config(SolveConfig, *_split_config(ns))
+        apply_flags(cfg, {key: getattr(ns, f"flag_{key}") for key in SOLVE_FLAGS.values()}, ns.degrade)
+        try:
+            run_solve(cfg)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"align solve: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    return run
+
+
 def _yaml_from_json(path: str) -> str:
     """A run's saved config.json as a temp YAML file (JSON is YAML) for reloading."""
     fd, tmp = tempfile.mkstemp(suffix=".yaml")
