@@ -111,13 +111,13 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
 
 
 def _plugin_args(obj: Callable, name: str, kwargs: dict, skip: int = 0) -> dict:
-    """The non-protocol kwargs, checked against ``obj``'s signature before anything heavy runs."""
-    args = {k: v for k, v in kwargs.items() if k not in PROTOCOL_ARGS}
-    sig = inspect.signature(obj)
-    params = list(sig.parameters.values())[skip:]
+    """The kwargs for ``obj``, checked against its signature before anything heavy runs. Protocol
+    arguments go to ``obj`` only if it names them (a model reward places its model on ``device``)."""
+    params = list(inspect.signature(obj).parameters.values())[skip:]
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    args = {k: v for k, v in kwargs.items() if k not in PROTOCOL_ARGS or k in accepted}
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return args
-    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = sorted(set(args) - set(accepted))
     if unknown:
         raise ValueError(f"reward {name!r}: unknown argument {unknown[0]!r}; accepted: "

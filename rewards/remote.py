@@ -95,11 +95,12 @@ class RemoteReward:
     ``retries`` retries (exponential backoff) on connection errors, timeouts and 502/503/504."""
     device = "cpu"
     batch_size: Optional[int] = None
-    timeout_s: float = 60.0
     handles_timeout = True  # the HTTP timeout is real; scoring need not wrap the call in a thread
 
-    def __init__(self, spec: str, retries: int = 2, backoff_s: float = 0.5, wire_dtype: str = "float32") -> None:
+    def __init__(self, spec: str, retries: int = 2, backoff_s: float = 0.5, wire_dtype: str = "float32",
+                 timeout_s: float = 60.0) -> None:
         self.url, self.remote_name = parse_url(spec)
+        self.timeout_s = float(timeout_s)
         if wire_dtype not in ("float32", "uint8"):
             raise ValueError(f"reward {spec!r}: wire_dtype must be float32 or uint8, got {wire_dtype!r}")
         self.wire_dtype = wire_dtype

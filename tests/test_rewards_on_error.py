@@ -101,3 +101,23 @@ def test_rewards_list_shows_builtins_and_their_descriptions(capsys) -> None:
     for name in ("clip_score", "hpsv2", "aesthetic", "jpeg_compressibility", "toy_geneval"):
         assert any(line.split()[:2] == [name, "builtin"] for line in out.splitlines()), name
     assert "100·max(cos, 0)" in out
+
+
+@register_reward("test_constant_a")
+def _constant_a(images, prompts, metadata):
+    return torch.full((len(prompts),), 0.25)
+
+
+@register_reward("test_constant_b")
+def _constant_b(images, prompts, metadata):
+    return torch.full((len(prompts),), -2.0)
+
+
+def test_raw_scores_are_logged_per_reward_with_the_weighted_sum(tmp_path) -> None:
+    cfg = load_config(TrainConfig, None, TINY + [f"run_dir={tmp_path}", "trainer.iterations=1",
+                                                 "rewards=[test_constant_a:2.0,test_constant_b:0.5]"])
+    lines: list[str] = []
+    record = train(cfg, log=lines.append).history[0]
+    assert record["reward/test_constant_a"] == 0.25 and record["reward/test_constant_b"] == -2.0
+    assert record["reward/weighted"] == pytest.approx(2.0 * 0.25 + 0.5 * -2.0, abs=1e-6)
+    assert "test_constant_a 0.250 | test_constant_b -2.000 | weighted -0.500" in lines[0]

@@ -81,6 +81,25 @@ def test_images_are_moved_to_the_reward_device() -> None:
     assert DeviceProbe.seen == ["meta"]
 
 
+@register_reward("test_model_on_device")
+class ModelOnDevice:
+    """Places a 'model' on the device it is built with, as the CLIP/HPS rewards do."""
+    name, batch_size = "test_model_on_device", None
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device, self.weight = device, torch.ones(1, device=device)
+
+    def __call__(self, images, prompts, metadata):
+        assert images.device == self.weight.device
+        return torch.zeros(len(prompts))
+
+
+def test_a_reward_that_takes_device_gets_it_in_its_constructor() -> None:
+    reward = get_reward("test_model_on_device", device="meta", batch_size=1)
+    assert reward.weight.device.type == "meta" and reward.batch_size == 1
+    assert score([reward], torch.rand(2, 3, 4, 4), ["a", "b"])[0].shape == (2, 1)
+
+
 def test_class_reward_kwargs_and_unknown_argument_lists_the_accepted_ones() -> None:
     assert get_reward("jpeg_compressibility", quality=50).quality == 50
     with pytest.raises(ValueError, match="reward 'jpeg_compressibility': unknown argument 'qualty'; accepted: quality, "
