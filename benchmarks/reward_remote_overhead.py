@@ -7,6 +7,7 @@ the remote scores equal the local ones, the calls alternate (local, remote float
 size of each wire dtype.
 
     python benchmarks/reward_remote_overhead.py [--reward jpeg_compressibility] [--sizes 64 256 512]
+    python benchmarks/reward_remote_overhead.py --reward hpsv2 --arg checkpoint=/w/HPS_v2.1_compressed.pt
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import threading
 import time
 
 import torch
+import yaml
 
 from rewards import get_reward
 from rewards.remote import encode_request
@@ -38,10 +40,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="reward keyword argument")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    local = get_reward(args.reward)
-    server = make_server(get_reward(args.reward), max_request_bytes=1 << 30, quiet=True)
+    kwargs = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.arg)}
+    local = get_reward(args.reward, **kwargs)
+    server = make_server(get_reward(args.reward, **kwargs), max_request_bytes=1 << 30, quiet=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host, port = server.server_address[:2]
