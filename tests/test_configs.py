@@ -11,7 +11,8 @@ from align.toy.pretrain import PretrainConfig
 from align.train_config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SCHEMAS = {"toy_sample.yaml": SampleJobConfig, "toy_pretrain.yaml": PretrainConfig, "toy_ecg.yaml": TrainConfig}
+SCHEMAS = {"toy_sample.yaml": SampleJobConfig, "toy_pretrain.yaml": PretrainConfig, "toy_ecg.yaml": TrainConfig,
+           "sd15_ecg_multi.yaml": TrainConfig}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))

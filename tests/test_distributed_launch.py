@@ -88,7 +88,7 @@ def test_two_deepspeed_zero2_learners_with_two_rollout_actors_end_with_identical
     at the end that both ranks hold bit-identical LoRA weights and fails otherwise."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/multi_gpu.yaml",
-           "--num_processes", "2", "-m", "align.train", *TINY, "trainer.iterations=2",
+           "--num_processes", "2", "--mixed_precision", "no", "-m", "align.train", *TINY, "trainer.iterations=2",
            "critic.pretrain_iterations=0", "ray.num_rollout_workers=2", f"run_dir={run}"]
     job = Reaper(cmd, tmp_path / "log.txt")
     try:
