@@ -4,7 +4,9 @@ Uses the exported critic and policy of the default run (`align train` → runs/t
 trained here first if missing). For each seed, every mode draws the same toy prompts from the same
 x_T (one generator per seed, so the modes are paired image by image) and the images are scored by
 the real toy reward. Prints, side by side: mean toy reward (mean ± std over seeds), the paired
-difference to `none` (± its standard error over all images), and the cost per output image:
+difference to `none` (± its standard error over all images), the correlation between the critic's
+Σ_k w_k V_k at the last state and the real reward of the same images (the critic's quality on the
+images that mode produced), and the cost per output image:
 denoiser rows (a CFG step counts 2; best-of-N draws N chains), critic rows (each a partial
 forward up to the feature layer; grad adds a backward), and seconds.
 
@@ -63,7 +65,7 @@ def run_mode(pipe, critic, reward, prompts: list[str], sampler: SamplerConfig, s
              batch_size: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     cand = torch.Generator().manual_seed(seed + 10_000)
-    rewards, critic_rows = [], 0
+    rewards, values, critic_rows = [], [], 0
     t0 = time.perf_counter()
     with count_rows(pipe) as rows:
         for start in range(0, len(prompts), batch_size):
@@ -71,10 +73,11 @@ def run_mode(pipe, critic, reward, prompts: list[str], sampler: SamplerConfig, s
             out = sample_steered(pipe, chunk, sampler, gen, critic, steer, cand)
             critic_rows += out.critic_rows
             rewards.append(score([reward], out.traj.images.float().clamp(0, 1), chunk)[0][:, 0])
+            values.append((out.values * critic.weights).sum(-1))
             rows["rows"] -= len(chunk)  # final_values' record call is bookkeeping, not steering
     seconds = time.perf_counter() - t0
     n = len(prompts)
-    return {"rewards": torch.cat(rewards).numpy(), "denoiser_rows": (rows["rows"] - critic_rows) / n,
+    return {"rewards": torch.cat(rewards).numpy(), "values": torch.cat(values).numpy(), "denoiser_rows": (rows["rows"] - critic_rows) / n,
             "critic_rows": critic_rows / n, "seconds": seconds / n}
 
 
@@ -116,15 +119,17 @@ def main() -> None:
     print(f"\ncritic: {c} (explained variance at the end of training: {metrics.get('explained_variance', 'n/a')}); "
           f"{len(args.seeds)} seeds × {args.images} images, {sampler.num_inference_steps} steps, CFG "
           f"{sampler.guidance_scale}, η {sampler.eta}\n")
-    print("| mode | toy reward (mean ± std over seeds) | Δ vs none (paired, ± s.e.) | denoiser rows/image | "
-          "critic rows/image | s/image | time ratio vs none |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | toy reward (mean ± std over seeds) | Δ vs none (paired, ± s.e.) | corr(V, reward) | "
+          "denoiser rows/image | critic rows/image | s/image | time ratio vs none |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, per_seed in results.items():
         means = [r["rewards"].mean() for r in per_seed]
         diff = np.concatenate([r["rewards"] for r in per_seed]) - base
         secs = np.mean([r["seconds"] for r in per_seed])
+        corr = np.corrcoef(np.concatenate([r["values"] for r in per_seed]),
+                           np.concatenate([r["rewards"] for r in per_seed]))[0, 1]
         print(f"| {name} | {np.mean(means):.4f} ± {np.std(means):.4f} | {diff.mean():+.4f} ± "
-              f"{diff.std(ddof=1) / np.sqrt(len(diff)):.4f} | {per_seed[0]['denoiser_rows']:.0f} | "
+              f"{diff.std(ddof=1) / np.sqrt(len(diff)):.4f} | {corr:+.3f} | {per_seed[0]['denoiser_rows']:.0f} | "
               f"{per_seed[0]['critic_rows']:.0f} | {secs:.3f} | {secs / base_time:.2f} |")
 
 
