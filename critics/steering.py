@@ -127,8 +127,9 @@ def steer_best_of_n(pipe, prompts: list[str], config: SamplerConfig, generator: 
                     ctx: SteerContext) -> Trajectory:
     n = ctx.cfg.candidates
     traj = sample_trajectory(pipe, [p for p in prompts for _ in range(n)], config, generator)
-    score = (final_values(ctx.critic, traj) * ctx.weights).sum(-1).view(len(prompts), n)
-    return traj.select(torch.arange(len(prompts)) * n + score.argmax(1))
+    values = final_values(ctx.critic, traj)
+    score = (values * ctx.weights.to(values)).sum(-1).view(len(prompts), n)
+    return traj.select((torch.arange(len(prompts), device=score.device) * n + score.argmax(1)).cpu())
 
 
 def final_values(critic: LoadedCritic, traj: Trajectory) -> torch.Tensor:
