@@ -101,14 +101,18 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
     grid = make_grid(torch.cat(all_images), nrow=min(8, len(prompts)), padding=2, pad_value=0.5)
     save_image(grid, out / "grid.png")
     summary = _summarise([r["toy_checker"] for r in records])
-    if critic is not None:
-        summary.update(_summarise([r["rewards"] for r in records if r.get("rewards")], prefix="reward/"))
-        summary["critic_rows_per_image"] = sum(r["critic_rows"] for r in records) / len(records)
     result = {"config": dataclasses.asdict(cfg), "summary": summary, "samples": records}
+    if critic is not None:
+        result["steering"] = {"steer": cfg.steering.steer, **_summarise([r["rewards"] for r in records
+                                                                         if r.get("rewards")], prefix="reward/"),
+                              "critic_rows_per_image": sum(r["critic_rows"] for r in records) / len(records)}
     write_json(out / "samples.json", result)
     print(f"wrote {len(records)} images, grid.png and samples.json to {out}")
     if summary:
         print("toy checker accuracy: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
+    if "steering" in result:
+        print("steering: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                         for k, v in result["steering"].items()}))
     return result
 
 

@@ -132,7 +132,8 @@ def test_sample_cli_with_a_critic_writes_values_and_rewards(preset: str, steer: 
         assert (out / sample["file"]).is_file()
         assert set(sample["critic_values"]) == set(sample["rewards"]) == {"toy_geneval", "jpeg_compressibility"}
         assert all(v == v for v in sample["predicted_rewards"].values())
-    assert "reward/toy_geneval" in record["summary"] and record["summary"]["critic_rows_per_image"] > 0
+    assert record["steering"]["steer"] == steer and "reward/toy_geneval" in record["steering"]
+    assert record["steering"]["critic_rows_per_image"] == sample["critic_rows"] > 0
 
 
 def test_sample_cli_loads_an_exported_policy_lora(exported, tmp_path) -> None:
