@@ -217,3 +217,17 @@ def test_two_iteration_ecg_run_trains_with_a_modifier(tmp_path, modifier: str) -
         assert rec["policy_loss"] == rec["policy_loss"] and abs(rec["approx_kl"]) < 1e-3
         assert rec["clip_frac"] == 0.0
     assert json.loads((tmp_path / "config.json").read_text())["sampler"]["modifiers"]
+
+
+def test_classifier_guidance_variant_shifts_the_mean_and_recomputes(tiny_unet_pipe, tmp_path) -> None:
+    """stayfair_cg: μ ← μ + s σ² ∇ log σ(aᵀx + b); it needs autograd inside sampling (``needs_grad``)."""
+    from align.checkpoint import save_tensors
+    dim = 4 * tiny_unet_pipe.unet.config.sample_size ** 2
+    save_tensors(tmp_path / "clf.safetensors", {"weight": torch.randn(dim, generator=torch.Generator().manual_seed(0)),
+                                                "bias": torch.zeros(())})
+    spec = {"stayfair_cg": {"classifier": str(tmp_path / "clf.safetensors"), "scale": 2.0}}
+    stock, traj = _sample(tiny_unet_pipe, _cfg()), _sample(tiny_unet_pipe, _cfg(spec))
+    assert not torch.equal(stock.latents, traj.latents)
+    assert (torch.exp(recompute_log_probs(tiny_unet_pipe, traj) - traj.log_probs) - 1).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="classifier file not found"):
+        build_modifiers([{"stayfair_cg": {"classifier": str(tmp_path / "missing"), "scale": 1.0}}])

@@ -175,8 +175,8 @@ class ModifierStack:
         it (recomputation) embeddings are taken as stored in the trajectory, already hooked."""
         mods = self.active(pipe)
         embeds_hooks = [m for m in mods if type(m).embeds is not Modifier.embeds]
-        guides = [(m, m.guidance()) for m in mods if m.guidance() is not None]
-        branches = [(m, m.extra_branch(pipe)) for m in mods if m.extra_branch(pipe) is not None]
+        guides = [(m, g) for m, g in ((m, m.guidance()) for m in mods) if g is not None]
+        branches = [(m, b) for m, b in ((m, m.extra_branch(pipe)) for m in mods) if b is not None]
         owners = {m.name for m, _ in guides} | {m.name for m, _ in branches}
         if len(guides) + len(branches) > 1:
             raise ValueError(f"modifiers {sorted(owners)} all replace the guidance combination; at most one may")
