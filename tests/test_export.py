@@ -201,3 +201,16 @@ def test_align_train_exports_and_align_export_rebuilds_the_same_files(tmp_path, 
         a, b = load_file(str(run / "export" / rel)), load_file(str(again / rel))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
     assert main(["export", str(tmp_path / "nope")]) == 2
+
+
+def test_export_of_a_run_without_critic_writes_only_the_policy(tmp_path) -> None:
+    from align.config import load_config
+    from align.train import train
+    from align.train_config import TrainConfig
+    from test_train import TINY
+    run = tmp_path / "run"
+    train(load_config(TrainConfig, None, TINY + [f"run_dir={run}", "trainer.iterations=1", "algo=grpo"]),
+          log=lambda *_: None)
+    out = critics.export_run(run, tmp_path / "out")
+    assert sorted(os.listdir(out)) == ["export.json", "policy"]
+    assert json.loads((out / "export.json").read_text())["critic"] is None
