@@ -3,7 +3,8 @@
 Uses the exported critic and policy of the default run (`align train` → runs/toy_ecg/export;
 trained here first if missing). For each seed, every mode draws the same toy prompts from the same
 x_T (one generator per seed, so the modes are paired image by image) and the images are scored by
-the real toy reward. Prints, side by side: mean toy reward (mean ± std over seeds), the paired
+the critic's own rewards (Σ_k w_k R_k, the objective it steers; the toy reward for the default run),
+and by the toy reward. Prints, side by side: mean toy reward (mean ± std over seeds), the paired
 difference to `none` (± its standard error over all images), the correlation between the critic's
 Σ_k w_k V_k at the last state and the real reward of the same images (the critic's quality on the
 images that mode produced), and the cost per output image:
@@ -61,23 +62,26 @@ def ensure_run(run_dir: Path) -> None:
     subprocess.run([sys.executable, "-m", "align.cli", "train", f"run_dir={run_dir}"], check=True)
 
 
-def run_mode(pipe, critic, reward, prompts: list[str], sampler: SamplerConfig, steer: SteeringConfig, seed: int,
+def run_mode(pipe, critic, reward_fns, prompts: list[str], sampler: SamplerConfig, steer: SteeringConfig, seed: int,
              batch_size: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     cand = torch.Generator().manual_seed(seed + 10_000)
-    rewards, values, critic_rows = [], [], 0
+    rewards, toy, values, critic_rows = [], [], [], 0
+    weights = critic.weights
     t0 = time.perf_counter()
     with count_rows(pipe) as rows:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             out = sample_steered(pipe, chunk, sampler, gen, critic, steer, cand)
             critic_rows += out.critic_rows
-            rewards.append(score([reward], out.traj.images.float().clamp(0, 1), chunk)[0][:, 0])
+            raw = score(reward_fns, out.traj.images.float().clamp(0, 1), chunk)[0]  # (B, K [+ toy])
+            rewards.append(raw[:, :len(weights)] @ weights)                         # Σ_k w_k R_k
+            toy.append(raw[:, [r.name for r in reward_fns].index("toy_geneval")])
             values.append((out.values * critic.weights).sum(-1))
             rows["rows"] -= len(chunk)  # final_values' record call is bookkeeping, not steering
     seconds = time.perf_counter() - t0
     n = len(prompts)
-    return {"rewards": torch.cat(rewards).numpy(), "values": torch.cat(values).numpy(), "denoiser_rows": (rows["rows"] - critic_rows) / n,
+    return {"rewards": torch.cat(rewards).numpy(), "toy": torch.cat(toy).numpy(), "values": torch.cat(values).numpy(), "denoiser_rows": (rows["rows"] - critic_rows) / n,
             "critic_rows": critic_rows / n, "seconds": seconds / n}
 
 
@@ -98,7 +102,8 @@ def main() -> None:
     pipe = load_model(cfg.model)
     pipe.load_lora_weights(str(run / "export" / "policy"), adapter_name="policy")
     critic = critics.load(run / "export" / "critic", pipe)
-    reward = get_reward("toy_geneval")
+    names = critic.reward_names + ([] if "toy_geneval" in critic.reward_names else ["toy_geneval"])
+    reward_fns = [get_reward(n) for n in names]
     sampler = dataclasses.replace(cfg.sampler, progress=False)
     c = str(run / "export" / "critic")
     modes = {"none": SteeringConfig(critic=c, steer="none")}
@@ -109,27 +114,29 @@ def main() -> None:
     for seed in args.seeds:
         prompts = eval_prompts(args.images, seed=1000 + seed)
         for name, steer in modes.items():
-            results[name].append(run_mode(pipe, critic, reward, prompts, sampler, steer, seed, args.batch_size))
+            results[name].append(run_mode(pipe, critic, reward_fns, prompts, sampler, steer, seed, args.batch_size))
             r = results[name][-1]
-            print(f"  seed {seed} {name:<16} toy reward {r['rewards'].mean():.4f}  {r['seconds']:.3f} s/image",
-                  flush=True)
+            print(f"  seed {seed} {name:<16} reward {r['rewards'].mean():.4f} toy {r['toy'].mean():.4f} "
+                  f"{r['seconds']:.3f} s/image", flush=True)
     base = np.concatenate([r["rewards"] for r in results["none"]])
     base_time = np.mean([r["seconds"] for r in results["none"]])
     metrics = critic.config.get("metrics", {})
     print(f"\ncritic: {c} (explained variance at the end of training: {metrics.get('explained_variance', 'n/a')}); "
           f"{len(args.seeds)} seeds × {args.images} images, {sampler.num_inference_steps} steps, CFG "
           f"{sampler.guidance_scale}, η {sampler.eta}\n")
-    print("| mode | toy reward (mean ± std over seeds) | Δ vs none (paired, ± s.e.) | corr(V, reward) | "
-          "denoiser rows/image | critic rows/image | s/image | time ratio vs none |")
-    print("|---|---|---|---|---|---|---|---|")
+    objective = " + ".join(f"{w:g}·{n}" for w, n in zip(critic.weights.tolist(), critic.reward_names))
+    print(f"| mode | reward {objective} (mean ± std over seeds) | Δ vs none (paired, ± s.e.) | toy reward | "
+          "corr(V, reward) | denoiser rows/image | critic rows/image | s/image | time ratio vs none |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, per_seed in results.items():
         means = [r["rewards"].mean() for r in per_seed]
         diff = np.concatenate([r["rewards"] for r in per_seed]) - base
         secs = np.mean([r["seconds"] for r in per_seed])
         corr = np.corrcoef(np.concatenate([r["values"] for r in per_seed]),
                            np.concatenate([r["rewards"] for r in per_seed]))[0, 1]
+        toy = np.mean([r["toy"].mean() for r in per_seed])
         print(f"| {name} | {np.mean(means):.4f} ± {np.std(means):.4f} | {diff.mean():+.4f} ± "
-              f"{diff.std(ddof=1) / np.sqrt(len(diff)):.4f} | {corr:+.3f} | {per_seed[0]['denoiser_rows']:.0f} | "
+              f"{diff.std(ddof=1) / np.sqrt(len(diff)):.4f} | {toy:.4f} | {corr:+.3f} | {per_seed[0]['denoiser_rows']:.0f} | "
               f"{per_seed[0]['critic_rows']:.0f} | {secs:.3f} | {secs / base_time:.2f} |")
 
 
