@@ -250,3 +250,25 @@ def test_toy_color_classifier_reads_rendered_scenes() -> None:
     assert torch.equal(classify(torch.zeros(1, 3, 32, 32)), torch.full((1, len(groups)), 1 / len(groups)))
     with pytest.raises(ValueError, match="valid: toy_color"):
         get_group_classifier("gender")
+
+
+def test_estimated_alpha_table_drives_per_prompt_offsets(tiny_unet_pipe, tmp_path) -> None:
+    """Probe counts → lookup α per prompt → ``alpha_table`` JSON → null′ = null + α(p) u per sample."""
+    from align.modifiers.stayfair_estimate import estimate_alpha_table
+    from align.sampling import SamplerConfig, sample_trajectory
+    table = np.arange(9, dtype=float).reshape(3, 3) - 4.0     # α = 3·#lo + #hi − 4 for n = 2 probes
+    classify = lambda images: torch.stack([images.mean((1, 2, 3)) > 0.5, images.mean((1, 2, 3)) <= 0.5], 1).float()  # noqa: E731
+    prompts = ["two red circles on the left", "one blue square on the top"]
+    sampler = SamplerConfig(num_inference_steps=2, guidance_scale=3.0)
+    alphas = estimate_alpha_table(tiny_unet_pipe, prompts, table, classify, group=1, scales=(1.5, 7.5),
+                                  sampler=sampler, out=tmp_path / "alpha.json")
+    assert set(alphas) == set(prompts) and all(a in table for a in alphas.values())
+    spec = {"stayfair": {"alpha_table": str(tmp_path / "alpha.json"), "words": ["red", "blue"]}}
+    cfg = SamplerConfig(num_inference_steps=2, guidance_scale=3.0, output_type="latent")
+    stock = sample_trajectory(tiny_unet_pipe, prompts, cfg, torch.Generator().manual_seed(0))
+    mod = sample_trajectory(tiny_unet_pipe, prompts, SamplerConfig(**{**cfg.__dict__, "modifiers": [spec]}),
+                            torch.Generator().manual_seed(0))
+    u = group_direction(tiny_unet_pipe, ("red", "blue"), "auto").u[0]
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(mod.negative_prompt_embeds[i] - stock.negative_prompt_embeds[i], alphas[p] * u,
+                                   rtol=1e-5, atol=1e-5)
