@@ -62,7 +62,8 @@ class CLAMP:
         base = LATENT_DEFAULTS if self.problem.latent else PIXEL_DEFAULTS
         bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(ClampConfig)})
         if bad:
-            raise ValueError(f"CLAMP: unknown option(s) {bad}; valid: {[f.name for f in dataclasses.fields(ClampConfig)]}")
+            valid = [f.name for f in dataclasses.fields(ClampConfig)]
+            raise ValueError(f"CLAMP: unknown option(s) {bad}; valid: {valid}")
         self.config = dataclasses.replace(base, **overrides)
         c = self.config
         if c.steps < 1 or c.gmres_iters < 1 or c.sigma_n <= 0 or c.lam_id < 0:

@@ -4,7 +4,8 @@ solver details are unpublished, so this is the spec's reconstruction [I]).
 Stage 1 (MAP ≈ MMSE) minimises J(x) = |y − A(x)|²/(2σ_y²) − log p_{s_s}(x), whose prior gradient is
 the forward score (x − D(x, s_s))/s_s² (no backprop through the denoiser). Solver: annealed
 half-quadratic splitting, x ← prox_s(D(x, s)) with s going geometrically from s_start down to s_s,
-then Anderson-accelerated iterations of the same map at s_s, prox_s(u) = argmin_x |y − A(x)|²/(2σ_y²) + |x − u|²/(2s²). Its fixed point at
+then Anderson-accelerated iterations of the same map at s_s,
+prox_s(u) = argmin_x |y − A(x)|²/(2σ_y²) + |x − u|²/(2s²). Its fixed point at
 s_s is exactly ∇J = 0. The prox is conjugate gradients on (AᵀA/σ_y² + I/s²) x = Aᵀy/σ_y² + u/s²
 for linear A, and Adam steps for A∘Dec (latent).
 Knob r ∈ [0, 1]: stage 2 runs the last round(r·N) steps of its N-step grid from x_hat + s_k ε
@@ -36,7 +37,7 @@ class Stage1Config:
     final_iters: int = field(20, help="HQS iterations at s_s (the smoothing level of the MAP prior)")
     s_start: Optional[float] = field(None, help="first smoothing level (default: min(denoiser σ_max, 10))")
     s_smooth: Optional[float] = field(None, help="s_s, the smoothing level (default: the smallest training σ)")
-    prox_iters: int = field(30, help="CG iterations (linear A) or Adam steps (A∘Dec) per prox")
+    prox_iters: int = field(10, help="CG iterations (linear A) or Adam steps (A∘Dec) per prox")
     prox_lr: float = field(0.05, help="Adam learning rate of the latent prox")
     anderson_memory: int = field(5, help="Anderson-acceleration memory of the iterations at s_s (0: plain HQS)")
 
@@ -117,9 +118,9 @@ def anderson(fixed_map, x: torch.Tensor, iters: int, memory: int, callback=lambd
             continue
         dF, dX = torch.stack(dfs, 2).double(), torch.stack(dxs, 2).double()      # (B, n, m)
         gram = dF.transpose(1, 2) @ dF
-        ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype)
-        gamma = torch.linalg.solve(gram + ridge + 1e-300 * torch.eye(gram.shape[-1], dtype=gram.dtype),
-                                   dF.transpose(1, 2) @ f.double()[..., None])
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        ridge = (1e-10 * gram.diagonal(dim1=1, dim2=2).mean(1) + 1e-300)[:, None, None] * eye  # keeps it solvable
+        gamma = torch.linalg.solve(gram + ridge, dF.transpose(1, 2) @ f.double()[..., None])
         x = (xf + f - ((dX + dF) @ gamma)[..., 0].to(f)).view(shape)
     return x
 

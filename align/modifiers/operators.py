@@ -85,7 +85,8 @@ def box_mask(size: int | tuple[int, int], box: tuple[int, int, int, int]) -> tor
     return m
 
 
-def random_mask(size: int | tuple[int, int], missing: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def random_mask(size: int | tuple[int, int], missing: float,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(1, 1, H, W) mask with a fraction ``missing`` of pixels dropped uniformly at random."""
     if not 0.0 <= missing < 1.0:
         raise ValueError(f"random mask: missing fraction must be in [0, 1), got {missing}")

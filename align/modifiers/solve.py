@@ -51,7 +51,8 @@ class SolveConfig:
     lpips_weights: Optional[str] = field(None, help="torchvision backbone checkpoint for LPIPS (no download here)")
     lpips_net: str = field("alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone")
     dps_steps: int = field(100, help="DPS steps")
-    dps_scale: float = field(0.5, help="DPS step size ζ (VP units, as in the DPS configs)")
+    dps_scale: float = field(10.0, help="DPS step size ζ, VP units (tuned on the toy at 100 steps; "
+                                        "the DPS paper: 0.3–0.5 at 1000 pixel-space steps)")
     clamp_steps: Optional[int] = field(None, help="CLAMP steps (default: the latent preset, 25)")
     gmres_iters: Optional[int] = field(None, help="CLAMP GMRES iterations K (default: latent preset, 20)")
     stage1: Stage1Config = field(default_factory=Stage1Config, help="MAP-RPS stage 1")
