@@ -24,7 +24,7 @@ from align.config import field
 from align.modifiers.denoiser import denoise_with_vjp, edm_sigmas
 from align.modifiers.gmres import gmres
 from align.modifiers.operators import linearize
-from align.modifiers.problem import make_problem
+from align.modifiers.problem import gaussian_noise, make_problem
 
 
 @dataclasses.dataclass
@@ -94,15 +94,15 @@ class CLAMP:
 
         delta, _ = gmres(matvec, rhs.detach(), c.gmres_iters, c.gmres_tol)
         down, up = sigma_split(s, s_next)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = gaussian_noise(x.shape, generator, x.device, x.dtype)
         return (x + c.beta * delta.view_as(x) + (down - s) * eps + up * noise).detach()
 
     def sample(self, generator: Optional[torch.Generator] = None, x_start: Optional[torch.Tensor] = None,
                start: int = 0) -> torch.Tensor:
         """Steps ``start..N−1`` from ``x_start`` (default: x ~ N(0, s_0² I)); the final state."""
         p = self.problem
-        x = x_start if x_start is not None else float(self.grid[0]) * torch.randn(
-            p.state_shape(), generator=generator, device=p.y.device, dtype=p.y.dtype)
+        x = x_start if x_start is not None else \
+            float(self.grid[0]) * gaussian_noise(p.state_shape(), generator, p.y.device, p.y.dtype)
         for i in tqdm(range(start, len(self.grid) - 1), desc="CLAMP", leave=False, disable=not self.progress):
             x = self.step(x, float(self.grid[i]), float(self.grid[i + 1]), generator)
         return x

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from align.modifiers.problem import InverseProblem, make_problem
+from align.modifiers.problem import gaussian_noise, make_problem
 
 
 class DPS:
@@ -34,7 +34,7 @@ class DPS:
         shape = p.state_shape()
         dev = p.y.device
         x = x_start if x_start is not None else \
-            float(self.grid[0]) * torch.randn(shape, generator=generator, device=dev, dtype=p.y.dtype)
+            float(self.grid[0]) * gaussian_noise(shape, generator, dev, p.y.dtype)
         for i in tqdm(range(start, len(self.grid) - 1), desc="DPS", leave=False, disable=not self.progress):
             s, s_next = float(self.grid[i]), float(self.grid[i + 1])
             with torch.enable_grad():
@@ -45,7 +45,7 @@ class DPS:
                 p.denoiser.calls["vjp"] += 1
             x0, ratio = x0.detach(), (s_next / s) ** 2
             mean = x0 + ratio * (x.detach() - x0)
-            noise = torch.randn(shape, generator=generator, device=dev, dtype=x.dtype)
+            noise = gaussian_noise(shape, generator, dev, x.dtype)
             zeta = self.scale * ((1 + s * s) * (1 + s_next * s_next)) ** 0.5
             x = mean + s_next * (1 - ratio) ** 0.5 * noise - zeta * grad
         return x.detach()

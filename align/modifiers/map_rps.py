@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from align.config import field
 from align.modifiers.clamp import CLAMP
 from align.modifiers.dps import DPS
-from align.modifiers.problem import InverseProblem
+from align.modifiers.problem import InverseProblem, gaussian_noise
 
 #: Stage-2 samplers by name: factory(model, operator, y, sigma_y, progress, denoiser_kwargs, **kw).
 STAGE2 = {"clamp": CLAMP, "dps": DPS}
@@ -159,7 +159,7 @@ class MapRPS:
         if self.start == steps:  # t* = 0
             return x_hat
         s_k = float(self.stage2.grid[self.start])
-        eps = torch.randn(x_hat.shape, generator=generator, device=x_hat.device, dtype=x_hat.dtype)
+        eps = gaussian_noise(x_hat.shape, generator, x_hat.device, x_hat.dtype)
         return self.stage2.sample(generator, x_start=x_hat + s_k * eps, start=self.start)
 
     def __call__(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -39,6 +39,12 @@ class InverseProblem:
             return self.denoiser.decode(state)
 
 
+def gaussian_noise(shape, generator: Optional[torch.Generator], device, dtype) -> torch.Tensor:
+    """N(0, I) drawn on the generator's own device (a CPU generator also serves CUDA states), then moved."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
 def make_problem(model, operator: Operator, y: torch.Tensor, sigma_y: float,
                  denoiser_kwargs: Optional[dict] = None) -> InverseProblem:
     """Bind (model, A, y, σ_y): ``model`` is a pipeline (latent variant) or a Denoiser (pixel variant)."""
