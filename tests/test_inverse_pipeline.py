@@ -122,3 +122,10 @@ def test_latent_solvers_run_on_unet_and_dit_and_the_knob_endpoints_hold(kind, re
     dps = DPS(pipe, op, y, 0.05, steps=3, scale=0.5)
     out = dps(torch.Generator().manual_seed(1))
     assert out.shape == img.shape and torch.isfinite(out).all() and dps.problem.denoiser.calls == {"forward": 3, "vjp": 3}
+
+
+def test_gradient_checkpointing_is_turned_off_for_the_solvers(tiny_unet_pipe):
+    tiny_unet_pipe.unet.enable_gradient_checkpointing()
+    with pytest.warns(UserWarning, match="gradient checkpointing turned off"):
+        PipelineDenoiser(tiny_unet_pipe)
+    assert not tiny_unet_pipe.unet.is_gradient_checkpointing

@@ -13,6 +13,8 @@ CFG runs through :func:`align.sampling.predict`, so the policy LoRA (if attached
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -92,6 +94,9 @@ class PipelineDenoiser(Denoiser):
         super().__init__()
         self.pipe, self.guidance_scale, self.kind = pipe, guidance_scale, backbone_kind(pipe)
         self.net = backbone_net(pipe)
+        if getattr(self.net, "is_gradient_checkpointing", False):  # spec §4.4: VJPs with a retained graph
+            warnings.warn(f"{type(self.net).__name__}: gradient checkpointing turned off for the inverse solvers")
+            self.net.disable_gradient_checkpointing()
         with torch.no_grad():
             self.embeds = encode_prompts(pipe, [prompt], negative_prompt, guidance_scale)
         if self.kind == "unet":
