@@ -229,7 +229,8 @@ SOLVE_FLAGS = {"--task": "task", "--method": "method", "--input": "input", "--ou
 def _solve(p: argparse.ArgumentParser) -> Handler:
     _config_args(p)
     for flag, key in SOLVE_FLAGS.items():
-        p.add_argument(flag, dest=f"flag_{key}", default=None, help=f"sets {key} (see --show-config)")
+        p.add_argument(flag, dest=f"flag_{key}", metavar=key.upper(), default=None,
+                       help=f"config key {key} (help: --show-config)")
     p.add_argument("--degrade", action="store_true", help="input is clean: simulate the measurement from it")
 
     def run(ns: argparse.Namespace) -> int:

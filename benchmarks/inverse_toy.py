@@ -98,7 +98,7 @@ def plot(results: dict, path: str) -> None:
             ax.annotate(n.split("=")[1], (mse(r), r[key]), fontsize=8)
         for n, marker in (("CLAMP", "s"), ("DPS", "^")):
             ax.plot([mse(rows[n])], [rows[n][key]], marker, label=n)
-        ax.set(xlabel="distortion: MSE on [0, 1]", ylabel=label, title=task)
+        ax.set(xlabel="distortion: MSE on [0, 1]", ylabel=label, title=task, xscale="log")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
