@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/toy_ecg")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images", type=int, default=32, help="output images per seed and mode")
-    ap.add_argument("--scales", type=float, nargs="+", default=[30.0, 300.0],
+    ap.add_argument("--scales", type=float, nargs="+", default=[10.0, 100.0, 1000.0],
                     help="grad steering scales s (on the toy, ∇V has an RMS of ~1e-3 per latent element)")
     ap.add_argument("--candidates", type=int, default=4, help="M for rerank and N for best-of-N")
     ap.add_argument("--batch-size", type=int, default=16)
