@@ -134,3 +134,12 @@ def test_learner_refuses_rollouts_staler_than_max_policy_lag(tmp_path) -> None:
     with pytest.raises(RuntimeError, match=r"rollouts from policy version 0 while the learner is at version 2 "
                                            r"\(lag 2\); learner.max_policy_lag = 1"):
         learner.update(traj, torch.zeros(4, 3), None, None, train_policy=True)
+
+
+@pytest.mark.parametrize("module, banned", [("align.train", "ray"), ("align.rollout", "deepspeed")])
+def test_learner_never_imports_ray_and_the_worker_never_imports_deepspeed(module: str, banned: str) -> None:
+    """Ray is imported lazily where actors start; align.train imports the learner and the driver."""
+    import subprocess
+    import sys
+    code = f"import sys, {module}; sys.exit(int({banned!r} in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, f"importing {module} imported {banned}"
