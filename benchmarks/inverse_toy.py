@@ -2,8 +2,9 @@
 shipped toy model (latent variants: A∘Dec through its VAE). Prints, side by side per task: PSNR, SSIM,
 LPIPS (only with --lpips-weights; no download here), the toy checker's score of the reconstruction
 against the scene's prompt, denoiser forwards and VJPs (backward passes) per image batch, and wall
-time; the ratio column is wall time over DPS's. Also writes a D–P plot (PSNR/SSIM, or LPIPS vs MSE,
-along the MAP-RPS knob, CLAMP and DPS as reference points).
+time; the ratio column is wall time over DPS's. PSNR is the mean over images ± its standard error.
+Also writes a D–P plot (SSIM, or LPIPS when available, against MSE along the MAP-RPS knob, with
+CLAMP and DPS as reference points).
 
     python benchmarks/inverse_toy.py [--images 4] [--out runs/bench_inverse] [--lpips-weights FILE]
 """
@@ -64,6 +65,8 @@ def run_task(pipe, op, clean, prompts, args, lpips):
         img = (solver.problem.output(state).clamp(-1, 1) + 1) / 2
         wall = time.perf_counter() - t0
         row = image_metrics(img, clean, lpips)
+        per_image = [image_metrics(img[i:i + 1], clean[i:i + 1])["psnr"] for i in range(len(img))]
+        row["psnr_se"] = float(np.std(per_image, ddof=1) / np.sqrt(len(per_image))) if len(img) > 1 else 0.0
         row["toy_score"] = float(check_batch(img, prompts)["score"].mean())
         row.update(solver.problem.denoiser.calls, wall=wall)
         rows[name] = row
@@ -78,7 +81,8 @@ def table(results: dict) -> str:
         base = rows["DPS"]["wall"]
         for name, r in rows.items():
             lp = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
-            lines.append(f"| {task} | {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {lp} | {r['toy_score']:.3f} | "
+            lines.append(f"| {task} | {name} | {r['psnr']:.2f} ± {r['psnr_se']:.2f} | {r['ssim']:.4f} | {lp} | "
+                         f"{r['toy_score']:.3f} | "
                          f"{r['forward']} | {r['vjp']} | {r['wall']:.1f} | {r['wall'] / base:.2f} |")
     return "\n".join(lines)
 
