@@ -70,7 +70,8 @@ class _SymBase:
         if st.eta_mode is None and not st.eta_beta:
             return st.alpha, st.beta, sym
         eta = eta_m(x, sym, skew).mean()      # one scalar per call: mean over batch and heads (§5.3)
-        self.last["eta_m"] = float(eta.detach())
+        if st.diagnostics:  # .item() syncs a GPU: only when logging was asked for
+            self.last["eta_m"] = float(eta.detach())
         alpha = effective_alpha(st.alpha, eta, st.eta_mode)
         beta = st.beta * (1 - eta) if st.eta_beta else st.beta
         return alpha, beta, sym
