@@ -224,11 +224,12 @@ def run_solve(cfg: SolveConfig, pipe=None) -> list[dict]:
         path = cfg.out if len(knobs) == 1 else _suffixed(cfg.out, f"_r{knob:g}")
         write_png(img, path)
         row = {"renoise": knob, "out": path, **solver.problem.denoiser.calls}
+        label = f"{cfg.method} renoise={knob:g}" if cfg.method == "map_rps" else cfg.method
         if ref is not None:
             row.update(image_metrics(img, ref, lpips))
-            print(f"{cfg.method} renoise={knob:g}: {format_metrics(row)}  → {path}")
+            print(f"{label}: {format_metrics(row)}  → {path}")
         else:
-            print(f"{cfg.method} renoise={knob:g} → {path}")
+            print(f"{label} → {path}")
         rows.append(row)
     if len(knobs) > 1:
         print(sweep_table(rows))
