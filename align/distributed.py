@@ -26,7 +26,8 @@ def make_accelerator(cfg) -> Accelerator:
     """Accelerator for ``cfg``: plain, or DeepSpeed from ``learner.deepspeed`` (a JSON path) or from the
     ``accelerate launch`` config. gloo when running on CPU (DeepSpeed would pick its own otherwise)."""
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-    kwargs = {"cpu": cfg.model.device == "cpu"}
+    launched_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    kwargs = {"cpu": cfg.model.device == "cpu" and not launched_ds}  # cpu=True would drop DeepSpeed (STACK_NOTES)
     if cfg.model.device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     if cfg.learner.deepspeed:
@@ -34,7 +35,7 @@ def make_accelerator(cfg) -> Accelerator:
             raise ValueError(f"learner.deepspeed: no such DeepSpeed JSON: {cfg.learner.deepspeed}")
         with open(cfg.learner.deepspeed) as fh:
             kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=json.load(fh))
-        kwargs["cpu"] = False  # accelerate's cpu=True silently drops DeepSpeed (STACK_NOTES)
+        kwargs["cpu"] = False
     accelerator = Accelerator(**kwargs)
     if accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise ValueError(f"{accelerator.num_processes} learner processes need DeepSpeed: set learner.deepspeed="
@@ -78,6 +79,19 @@ def gathered(params: list[torch.nn.Parameter], engine) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def assert_ranks_agree(accelerator: Accelerator, params: list[torch.nn.Parameter], engine) -> int:
+    """Raise unless every rank holds bit-identical ``params``; returns how many values were compared."""
+    with gathered(params, engine):
+        flat = torch.cat([p.detach().float().flatten() for p in params]).to(accelerator.device)
+    every = accelerator.gather(flat[None])  # (N, P)
+    differ = [r for r in range(every.shape[0]) if not torch.equal(every[r], every[0])]
+    if differ:
+        gap = float((every[differ[0]] - every[0]).abs().max())
+        raise RuntimeError(f"learner ranks {differ} diverged from rank 0 (max |Δ| = {gap:.3g}): gradients were not "
+                           "averaged over the ranks")
+    return flat.numel()
 
 
 # ---- batch sharding ---------------------------------------------------------------------------

@@ -55,9 +55,9 @@ class RolloutActor:
 class RewardActor:
     """Body of a reward actor: instantiates the reward plugins by name where it runs."""
 
-    def __init__(self, names: Sequence[str]) -> None:
-        from rewards import get_reward
-        self.rewards = [get_reward(n) for n in names]
+    def __init__(self, specs: Sequence[str], reward_args: dict) -> None:
+        from rewards import build_rewards, parse_reward_specs
+        self.rewards = build_rewards(parse_reward_specs(specs), reward_args)
 
     def pid(self) -> int:
         return os.getpid()
@@ -191,11 +191,9 @@ class RayRewards:
     """``num_reward_workers`` reward actors; a batch is scored in ``chunk_size`` requests."""
 
     def __init__(self, cfg) -> None:
-        from rewards import parse_reward_specs
         r = cfg.ray
         self.chunk_size, self.max_attempts = r.chunk_size, r.max_restarts + 1
-        names = [s.name for s in parse_reward_specs(cfg.rewards)]
-        self.actors, self.pg = start_actors(RewardActor, (names,), r.num_reward_workers, r.cpus_per_reward_worker,
+        self.actors, self.pg = start_actors(RewardActor, (list(cfg.rewards), dict(cfg.reward_args)), r.num_reward_workers, r.cpus_per_reward_worker,
                                             r.gpus_per_reward_worker, r.placement_strategy, r.max_restarts, "reward")
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
