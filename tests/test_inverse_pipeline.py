@@ -129,3 +129,14 @@ def test_gradient_checkpointing_is_turned_off_for_the_solvers(tiny_unet_pipe):
     with pytest.warns(UserWarning, match="gradient checkpointing turned off"):
         PipelineDenoiser(tiny_unet_pipe)
     assert not tiny_unet_pipe.unet.is_gradient_checkpointing
+
+
+def test_clamp_uses_the_pixel_preset_for_denoisers_and_the_latent_preset_for_pipelines(tiny_unet_pipe):
+    """Spec §4.3: pixel linear tasks 50 steps, K = 5, σ_max = 100; latent 25 steps, K = 20, σ_max = 10."""
+    from align.modifiers import GaussianDenoiser, MatrixOperator
+    pix = CLAMP(GaussianDenoiser(torch.zeros(2), torch.eye(2)), MatrixOperator(torch.eye(2)), torch.zeros(1, 2), 0.1)
+    assert (pix.config.steps, pix.config.gmres_iters, pix.config.sigma_max) == (50, 5, 100.0)
+    assert float(pix.grid[0]) == pytest.approx(100.0) and len(pix.grid) == 51
+    lat = CLAMP(tiny_unet_pipe, Inpaint(box_mask(16, (0, 0, 4, 4))), torch.zeros(1, 3, 16, 16), 0.05)
+    assert (lat.config.steps, lat.config.gmres_iters, lat.config.sigma_max) == (25, 20, 10.0)
+    assert (lat.config.lam_id, lat.config.sigma_n, lat.config.beta) == (2.0, 0.01, 1.0)

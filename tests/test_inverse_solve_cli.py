@@ -104,3 +104,12 @@ def test_solve_runs_on_a_dit_backbone(clean_png, tmp_path, capsys):
     assert main(["solve", "model.source=preset:tiny-dit", *args, "--task", "inpaint", "--box", "4,4,8,8",
                  "--input", clean_png, "--degrade", "--out", out]) == 0
     assert os.path.isfile(out) and "PSNR" in capsys.readouterr().out
+
+
+def test_mask_png_white_marks_the_missing_pixels(tmp_path):
+    from align.modifiers.solve import SolveConfig, _inpaint
+    png = torch.zeros(1, 3, 16, 16)
+    png[..., 2:5, 3:9] = 1.0  # white = to fill
+    write_png(png, str(tmp_path / "m.png"))
+    op = _inpaint(SolveConfig(mask=str(tmp_path / "m.png")), 16)
+    assert float(op.mask.sum()) == 256 - 18 and float(op.mask[0, 0, 3, 4]) == 0.0 and float(op.mask[0, 0, 0, 0]) == 1.0
