@@ -6,7 +6,7 @@ time; the ratio column is wall time over DPS's. PSNR is the mean over images ± 
 Also writes a D–P plot (SSIM, or LPIPS when available, against MSE along the MAP-RPS knob, with
 CLAMP and DPS as reference points).
 
-    python benchmarks/inverse_toy.py [--images 4] [--out runs/bench_inverse] [--lpips-weights FILE]
+    python benchmarks/inverse_toy.py [--images 8] [--out runs/bench_inverse] [--lpips-weights FILE]
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def plot(results: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dps-steps", type=int, default=100)
     ap.add_argument("--dps-scale", type=float, default=10.0, help="tuned on 2 toy inpainting images over 0.1–40")
