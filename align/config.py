@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Sequence, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -49,7 +51,7 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None,
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
     if overrides:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_dotlist(overrides))
     try:
         merged = OmegaConf.merge(*layers)
         obj = OmegaConf.to_object(merged)
@@ -109,6 +111,28 @@ def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
             help_text += " (choices: " + ", ".join(map(str, f.metadata["choices"])) + ")"
         rows.append((f"{prefix}{f.name}", repr(value), help_text))
     return rows
+
+
+#: a ':' glued to what follows, as in the compact list form ``[name:{key:value}]`` (YAML flow needs ': ')
+_GLUED_COLON = re.compile(r":(?=[\w{\[\"'-])")
+
+
+def _dotlist(overrides: Sequence[str]) -> Any:
+    """OmegaConf's dot-list, one override at a time so that a parse error names its override. A
+    value that is invalid YAML only because its colons lack the space YAML flow needs (the compact
+    ``sampler.modifiers=[stayfair:{alpha:5}]``) is read with the spaces inserted."""
+    confs = []
+    for item in overrides:
+        try:
+            confs.append(OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as err:
+            key, value = item.split("=", 1)
+            try:
+                confs.append(OmegaConf.from_dotlist([f"{key}={_GLUED_COLON.sub(': ', value)}"]))
+            except yaml.YAMLError:
+                reason = " ".join(str(err).split())
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({reason})") from None
+    return OmegaConf.merge(*confs)
 
 
 def _valid_keys(schema: type, dotted_parent: str) -> list[str]:

@@ -36,6 +36,14 @@ def test_command_line_list_of_mappings_parses_for_sample_and_train(schema) -> No
     assert canonical_specs(cfg.sampler.modifiers) == [{"stayfair": {"alpha": 5}}, {"sym_attn": {"alpha": 1.05, "beta": 3}}]
 
 
+def test_compact_issue_syntax_parses_too() -> None:
+    """``[stayfair:{alpha:5},...]`` is not valid YAML flow (no space after ':'); the config loader
+    inserts the spaces for such a value, and only then."""
+    cfg = load_config(TrainConfig, None, ["sampler.modifiers=[stayfair:{alpha:5},sym_attn:{alpha:1.05,beta:3}]"])
+    assert canonical_specs(cfg.sampler.modifiers) == [{"stayfair": {"alpha": 5}}, {"sym_attn": {"alpha": 1.05, "beta": 3}}]
+    assert load_config(SampleJobConfig, None, ["out_dir=http://x:8/y"]).out_dir == "http://x:8/y"
+
+
 def test_quoted_string_items_parse_like_mappings() -> None:
     cfg = load_config(SampleJobConfig, None, ['sampler.modifiers=["stayfair:{alpha:5,words:[red,blue]}",sym_attn]'])
     assert canonical_specs(cfg.sampler.modifiers) == [{"stayfair": {"alpha": 5, "words": ["red", "blue"]}},
@@ -48,6 +56,7 @@ def test_quoted_string_items_parse_like_mappings() -> None:
     ("sampler.modifiers=[sym_attn: {variant: slow}]", "modifier 'sym_attn': variant 'slow' is not valid; choose one"),
     ("sampler.modifiers=[stayfair: {words: [a]}]", "modifier 'stayfair': words must be two"),
     ('sampler.modifiers=["stayfair:alpha=5"]', "does not read 'name' or 'name:"),
+    ("sampler.modifiers=[a:{b: c: d}]", "override 'sampler.modifiers=.*': the value is not valid YAML"),
 ])
 def test_bad_modifier_config_fails_in_one_line_before_loading_a_model(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as err:
