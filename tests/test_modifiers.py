@@ -109,7 +109,8 @@ def test_stored_and_recomputed_log_probs_agree_under_the_modified_transition_une
     assert (unmodified - traj.log_probs).abs().max() > 1e-4, "recomputation ignored the modifier"
 
 
-@pytest.mark.parametrize("spec", ["stayfair:{alpha:4,words:[red,blue]}", "sym_attn:{alpha:1.2,beta:3}"])
+@pytest.mark.parametrize("spec", ["stayfair:{alpha:4,words:[red,blue]}", "stayfair:{alpha:4,words:[red,blue],w_fair:2}",
+                                  "sym_attn:{alpha:1.2,beta:3}"])
 def test_stored_and_recomputed_log_probs_agree_under_the_modified_transition_dit(tiny_dit_pipe, spec: str) -> None:
     traj = _sample(tiny_dit_pipe, _cfg(spec))
     ratio = torch.exp(recompute_log_probs(tiny_dit_pipe, traj) - traj.log_probs)
