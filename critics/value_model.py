@@ -3,7 +3,11 @@
 The critic reads the backbone's own features for the same (x_t, t, c) the policy sees: the UNet's
 mid-block output, or the DiT's final hidden tokens (the input of ``norm_out``), computed with the
 ``critic`` LoRA adapter active on the frozen base (``adapter: shared`` uses the policy's adapter).
-The forward pass stops right after the feature layer (the UNet's up-blocks are never run).
+The forward pass stops right after the feature layer (with the mid-block, the UNet's up-blocks are
+never run). ``feature_layer="up_blocks.N"`` reads a higher-resolution block of the up-path instead.
+The mid-block stays the default: on the toy (docs/benchmarks.md, "ECG critic") heads on frozen
+mid-block, ``up_blocks.1`` and ``up_blocks.2`` features explained the same share of held-out return
+variance (within ±0.05), and the mid-block pass is the cheapest.
 Features are pooled (mean + a learned attention pool), concatenated with the backbone's own
 timestep embedding, and fed to one small MLP head per reward → values (B, K).
 """
@@ -24,12 +28,32 @@ class _FeaturesReady(Exception):
     """Raised by the feature hook to end the backbone's forward pass early."""
 
 
+#: The DiT's one feature layer (input of ``norm_out``: the final hidden tokens).
+DIT_FEATURE_LAYER = "norm_out"
+UNET_FEATURE_LAYERS = ("mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3")
+
+
+def resolve_feature_layer(pipe, feature_layer: Optional[str]) -> str:
+    """The denoiser submodule whose output the critic reads (None: the spec's mid-block / final tokens)."""
+    if backbone_kind(pipe) != "unet":
+        if feature_layer not in (None, DIT_FEATURE_LAYER):
+            raise ValueError(f"critic.feature_layer {feature_layer!r}: the DiT critic reads '{DIT_FEATURE_LAYER}' only")
+        return DIT_FEATURE_LAYER
+    layer = feature_layer or "mid_block"
+    n_up = len(denoiser(pipe).up_blocks)
+    valid = [name for name in UNET_FEATURE_LAYERS if name == "mid_block" or int(name.rsplit(".", 1)[1]) < n_up]
+    if layer not in valid:
+        raise ValueError(f"critic.feature_layer {layer!r} is not valid for this UNet; choose one of: {', '.join(valid)}")
+    return layer
+
+
 class FeatureTap:
     """Captures (tokens (B, N, C), temb (B, D)) from the backbone's feature layer during a forward."""
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, feature_layer: Optional[str] = None) -> None:
         self.kind = backbone_kind(pipe)
         self.net = denoiser(pipe)
+        self.layer = resolve_feature_layer(pipe, feature_layer)
         self.tokens: Optional[torch.Tensor] = None
         self.temb: Optional[torch.Tensor] = None
 
@@ -38,7 +62,7 @@ class FeatureTap:
         handles = []
         if self.kind == "unet":
             handles.append(self.net.time_embedding.register_forward_hook(self._on_temb))
-            handles.append(self.net.mid_block.register_forward_hook(self._on_unet_mid))
+            handles.append(self.net.get_submodule(self.layer).register_forward_hook(self._on_unet_block))
         else:
             handles.append(self.net.norm_out.register_forward_pre_hook(self._on_dit_norm_out))
         try:
@@ -50,7 +74,7 @@ class FeatureTap:
     def _on_temb(self, module, args, output) -> None:
         self.temb = output
 
-    def _on_unet_mid(self, module, args, output) -> None:
+    def _on_unet_block(self, module, args, output) -> None:
         self.tokens = output.flatten(2).transpose(1, 2)  # (B, h·w, C)
         raise _FeaturesReady
 
@@ -59,18 +83,27 @@ class FeatureTap:
         raise _FeaturesReady
 
 
-def critic_target_modules(pipe) -> str:
+def critic_target_modules(pipe, feature_layer: Optional[str] = None) -> str:
     """peft regex for the critic adapter: attention projections *upstream* of the feature layer only
-    (the UNet's down- and mid-blocks; every DiT block), since the critic's pass stops there."""
-    blocks = r"(down_blocks|mid_block)" if backbone_kind(pipe) == "unet" else r"transformer_blocks"
+    (the UNet's down- and mid-blocks, plus up-blocks 0..N for ``up_blocks.N``; every DiT block),
+    since the critic's pass stops there."""
+    if backbone_kind(pipe) != "unet":
+        blocks = r"transformer_blocks"
+    else:
+        layer = resolve_feature_layer(pipe, feature_layer)
+        up = "" if layer == "mid_block" else rf"|up_blocks\.[0-{layer.rsplit('.', 1)[1]}]"
+        blocks = rf"(down_blocks|mid_block{up})"
     return rf"^{blocks}\..*\.(to_q|to_k|to_v|to_out\.0)$"
 
 
-def feature_dims(pipe) -> tuple[int, int]:
+def feature_dims(pipe, feature_layer: Optional[str] = None) -> tuple[int, int]:
     """(feature channels C, timestep-embedding width D) of the backbone's feature layer."""
     net = denoiser(pipe)
     if backbone_kind(pipe) == "unet":
-        return net.config.block_out_channels[-1], net.time_embedding.linear_2.out_features
+        layer = resolve_feature_layer(pipe, feature_layer)
+        channels = net.config.block_out_channels
+        c = channels[-1] if layer == "mid_block" else list(reversed(channels))[int(layer.rsplit(".", 1)[1])]
+        return c, net.time_embedding.linear_2.out_features
     inner = net.config.num_attention_heads * net.config.attention_head_dim
     return inner, inner
 
@@ -98,11 +131,13 @@ class ValueHeads(nn.Module):
 class LatentCritic(nn.Module):
     """V(x_t, t, c) → (B, K) on the pipeline's denoiser with a LoRA adapter active (see module doc)."""
 
-    def __init__(self, pipe, reward_names: Sequence[str], adapter: str = "critic", hidden: int = 128) -> None:
+    def __init__(self, pipe, reward_names: Sequence[str], adapter: str = "critic", hidden: int = 128,
+                 feature_layer: Optional[str] = None) -> None:
         super().__init__()
         self.pipe = pipe
         self.adapter = adapter
-        self.heads = ValueHeads(*feature_dims(pipe), reward_names, hidden)
+        self.feature_layer = resolve_feature_layer(pipe, feature_layer)
+        self.heads = ValueHeads(*feature_dims(pipe, self.feature_layer), reward_names, hidden)
 
     @property
     def reward_names(self) -> list[str]:
@@ -110,7 +145,7 @@ class LatentCritic(nn.Module):
 
     def features(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features of (x_t, t, c) under the critic's adapter (conditional branch only)."""
-        tap = FeatureTap(self.pipe)
+        tap = FeatureTap(self.pipe, self.feature_layer)
         net = denoiser(self.pipe)
         previous = list(net.active_adapters()) if getattr(net, "peft_config", None) else None
         if previous is not None:

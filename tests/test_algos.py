@@ -83,3 +83,27 @@ def test_per_prompt_stat_tracker_normalises_per_prompt() -> None:
     tracker = PerPromptStatTracker(buffer_size=8, min_count=2)
     adv = tracker.update(["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 10.0, 30.0]))
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0]), atol=1e-5, rtol=0)
+
+
+def test_value_replay_keeps_the_last_batches_renormalised_and_round_trips(tmp_path, tiny_unet_pipe) -> None:
+    """Replayed targets are the stored raw rewards normalised with the statistics given *now*."""
+    from align.algos.value_replay import ValueReplay
+    from align.sampling import SamplerConfig, sample_trajectory
+    trajs = [sample_trajectory(tiny_unet_pipe, ["two red circles on the left"] * 2, SamplerConfig(num_inference_steps=2),
+                               torch.Generator().manual_seed(s)) for s in range(3)]
+    raws = [torch.tensor([[1.0], [2.0]]) * (s + 1) for s in range(3)]
+    replay = ValueReplay(capacity=2)
+    for t, r in zip(trajs, raws):
+        replay.add(t, r)
+    traj, targets = replay.batch(lambda r: (r - 3.0) / 2.0)
+    assert len(replay) == 2 and traj.batch_size == 4
+    torch.testing.assert_close(traj.latents, torch.cat([trajs[1].latents, trajs[2].latents]))
+    torch.testing.assert_close(targets, (torch.cat(raws[1:]) - 3.0) / 2.0)
+    replay.save(tmp_path)
+    loaded = ValueReplay(capacity=2)
+    loaded.load(tmp_path)
+    traj2, targets2 = loaded.batch(lambda r: r)
+    assert torch.equal(traj2.latents, traj.latents) and torch.equal(targets2, torch.cat(raws[1:]))
+    assert traj2.prompts == traj.prompts
+    with pytest.raises(ValueError, match="the replay is empty"):
+        ValueReplay(capacity=0).batch(lambda r: r)

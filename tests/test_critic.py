@@ -67,3 +67,36 @@ def test_shared_adapter_option_reads_the_policy_adapter(tiny_unet_pipe) -> None:
     shared = LatentCritic(pipe, REWARDS, adapter="policy").features(traj.latents[:, 0], traj.timesteps[0], embeds)[0]
     assert not torch.allclose(separate, shared)
     assert FeatureTap(pipe).kind == "unet"
+
+
+def test_unet_features_can_come_from_an_up_block(tiny_unet_pipe) -> None:
+    """``feature_layer="up_blocks.N"`` reads that block's output; the critic adapter then covers
+    the up-blocks up to N (and no later ones), since its pass stops there."""
+    from critics.value_model import critic_target_modules, feature_dims
+    pipe = tiny_unet_pipe
+    traj, embeds = _setup(pipe)
+    critic = LatentCritic(pipe, REWARDS, adapter="critic", feature_layer="up_blocks.0")
+    tokens, _ = critic.features(traj.latents[:, 0], traj.timesteps[0], embeds)
+    captured = {}
+    hook = pipe.unet.up_blocks[0].register_forward_hook(lambda m, a, out: captured.setdefault("up", out))
+    from align.backbones import set_active_adapters
+    set_active_adapters(pipe, ["critic"])
+    with torch.no_grad():
+        pipe.unet(traj.latents[:, 0], traj.timesteps[0].expand(2), encoder_hidden_states=embeds["prompt_embeds"])
+    hook.remove()
+    set_active_adapters(pipe, ["policy"])
+    torch.testing.assert_close(tokens.detach(), captured["up"].flatten(2).transpose(1, 2), atol=1e-6, rtol=0)
+    assert tokens.shape[-1] == feature_dims(pipe, "up_blocks.0")[0]
+    assert critic(traj.latents[:, 0], traj.timesteps[0], embeds).shape == (2, len(REWARDS))
+    import re
+    names = [n for n, _ in pipe.unet.named_modules()]  # tiny-unet: up_blocks.1 is the one with attention
+    assert not any(re.match(critic_target_modules(pipe, "up_blocks.0"), n) for n in names if n.startswith("up_blocks."))
+    assert any(re.match(critic_target_modules(pipe, "up_blocks.1"), n) for n in names if n.startswith("up_blocks.1."))
+    assert not any(re.match(critic_target_modules(pipe), n) for n in names if n.startswith("up_blocks."))
+
+
+def test_unknown_feature_layer_lists_the_valid_ones(tiny_unet_pipe, tiny_dit_pipe) -> None:
+    with pytest.raises(ValueError, match="critic.feature_layer 'down_blocks.0' is not valid .* mid_block, up_blocks.0"):
+        LatentCritic(tiny_unet_pipe, REWARDS, feature_layer="down_blocks.0")
+    with pytest.raises(ValueError, match="the DiT critic reads 'norm_out' only"):
+        LatentCritic(tiny_dit_pipe, REWARDS, feature_layer="mid_block")
