@@ -94,6 +94,36 @@ def assert_ranks_agree(accelerator: Accelerator, params: list[torch.nn.Parameter
     return flat.numel()
 
 
+def zero_partition_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """This rank's ZeRO-1/2 optimiser partition as (tensors, JSON): the torch AdamW state over the flat
+    fp32 partition and the fp32 master partition itself (``single_partition_of_fp32_groups``)."""
+    from align import checkpoint as ckpt
+    zero = optimizer.optimizer  # accelerate's DeepSpeedOptimizerWrapper → DeepSpeedZeroOptimizer
+    if not hasattr(zero, "single_partition_of_fp32_groups"):
+        raise NotImplementedError(f"checkpointing {type(zero).__name__} (ZeRO-3) is not supported; use ZeRO-2 "
+                                  "(launch/deepspeed/zero2.json) for LoRA training")
+    tensors, meta = ckpt.optimizer_state_split(zero.optimizer)
+    tensors.update({f"fp32_partition.{i}": t for i, t in enumerate(zero.single_partition_of_fp32_groups)})
+    return tensors, meta
+
+
+def load_zero_partition(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Inverse of :func:`zero_partition_state` (the model's parameters are loaded separately)."""
+    from align import checkpoint as ckpt
+    zero = optimizer.optimizer
+    for i, part in enumerate(zero.single_partition_of_fp32_groups):
+        part.data.copy_(tensors.pop(f"fp32_partition.{i}"))
+    zero.optimizer.load_state_dict(ckpt.optimizer_state_join(tensors, meta))
+
+
+def share_path(accelerator: Accelerator, path: Optional[str]) -> str:
+    """Rank 0's ``path`` on every rank (a checkpoint's temp dir: ``run_dir`` must be on a shared filesystem)."""
+    if accelerator.num_processes == 1:
+        return path
+    return _broadcast_json(path if accelerator.process_index == 0 else None, accelerator.process_index,
+                           accelerator.device)
+
+
 # ---- batch sharding ---------------------------------------------------------------------------
 def share_batch(accelerator: Accelerator, traj: Optional[Trajectory], scores: Optional[torch.Tensor]
                 ) -> tuple[Trajectory, torch.Tensor]:
