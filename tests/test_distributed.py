@@ -110,6 +110,23 @@ def test_killed_rollout_actor_mid_iteration_still_gives_the_full_batch(group, lo
     assert victim not in group.pids()  # the restarted actor is a new process, with the synced weights
 
 
+def test_killed_reward_actor_mid_scoring_still_scores_every_sample_once(ray_session, tmp_path) -> None:
+    """SIGKILL to the (only) reward actor while it scores: Ray restarts it, the lost request is
+    re-issued, and the scores equal an undisturbed scoring of the same images."""
+    from align.rollout.ray_group import RayRewards
+    rewards = RayRewards(_cfg(tmp_path, "rewards=[jpeg_compressibility:1.0]", "ray.num_reward_workers=1"))
+    try:
+        images = torch.rand(len(PROMPTS), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        reference = rewards.score(images, PROMPTS)
+        victim = rewards.pids()[0]
+        scores = rewards.score(images, PROMPTS, on_dispatch=lambda: os.kill(victim, signal.SIGKILL))
+        assert rewards.reissued >= 1 and rewards.pids()[0] != victim
+        assert scores.shape == (len(PROMPTS), 1)
+        torch.testing.assert_close(scores, reference, rtol=0, atol=0)
+    finally:
+        rewards.close()
+
+
 def test_reward_actor_that_raises_names_the_reward_and_no_update_happens(ray_session, tmp_path) -> None:
     from align.train import train
     from rewards import RewardError

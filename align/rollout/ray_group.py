@@ -148,18 +148,8 @@ class RayRollouts:
         self.version, self.box = -1, None
         self.reissued = 0
 
-    def pids(self, timeout_s: float = 120.0) -> list[int]:
-        """Process ids of the actors (waits for restarting ones)."""
-        import ray
-        from ray.exceptions import ActorUnavailableError
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return ray.get([a.pid.remote() for a in self.actors])
-            except ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+    def pids(self) -> list[int]:
+        return _pids(self.actors)
 
     def set_policy(self, state: dict[str, torch.Tensor], version: int) -> SyncStats:
         """Put the LoRA state once; every live actor loads it (a dead one loads it on its next request)."""
@@ -193,22 +183,45 @@ class RayRewards:
     def __init__(self, cfg) -> None:
         r = cfg.ray
         self.chunk_size, self.max_attempts = r.chunk_size, r.max_restarts + 1
-        self.actors, self.pg = start_actors(RewardActor, (list(cfg.rewards), dict(cfg.reward_args)), r.num_reward_workers, r.cpus_per_reward_worker,
-                                            r.gpus_per_reward_worker, r.placement_strategy, r.max_restarts, "reward")
+        self.reissued = 0
+        self.actors, self.pg = start_actors(RewardActor, (list(cfg.rewards), dict(cfg.reward_args)),
+                                            r.num_reward_workers, r.cpus_per_reward_worker, r.gpus_per_reward_worker,
+                                            r.placement_strategy, r.max_restarts, "reward")
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Scores (B, K); a plugin's ``RewardError`` is re-raised here as itself (it names the reward)."""
+    def score(self, images: torch.Tensor, prompts: list[str], on_dispatch: Optional[Callable[[], None]] = None
+              ) -> torch.Tensor:
+        """Scores (B, K); a plugin's ``RewardError`` is re-raised here as itself (it names the reward).
+        A request lost to a dead actor is re-issued, as for rollouts."""
         from ray.exceptions import RayTaskError
         chunks = [(images[s:s + self.chunk_size], prompts[s:s + self.chunk_size])
                   for s in range(0, len(prompts), self.chunk_size)]
         try:
-            parts, _ = run_requests(self.actors, lambda a, c: a.score.remote(*c), chunks, self.max_attempts)
+            parts, reissued = run_requests(self.actors, lambda a, c: a.score.remote(*c), chunks, self.max_attempts,
+                                           on_dispatch)
         except RayTaskError as err:
             raise err.cause from None
+        self.reissued += reissued
         return torch.cat(parts)
+
+    def pids(self) -> list[int]:
+        return _pids(self.actors)
 
     def close(self) -> None:
         _close(self.actors, self.pg)
+
+
+def _pids(actors: list, timeout_s: float = 120.0) -> list[int]:
+    """Process ids of the actors (waits for restarting ones)."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get([a.pid.remote() for a in actors])
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _close(actors: list, pg) -> None:
