@@ -79,6 +79,23 @@ def test_export_then_load_gives_identical_values_bit_for_bit(preset: str, adapte
     assert "toy_geneval" in (out / "critic" / "README.md").read_text()
 
 
+def test_a_critic_on_another_feature_layer_round_trips(tmp_path) -> None:
+    pipe = build_pipeline("preset:tiny-unet")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        attach_lora(pipe, "policy", rank=2)
+        attach_lora(pipe, "critic", rank=2, target_modules=critic_target_modules(pipe, "up_blocks.0"),
+                    init_lora_weights=False)
+        critic = LatentCritic(pipe, list(REWARDS), adapter="critic", hidden=16, feature_layer="up_blocks.0")
+    out = export(pipe, critic, tmp_path / "e", "tiny-unet")
+    assert json.loads((out / "critic" / "config.json").read_text())["feature_layer"] == "up_blocks.0"
+    loaded = critics.load(out / "critic", build_pipeline("preset:tiny-unet"))
+    assert loaded.module.feature_layer == "up_blocks.0"
+    x, t, embeds = fixed_inputs(pipe)
+    with torch.no_grad():
+        assert torch.equal(loaded.values(x, t, embeds), critic(x, t, embeds))
+
+
 def test_sampling_with_a_loaded_critic_attached_is_unchanged(tiny_unet_pipe, tmp_path) -> None:
     pipe, critic = trained_like("tiny-unet")
     out = export(pipe, critic, tmp_path / "e", "tiny-unet")
