@@ -61,7 +61,8 @@ def prepare_deepspeed(accelerator: Accelerator, cfg, modules: dict[str, torch.nn
     clipping = trainer.max_grad_norm."""
     n = accelerator.num_processes
     if cfg.trainer.minibatch_size % n:
-        raise ValueError(f"trainer.minibatch_size={cfg.trainer.minibatch_size} must divide by the {n} learner processes")
+        raise ValueError(f"trainer.minibatch_size={cfg.trainer.minibatch_size} must divide by the {n} learner "
+                         "processes")
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     micro, gas = cfg.trainer.minibatch_size // n, steps_per_update(cfg)
     ds.update({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,

@@ -160,3 +160,9 @@ def test_learner_never_imports_ray_and_the_worker_never_imports_deepspeed(module
     import sys
     code = f"import sys, {module}; sys.exit(int({banned!r} in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, f"importing {module} imported {banned}"
+
+
+def test_missing_deepspeed_json_is_a_one_line_config_error(tmp_path) -> None:
+    from align.config import ConfigError
+    with pytest.raises(ConfigError, match="learner.deepspeed"):
+        _cfg(tmp_path, "learner.deepspeed=launch/deepspeed/zero4.json")

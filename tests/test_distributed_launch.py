@@ -112,9 +112,9 @@ def test_sigkill_after_iteration_k_then_resume_matches_an_uninterrupted_run(tmp_
     checkpointed; ``--resume`` finishes the run. The final weights equal an uninterrupted run's
     (in-process workers: the seeded requests make both paths give the same rollouts)."""
     iterations = 4
-    straight = load_config(TrainConfig, None, TINY + [f"trainer.iterations={iterations}", "critic.pretrain_iterations=1",
-                                                      "ray.num_rollout_workers=0", "ray.num_reward_workers=0",
-                                                      f"run_dir={tmp_path / 'a'}"])
+    straight = load_config(TrainConfig, None, TINY + [
+        f"trainer.iterations={iterations}", "critic.pretrain_iterations=1", "ray.num_rollout_workers=0",
+        "ray.num_reward_workers=0", f"run_dir={tmp_path / 'a'}"])
     train(straight, log=lambda *_: None)
     run = tmp_path / "b"
     cmd = [sys.executable, "-m", "align.train", *TINY, f"trainer.iterations={iterations}",
