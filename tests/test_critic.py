@@ -39,9 +39,10 @@ def test_critic_gives_one_value_per_reward_and_trains_only_its_own_parameters(fi
 
 
 def test_unet_features_are_the_mid_block_output(tiny_unet_pipe) -> None:
+    """``feature_layer="mid_block"`` (the spec's choice) reads the mid-block output."""
     pipe = tiny_unet_pipe
     traj, embeds = _setup(pipe)
-    critic = LatentCritic(pipe, REWARDS, adapter="critic")
+    critic = LatentCritic(pipe, REWARDS, adapter="critic", feature_layer="mid_block")
     tokens, temb = critic.features(traj.latents[:, 0], traj.timesteps[0], embeds)
     captured = {}
     hook = pipe.unet.mid_block.register_forward_hook(lambda m, a, out: captured.setdefault("mid", out))
@@ -92,7 +93,8 @@ def test_unet_features_can_come_from_an_up_block(tiny_unet_pipe) -> None:
     names = [n for n, _ in pipe.unet.named_modules()]  # tiny-unet: up_blocks.1 is the one with attention
     assert not any(re.match(critic_target_modules(pipe, "up_blocks.0"), n) for n in names if n.startswith("up_blocks."))
     assert any(re.match(critic_target_modules(pipe, "up_blocks.1"), n) for n in names if n.startswith("up_blocks.1."))
-    assert not any(re.match(critic_target_modules(pipe), n) for n in names if n.startswith("up_blocks."))
+    assert not any(re.match(critic_target_modules(pipe, "mid_block"), n) for n in names if n.startswith("up_blocks."))
+    assert LatentCritic(pipe, REWARDS).feature_layer == "up_blocks.1"  # the default (critics/value_model.py)
 
 
 def test_unknown_feature_layer_lists_the_valid_ones(tiny_unet_pipe, tiny_dit_pipe) -> None:
