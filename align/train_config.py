@@ -24,36 +24,69 @@ class CriticConfig:
                          help="separate: own 'critic' LoRA on the frozen base; shared: the policy's adapter + heads")
     rank: int = field(8, help="LoRA rank of the critic adapter")
     hidden: int = field(128, help="width of each reward head's MLP")
+    feature_layer: Optional[str] = field(None, help="UNet module whose output the critic reads: mid_block (the "
+                                         "spec's), up_blocks.N; None: up_blocks.1 (critics/value_model.py says why); "
+                                         "DiT: norm_out only")
     lr: float = field(1e-3, help="critic learning rate (adapter and heads)")
     gae_lambda: float = field(0.95, help="λ of GAE along the chain (1 = Monte Carlo with value baseline)")
     value_clip: Optional[float] = field(None, help="PPO-style value clipping range (None: off)")
     pretrain_iterations: int = field(4, help="N_v: iterations that train only the critic before policy updates")
     pretrain_ev_threshold: float = field(0.5, help="start policy updates early once explained variance reaches this")
     pretrain_epochs: int = field(4, help="epochs over each batch while only the critic trains (value-only passes are cheap)")
+    pretrain_replay: int = field(8, help="value pretraining refits the critic on the last N pretraining batches "
+                                         "(the policy is fixed, so they stay on-policy); 0: the newest batch only")
     value_coef: float = field(1.0, help="weight of the value loss")
 
 
 @dataclasses.dataclass
 class TrainerConfig:
-    iterations: int = field(12, help="training iterations (each: rollouts, rewards, update)")
+    iterations: int = field(16, help="training iterations (each: rollouts, rewards, update)")
     prompts_per_iteration: int = field(8, help="distinct prompts per iteration")
     samples_per_prompt: int = field(4, help="G: images per prompt (GRPO's group size)")
     epochs: int = field(1, help="PPO epochs over each batch")
-    minibatch_size: int = field(16, help="samples per optimiser step")
+    minibatch_size: int = field(8, help="samples per optimiser step")
     timestep_fraction: float = field(0.5, help="fraction of denoising steps trained per sample (random subset)")
-    lr: float = field(3e-4, help="policy LoRA learning rate")
+    lr: float = field(5e-4, help="policy LoRA learning rate")
     clip_range: float = field(0.2, help="PPO clip ε (DDPO uses 1e-4)")
     adv_clip: float = field(5.0, help="advantages are clipped to ±adv_clip (DDPO)")
     kl_coef: float = field(0.0, help="weight of the KL to the reference policy (adapters disabled); 0 = off")
     max_grad_norm: float = field(1.0, help="gradient clipping")
     seed: int = field(0, help="seed of prompts, sampling noise and initialisation")
+    num_threads: int = field(1, help="torch CPU threads of the training process (0: torch's default; tiny models "
+                                     "gain nothing from more, and OpenMP spinning oversubscribes a small CPU)")
+
+
+@dataclasses.dataclass
+class RayConfig:
+    """Rollout and reward actors (align/rollout/ray_group.py). Requests are seeded per chunk, so the
+    result does not depend on how many actors serve them or which one does."""
+    address: Optional[str] = field(None, help="Ray cluster address ('auto': the running cluster); None: local Ray")
+    num_rollout_workers: int = field(2, help="rollout actors, each with its own policy copy (0: in-process, no Ray)")
+    num_reward_workers: int = field(1, help="reward actors, separate from the rollout actors (0: score in the driver)")
+    chunk_size: int = field(8, help="samples per rollout/reward request (each request has its own seed)")
+    cpus_per_rollout_worker: float = field(1.0, help="CPU slots per rollout actor (also its torch threads)")
+    gpus_per_rollout_worker: float = field(0.0, help="GPUs per rollout actor")
+    cpus_per_reward_worker: float = field(1.0, help="CPU slots per reward actor")
+    gpus_per_reward_worker: float = field(0.0, help="GPUs per reward actor (heavy reward models on their own GPUs)")
+    placement_strategy: str = field("PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                                    help="placement-group strategy of each actor group")
+    max_restarts: int = field(3, help="restarts of a dead actor; its lost requests are re-issued")
+
+
+@dataclasses.dataclass
+class LearnerConfig:
+    deepspeed: Optional[str] = field(None, path="file",
+                                     help="DeepSpeed JSON (launch/deepspeed/zero2.json); None: the accelerate "
+                                          "config decides")
+    max_policy_lag: int = field(0, help="refuse rollouts sampled more than this many policy versions ago "
+                                        "(0: fully on-policy)")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """`align train`: ECG by default on the embedded toy world."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_inference_steps=10))
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_inference_steps=10, logprob_reduce="sum"))
     algo: str = field("ecg", choices=ALGOS, help="ecg | grpo | ddpo")
     rewards: list = field(default_factory=lambda: ["toy_geneval:1.0"], help="reward specs name:weight")
     reward_args: dict = field(default_factory=dict, help="keyword args per reward, e.g. {clip_score: {checkpoint: "
@@ -64,6 +97,8 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval_every: int = field(4, help="iterations between evaluation grids (0: only at the end)")
     eval_prompts: int = field(16, help="fixed evaluation prompts")
     run_dir: str = field("runs/toy_ecg", help="checkpoints, logs, grids and exports")
@@ -77,5 +112,11 @@ class TrainConfig:
             raise ValueError("trainer.timestep_fraction must be in (0, 1]")
         if self.sampler.eta <= 0 and self.sampler.noise_level <= 0:
             raise ValueError("RL needs a stochastic policy: sampler.eta (UNet) or sampler.noise_level (DiT) > 0")
+        r = self.ray
+        if r.num_rollout_workers < 0 or r.num_reward_workers < 0 or r.chunk_size < 1 or r.max_restarts < 0:
+            raise ValueError("ray.num_rollout_workers, num_reward_workers and max_restarts must be >= 0, "
+                             "ray.chunk_size >= 1")
+        if self.learner.max_policy_lag < 0:
+            raise ValueError("learner.max_policy_lag must be >= 0")
         from rewards import check_reward_args, parse_reward_specs
         check_reward_args(parse_reward_specs(self.rewards), self.reward_args)

@@ -1,12 +1,13 @@
 """ECG vs GRPO vs DDPO on the toy reward at the same sample budget, over several seeds.
 
 Each (algorithm, seed) is one `align train` subprocess on the embedded default (shipped toy model,
-toy-GenEval reward) with identical sampler, rewards, learner and samples per iteration, so the
-peak RSS of each run can be read from its own rusage. Prints, side by side in one run:
+toy-GenEval reward) with identical sampler, rewards, learner and samples per iteration, all in one
+process (Ray off), so the peak RSS of each run is its own rusage. Prints, side by side in one run:
 mean reward against samples seen (mean ± std over seeds), the samples each method needs to reach
-GRPO's final reward, and peak RSS of ECG and GRPO at equal samples per update.
+GRPO's final reward, the peak RSS of ECG and GRPO at equal samples per update, and writes a plot.
+A finished run directory is reused (``--reuse``), so an interrupted benchmark continues.
 
-    python benchmarks/algos_toy.py [--seeds 0 1 2] [--iterations 12] [--out runs/bench_algos]
+    python benchmarks/algos_toy.py [--seeds 0 1 2] [--iterations 16] [--out runs/bench_algos] [--plot PNG]
 """
 from __future__ import annotations
 
@@ -20,18 +21,30 @@ from pathlib import Path
 import numpy as np
 
 ALGOS = ("ecg", "grpo", "ddpo")
+IN_PROCESS = ["ray.num_rollout_workers=0", "ray.num_reward_workers=0"]  # one process: honest RSS
 
 
-def run_one(algo: str, seed: int, iterations: int, out: Path, extra: list[str]) -> tuple[list[dict], float]:
+def run_one(algo: str, seed: int, iterations: int, out: Path, extra: list[str],
+            reuse: bool) -> tuple[list[dict], float]:
+    """History and peak RSS (MiB) of one training subprocess."""
     run_dir = out / f"{algo}_s{seed}"
+    state, rss_file = run_dir / "checkpoint" / "state.json", run_dir / "peak_rss_mib.json"
+    if reuse and state.is_file() and rss_file.is_file():
+        history = json.loads(state.read_text())["history"]
+        if len(history) == iterations:
+            return history, json.loads(rss_file.read_text())["peak_rss_mib"]
     cmd = [sys.executable, "-m", "align.cli", "train", f"algo={algo}", f"trainer.seed={seed}",
-           f"trainer.iterations={iterations}", f"run_dir={run_dir}", "eval_every=0", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-2000:]}")
-    history = json.loads((run_dir / "checkpoint" / "state.json").read_text())["history"]
-    return history, usage.ru_maxrss / 1024.0  # MiB (Linux reports KiB)
+           f"trainer.iterations={iterations}", f"run_dir={run_dir}", "eval_every=0", *IN_PROCESS, *extra]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "w") as log:  # a file, not a pipe: wait4 below reaps the child itself
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{(run_dir / 'train.log').read_text()[-2000:]}")
+    peak = usage.ru_maxrss / 1024.0  # MiB (Linux reports KiB)
+    rss_file.write_text(json.dumps({"peak_rss_mib": peak}))
+    return json.loads(state.read_text())["history"], peak
 
 
 def samples_to_reach(history: list[dict], target: float) -> float:
@@ -41,19 +54,39 @@ def samples_to_reach(history: list[dict], target: float) -> float:
     return float("nan")
 
 
+def plot(samples: list[int], curves: dict[str, np.ndarray], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for algo, c in curves.items():
+        mean, std = c.mean(0), c.std(0)
+        ax.plot(samples, mean, label=f"{algo} (n={len(c)})")
+        ax.fill_between(samples, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("mean toy-GenEval reward of the batch")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--iterations", type=int, default=12)
+    ap.add_argument("--iterations", type=int, default=16)
     ap.add_argument("--out", default="runs/bench_algos")
+    ap.add_argument("--plot", default=None, help="PNG of the reward curves (default: OUT/reward_vs_samples.png)")
+    ap.add_argument("--reuse", action="store_true", help="reuse finished runs in OUT")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[list[dict]]] = {a: [] for a in ALGOS}
     rss: dict[str, list[float]] = {a: [] for a in ALGOS}
     for seed in args.seeds:
         for algo in ALGOS:
-            hist, peak = run_one(algo, seed, args.iterations, out, args.overrides)
+            hist, peak = run_one(algo, seed, args.iterations, out, args.overrides, args.reuse)
             results[algo].append(hist)
             rss[algo].append(peak)
             print(f"  done {algo} seed {seed}: final reward {hist[-1]['reward/weighted']:.3f}, peak RSS {peak:.0f} MiB",
@@ -61,19 +94,36 @@ def main() -> None:
 
     samples = [h["samples_seen"] for h in results["ecg"][0]]
     curves = {a: np.array([[h["reward/weighted"] for h in run] for run in results[a]]) for a in ALGOS}
-    print(f"\nmean toy-GenEval reward vs samples seen (mean ± std over seeds {args.seeds})")
+    print(f"\nmean toy-GenEval reward vs samples seen (mean ± std over seeds {args.seeds}; "
+          f"ECG's first {_pretrain(results['ecg'][0])} iterations are value pretraining)")
     print(f"{'samples':>8} " + " ".join(f"{a:>15}" for a in ALGOS))
     for i, n in enumerate(samples):
         print(f"{n:>8} " + " ".join(f"{curves[a][:, i].mean():>8.3f} ± {curves[a][:, i].std():.3f}" for a in ALGOS))
+    last = max(1, len(samples) // 4)
+    print(f"\nmean over the last {last} iterations: " + "  ".join(
+        f"{a} {curves[a][:, -last:].mean():.3f} ± {curves[a][:, -last:].mean(1).std():.3f}" for a in ALGOS))
+    print(f"gain (last {last} − first {last} iterations): " + "  ".join(
+        f"{a} {curves[a][:, -last:].mean() - curves[a][:, :last].mean():+.3f}" for a in ALGOS))
     target = curves["grpo"][:, -1].mean()
     print(f"\nsamples to reach GRPO's final mean reward {target:.3f} (mean over seeds; nan = never)")
     for a in ALGOS:
         reach = [samples_to_reach(run, target) for run in results[a]]
         print(f"  {a:<5} {np.nanmean(reach) if not all(np.isnan(reach)) else float('nan'):>8.0f}   per seed {reach}")
+    ev = [[h["explained_variance_late"] for h in run if "explained_variance_late" in h] for run in results["ecg"]]
+    if ev and ev[0]:
+        print(f"\nECG critic: held-out explained variance on the late half of the chain, last iteration: "
+              f"{np.mean([e[-1] for e in ev]):.3f} (per seed {[round(e[-1], 3) for e in ev]})")
     print("\npeak RSS per training process (MiB), same samples per update")
-    for a in ("ecg", "grpo"):
+    for a in ALGOS:
         print(f"  {a:<5} {np.mean(rss[a]):>8.0f}")
     print(f"  ratio GRPO/ECG: {np.mean(rss['grpo']) / np.mean(rss['ecg']):.2f}")
+    path = Path(args.plot) if args.plot else out / "reward_vs_samples.png"
+    plot(samples, curves, path)
+    print(f"\nplot: {path}")
+
+
+def _pretrain(history: list[dict]) -> int:
+    return sum(h["phase"] == "value-pretrain" for h in history)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,8 @@ def test_value_replay_keeps_the_last_batches_renormalised_and_round_trips(tmp_pa
     """Replayed targets are the stored raw rewards normalised with the statistics given *now*."""
     from align.algos.value_replay import ValueReplay
     from align.sampling import SamplerConfig, sample_trajectory
-    trajs = [sample_trajectory(tiny_unet_pipe, ["two red circles on the left"] * 2, SamplerConfig(num_inference_steps=2),
-                               torch.Generator().manual_seed(s)) for s in range(3)]
+    trajs = [sample_trajectory(tiny_unet_pipe, ["two red circles on the left"] * 2,
+                               SamplerConfig(num_inference_steps=2), torch.Generator().manual_seed(s)) for s in range(3)]
     raws = [torch.tensor([[1.0], [2.0]]) * (s + 1) for s in range(3)]
     replay = ValueReplay(capacity=2)
     for t, r in zip(trajs, raws):

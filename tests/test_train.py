@@ -13,7 +13,9 @@ from rewards import RewardError, register_reward
 
 TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
         "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "eval_prompts=2",
-        "critic.pretrain_iterations=1", "critic.hidden=16"]
+        "critic.pretrain_iterations=1", "critic.hidden=16",
+        # in-process rollouts and rewards (same requests as the Ray actors: tests/test_distributed.py)
+        "ray.num_rollout_workers=0", "ray.num_reward_workers=0"]
 
 
 def _cfg(tmp_path, *extra: str) -> TrainConfig:
@@ -70,9 +72,11 @@ def test_value_pretraining_does_not_move_the_policy(tmp_path) -> None:
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path) -> None:
-    straight = _cfg(tmp_path / "a", "trainer.iterations=3")
+    """Interrupted during value pretraining (the replay is part of the checkpoint), resumed for 2 more
+    iterations (one value-only, one policy update): same tensors as a straight run within 1e-6."""
+    straight = _cfg(tmp_path / "a", "trainer.iterations=3", "critic.pretrain_iterations=2")
     train(straight, log=lambda *_: None)
-    split = _cfg(tmp_path / "b", "trainer.iterations=3")
+    split = _cfg(tmp_path / "b", "trainer.iterations=3", "critic.pretrain_iterations=2")
     train(split, stop_after=1, log=lambda *_: None)
     train(split, resume=True, log=lambda *_: None)
     for name in ("policy_lora", "critic_lora", "critic_heads"):
@@ -82,21 +86,49 @@ def test_resume_matches_an_uninterrupted_run(tmp_path) -> None:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
-@register_reward("test_nan_reward")
-class _NanReward:
-    name = "test_nan_reward"
+def _bad_reward(name: str, make):
+    @register_reward(name)
+    class _Bad:
+        def __call__(self, images, prompts, metadata):
+            return make(len(prompts))
+    _Bad.name = name
+    return name
 
-    def __call__(self, images, prompts, metadata):
-        out = torch.zeros(len(prompts))
-        out[0] = float("nan")
+
+def _with_first(value: float):
+    def make(n: int) -> torch.Tensor:
+        out = torch.zeros(n)
+        out[0] = value
         return out
+    return make
 
 
-def test_nan_reward_stops_before_any_update(tmp_path) -> None:
-    cfg = _cfg(tmp_path, "trainer.iterations=1", "rewards=[toy_geneval:1.0,test_nan_reward:0.5]")
-    with pytest.raises(RewardError, match="reward 'test_nan_reward' returned non-finite values on a batch of 4"):
+BAD_REWARDS = {
+    _bad_reward("test_nan_reward", _with_first(float("nan"))): "returned non-finite values on a batch of 4",
+    _bad_reward("test_inf_reward", _with_first(float("inf"))): "returned non-finite values on a batch of 4",
+    _bad_reward("test_neginf_reward", _with_first(float("-inf"))): "returned non-finite values on a batch of 4",
+    _bad_reward("test_shape_reward", lambda n: torch.zeros(n, 2)): r"returned shape \(4, 2\) for a batch of 4",
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_REWARDS))
+def test_bad_reward_stops_before_any_update_naming_the_reward(tmp_path, bad: str) -> None:
+    cfg = _cfg(tmp_path, "trainer.iterations=1", f"rewards=[toy_geneval:1.0,{bad}:0.5]")
+    with pytest.raises(RewardError, match=f"reward '{bad}' {BAD_REWARDS[bad]}"):
         train(cfg, log=lambda *_: None)
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_multi_reward_run_has_one_value_head_per_reward(tmp_path) -> None:
+    """rewards=[toy_geneval:1.0,jpeg_compressibility:0.2]: two heads trained, both logged, weighted sum."""
+    cfg = _cfg(tmp_path, "trainer.iterations=2", "rewards=[toy_geneval:1.0,jpeg_compressibility:0.2]")
+    state = train(cfg, log=lambda *_: None)
+    heads = load_tensors(tmp_path / "checkpoint" / "critic_heads.safetensors")
+    assert {k.split(".")[1] for k in heads if k.startswith("heads.")} == {"toy_geneval", "jpeg_compressibility"}
+    last = state.history[-1]
+    expected = last["reward/toy_geneval"] + 0.2 * last["reward/jpeg_compressibility"]
+    assert last["reward/weighted"] == pytest.approx(expected, rel=1e-5)
+    assert state.policy_updates == 1 and last["phase"] == "policy"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -106,3 +138,57 @@ def test_nan_reward_stops_before_any_update(tmp_path) -> None:
 def test_unknown_algorithm_or_reward_lists_the_valid_ones(tmp_path, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
         _cfg(tmp_path, override)
+
+
+def _held_out_explained_variance(cfg: TrainConfig, prompts_seed: int = 10_000) -> list[float]:
+    """Per-step EV of the checkpointed critic on fresh rollouts: prompts and noise it never saw,
+    targets normalised with the run's own running statistics (what the recipe regresses on)."""
+    from align.algos.core import explained_variance
+    from align.checkpoint import read_json
+    from align.train import iteration_prompts
+    from rewards import get_reward, score
+    pipe, critic, _, _, learner, worker = build(cfg)
+    learner.load(tmp := __import__("pathlib").Path(cfg.run_dir) / "checkpoint")
+    stats = read_json(tmp / "state.json")["normalisers"]
+    prompts = iteration_prompts(cfg, prompts_seed) + iteration_prompts(cfg, prompts_seed + 1)
+    traj = worker.rollout(prompts, seed=prompts_seed)
+    names = critic.reward_names
+    raw, _ = score([get_reward(n) for n in names], traj.images, prompts)
+    values = learner.values(traj)
+    evs = []
+    for i in range(traj.num_steps):
+        per_head = [explained_variance(values[:, i, k], (raw[:, k] - stats[n]["mean"]) / stats[n]["var"] ** 0.5)
+                    for k, n in enumerate(names)]
+        evs.append(sum(per_head) / len(per_head))
+    return evs
+
+
+TOY_VALUE = ["model.source=toy", "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0",
+             "algo=ecg", "critic.pretrain_ev_threshold=2.0", "rewards=[jpeg_compressibility:1.0]"]
+
+
+def test_value_pretraining_on_the_toy_explains_held_out_returns(tmp_path) -> None:
+    """CI-sized: 3 value-pretraining iterations (96 rollouts, replayed) on the shipped toy model with
+    the JPEG reward; on 64 fresh rollouts the critic explains over half the return variance at
+    every state of the chain on average (measured 0.74–0.81 per step; 64 samples give EV a standard
+    error of about 0.1)."""
+    cfg = load_config(TrainConfig, "configs/toy_ecg.yaml",
+                      TOY_VALUE + [f"run_dir={tmp_path}", "trainer.iterations=3", "critic.pretrain_iterations=3"])
+    state = train(cfg, log=lambda *_: None)
+    assert state.policy_updates == 0
+    evs = _held_out_explained_variance(cfg)
+    print("held-out EV per step", [round(e, 3) for e in evs])
+    assert sum(evs) / len(evs) > 0.5, evs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_value_pretraining_reaches_high_explained_variance_with_replay(tmp_path) -> None:
+    """6 value-pretraining iterations with replay (192 rollouts): held-out EV above 0.7 on average
+    over the chain (measured 0.78–0.82 per step; 0.80–0.87 with mid-block features)."""
+    cfg = load_config(TrainConfig, "configs/toy_ecg.yaml",
+                      TOY_VALUE + [f"run_dir={tmp_path}", "trainer.iterations=6", "critic.pretrain_iterations=6"])
+    train(cfg, log=lambda *_: None)
+    evs = _held_out_explained_variance(cfg)
+    print("held-out EV per step", [round(e, 3) for e in evs])
+    assert sum(evs) / len(evs) > 0.7, evs
