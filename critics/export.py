@@ -83,18 +83,9 @@ def _jsonable(obj):
 
 
 # ---------------------------------------------------------------------------------- critic
-#: the spec's feature layers (critics/value_model.py): the UNet's mid-block output, the DiT's norm_out input
-DEFAULT_FEATURE_LAYER = {"unet": "mid_block", "dit": "norm_out"}
-
-
 def feature_layer(critic: LatentCritic) -> str:
     """The denoiser submodule the critic reads (its output; for the DiT's ``norm_out``: its input)."""
-    return getattr(critic, "feature_layer", None) or DEFAULT_FEATURE_LAYER[backbone_kind(critic.pipe)]
-
-
-def _layer_kwargs(pipe, layer: Optional[str]) -> dict:
-    """``feature_layer=`` for :class:`LatentCritic`, passed only when it is not the spec's default."""
-    return {} if layer in (None, DEFAULT_FEATURE_LAYER[backbone_kind(pipe)]) else {"feature_layer": layer}
+    return critic.feature_layer
 
 
 def _adapter_config(pipe, adapter: str) -> dict:
@@ -215,12 +206,11 @@ def build_for_export(cfg):
     if cfg.algo != "ecg":
         return pipe, None
     adapter = "policy" if cfg.critic.adapter == "shared" else "critic"
-    layer = getattr(cfg.critic, "feature_layer", None)
+    layer = cfg.critic.feature_layer
     if adapter == "critic":
-        attach_lora(pipe, "critic", rank=cfg.critic.rank,
-                    target_modules=critic_target_modules(pipe, **({"feature_layer": layer} if layer else {})))
+        attach_lora(pipe, "critic", rank=cfg.critic.rank, target_modules=critic_target_modules(pipe, layer))
     names = [s.name for s in parse_reward_specs(cfg.rewards)]
-    return pipe, LatentCritic(pipe, names, adapter=adapter, hidden=cfg.critic.hidden, **_layer_kwargs(pipe, layer))
+    return pipe, LatentCritic(pipe, names, adapter=adapter, hidden=cfg.critic.hidden, feature_layer=layer)
 
 
 def run_export_kwargs(cfg, state: dict) -> dict:
@@ -319,7 +309,7 @@ def load(directory: str | Path, pipe, force: bool = False, adapter_name: str = "
     lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
     try:
         module = LatentCritic(pipe, heads_cfg["names"], adapter=adapter_name, hidden=heads_cfg["hidden"],
-                              **_layer_kwargs(pipe, config["feature_layer"]))
+                              feature_layer=config["feature_layer"])
         module.heads.load_state_dict(heads)
     except (RuntimeError, ValueError, TypeError) as err:
         raise CriticLoadError(f"critic {directory}: its heads (feature layer {config['feature_layer']!r}) do not fit "
