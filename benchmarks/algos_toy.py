@@ -4,10 +4,11 @@ Each (algorithm, seed) is one `align train` subprocess on the embedded default (
 toy-GenEval reward) with identical sampler, rewards, learner and samples per iteration, all in one
 process (Ray off), so the peak RSS of each run is its own rusage. Prints, side by side in one run:
 mean reward against samples seen (mean ± std over seeds), the samples each method needs to reach
-GRPO's final reward, the peak RSS of ECG and GRPO at equal samples per update, and writes a plot.
+GRPO's final reward, the peak RSS of ECG and GRPO at equal samples per update, each final policy
+scored on fixed prompts with fixed noise (paired against the base model), and writes a plot.
 A finished run directory is reused (``--reuse``), so an interrupted benchmark continues.
 
-    python benchmarks/algos_toy.py [--seeds 0 1 2] [--iterations 16] [--out runs/bench_algos] [--plot PNG]
+    python benchmarks/algos_toy.py [--seeds 0 1 2] [--iterations 16] [--out runs/bench_algos] [--plot PNG] [--eval 256]
 """
 from __future__ import annotations
 
@@ -54,6 +55,47 @@ def samples_to_reach(history: list[dict], target: float) -> float:
     return float("nan")
 
 
+def evaluate_policies(runs: dict[str, list[Path]], n: int, batch: int = 32) -> dict[str, np.ndarray]:
+    """toy-GenEval of each run's final policy LoRA (its checkpoint) on ``n`` fixed prompts with fixed
+    noise, and of the base model ("base": the LoRA at its zero init): (runs, n) scores per method.
+    Same prompts and noise for every policy, so differences are paired and free of the prompt mix."""
+    import torch
+
+    from align.backbones.lora import attach_lora, load_lora_state_dict
+    from align.backbones.model_config import ModelConfig, load_model
+    from align.checkpoint import load_tensors, read_json
+    from align.rollout import RolloutWorker
+    from align.sampling import SamplerConfig
+    from align.toy.evaluate import eval_prompts
+    from rewards import get_reward, score
+    torch.set_num_threads(1)
+    first = read_json(next(iter(runs.values()))[0] / "config.json")
+    pipe = load_model(ModelConfig(**first["model"]))
+    attach_lora(pipe, "policy", rank=first["lora"]["rank"], alpha=first["lora"]["alpha"])
+    worker = RolloutWorker(pipe, SamplerConfig(**first["sampler"]))
+    base = {k: v.clone() for k, v in load_tensors(next(iter(runs.values()))[0] / "checkpoint" /
+                                                  "policy_lora.safetensors").items()}
+    base = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in base.items()}  # B = 0: the base model
+    prompts, reward = eval_prompts(n, seed=99), get_reward("toy_geneval")
+
+    def scores() -> np.ndarray:
+        out = []
+        for i in range(0, n, batch):
+            traj = worker.rollout(prompts[i:i + batch], seed=777 + i)
+            out.append(score([reward], traj.images, prompts[i:i + batch])[0][:, 0].numpy())
+        return np.concatenate(out)
+
+    load_lora_state_dict(pipe, base, "policy")
+    result = {"base": scores()[None]}
+    for algo, dirs in runs.items():
+        rows = []
+        for d in dirs:
+            load_lora_state_dict(pipe, load_tensors(d / "checkpoint" / "policy_lora.safetensors"), "policy")
+            rows.append(scores())
+        result[algo] = np.stack(rows)
+    return result
+
+
 def plot(samples: list[int], curves: dict[str, np.ndarray], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -78,6 +120,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_algos")
     ap.add_argument("--plot", default=None, help="PNG of the reward curves (default: OUT/reward_vs_samples.png)")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs in OUT")
+    ap.add_argument("--eval", type=int, default=256, help="fixed prompts scoring each final policy (0: skip)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args()
     out = Path(args.out)
@@ -117,6 +160,17 @@ def main() -> None:
     for a in ALGOS:
         print(f"  {a:<5} {np.mean(rss[a]):>8.0f}")
     print(f"  ratio GRPO/ECG: {np.mean(rss['grpo']) / np.mean(rss['ecg']):.2f}")
+    if args.eval:
+        ev_scores = evaluate_policies({a: [out / f"{a}_s{s}" for s in args.seeds] for a in ALGOS}, args.eval)
+        print(f"\nfinal policies on {args.eval} fixed prompts with fixed noise (toy-GenEval; ± = std over seeds; "
+              "paired gain vs the base model ± its standard error over prompts, seeds pooled)")
+        base = ev_scores["base"][0]
+        print(f"  base   {base.mean():.4f}")
+        for a in ALGOS:
+            per_seed = ev_scores[a].mean(1)
+            gain = (ev_scores[a] - base).mean(0)  # per prompt, averaged over seeds
+            print(f"  {a:<5}  {per_seed.mean():.4f} ± {per_seed.std():.4f}   gain {gain.mean():+.4f} ± "
+                  f"{gain.std(ddof=1) / np.sqrt(len(gain)):.4f}   per seed {np.round(per_seed, 4).tolist()}")
     path = Path(args.plot) if args.plot else out / "reward_vs_samples.png"
     plot(samples, curves, path)
     print(f"\nplot: {path}")
