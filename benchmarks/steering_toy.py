@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images", type=int, default=32, help="output images per seed and mode")
     ap.add_argument("--scales", type=float, nargs="+", default=[10.0, 100.0, 1000.0],
-                    help="grad steering scales s (on the toy, ∇V has an RMS of ~1e-3 per latent element)")
+                    help="grad steering scales s (on the toy, ∇V has an RMS of 1e-3..3e-3 per latent element)")
     ap.add_argument("--candidates", type=int, default=4, help="M for rerank and N for best-of-N")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
