@@ -277,7 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    # argparse stops collecting positional overrides at the first --flag; dotted overrides after the flags
+    # (``align sample --steer grad sampler.eta=0.5``) are still overrides, anything else is an error.
+    if extra and (not hasattr(ns, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        ns.overrides = [*ns.overrides, *extra]
     handler = getattr(ns, "_handler", None)
     if handler is None:
         parser.print_help()

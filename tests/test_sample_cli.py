@@ -41,3 +41,19 @@ def test_bad_config_key_is_a_one_line_error_with_exit_code_2() -> None:
     assert len(lines) == 1
     assert lines[0].startswith("align: error: unknown config key 'sampler.guidance'; valid keys under 'sampler': "
                                "num_inference_steps, guidance_scale, eta, noise_level")
+
+
+def test_overrides_after_flags_are_still_overrides(tmp_path, capsys) -> None:
+    out = tmp_path / "late"
+    assert main(["sample", "--steer", "none", "model.source=preset:tiny-unet", "num_images=2",
+                 "sampler.num_inference_steps=2", f"out_dir={out}", "progress=false"]) == 0
+    assert len(json.loads((out / "samples.json").read_text())["samples"]) == 2
+    assert main(["sample", "--steer", "none", "sampler.guidance=3"]) == 2
+    assert "unknown config key 'sampler.guidance'" in capsys.readouterr().err
+
+
+def test_a_stray_argument_after_flags_is_an_argparse_error() -> None:
+    import pytest
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "num_images=2", "--steer", "none", "not-an-override"])
+    assert exit_info.value.code == 2
