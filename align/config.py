@@ -47,11 +47,14 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None,
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         layers.append(OmegaConf.load(path))
+        aliases: dict[str, str] = getattr(schema, "ALIASES", {})
+        for alias in [k for k in layers[-1] if k in aliases]:  # a top-level alias key in the YAML
+            OmegaConf.update(layers[-1], aliases[alias], layers[-1].pop(alias), force_add=True)
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
     if overrides:
-        layers.append(_dotlist(overrides))
+        layers.append(_dotlist(_unalias(schema, overrides)))
     try:
         merged = OmegaConf.merge(*layers)
         obj = OmegaConf.to_object(merged)
@@ -59,6 +62,18 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None,
         raise _translate(err, schema) from None
     validate(obj)
     return obj  # type: ignore[return-value]
+
+
+def _unalias(schema: type, overrides: Sequence[str]) -> list[str]:
+    """Rewrite overrides whose key is one of the schema's ``ALIASES`` (a class attribute mapping a short
+    top-level key to its dotted home, e.g. ``modifiers`` → ``sampler.modifiers``)."""
+    aliases: dict[str, str] = getattr(schema, "ALIASES", {})
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        head, dot, rest = key.partition(".")
+        out.append(f"{aliases[head]}{dot}{rest}={value}" if head in aliases else item)
+    return out
 
 
 def validate(cfg: Any, prefix: str = "") -> None:

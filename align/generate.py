@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torchvision.utils import make_grid, save_image
@@ -25,6 +25,8 @@ from critics.steering import HOOKED_MODES, SteeringConfig, sample_steered
 @dataclasses.dataclass
 class SampleJobConfig:
     """Config of `align sample`."""
+    #: short top-level keys (``modifiers=[...]``) and their dotted home (align.config.load_config)
+    ALIASES: ClassVar[dict[str, str]] = {"modifiers": "sampler.modifiers"}
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     prompts: list = field(default_factory=list, help="prompts; empty = fixed toy evaluation prompts")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import ClassVar, Optional
 
 from align.backbones.model_config import ModelConfig
 from align.config import field
@@ -85,6 +85,8 @@ class LearnerConfig:
 @dataclasses.dataclass
 class TrainConfig:
     """`align train`: ECG by default on the embedded toy world."""
+    #: short top-level keys (``modifiers=[...]``) and their dotted home (align.config.load_config)
+    ALIASES: ClassVar[dict[str, str]] = {"modifiers": "sampler.modifiers"}
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_inference_steps=10, logprob_reduce="sum"))
     algo: str = field("ecg", choices=ALGOS, help="ecg | grpo | ddpo")

@@ -57,3 +57,18 @@ def test_describe_lists_every_leaf_with_help_and_choices() -> None:
     rows = {key: (default, help_text) for key, default, help_text in describe(_Root)}
     assert set(rows) == {"trainer.lr", "trainer.algo", "trainer.init", "trainer.rewards", "seed"}
     assert "choices: ecg, grpo, ddpo" in rows["trainer.algo"][1]
+
+
+def test_top_level_modifiers_key_is_an_alias_of_sampler_modifiers(tmp_path) -> None:
+    from align.generate import SampleJobConfig
+    from align.train_config import TrainConfig
+    compact = ["modifiers=[stayfair:{alpha:5},sym_attn:{alpha:1.05,beta:3}]"]
+    expected = [{"stayfair": {"alpha": 5}}, {"sym_attn": {"alpha": 1.05, "beta": 3}}]
+    assert load_config(TrainConfig, None, compact).sampler.modifiers == expected
+    assert load_config(SampleJobConfig, None, compact).sampler.modifiers == expected
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("sampler:\n  eta: 0.5\nmodifiers: [sym_attn: {alpha: 1.2}]\n")
+    cfg = load_config(TrainConfig, yaml_file)
+    assert cfg.sampler.modifiers == [{"sym_attn": {"alpha": 1.2}}] and cfg.sampler.eta == 0.5
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(TrainConfig, None, ["modifiers=[nope: {}]"])
