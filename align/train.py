@@ -31,6 +31,7 @@ from align.backbones.lora import attach_lora
 from align.backbones.model_config import load_model
 from align.distributed import assert_ranks_agree, make_accelerator, share_batch, share_path, shard_slice
 from align.learner import Learner
+from align.prompts import draw_prompts, evaluation_prompts
 from align.rollout import RolloutWorker, start_workers
 from align.train_config import TrainConfig
 from critics.value_model import LatentCritic, critic_target_modules
@@ -49,10 +50,10 @@ def chain_explained_variance(values: torch.Tensor, targets: torch.Tensor, first_
 
 
 def iteration_prompts(cfg: TrainConfig, iteration: int) -> list[str]:
-    """``prompts_per_iteration`` toy prompts, each repeated G times (grouped), seeded by iteration."""
-    from align.toy.world import sample_scenes
+    """``prompts_per_iteration`` prompts of ``trainer.prompts``, each repeated G times (grouped), seeded by
+    iteration."""
     rng = np.random.default_rng([cfg.trainer.seed, iteration])
-    base = [s.prompt for s in sample_scenes(cfg.trainer.prompts_per_iteration, rng)]
+    base = draw_prompts(cfg.trainer.prompts, cfg.trainer.prompts_per_iteration, rng)
     return [p for p in base for _ in range(cfg.trainer.samples_per_prompt)]
 
 
@@ -245,8 +246,7 @@ def _eval_grid(rollouts, cfg: TrainConfig, run: Path, iteration: int) -> None:
     """PNG grid of the fixed evaluation prompts (fixed seed), one per evaluation."""
     from torchvision.utils import make_grid, save_image
 
-    from align.toy.evaluate import eval_prompts
-    prompts = eval_prompts(cfg.eval_prompts, seed=cfg.trainer.seed + 1234)
+    prompts = evaluation_prompts(cfg.trainer.prompts, cfg.eval_prompts, seed=cfg.trainer.seed + 1234)
     traj = rollouts.rollout(prompts, seed=4321)
     (run / "grids").mkdir(exist_ok=True)
     save_image(make_grid(traj.images, nrow=8, padding=2, pad_value=0.5), run / "grids" / f"iter_{iteration:04d}.png")

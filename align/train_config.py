@@ -41,6 +41,8 @@ class CriticConfig:
 @dataclasses.dataclass
 class TrainerConfig:
     iterations: int = field(16, help="training iterations (each: rollouts, rewards, update)")
+    prompts: str = field("toy", help="prompt source: 'toy' (the toy world's grammar) or a text file, one prompt per "
+                                     "line (align/prompts.py)")
     prompts_per_iteration: int = field(8, help="distinct prompts per iteration")
     samples_per_prompt: int = field(4, help="G: images per prompt (GRPO's group size)")
     epochs: int = field(1, help="PPO epochs over each batch")
@@ -120,5 +122,7 @@ class TrainConfig:
                              "ray.chunk_size >= 1")
         if self.learner.max_policy_lag < 0:
             raise ValueError("learner.max_policy_lag must be >= 0")
+        from align.prompts import check_prompt_source
+        check_prompt_source(self.trainer.prompts)
         from rewards import check_reward_args, parse_reward_specs
         check_reward_args(parse_reward_specs(self.rewards), self.reward_args)
