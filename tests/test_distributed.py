@@ -166,3 +166,15 @@ def test_missing_deepspeed_json_is_a_one_line_config_error(tmp_path) -> None:
     from align.config import ConfigError
     with pytest.raises(ConfigError, match="learner.deepspeed"):
         _cfg(tmp_path, "learner.deepspeed=launch/deepspeed/zero4.json")
+
+
+def test_zero3_is_refused_before_any_model_loads(tmp_path, monkeypatch) -> None:
+    """ZeRO-3 checkpoints are not saved (docs/cluster.md): the trainer refuses it when it builds the
+    accelerator, the first thing it does, not an iteration in."""
+    import align.train as recipe
+    from align.train import train
+    monkeypatch.setattr(recipe, "load_model", lambda *_: pytest.fail("the model was loaded before the refusal"))
+    cfg = _cfg(tmp_path, "learner.deepspeed=launch/deepspeed/zero3.json", "ray.num_rollout_workers=0",
+               "ray.num_reward_workers=0")
+    with pytest.raises(ValueError, match="ZeRO-3 is not supported.*zero2.json"):
+        train(cfg, log=lambda *_: None)
