@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -168,13 +169,24 @@ def test_missing_deepspeed_json_is_a_one_line_config_error(tmp_path) -> None:
         _cfg(tmp_path, "learner.deepspeed=launch/deepspeed/zero4.json")
 
 
-def test_zero3_is_refused_before_any_model_loads(tmp_path, monkeypatch) -> None:
+def test_zero3_is_refused_before_any_model_loads(tmp_path) -> None:
     """ZeRO-3 checkpoints are not saved (docs/cluster.md): the trainer refuses it when it builds the
-    accelerator, the first thing it does, not an iteration in."""
-    import align.train as recipe
-    from align.train import train
-    monkeypatch.setattr(recipe, "load_model", lambda *_: pytest.fail("the model was loaded before the refusal"))
-    cfg = _cfg(tmp_path, "learner.deepspeed=launch/deepspeed/zero3.json", "ray.num_rollout_workers=0",
-               "ray.num_reward_workers=0")
-    with pytest.raises(ValueError, match="ZeRO-3 is not supported.*zero2.json"):
-        train(cfg, log=lambda *_: None)
+    accelerator, the first thing it does, not an iteration in. In a subprocess: a DeepSpeed accelerator
+    sets process-wide state (AcceleratorState, ACCELERATE_* variables) that would leak into other tests."""
+    import sys
+    code = (
+        "import sys, align.train as recipe\n"
+        "from align.config import load_config\n"
+        "from align.train_config import TrainConfig\n"
+        "def refuse(*_): raise SystemExit('the model was loaded before the refusal')\n"
+        "recipe.load_model = refuse\n"
+        f"cfg = load_config(TrainConfig, None, {TINY!r} + ['learner.deepspeed=launch/deepspeed/zero3.json', "
+        f"'ray.num_rollout_workers=0', 'ray.num_reward_workers=0', 'run_dir={tmp_path}'])\n"
+        "try:\n"
+        "    recipe.train(cfg, log=lambda *_: None)\n"
+        "except ValueError as err:\n"
+        "    print(err); sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 3, done.stdout + done.stderr[-3000:]
+    assert "ZeRO-3 is not supported" in done.stdout and "zero2.json" in done.stdout
