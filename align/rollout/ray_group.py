@@ -23,6 +23,14 @@ from align.sampling import Trajectory
 PLACEMENT_TIMEOUT_S = 120.0
 
 
+def _quiet_loading_bars() -> None:
+    """Turn off diffusers' and transformers' weight-loading progress bars in this (actor) process."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 class RolloutActor:
     """Body of a rollout actor: builds its own pipeline + policy adapter, samples requests."""
 
@@ -31,6 +39,7 @@ class RolloutActor:
         from align.backbones.model_config import load_model
         from align.rollout.worker import RolloutWorker
         torch.set_num_threads(max(1, int(threads)))
+        _quiet_loading_bars()  # every actor's loading bars would interleave in the driver's console
         pipe = load_model(cfg.model)
         attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
         self.worker = RolloutWorker(pipe, cfg.sampler)
