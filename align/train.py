@@ -132,6 +132,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
         _export(pipe, critic, cfg, state, run / "export")
         log(f"done: {state.iteration} iterations; exports in {run / 'export'}")
         writer.close()
+    if accelerator.num_processes > 1:  # a process group left alive aborts a rank at exit ("terminate called")
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return state
 
 
