@@ -9,10 +9,9 @@ global minibatch as one process would.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -77,21 +76,10 @@ def prepare_deepspeed(accelerator: Accelerator, cfg, modules: dict[str, torch.nn
     return engine, optimizer
 
 
-@contextlib.contextmanager
-def gathered(params: list[torch.nn.Parameter], engine) -> Iterator[None]:
-    """Full parameters inside the block: under ZeRO-3 every rank must enter (a collective)."""
-    if engine is not None and engine.zero_optimization_stage() == 3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-    else:
-        yield
-
-
-def assert_ranks_agree(accelerator: Accelerator, params: list[torch.nn.Parameter], engine) -> int:
-    """Raise unless every rank holds bit-identical ``params``; returns how many values were compared."""
-    with gathered(params, engine):
-        flat = torch.cat([p.detach().float().flatten() for p in params]).to(accelerator.device)
+def assert_ranks_agree(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> int:
+    """Raise unless every rank holds bit-identical ``params`` (whole on every rank: ZeRO-3 is refused in
+    :func:`make_accelerator`); returns how many values were compared."""
+    flat = torch.cat([p.detach().float().flatten() for p in params]).to(accelerator.device)
     every = accelerator.gather(flat[None])  # (N, P)
     differ = [r for r in range(every.shape[0]) if not torch.equal(every[r], every[0])]
     if differ:
@@ -105,10 +93,7 @@ def zero_partition_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """This rank's ZeRO-1/2 optimiser partition as (tensors, JSON): the torch AdamW state over the flat
     fp32 partition and the fp32 master partition itself (``single_partition_of_fp32_groups``)."""
     from align import checkpoint as ckpt
-    zero = optimizer.optimizer  # accelerate's DeepSpeedOptimizerWrapper → DeepSpeedZeroOptimizer
-    if not hasattr(zero, "single_partition_of_fp32_groups"):
-        raise NotImplementedError(f"checkpointing {type(zero).__name__} (ZeRO-3) is not supported; use ZeRO-2 "
-                                  "(launch/deepspeed/zero2.json) for LoRA training")
+    zero = optimizer.optimizer  # accelerate's DeepSpeedOptimizerWrapper → DeepSpeedZeroOptimizer (stage 1/2)
     tensors, meta = ckpt.optimizer_state_split(zero.optimizer)
     tensors.update({f"fp32_partition.{i}": t for i, t in enumerate(zero.single_partition_of_fp32_groups)})
     return tensors, meta

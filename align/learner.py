@@ -19,7 +19,7 @@ from align.algos.core import kl_to_reference, ppo_clip_loss, value_loss
 from align.algos.value_replay import ValueReplay
 from align.backbones.loading import denoiser
 from align.backbones.lora import adapters_disabled, load_lora_state_dict, lora_state_dict, set_active_adapters
-from align.distributed import gathered, is_deepspeed, load_zero_partition, prepare_deepspeed, zero_partition_state
+from align.distributed import is_deepspeed, load_zero_partition, prepare_deepspeed, zero_partition_state
 from align.sampling import Trajectory, recompute_log_probs
 from align.train_config import TrainConfig
 from critics.value_model import LatentCritic
@@ -69,9 +69,8 @@ class Learner:
                                "rollout workers after each update or raise learner.max_policy_lag")
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """The policy LoRA tensors for weight sync (gathered from all ranks under ZeRO-3; every rank calls)."""
-        with gathered(self.policy_params, self.engine):
-            return {k: v.detach().cpu().clone() for k, v in lora_state_dict(self.pipe, "policy").items()}
+        """The policy LoRA tensors for weight sync (CPU copies; whole on every rank, ZeRO-3 being refused)."""
+        return {k: v.detach().cpu().clone() for k, v in lora_state_dict(self.pipe, "policy").items()}
 
     @torch.no_grad()
     def values(self, traj: Trajectory) -> torch.Tensor:
@@ -160,12 +159,15 @@ class Learner:
             ckpt.write_json(directory / "optimizer.json", {"deepspeed": {
                 "zero_stage": self.engine.zero_optimization_stage(), "num_processes": self.accelerator.num_processes}})
         else:
-            opt_t, opt_meta = ckpt.optimizer_state_split(self.optimizer.optimizer
-                                                         if hasattr(self.optimizer, "optimizer") else self.optimizer)
+            opt_t, opt_meta = ckpt.optimizer_state_split(self._torch_optimizer())
             ckpt.save_tensors(directory / "optimizer.safetensors", opt_t)
             ckpt.write_json(directory / "optimizer.json", opt_meta)
         ckpt.save_tensors(directory / "learner_rng.safetensors", {"steps": self.step_generator.get_state()})
         self.value_replay.save(directory)
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW under accelerate's wrapper (without DeepSpeed)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def save_partition(self, directory: Path) -> None:
         """Under DeepSpeed, what this rank alone holds: its ZeRO optimiser partition (fp32 master
@@ -198,9 +200,8 @@ class Learner:
             load_zero_partition(self.optimizer, ckpt.load_tensors(directory / f"optimizer_rank{rank}.safetensors"),
                                 ckpt.read_json(directory / f"optimizer_rank{rank}.json"))
         else:
-            opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-            opt.load_state_dict(ckpt.optimizer_state_join(ckpt.load_tensors(directory / "optimizer.safetensors"),
-                                                          ckpt.read_json(directory / "optimizer.json")))
+            self._torch_optimizer().load_state_dict(ckpt.optimizer_state_join(
+                ckpt.load_tensors(directory / "optimizer.safetensors"), ckpt.read_json(directory / "optimizer.json")))
         self.step_generator.set_state(ckpt.load_tensors(directory / "learner_rng.safetensors")["steps"])
         self.value_replay.load(directory / f"rank{self.accelerator.process_index}" if self.engine is not None
                                else directory)

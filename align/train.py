@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
         if driver:
             _eval_grid(workers.rollouts, cfg, run, state.iteration)
     if accelerator.num_processes > 1:
-        n = assert_ranks_agree(accelerator, learner.policy_params + learner.critic_params, learner.engine)
+        n = assert_ranks_agree(accelerator, learner.policy_params + learner.critic_params)
         log(f"ranks agree: {accelerator.num_processes} learner processes hold bit-identical trainable weights "
             f"({n} values)")
     if driver:
