@@ -168,7 +168,7 @@ def _loop(cfg: TrainConfig, state: RunState, learner: Learner, workers, norms: d
             continue
         for k, n in enumerate(names):
             norms[n].update(raw[:, k])
-        targets = torch.stack([norms[n].normalise(raw[:, k]) for k, n in enumerate(names)], dim=1).float()
+        targets = _normalised(norms, names, raw)
         values = accelerator.gather(learner.values(traj)) if critic is not None else None  # (B, T, K), all ranks
         groups = torch.arange(len(prompts)) // cfg.trainer.samples_per_prompt
         adv = ADVANTAGES[cfg.algo](targets, weights, traj.num_steps, values=values, gae_lambda=cfg.critic.gae_lambda,
@@ -179,7 +179,7 @@ def _loop(cfg: TrainConfig, state: RunState, learner: Learner, workers, norms: d
         if critic is not None and not train_policy and cfg.critic.pretrain_replay > 0:  # refit on every batch so far
             learner.value_replay.add(traj, raw[mine])
             fit, fit_targets = learner.value_replay.batch(
-                lambda r: torch.stack([norms[n].normalise(r[:, k]) for k, n in enumerate(names)], dim=1).float())
+                lambda r: _normalised(norms, names, r))
             stats = learner.update(fit, torch.zeros(fit.batch_size, fit.num_steps), fit_targets, None, False)
         else:
             stats = learner.update(traj, adv[mine], targets[mine] if critic is not None else None,
@@ -223,6 +223,11 @@ def _sync(learner: Learner, workers) -> dict[str, float]:
 
 def _quiet(*_args, **_kwargs) -> None:
     """Log of the ranks other than the driver."""
+
+
+def _normalised(norms: dict, names: list[str], raw: torch.Tensor) -> torch.Tensor:
+    """Raw scores (B, K) → each reward's running-normalised value target (B, K)."""
+    return torch.stack([norms[n].normalise(raw[:, k]) for k, n in enumerate(names)], dim=1).float()
 
 
 def _log_iteration(log, writer, record: dict) -> None:
