@@ -162,6 +162,11 @@ def load_lora_state_dict(pipe: DiffusionPipeline, state: dict[str, torch.Tensor]
         raise ValueError(f"LoRA state for adapter {adapter_name!r}: peft did not use keys {unexpected[:2]}")
 
 
+def state_num_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of a state dict's tensors (a weight sync's payload)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def lora_num_bytes(pipe: DiffusionPipeline, adapter_name: str = "policy") -> int:
     """Size of one adapter's tensors: what a weight sync to the rollout workers sends."""
-    return sum(t.numel() * t.element_size() for t in lora_state_dict(pipe, adapter_name).values())
+    return state_num_bytes(lora_state_dict(pipe, adapter_name))

@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from align.rollout.requests import Request, SyncStats, make_requests, state_num_bytes
+from align.backbones.lora import state_num_bytes
+from align.rollout.requests import Request, SyncStats, make_requests
 from align.sampling import Trajectory
 
 PLACEMENT_TIMEOUT_S = 120.0

@@ -44,10 +44,6 @@ def make_requests(prompts: list[str], seed: int, chunk_size: int) -> list[Reques
             for i, start in enumerate(range(0, len(prompts), chunk_size))]
 
 
-def state_num_bytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
 class LocalRollouts:
     """``ray.num_rollout_workers=0``: the same requests served in-process by one ``RolloutWorker``
     that shares the learner's pipeline (weight sync only stamps the version)."""
