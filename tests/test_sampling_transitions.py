@@ -9,8 +9,9 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from align.backbones.presets import SD15_SCHEDULE
-from align.sampling import (ddim_distribution, ddim_step_with_logprob, flow_sde_distribution,
-                            flow_sde_step_with_logprob, gaussian_log_prob, step_log_prob, take_step, transition_for)
+from align.sampling import (SamplerConfig, ddim_distribution, ddim_step_with_logprob, flow_sde_distribution,
+                            flow_sde_step_with_logprob, gaussian_log_prob, sample_trajectory, step_log_prob,
+                            take_step, transition_for)
 
 # fp32: the steps repeat diffusers' own float32 arithmetic; 1e-5 leaves ~100 ulps at |x| ~ 1.
 FP32_TOL = 1e-5
@@ -35,10 +36,24 @@ CASES = [(c, p) for c in DDIM_CONFIGS for p in ("epsilon", "v_prediction", "samp
          if not (c == "trailing_zero_snr" and p == "epsilon")]
 
 
+def _ddim_limit(sched: DDIMScheduler, model_out: torch.Tensor, t: torch.Tensor, x: torch.Tensor, eta: float,
+                z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DDIM step at the exact zero of 1 − ᾱ_{t−1} − σ_t², from diffusers' own parts (its x̂0 and
+    variance): mean = √ᾱ_{t−1} x̂0, x_{t−1} = mean + σ_t z. Returns ``(mean, x_{t−1})``."""
+    x0 = sched.step(model_out, t, x, eta=eta, variance_noise=z).pred_original_sample
+    prev_t = int(t) - sched.config.num_train_timesteps // sched.num_inference_steps
+    alpha_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+    mean = alpha_prev ** 0.5 * x0
+    return mean, mean + eta * sched._get_variance(t, prev_t) ** 0.5 * z
+
+
 @pytest.mark.parametrize("config,prediction_type", CASES)
 @pytest.mark.parametrize("eta", [0.5, 1.0])
 def test_ddim_logprob_step_matches_scheduler_step_and_gaussian_density(config: str, prediction_type: str,
                                                                        eta: float) -> None:
+    """Against ``DDIMScheduler.step`` where it is finite. Where it is NaN (the first step of a
+    zero-SNR schedule at η = 1, when 1 − ᾱ_{t−1} − σ_t² = 0 rounds below 0 on this CPU), ours must be
+    finite and equal the exact-zero limit built from diffusers' x̂0 and variance."""
     sched = _ddim(config, prediction_type)
     g = torch.Generator().manual_seed(0)
     for i in [0, 4, 9]:  # first, middle, last (prev timestep < 0 → final_alpha_cumprod)
@@ -46,10 +61,16 @@ def test_ddim_logprob_step_matches_scheduler_step_and_gaussian_density(config: s
         x, model_out, z = (3 * torch.randn(SHAPE, generator=g) for _ in range(3))
         z = z / 3
         ours = ddim_step_with_logprob(sched, model_out, t, x, eta=eta, noise=z)
+        assert torch.isfinite(ours.prev_sample).all() and torch.isfinite(ours.log_prob).all()
         ref = sched.step(model_out, t, x, eta=eta, variance_noise=z).prev_sample
-        torch.testing.assert_close(ours.prev_sample, ref, atol=FP32_TOL, rtol=0)
-        # the density, independently: diffusers' mean (its step with zero noise) and its variance
-        mean = sched.step(model_out, t, x, eta=eta, variance_noise=torch.zeros_like(z)).prev_sample
+        if torch.isfinite(ref).all():
+            torch.testing.assert_close(ours.prev_sample, ref, atol=FP32_TOL, rtol=0)
+            # the density, independently: diffusers' mean (its step with zero noise) and its variance
+            mean = sched.step(model_out, t, x, eta=eta, variance_noise=torch.zeros_like(z)).prev_sample
+        else:  # only where the term is 0 in exact arithmetic: ᾱ_t = 0 at η = 1
+            assert (config, eta, i) == ("trailing_zero_snr", 1.0, 0)
+            mean, ref = _ddim_limit(sched, model_out, t, x, eta, z)
+            torch.testing.assert_close(ours.prev_sample, ref, atol=FP32_TOL, rtol=0)
         prev_t = int(t) - sched.config.num_train_timesteps // sched.num_inference_steps
         std = eta * sched._get_variance(t, prev_t) ** 0.5
         expected = torch.distributions.Normal(mean, std).log_prob(ref).mean(dim=(1, 2, 3))
@@ -57,6 +78,55 @@ def test_ddim_logprob_step_matches_scheduler_step_and_gaussian_density(config: s
         # the recompute path scores the stored sample to the same value
         again = ddim_step_with_logprob(sched, model_out, t, x, eta=eta, prev_sample=ours.prev_sample)
         torch.testing.assert_close(again.log_prob, ours.log_prob, atol=FP32_TOL, rtol=0)
+
+
+def _zero_snr_at_the_edge(steps: int, prediction_type: str = "v_prediction") -> DDIMScheduler:
+    """A trailing zero-SNR DDIM schedule whose first ᾱ_{t−1} is moved (within 1e-3 of its own value)
+    to one where diffusers' 1 − ᾱ_{t−1} − σ_t² at η = 1 rounds below 0 on this CPU, so the clamp is
+    exercised whatever the rounding of the unmodified schedule."""
+    sched = DDIMScheduler(prediction_type=prediction_type, **DDIM_CONFIGS["trailing_zero_snr"])
+    sched.set_timesteps(steps)
+    t0 = int(sched.timesteps[0])
+    prev = t0 - sched.config.num_train_timesteps // steps
+    assert float(sched.alphas_cumprod[t0]) == 0.0  # zero terminal SNR: ᾱ_T = 0
+    sched.alphas_cumprod = sched.alphas_cumprod.clone()
+    ones = torch.ones(1, 1, 1, 1)
+    base = float(sched.alphas_cumprod[prev])
+    for candidate in torch.linspace(base * (1 - 1e-3), base * (1 + 1e-3), 257):  # ~½ of them round down
+        sched.alphas_cumprod[prev] = candidate
+        if torch.isnan(sched.step(ones, t0, ones, eta=1.0, variance_noise=ones).prev_sample).all():
+            return sched
+    raise AssertionError("no ᾱ_{t-1} near the schedule's own rounds 1 - ᾱ_{t-1} - σ² below zero")
+
+
+def test_ddim_at_eta_1_on_zero_snr_clamps_the_rounded_negative_term_where_diffusers_gives_nan() -> None:
+    sched = _zero_snr_at_the_edge(10)
+    g = torch.Generator().manual_seed(8)
+    x, model_out, z = (torch.randn(SHAPE, generator=g) for _ in range(3))
+    t = sched.timesteps[0]
+    assert torch.isnan(sched.step(model_out, t, x, eta=1.0, variance_noise=z).prev_sample).all()
+    ours = ddim_step_with_logprob(sched, model_out, t, x, eta=1.0, noise=z)
+    mean, expected = _ddim_limit(sched, model_out, t, x, 1.0, z)
+    torch.testing.assert_close(ours.mean, mean, atol=FP32_TOL, rtol=0)
+    torch.testing.assert_close(ours.prev_sample, expected, atol=FP32_TOL, rtol=0)
+    assert torch.isfinite(ours.log_prob).all()
+
+
+def test_zero_snr_vpred_unet_at_eta_1_samples_finite_latents_and_log_probs(tiny_unet_vpred_pipe) -> None:
+    """An SD2.1-v-style zero-terminal-SNR model at η = 1 through the sampler (diffusers' step: NaN)."""
+    steps = 4
+    tiny_unet_vpred_pipe.scheduler = _zero_snr_at_the_edge(steps)
+    traj = sample_trajectory(tiny_unet_vpred_pipe, ["two red circles", "one blue square"],
+                             SamplerConfig(num_inference_steps=steps, eta=1.0, output_type="latent"),
+                             torch.Generator().manual_seed(0))
+    assert torch.isfinite(traj.latents).all() and torch.isfinite(traj.log_probs).all()
+    assert traj.latents.shape[1] == steps + 1 and traj.latents[:, 1:].abs().max() > 0
+
+
+def test_ddim_refuses_eta_above_1() -> None:
+    """η > 1 is no DDIM process (1 − ᾱ_{t−1} − σ_t² truly < 0); refused rather than clamped."""
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        ddim_distribution(_ddim("sd15", "epsilon"), torch.zeros(SHAPE), 901, torch.zeros(SHAPE), eta=1.5)
 
 
 def test_ddim_logprob_sum_is_mean_times_dims_and_generator_draws_like_diffusers() -> None:

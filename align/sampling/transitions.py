@@ -123,9 +123,18 @@ def ddim_distribution(scheduler: DDIMScheduler, model_output: torch.Tensor, time
     μ = √ᾱ_{t−1} x̂0 + √(1−ᾱ_{t−1}−σ_t²) ε̂. The previous timestep is t − T_train/N; below 0 it
     uses ``final_alpha_cumprod``, x̂0 is thresholded or clipped per the scheduler config, and
     ``use_clipped_model_output`` re-derives ε̂, all exactly as ``DDIMScheduler.step``.
+
+    One difference from diffusers, where it gives NaN: for η ≤ 1, 1 − ᾱ_{t−1} − σ_t² =
+    (1−ᾱ_{t−1})/(1−ᾱ_t) · [(1−ᾱ_t) − η²(1−ᾱ_t/ᾱ_{t−1})] ≥ 0, and it is exactly 0 at η = 1 when
+    ᾱ_t = 0 (the first step of a zero-terminal-SNR schedule). In float it can round to −1 ulp, whose
+    square root is NaN (in ``DDIMScheduler.step`` too, depending on the CPU's rounding); it is
+    clamped at 0 here, so that step stays finite. η > 1 (not a DDIM process, and a truly negative
+    term) is refused rather than clamped.
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("DDIM: call scheduler.set_timesteps(...) before stepping")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"DDIM: eta must be in [0, 1] (1 is DDPM's variance), got {eta}")
     timestep = int(timestep)
     prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alpha_t = scheduler.alphas_cumprod[timestep]
@@ -138,7 +147,8 @@ def ddim_distribution(scheduler: DDIMScheduler, model_output: torch.Tensor, time
     if use_clipped_model_output:
         eps = (sample - alpha_t ** 0.5 * x0) / (1 - alpha_t) ** 0.5
     std = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5
-    mean = alpha_prev ** 0.5 * x0 + (1 - alpha_prev - std ** 2) ** 0.5 * eps
+    direction = torch.clamp(1 - alpha_prev - std ** 2, min=0)  # ≥ 0 in exact arithmetic (η ≤ 1)
+    mean = alpha_prev ** 0.5 * x0 + direction ** 0.5 * eps
     return mean, std
 
 
