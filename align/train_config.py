@@ -73,6 +73,13 @@ class RayConfig:
     placement_strategy: str = field("PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                                     help="placement-group strategy of each actor group")
     max_restarts: int = field(3, help="restarts of a dead actor; its lost requests are re-issued")
+    restart_timeout_s: float = field(300.0, help="seconds to wait for a restarting actor (its constructor, model "
+                                                 "load included) before the run fails; waiting costs no retry")
+
+    def validate(self) -> None:
+        if not 0 < self.restart_timeout_s < float("inf"):
+            raise ValueError(f"ray.restart_timeout_s must be a finite number of seconds > 0, "
+                             f"got {self.restart_timeout_s}")
 
 
 @dataclasses.dataclass

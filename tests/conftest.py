@@ -1,7 +1,10 @@
 """Shared fixtures: tiny real pipelines built from configs (seeded, fp32, CPU), never from a hub."""
 from __future__ import annotations
 
+import argparse
 import os
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,6 +18,52 @@ from align.backbones import build_pipeline  # noqa: E402
 # workers make each op 20–50× slower (measured: a 64-channel 3×3 conv takes 25 ms with 2 threads
 # beside one busy process, 0.5 ms with 1). ALIGN_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("ALIGN_TEST_THREADS", "1")))
+
+
+# --cpu-hog N: make load-dependent flakiness visible. N busy-loop processes
+# (`python -c 'while True: pass'`) run beside the tests for the whole session, so that a test that
+# passes only on an idle CPU (a sleep instead of a wait, a timed assertion, a retry loop that
+# races a restart) fails here rather than on a user's loaded machine. They are started by the
+# session fixture `cpu_hog` and ended by their PID when the session ends (never by name: other
+# pytest runs may share the machine); on Linux they also get SIGKILL if pytest itself is killed.
+# Example: `pytest -m distributed tests/test_distributed.py --cpu-hog 2`.
+def _hog_count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--cpu-hog must be >= 0, got {n}")
+    return n
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--cpu-hog", type=_hog_count, default=0, metavar="N",
+                     help="run N busy-loop processes beside the tests (ended by PID at the end) to expose "
+                          "tests that need an idle CPU")
+
+
+def pytest_report_header(config) -> str:
+    n = config.getoption("--cpu-hog")
+    return f"cpu-hog: {n} busy-loop process(es) beside the tests" if n else ""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when pytest dies (Linux prctl PR_SET_PDEATHSIG), no orphans."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_hog(request):
+    """The PIDs of the ``--cpu-hog`` busy loops, started for the session and ended by PID after it."""
+    n = request.config.getoption("--cpu-hog")
+    hooks = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], **hooks) for _ in range(n)]
+    try:
+        yield [h.pid for h in hogs]
+    finally:
+        for h in hogs:
+            h.kill()  # SIGKILL to this PID only
+            h.wait()
 
 
 @pytest.fixture

@@ -2,11 +2,13 @@
 ``rollout(prompts, seed)`` / ``score(images, prompts)`` calls as the in-process path.
 
 The driver (learner rank 0) cuts a batch into seeded requests (``requests.py``) and hands them to
-idle actors. An actor that dies (``max_restarts``) loses its request; the driver re-issues it, so
-the batch is always complete and nothing is duplicated, and the chunk seed makes the re-issued
-trajectory identical to the lost one. Weight sync puts the policy LoRA state once in the object
-store; every request also carries ``(version, [ref])``, so an actor restarted from scratch loads
-the current weights before sampling. Ray is imported lazily: importing this module is cheap.
+idle actors. An actor that dies loses its request; the driver re-issues it, so the batch is always
+complete and nothing is duplicated, and the chunk seed makes the re-issued trajectory identical to
+the lost one. While Ray restarts the actor (``max_restarts``) the driver waits for it, up to
+``ray.restart_timeout_s``, without spending a retry; only an actor dead for good costs one. Weight
+sync puts the policy LoRA state once in the object store; every request also carries
+``(version, [ref])``, so an actor restarted from scratch loads the current weights before sampling.
+Ray is imported lazily: importing this module is cheap.
 """
 from __future__ import annotations
 
@@ -110,38 +112,122 @@ def start_actors(body: type, args: tuple, n: int, cpus: float, gpus: float, stra
     return actors, pg
 
 
+PROBE_BACKOFF_S = (0.1, 2.0)  # first and largest wait between two probes of a restarting actor
+
+
+class _Pool:
+    """The actors of one :func:`run_requests` call: idle, busy, restarting or dead.
+
+    Ray raises ``ActorUnavailableError`` while an actor is down but will come back (its process died
+    and Ray is restarting it: the in-flight call fails with it, and so does every call until the
+    constructor has run again), and ``ActorDiedError`` once it is dead for good (``max_restarts``
+    used up). A restarting actor is probed with its cheap ``pid`` method, with exponential backoff,
+    until it answers or ``timeout_s`` has passed since it went down; a dead one gets no more work.
+    """
+
+    def __init__(self, n: int, timeout_s: float, what: str) -> None:
+        self.idle: collections.deque = collections.deque(range(n))
+        self.restarting: dict[int, dict] = {}  # actor -> deadline, next probe time, delay, probing
+        self.dead: set[int] = set()
+        self.last_death: Optional[Exception] = None
+        self.timeout_s, self.what = timeout_s, what
+
+    def back(self, a: int) -> None:
+        self.restarting.pop(a, None)
+        self.idle.append(a)
+
+    def died(self, a: int, err: Exception) -> None:
+        self.restarting.pop(a, None)
+        self.dead.add(a)
+        self.last_death = err
+
+    def unavailable(self, a: int, err: Exception) -> None:
+        """``a`` is down: (re)schedule its next probe; past its deadline, fail the run."""
+        now = time.monotonic()
+        state = self.restarting.setdefault(a, {"deadline": now + self.timeout_s, "delay": PROBE_BACKOFF_S[0]})
+        if now >= state["deadline"]:
+            raise RuntimeError(f"ray: {self.what} actor {a} still unavailable {self.timeout_s:.0f} s after it "
+                               f"went down (ray.restart_timeout_s): {err}") from err
+        state.update(next=now + state["delay"], delay=min(2 * state["delay"], PROBE_BACKOFF_S[1]), probing=False)
+
+    def probes_due(self) -> list[int]:
+        now = time.monotonic()
+        due = [a for a, st in self.restarting.items() if not st["probing"] and now >= st["next"]]
+        for a in due:
+            self.restarting[a]["probing"] = True
+        return due
+
+    def wake_in(self) -> Optional[float]:
+        """Seconds until the next probe is due or a probe in flight passes its deadline (None: no wait)."""
+        times = [st["deadline"] if st["probing"] else st["next"] for st in self.restarting.values()]
+        return max(0.0, min(times) - time.monotonic()) if times else None
+
+    def check_deadlines(self) -> None:
+        """Fail if a probe has been in flight past its actor's deadline (a restart that hangs)."""
+        now = time.monotonic()
+        for a, st in self.restarting.items():
+            if st["probing"] and now >= st["deadline"]:
+                raise RuntimeError(f"ray: {self.what} actor {a} did not come back within {self.timeout_s:.0f} s "
+                                   "(ray.restart_timeout_s)")
+
+
 def run_requests(actors: list, call: Callable[[Any, Any], Any], payloads: list, max_attempts: int,
-                 on_dispatch: Optional[Callable[[], None]] = None) -> tuple[list, int]:
-    """Serve ``payloads`` on idle actors (one in flight per actor); a payload whose actor died is
-    re-issued, up to ``max_attempts`` times. Returns the results in payload order and the re-issue count."""
+                 on_dispatch: Optional[Callable[[], None]] = None, *, restart_timeout_s: float,
+                 what: str) -> tuple[list, int]:
+    """Serve ``payloads`` on idle actors (one in flight per actor). A payload whose actor went down is
+    re-issued (requests are seeded, so a re-issue gives the same result): while the actor restarts,
+    the driver waits for it (:class:`_Pool`) and the re-issue costs no attempt; a payload lost to an
+    actor that is dead for good counts one, up to ``max_attempts``. Returns the results in payload
+    order and the re-issue count."""
     import ray
     from ray.exceptions import ActorUnavailableError, RayActorError
-    queue, idle = collections.deque(range(len(payloads))), collections.deque(range(len(actors)))
-    pending: dict = {}
+    pool = _Pool(len(actors), restart_timeout_s, what)
+    queue = collections.deque(range(len(payloads)))
+    pending: dict = {}  # ref -> (payload index, or None for a probe; actor)
     results: list = [None] * len(payloads)
-    attempts = [0] * len(payloads)
+    losses = [0] * len(payloads)
     reissued = 0
 
     def submit() -> None:
-        while queue and idle:
-            i, a = queue.popleft(), idle.popleft()
-            attempts[i] += 1
+        while queue and pool.idle:
+            i, a = queue.popleft(), pool.idle.popleft()
             pending[call(actors[a], payloads[i])] = (i, a)
+        for a in pool.probes_due():
+            pending[actors[a].pid.remote()] = (None, a)
+        if queue and not pending and not pool.restarting:
+            raise RuntimeError(f"ray: all {len(actors)} {what} actors are dead (ray.max_restarts used up), "
+                               f"{len(queue)} requests unserved; last: {pool.last_death}")
 
     submit()
     if on_dispatch is not None:
         on_dispatch()
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        i, a = pending.pop(ref)
-        try:
-            results[i] = ray.get(ref)
-        except (RayActorError, ActorUnavailableError) as err:
-            if attempts[i] >= max_attempts:
-                raise RuntimeError(f"ray: request {i} lost {attempts[i]} times to dead actors: {err}") from err
-            queue.appendleft(i)
-            reissued += 1
-        idle.append(a)
+    while pending or queue:
+        if pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=pool.wake_in())
+        else:  # every live actor is restarting: wait for the next probe
+            ready = []
+            time.sleep(pool.wake_in() or 0.0)
+        for ref in ready:
+            i, a = pending.pop(ref)
+            try:
+                value = ray.get(ref)
+            except ActorUnavailableError as err:  # restarting: wait for it, no attempt lost
+                pool.unavailable(a, err)
+            except RayActorError as err:  # ActorDiedError: dead for good
+                pool.died(a, err)
+                if i is not None:
+                    losses[i] += 1
+                    if losses[i] >= max_attempts:
+                        raise RuntimeError(f"ray: request {i} lost {losses[i]} times to dead actors: {err}") from err
+            else:
+                if i is not None:
+                    results[i] = value
+                pool.back(a)
+                continue
+            if i is not None:
+                queue.appendleft(i)
+                reissued += 1
+        pool.check_deadlines()
         submit()
     return results, reissued
 
@@ -152,6 +238,7 @@ class RayRollouts:
     def __init__(self, cfg) -> None:
         r = cfg.ray
         self.chunk_size, self.max_attempts = r.chunk_size, r.max_restarts + 1
+        self.restart_timeout_s = r.restart_timeout_s
         self.actors, self.pg = start_actors(RolloutActor, (cfg, r.cpus_per_rollout_worker), r.num_rollout_workers,
                                             r.cpus_per_rollout_worker, r.gpus_per_rollout_worker,
                                             r.placement_strategy, r.max_restarts, "rollout")
@@ -159,7 +246,7 @@ class RayRollouts:
         self.reissued = 0
 
     def pids(self) -> list[int]:
-        return _pids(self.actors)
+        return _pids(self.actors, self.restart_timeout_s)
 
     def set_policy(self, state: dict[str, torch.Tensor], version: int) -> SyncStats:
         """Put the LoRA state once; every live actor loads it (a dead one loads it on its next request)."""
@@ -179,7 +266,8 @@ class RayRollouts:
             raise RuntimeError("RayRollouts.rollout before set_policy: the actors hold no policy weights yet")
         requests = make_requests(prompts, seed, self.chunk_size)
         parts, reissued = run_requests(self.actors, lambda a, req: a.rollout.remote(req, self.version, self.box),
-                                       requests, self.max_attempts, on_dispatch)
+                                       requests, self.max_attempts, on_dispatch,
+                                       restart_timeout_s=self.restart_timeout_s, what="rollout")
         self.reissued += reissued
         return Trajectory.cat(parts)
 
@@ -193,6 +281,7 @@ class RayRewards:
     def __init__(self, cfg) -> None:
         r = cfg.ray
         self.chunk_size, self.max_attempts = r.chunk_size, r.max_restarts + 1
+        self.restart_timeout_s = r.restart_timeout_s
         self.reissued = 0
         self.actors, self.pg = start_actors(RewardActor, (list(cfg.rewards), dict(cfg.reward_args)),
                                             r.num_reward_workers, r.cpus_per_reward_worker, r.gpus_per_reward_worker,
@@ -207,31 +296,32 @@ class RayRewards:
                   for s in range(0, len(prompts), self.chunk_size)]
         try:
             parts, reissued = run_requests(self.actors, lambda a, c: a.score.remote(*c), chunks, self.max_attempts,
-                                           on_dispatch)
+                                           on_dispatch, restart_timeout_s=self.restart_timeout_s, what="reward")
         except RayTaskError as err:
             raise err.cause from None
         self.reissued += reissued
         return torch.cat(parts)
 
     def pids(self) -> list[int]:
-        return _pids(self.actors)
+        return _pids(self.actors, self.restart_timeout_s)
 
     def close(self) -> None:
         _close(self.actors, self.pg)
 
 
-def _pids(actors: list, timeout_s: float = 120.0) -> list[int]:
-    """Process ids of the actors (waits for restarting ones)."""
+def _pids(actors: list, timeout_s: float) -> list[int]:
+    """Process ids of the actors; waits (with backoff, up to ``timeout_s``) for restarting ones."""
     import ray
     from ray.exceptions import ActorUnavailableError
-    deadline = time.monotonic() + timeout_s
+    deadline, delay = time.monotonic() + timeout_s, PROBE_BACKOFF_S[0]
     while True:
         try:
             return ray.get([a.pid.remote() for a in actors])
         except ActorUnavailableError:
-            if time.monotonic() > deadline:
+            if time.monotonic() + delay > deadline:
                 raise
-            time.sleep(0.2)
+            time.sleep(delay)
+            delay = min(2 * delay, PROBE_BACKOFF_S[1])
 
 
 def _close(actors: list, pg) -> None:
