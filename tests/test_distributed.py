@@ -128,6 +128,58 @@ def test_killed_reward_actor_mid_scoring_still_scores_every_sample_once(ray_sess
         rewards.close()
 
 
+def test_reward_actor_dead_for_good_gets_no_more_work_and_the_survivor_scores_the_batch(ray_session,
+                                                                                       tmp_path) -> None:
+    """With ``max_restarts=0`` a killed actor is dead for good (ActorDiedError): its request goes to
+    the other actor and the scores equal an undisturbed scoring; with every actor dead, scoring
+    fails in one line instead of retrying."""
+    from align.rollout.ray_group import RayRewards
+    rewards = RayRewards(_cfg(tmp_path, "rewards=[jpeg_compressibility:1.0]", "ray.num_reward_workers=2",
+                              "ray.max_restarts=0"))
+    try:
+        images = torch.rand(len(PROMPTS), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        reference = rewards.score(images, PROMPTS)
+        first, second = rewards.pids()
+        scores = rewards.score(images, PROMPTS, on_dispatch=lambda: os.kill(first, signal.SIGKILL))
+        assert rewards.reissued >= 1
+        torch.testing.assert_close(scores, reference, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match=r"all 2 reward actors are dead \(ray.max_restarts used up\)"):
+            rewards.score(images, PROMPTS, on_dispatch=lambda: os.kill(second, signal.SIGKILL))
+    finally:
+        rewards.close()
+
+
+class SlowToRestart:
+    """An actor whose restart hangs: its constructor sleeps when Ray reconstructs it."""
+
+    def __init__(self) -> None:
+        import time
+        import ray
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            time.sleep(600)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def echo(self, x: int) -> int:
+        return x
+
+
+def test_actor_that_does_not_come_back_within_restart_timeout_fails_the_call_in_one_line(ray_session) -> None:
+    """The driver waits for a restarting actor, but only up to ``ray.restart_timeout_s``."""
+    from align.rollout.ray_group import run_requests
+    actor = ray_session.remote(max_restarts=1, max_task_retries=0)(SlowToRestart).remote()
+    try:
+        victim = ray_session.get(actor.pid.remote())
+        echo = lambda a, x: a.echo.remote(x)  # noqa: E731
+        assert run_requests([actor], echo, [1, 2], restart_timeout_s=3.0, what="test") == ([1, 2], 0)
+        with pytest.raises(RuntimeError, match=r"ray: test actor 0 .* 3 s .*\(ray\.restart_timeout_s\)"):
+            run_requests([actor], echo, [1, 2], lambda: os.kill(victim, signal.SIGKILL), restart_timeout_s=3.0,
+                         what="test")
+    finally:
+        ray_session.kill(actor, no_restart=True)
+
+
 def test_reward_actor_that_raises_names_the_reward_and_no_update_happens(ray_session, tmp_path) -> None:
     from align.train import train
     from rewards import RewardError

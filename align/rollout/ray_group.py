@@ -171,21 +171,21 @@ class _Pool:
                                    "(ray.restart_timeout_s)")
 
 
-def run_requests(actors: list, call: Callable[[Any, Any], Any], payloads: list, max_attempts: int,
+def run_requests(actors: list, call: Callable[[Any, Any], Any], payloads: list,
                  on_dispatch: Optional[Callable[[], None]] = None, *, restart_timeout_s: float,
                  what: str) -> tuple[list, int]:
     """Serve ``payloads`` on idle actors (one in flight per actor). A payload whose actor went down is
-    re-issued (requests are seeded, so a re-issue gives the same result): while the actor restarts,
-    the driver waits for it (:class:`_Pool`) and the re-issue costs no attempt; a payload lost to an
-    actor that is dead for good counts one, up to ``max_attempts``. Returns the results in payload
-    order and the re-issue count."""
+    re-issued to the next idle one (requests are seeded, so a re-issue gives the same result). An
+    actor that Ray is restarting is waited for (:class:`_Pool`); one dead for good gets no more work.
+    It ends because restarts are finite (``max_restarts`` >= 0): it fails when every actor is dead for
+    good, or one stays down past ``restart_timeout_s``. Returns the results in payload order and the
+    re-issue count."""
     import ray
     from ray.exceptions import ActorUnavailableError, RayActorError
     pool = _Pool(len(actors), restart_timeout_s, what)
     queue = collections.deque(range(len(payloads)))
     pending: dict = {}  # ref -> (payload index, or None for a probe; actor)
     results: list = [None] * len(payloads)
-    losses = [0] * len(payloads)
     reissued = 0
 
     def submit() -> None:
@@ -211,14 +211,10 @@ def run_requests(actors: list, call: Callable[[Any, Any], Any], payloads: list, 
             i, a = pending.pop(ref)
             try:
                 value = ray.get(ref)
-            except ActorUnavailableError as err:  # restarting: wait for it, no attempt lost
+            except ActorUnavailableError as err:  # down, and Ray is restarting it: wait for it
                 pool.unavailable(a, err)
             except RayActorError as err:  # ActorDiedError: dead for good
                 pool.died(a, err)
-                if i is not None:
-                    losses[i] += 1
-                    if losses[i] >= max_attempts:
-                        raise RuntimeError(f"ray: request {i} lost {losses[i]} times to dead actors: {err}") from err
             else:
                 if i is not None:
                     results[i] = value
@@ -237,8 +233,7 @@ class RayRollouts:
 
     def __init__(self, cfg) -> None:
         r = cfg.ray
-        self.chunk_size, self.max_attempts = r.chunk_size, r.max_restarts + 1
-        self.restart_timeout_s = r.restart_timeout_s
+        self.chunk_size, self.restart_timeout_s = r.chunk_size, r.restart_timeout_s
         self.actors, self.pg = start_actors(RolloutActor, (cfg, r.cpus_per_rollout_worker), r.num_rollout_workers,
                                             r.cpus_per_rollout_worker, r.gpus_per_rollout_worker,
                                             r.placement_strategy, r.max_restarts, "rollout")
@@ -266,7 +261,7 @@ class RayRollouts:
             raise RuntimeError("RayRollouts.rollout before set_policy: the actors hold no policy weights yet")
         requests = make_requests(prompts, seed, self.chunk_size)
         parts, reissued = run_requests(self.actors, lambda a, req: a.rollout.remote(req, self.version, self.box),
-                                       requests, self.max_attempts, on_dispatch,
+                                       requests, on_dispatch,
                                        restart_timeout_s=self.restart_timeout_s, what="rollout")
         self.reissued += reissued
         return Trajectory.cat(parts)
@@ -280,8 +275,7 @@ class RayRewards:
 
     def __init__(self, cfg) -> None:
         r = cfg.ray
-        self.chunk_size, self.max_attempts = r.chunk_size, r.max_restarts + 1
-        self.restart_timeout_s = r.restart_timeout_s
+        self.chunk_size, self.restart_timeout_s = r.chunk_size, r.restart_timeout_s
         self.reissued = 0
         self.actors, self.pg = start_actors(RewardActor, (list(cfg.rewards), dict(cfg.reward_args)),
                                             r.num_reward_workers, r.cpus_per_reward_worker, r.gpus_per_reward_worker,
@@ -295,8 +289,8 @@ class RayRewards:
         chunks = [(images[s:s + self.chunk_size], prompts[s:s + self.chunk_size])
                   for s in range(0, len(prompts), self.chunk_size)]
         try:
-            parts, reissued = run_requests(self.actors, lambda a, c: a.score.remote(*c), chunks, self.max_attempts,
-                                           on_dispatch, restart_timeout_s=self.restart_timeout_s, what="reward")
+            parts, reissued = run_requests(self.actors, lambda a, c: a.score.remote(*c), chunks, on_dispatch,
+                                           restart_timeout_s=self.restart_timeout_s, what="reward")
         except RayTaskError as err:
             raise err.cause from None
         self.reissued += reissued
