@@ -26,6 +26,9 @@ torch.set_num_threads(int(os.environ.get("ALIGN_TEST_THREADS", "1")))
 # races a restart) fails here rather than on a user's loaded machine. They are started by the
 # session fixture `cpu_hog` and ended by their PID when the session ends (never by name: other
 # pytest runs may share the machine); on Linux they also get SIGKILL if pytest itself is killed.
+# They run at the lowest CPU priority (nice 19), like Ray's workers (Ray nices them by 15): at
+# pytest's own priority they would take ~95 % of the CPU from the actors (measured: the Ray tests
+# then crawl for > 15 min instead of 3), a starvation test, not a load test.
 # Example: `pytest -m distributed tests/test_distributed.py --cpu-hog 2`.
 def _hog_count(text: str) -> int:
     n = int(text)
@@ -45,10 +48,16 @@ def pytest_report_header(config) -> str:
     return f"cpu-hog: {n} busy-loop process(es) beside the tests" if n else ""
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when pytest dies (Linux prctl PR_SET_PDEATHSIG), no orphans."""
+def _lowest_priority() -> None:
+    """In the child, before exec: nice 19 (see above)."""
+    os.nice(19)
+
+
+def _lowest_priority_dying_with_parent() -> None:
+    """As :func:`_lowest_priority`, and SIGKILL when pytest dies (Linux PR_SET_PDEATHSIG): no orphans."""
     import ctypes
     import signal
+    _lowest_priority()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
@@ -56,8 +65,8 @@ def _die_with_parent() -> None:
 def cpu_hog(request):
     """The PIDs of the ``--cpu-hog`` busy loops, started for the session and ended by PID after it."""
     n = request.config.getoption("--cpu-hog")
-    hooks = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], **hooks) for _ in range(n)]
+    setup = _lowest_priority_dying_with_parent if sys.platform.startswith("linux") else _lowest_priority
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=setup) for _ in range(n)]
     try:
         yield [h.pid for h in hogs]
     finally:
