@@ -48,7 +48,8 @@ class SolveConfig:
     prompt: str = field("a photo", help="neutral prompt of the denoiser")
     guidance_scale: float = field(1.0, help="CFG scale of the denoiser (1: no CFG)")
     lora: Optional[str] = field(None, help="policy LoRA directory in diffusers format (align train's export/policy)")
-    lpips_weights: Optional[str] = field(None, help="torchvision backbone checkpoint for LPIPS (no download here)")
+    lpips_weights: Optional[str] = field(None, help="torchvision backbone checkpoint for LPIPS (.pth read with "
+                                                  "weights_only=True, or .safetensors; no download here)")
     lpips_net: str = field("alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone")
     dps_steps: int = field(100, help="DPS steps")
     dps_scale: float = field(10.0, help="DPS step size ζ, VP units (tuned on the toy at 100 steps; "
@@ -198,11 +199,11 @@ def load_pipeline(cfg: SolveConfig):
 def run_solve(cfg: SolveConfig, pipe=None) -> list[dict]:
     """Solve, save PNG(s), print metrics; with several knob values print a table and plot the D–P curve."""
     precheck(cfg)
+    lpips = load_lpips(cfg.lpips_weights, cfg.lpips_net) if cfg.lpips_weights else None  # refused before the model
     pipe = pipe if pipe is not None else load_pipeline(cfg)
     net = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
     size = net.config.sample_size * pipe.vae_scale_factor
     op, y, ref, knobs = prepare(cfg, size)
-    lpips = load_lpips(cfg.lpips_weights, cfg.lpips_net) if cfg.lpips_weights else None
     if ref is not None and lpips is None:
         print(LPIPS_UNAVAILABLE)
     rows, x_hat, stage1_calls = [], None, {"forward": 0, "vjp": 0}
