@@ -132,7 +132,8 @@ def build_solver(cfg: SolveConfig, pipe, op, y: torch.Tensor, renoise: float):
     clamp_kw = {k: v for k, v in (("steps", cfg.clamp_steps), ("gmres_iters", cfg.gmres_iters)) if v is not None}
     dps_kw = {"steps": cfg.dps_steps, "scale": cfg.dps_scale}
     if cfg.method == "dps":
-        return DPS(pipe, op, y, cfg.sigma_y, progress=cfg.progress, denoiser_kwargs=den_kw, **dps_kw)
+        # the DPS step is residual-normalised: σ_y only simulates the measurement (--degrade)
+        return DPS(pipe, op, y, None, progress=cfg.progress, denoiser_kwargs=den_kw, **dps_kw)
     if cfg.method == "clamp":
         return CLAMP(pipe, op, y, cfg.sigma_y, progress=cfg.progress, denoiser_kwargs=den_kw, **clamp_kw)
     return MapRPS(pipe, op, y, cfg.sigma_y, renoise=renoise, stage2=cfg.stage2, stage1=cfg.stage1,
