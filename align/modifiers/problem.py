@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from align.modifiers.denoiser import Denoiser, PipelineDenoiser, check_has_vae
+from align.modifiers.denoiser import Denoiser, PipelineDenoiser, check_denoiser, check_has_vae, is_pipeline
 from align.modifiers.operators import LatentOperator, Operator
 
 
@@ -55,7 +55,9 @@ def make_problem(model, operator: Operator, y: torch.Tensor, sigma_y: Optional[f
     sigma_y = None if sigma_y is None else float(sigma_y)
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be an align.modifiers.operators.Operator, got {type(operator).__name__}")
-    if isinstance(model, Denoiser):
+    if not isinstance(model, Denoiser) and not is_pipeline(model):
+        check_denoiser(model)  # a duck-typed denoiser passes; anything else is named with what it lacks
+    if not is_pipeline(model):
         operator.check_measurement(y, model.state_shape(y.shape[0]))
         return InverseProblem(model, operator, y, sigma_y, latent=False)
     check_has_vae(model)
