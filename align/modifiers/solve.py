@@ -43,7 +43,8 @@ class SolveConfig:
     kernel: str = field("gauss:9:2.0", help="deblur: gauss:SIZE:SIGMA or aniso:SIZE:SIGMA_X:SIGMA_Y:ANGLE")
     renoise: str = field("0.3", help="MAP-RPS knob t*/T in [0, 1]; a comma list sweeps it")
     stage2: str = field("clamp", choices=("clamp", "dps"), help="MAP-RPS stage-2 sampler")
-    sigma_y: float = field(0.05, help="measurement noise std (images in [-1, 1])")
+    sigma_y: float = field(0.05, help="measurement noise std (images in [-1, 1]): CLAMP's σ_n, MAP-RPS stage 1 "
+                                      "and --degrade; DPS's residual-normalised step does not use it")
     seed: int = field(0, help="sampler RNG seed")
     prompt: str = field("a photo", help="neutral prompt of the denoiser")
     guidance_scale: float = field(1.0, help="CFG scale of the denoiser (1: no CFG)")
@@ -154,6 +155,9 @@ def precheck(cfg: SolveConfig) -> None:
         raise ValueError("--input PNG is required")
     if cfg.lora is not None and not os.path.isdir(cfg.lora):
         raise FileNotFoundError(f"--lora {cfg.lora}: not a directory (expected align train's export/policy)")
+    if not 0 < cfg.sigma_y < float("inf"):
+        raise ValueError(f"--sigma-y {cfg.sigma_y}: the measurement noise std must be finite and > 0")
+    cfg.stage1.check()
     if cfg.task == "deblur":
         parse_kernel(cfg.kernel)
     if cfg.task == "sr":
