@@ -63,7 +63,7 @@ def test_map_rps_stage1_defaults_converge_to_the_posterior_mean_at_48_dimensions
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         x_hat = rps.stage1()
-    assert rps.stage1_result.converged and rps.stage1_result.iters < Stage1Config().final_iters
+    assert rps.stage1_result.converged and rps.stage1_result.iters < 200  # the pixel default cap
     c, m = _posterior(cov, mu, a, y, sy)
     _, map_s = _posterior(cov, mu, a, y, sy, s_smooth=den.sigma_min)
     scale = float(torch.trace(c)) ** 0.5

@@ -39,25 +39,36 @@ class ConvergenceWarning(UserWarning):
 
 @dataclasses.dataclass
 class Stage1Config:
-    """The MAP stage. Defaults converge (tol 1e-6) on the 48-dimensional Gaussian known-answer tests
-    in 90–140 iterations; the number needed grows with the dimension and the conditioning."""
+    """The MAP stage. The pixel defaults (exact CG prox) converge (tol 1e-6) on the 48-dimensional
+    Gaussian known-answer tests in 90–140 iterations; the number needed grows with the dimension
+    and the conditioning. The latent prox (Adam steps through A∘Dec) is approximate, so its map has
+    no exact fixed point: the latent defaults keep the former budget (20 iterations, memory 5) and
+    warn when it ends unconverged."""
     anneal_iters: int = field(30, help="HQS iterations with s annealed geometrically from s_start to s_s")
-    final_iters: int = field(200, help="iteration cap of the Anderson-accelerated HQS at s_s (a warning when hit)")
+    final_iters: Optional[int] = field(None, help="iteration cap of the Anderson-accelerated HQS at s_s, a warning "
+                                                  "when hit (default: 200 pixel, 20 latent)")
     tol: float = field(1e-6, help="stop at s_s once |T(x) − x| ≤ tol · its first value, for every sample")
     s_start: Optional[float] = field(None, help="first smoothing level (default: min(denoiser σ_max, 10))")
     s_smooth: Optional[float] = field(None, help="s_s, the smoothing level (default: the smallest training σ)")
     prox_iters: int = field(10, help="CG iterations (linear A) or Adam steps (A∘Dec) per prox")
     prox_lr: float = field(0.05, help="Adam learning rate of the latent prox")
-    anderson_memory: int = field(64, help="Anderson-acceleration memory of the iterations at s_s (0: plain HQS)")
+    anderson_memory: Optional[int] = field(None, help="Anderson memory at s_s, 0: plain HQS (default: 64 pixel, "
+                                                      "5 latent)")
 
     def check(self) -> None:
         """One-line ValueError naming the first bad field."""
-        for name in ("anneal_iters", "final_iters", "prox_iters", "anderson_memory"):
-            if getattr(self, name) < (1 if name in ("final_iters", "prox_iters") else 0):
-                raise ValueError(f"stage1.{name} must be >= {1 if name in ('final_iters', 'prox_iters') else 0}, "
-                                 f"got {getattr(self, name)}")
+        for name, low in (("anneal_iters", 0), ("final_iters", 1), ("prox_iters", 1), ("anderson_memory", 0)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"stage1.{name} must be >= {low}, got {value}")
         if not 0.0 <= self.tol < 1.0:
             raise ValueError(f"stage1.tol must be in [0, 1), got {self.tol}")
+
+    def resolved(self, latent: bool) -> "Stage1Config":
+        """A copy with the pixel or latent defaults filled in."""
+        return dataclasses.replace(
+            self, final_iters=self.final_iters if self.final_iters is not None else (20 if latent else 200),
+            anderson_memory=self.anderson_memory if self.anderson_memory is not None else (5 if latent else 64))
 
 
 def renoise_start(renoise: float, steps: int) -> int:
@@ -107,6 +118,7 @@ def map_stage(problem: InverseProblem, cfg: Stage1Config, init: Optional[torch.T
     fallen by ``cfg.tol`` (∇J(x) = (AᵀA/σ_y² + I/s_s²)(x − T(x)) for linear A, so this is a relative
     gradient criterion), or ``cfg.final_iters`` iterations (ConvergenceWarning). Returns (x̂, result)."""
     cfg.check()
+    cfg = cfg.resolved(problem.latent)
     den = problem.denoiser
     s_s = den.clip_sigma(cfg.s_smooth if cfg.s_smooth is not None else den.sigma_min)
     s0 = den.clip_sigma(cfg.s_start if cfg.s_start is not None else min(den.sigma_max, 10.0))
