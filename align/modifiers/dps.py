@@ -60,8 +60,8 @@ class DPS:
             with torch.enable_grad():
                 z = x.detach().requires_grad_(True)
                 x0 = p.denoiser(z, s)
-                sq = (p.operator(x0) - p.y).flatten(1).pow(2).sum(dim=1)
-                loss = sq.sqrt() if self.guidance == "residual" else sq / (2 * p.sigma_y ** 2)
+                r = (p.operator(x0) - p.y).flatten(1)
+                loss = r.norm(dim=1) if self.guidance == "residual" else r.pow(2).sum(dim=1) / (2 * p.sigma_y ** 2)
                 grad = torch.autograd.grad(loss.sum(), z)[0]  # rows are independent: Σ_b ∇ℓ_b = per-row ∇
                 p.denoiser.calls["vjp"] += 1
             x0, ratio = x0.detach(), (s_next / s) ** 2
