@@ -57,6 +57,8 @@ class SolveConfig:
                                         "the DPS paper: 0.3–0.5 at 1000 pixel-space steps)")
     clamp_steps: Optional[int] = field(None, help="CLAMP steps (default: the latent preset, 25)")
     gmres_iters: Optional[int] = field(None, help="CLAMP GMRES iterations K (default: latent preset, 20)")
+    clamp_sigma_n: Optional[float] = field(None, help="CLAMP's σ_n (default: sigma_y; the CLAMP repo's presets "
+                                                      "use 0.01, sharper on the toy, docs/inverse.md)")
     stage1: Stage1Config = field(default_factory=Stage1Config, help="MAP-RPS stage 1")
     progress: bool = field(True, help="progress bars")
 
@@ -130,7 +132,8 @@ OPERATORS = {"inpaint": _inpaint,
 def build_solver(cfg: SolveConfig, pipe, op, y: torch.Tensor, renoise: float):
     """The configured method as an object with ``__call__(generator) → image in [-1, 1]``."""
     den_kw = {"prompt": cfg.prompt, "guidance_scale": cfg.guidance_scale}
-    clamp_kw = {k: v for k, v in (("steps", cfg.clamp_steps), ("gmres_iters", cfg.gmres_iters)) if v is not None}
+    clamp_kw = {k: v for k, v in (("steps", cfg.clamp_steps), ("gmres_iters", cfg.gmres_iters),
+                                  ("sigma_n", cfg.clamp_sigma_n)) if v is not None}
     dps_kw = {"steps": cfg.dps_steps, "scale": cfg.dps_scale}
     if cfg.method == "dps":
         # the DPS step is residual-normalised: σ_y only simulates the measurement (--degrade)
