@@ -2,8 +2,11 @@
 
 Binds 127.0.0.1 unless told otherwise; bound anywhere else it refuses to start without a token.
 Requests need a Content-Length no larger than ``max_request_bytes`` (checked before the body is
-read). Calls into the reward are serialised by a lock (one model, one device). The reward runs
-through the same validated scoring as in training, so a bad plugin answers 422 naming itself.
+read). Images must be finite and in [0, 1] (HTTP 400 otherwise: NaN or inf would be scored as
+black or white). A connection that sends nothing for ``read_timeout_s`` seconds is closed (a read
+timeout on the socket, so idle or stalled clients cannot hold handler threads forever). Calls into
+the reward are serialised by a lock (one model, one device). The reward runs through the same
+validated scoring as in training, so a bad plugin answers 422 naming itself.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
+
+import torch
 
 from rewards.registry import Reward, RewardError
 from rewards.remote import decode_request, encode_response
@@ -29,18 +34,36 @@ def is_loopback(host: str) -> bool:
 
 
 def make_server(reward: Reward, host: str = "127.0.0.1", port: int = 0, token: Optional[str] = None,
-                max_request_bytes: int = 64 << 20, quiet: bool = False) -> ThreadingHTTPServer:
+                max_request_bytes: int = 64 << 20, quiet: bool = False,
+                read_timeout_s: float = 60.0) -> ThreadingHTTPServer:
     """A server for ``reward`` at ``http://host:port/<reward.name>`` (port 0: a free one, see
-    ``server.server_address``). Call ``serve_forever()``; ``shutdown()`` + ``server_close()`` stop it."""
+    ``server.server_address``). Call ``serve_forever()``; ``shutdown()`` + ``server_close()`` stop it.
+    ``read_timeout_s``: a socket read (request line, headers or body) that waits longer closes the
+    connection."""
+    if not read_timeout_s > 0:
+        raise ValueError(f"align rewards serve: read_timeout_s must be > 0, got {read_timeout_s}")
     if not is_loopback(host) and not token:
         raise ValueError(f"align rewards serve: binding {host} (not loopback) needs a token; "
                          "set ALIGN_REWARD_TOKEN (clients send it as a bearer token)")
     handler = type("RewardHandler", (_Handler,), {
         "reward": reward, "token": token, "max_request_bytes": int(max_request_bytes), "lock": threading.Lock(),
-        "quiet": quiet})
+        "quiet": quiet, "timeout": float(read_timeout_s)})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
+
+
+def image_range_error(images: torch.Tensor) -> Optional[str]:
+    """One line saying why ``images`` are not valid [0, 1] images (non-finite or out of range), or None."""
+    if images.numel() == 0:
+        return None
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        return f"images hold {int((~finite).sum())} non-finite value(s) (NaN or inf); send finite images in [0, 1]"
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        return f"images must lie in [0, 1], got values in [{low:.6g}, {high:.6g}]"
+    return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -49,6 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
     max_request_bytes: int
     lock: threading.Lock
     quiet: bool
+    timeout: float  # StreamRequestHandler sets it on the socket: reads that wait longer raise TimeoutError
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self._authorised() and self._known_path():
@@ -71,6 +95,9 @@ class _Handler(BaseHTTPRequestHandler):
             images, prompts = decode_request(self.rfile.read(int(length)))
         except Exception as err:  # noqa: BLE001 - any malformed body is the client's fault
             return self._json(400, {"error": f"bad request body: {err}"})
+        problem = image_range_error(images)
+        if problem:
+            return self._json(400, {"error": problem})
         metadata: dict = {}
         try:
             with self.lock:

@@ -135,7 +135,7 @@ def test_dps_last_step_moves_along_the_pulled_back_residual_direction():
     """Spec §6.1: ∇_x|y − A D(x)| = K_sᵀ Aᵀ (A D − y)/|A D − y|; at s' = 0, x' = D − ζ√(1+s²) ∇."""
     sig, mu, a, _, y, sy = _fixture(batch=2)
     den = GaussianDenoiser(mu, sig)
-    dps = DPS(den, MatrixOperator(a), y, sy, steps=10, scale=0.3)
+    dps = DPS(den, MatrixOperator(a), y, None, steps=10, scale=0.3)
     x = mu + torch.randn(2, 6, generator=torch.Generator().manual_seed(4), dtype=DT)
     out = dps.sample(None, x_start=x, start=9)
     s = float(dps.grid[9])
@@ -153,8 +153,9 @@ def test_map_stage_converges_to_the_smoothed_map_and_its_error_to_the_mmse_is_or
     errors = []
     for s_s in (0.02, 0.04, 0.08):
         rps = MapRPS(den, MatrixOperator(a), y, sy, renoise=0.0, stage2="dps",
-                     stage1=Stage1Config(anneal_iters=20, final_iters=30, s_smooth=s_s, anderson_memory=8))
+                     stage1=Stage1Config(anneal_iters=20, final_iters=30, s_smooth=s_s, anderson_memory=8, tol=1e-9))
         x_hat = rps.stage1()
+        assert rps.stage1_result.converged
         _, map_s = _posterior(sig, mu, a, y, sy, s_smooth=s_s)
         torch.testing.assert_close(x_hat, map_s, atol=1e-9, rtol=0)
         errors.append(float((x_hat - mmse).norm()))
@@ -190,7 +191,7 @@ def test_map_rps_distortion_perception_curve_matches_the_gaussian_closed_forms()
     cov, mean = _posterior(sig, mu, a, y, sy)
     grid = torch.cat([torch.logspace(1, -2, 10, dtype=DT), torch.zeros(1, dtype=DT)])
     stage2 = ExactPosteriorStage2(make_problem(den, MatrixOperator(a), y, sy), cov, mean, grid)
-    stage1 = Stage1Config(anneal_iters=10, final_iters=40, s_smooth=0.01, anderson_memory=8)
+    stage1 = Stage1Config(anneal_iters=10, final_iters=40, s_smooth=0.01, anderson_memory=8, tol=1e-9)
     x_hat = MapRPS(den, MatrixOperator(a), y, sy, renoise=0.5, stage2=stage2, stage1=stage1).stage1()
     torch.testing.assert_close(x_hat, _posterior(sig, mu, a, y, sy, s_smooth=0.01)[1], atol=1e-7, rtol=0)
     assert float((x_hat - mean).pow(2).sum(1).mean()) < 1e-5  # O(s_s²) stage-1 bias ≪ the MC error below
@@ -231,7 +232,7 @@ def test_map_rps_knob_endpoints_are_stage1_and_plain_stage2(stage2):
     r0 = MapRPS(den, MatrixOperator(a), y, sy, renoise=0.0, stage2=stage2, stage2_kwargs=kw)
     assert torch.equal(r0.sample(torch.Generator().manual_seed(0)), x_hat)
     r1 = MapRPS(den, MatrixOperator(a), y, sy, renoise=1.0, stage2=stage2, stage2_kwargs=kw)
-    plain = r1.stage2.__class__(den, MatrixOperator(a), y, sy, **kw)
+    plain = r1.stage2.__class__(den, MatrixOperator(a), y, sy if stage2 == "clamp" else None, **kw)
     assert torch.equal(r1.sample(torch.Generator().manual_seed(7)), plain.sample(torch.Generator().manual_seed(7)))
     mid = MapRPS(den, MatrixOperator(a), y, sy, renoise=0.5, stage2=stage2, stage2_kwargs=kw)
     assert mid.start == 3 and not torch.equal(mid.sample(torch.Generator().manual_seed(7)), x_hat)
@@ -252,7 +253,7 @@ def test_measurement_of_the_wrong_shape_fails_before_any_denoiser_call():
     with pytest.raises(ValueError, match="measurement y has shape"):
         CLAMP(den, MatrixOperator(a), torch.zeros(2, 4, dtype=DT), sy)
     with pytest.raises(ValueError, match="sigma_y"):
-        DPS(den, MatrixOperator(a), y, 0.0)
+        CLAMP(den, MatrixOperator(a), y, 0.0)
     assert den.calls["forward"] == 0
 
 

@@ -119,7 +119,7 @@ def test_latent_solvers_run_on_unet_and_dit_and_the_knob_endpoints_hold(kind, re
     assert out.shape == img.shape and torch.isfinite(out).all()
     calls = mid.problem.denoiser.calls
     assert calls["forward"] == 4 + 2 and calls["vjp"] == 2 * (2 + 1)  # stage 1 + 2 CLAMP steps × (K + 1)
-    dps = DPS(pipe, op, y, 0.05, steps=3, scale=0.5)
+    dps = DPS(pipe, op, y, None, steps=3, scale=0.5)
     out = dps(torch.Generator().manual_seed(1))
     assert out.shape == img.shape and torch.isfinite(out).all() and dps.problem.denoiser.calls == {"forward": 3, "vjp": 3}
 
@@ -139,4 +139,6 @@ def test_clamp_uses_the_pixel_preset_for_denoisers_and_the_latent_preset_for_pip
     assert float(pix.grid[0]) == pytest.approx(100.0) and len(pix.grid) == 51
     lat = CLAMP(tiny_unet_pipe, Inpaint(box_mask(16, (0, 0, 4, 4))), torch.zeros(1, 3, 16, 16), 0.05)
     assert (lat.config.steps, lat.config.gmres_iters, lat.config.sigma_max) == (25, 20, 10.0)
-    assert (lat.config.lam_id, lat.config.sigma_n, lat.config.beta) == (2.0, 0.01, 1.0)
+    assert (lat.config.lam_id, lat.config.sigma_n, lat.config.beta) == (2.0, 0.05, 1.0)  # σ_n = σ_y by default
+    assert CLAMP(tiny_unet_pipe, Inpaint(box_mask(16, (0, 0, 4, 4))), torch.zeros(1, 3, 16, 16), 0.05,
+                 sigma_n=0.01).config.sigma_n == 0.01  # the repo's preset value, on request

@@ -8,6 +8,7 @@ import torch
 
 from align.cli import main
 from align.modifiers.metrics import load_lpips
+from align.modifiers.operators import Inpaint, box_mask
 from align.modifiers.solve import write_png
 
 FAST = ["model.source=preset:tiny-unet", "clamp_steps=2", "gmres_iters=2", "dps_steps=2", "stage1.anneal_iters=2",
@@ -113,3 +114,17 @@ def test_mask_png_white_marks_the_missing_pixels(tmp_path):
     write_png(png, str(tmp_path / "m.png"))
     op = _inpaint(SolveConfig(mask=str(tmp_path / "m.png")), 16)
     assert float(op.mask.sum()) == 256 - 18 and float(op.mask[0, 0, 3, 4]) == 0.0 and float(op.mask[0, 0, 0, 0]) == 1.0
+
+
+def test_clamp_sigma_n_defaults_to_sigma_y_and_can_be_set(tiny_unet_pipe):
+    from align.modifiers.solve import SolveConfig, build_solver
+    op = Inpaint(box_mask(16, (4, 4, 8, 8)))
+    y = torch.zeros(1, 3, 16, 16)
+    cfg = SolveConfig(method="clamp", sigma_y=0.07, progress=False)
+    assert build_solver(cfg, tiny_unet_pipe, op, y, 0.3).config.sigma_n == 0.07
+    cfg.clamp_sigma_n = 0.01
+    assert build_solver(cfg, tiny_unet_pipe, op, y, 0.3).config.sigma_n == 0.01
+    cfg.method = "map_rps"
+    assert build_solver(cfg, tiny_unet_pipe, op, y, 0.3).stage2.config.sigma_n == 0.01
+    cfg.method, cfg.clamp_sigma_n = "dps", None
+    assert build_solver(cfg, tiny_unet_pipe, op, y, 0.3).problem.sigma_y is None  # DPS's step does not use σ_y

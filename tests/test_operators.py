@@ -9,7 +9,7 @@ import torch
 from align.modifiers import (Blur, Downsample, Inpaint, LatentOperator, anisotropic_kernel, box_mask, gaussian_kernel,
                              make_problem, random_mask)
 from align.modifiers.denoiser import PipelineDenoiser
-from align.modifiers.operators import linearize, parse_kernel
+from align.modifiers.operators import MatrixOperator, Operator, linearize, parse_kernel
 
 DT = torch.float64
 LINEAR_OPS = {
@@ -107,3 +107,63 @@ def test_bad_kernel_specs_are_one_line_errors(spec, msg):
 
 def test_parsed_anisotropic_kernel_matches_the_builder():
     torch.testing.assert_close(parse_kernel("aniso:9:1.0:3.0:45"), anisotropic_kernel(9, 1.0, 3.0, 45.0))
+
+
+# ------------------------------------------------------------------ protocols: denoisers, flat operators
+class _FlatSum(Operator):
+    """A user operator on flat vectors that does not override ``check``: y = [Σ x, x_0]."""
+    name = "flat sum"
+
+    def __call__(self, x):
+        return torch.stack([x.sum(1), x[:, 0]], 1)
+
+
+def test_an_operator_on_flat_vectors_needs_no_check_override():
+    from align.modifiers import GaussianDenoiser, make_problem
+    den = GaussianDenoiser(torch.zeros(5), torch.eye(5))
+    problem = make_problem(den, _FlatSum(), torch.zeros(3, 2), 0.1)
+    assert problem.state_shape() == (3, 5)
+    with pytest.raises(ValueError, match=r"flat sum: measurement y has shape \(3,\) per sample, but A maps"):
+        make_problem(den, _FlatSum(), torch.zeros(3, 3), 0.1)
+    with pytest.raises(ValueError, match=r"matrix operator: A is \(2, 4\), needs states \(B, 4\)"):
+        make_problem(den, MatrixOperator(torch.zeros(2, 4)), torch.zeros(3, 2), 0.1)
+
+
+def test_an_image_operator_still_requires_images():
+    with pytest.raises(ValueError, match=r"inpaint: expects images \(B, C, H, W\), got shape \(2, 16\)"):
+        Inpaint(torch.ones(4, 4)).check((2, 16))
+
+
+class _NotADenoiser:
+    """Callable like a denoiser but without the rest of the protocol."""
+    sigma_min, sigma_max = 0.01, 10.0
+
+    def __call__(self, z, s):
+        return z
+
+
+def test_a_model_that_is_neither_pipeline_nor_denoiser_is_told_what_it_lacks():
+    from align.modifiers import CLAMP
+    with pytest.raises(TypeError, match=r"model _NotADenoiser is neither a diffusers pipeline nor a denoiser: "
+                                        r"missing state_shape, schedule, clip_sigma, calls"):
+        CLAMP(_NotADenoiser(), MatrixOperator(torch.eye(2)), torch.zeros(1, 2), 0.1)
+
+
+def test_a_duck_typed_denoiser_with_the_whole_protocol_is_accepted():
+    from align.modifiers import CLAMP, GaussianDenoiser
+    ref = GaussianDenoiser(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+
+    class Duck(_NotADenoiser):
+        calls = {"forward": 0, "vjp": 0}
+        sigma_min, sigma_max = ref.sigma_min, ref.sigma_max
+        __call__ = staticmethod(lambda z, s: ref(z, s))
+        state_shape = staticmethod(ref.state_shape)
+        schedule = staticmethod(ref.schedule)
+        clip_sigma = staticmethod(ref.clip_sigma)
+
+    y = torch.ones(3, 2, dtype=torch.float64)
+    got = CLAMP(Duck(), MatrixOperator(torch.eye(2, dtype=torch.float64)), y, 0.1, steps=3).sample(
+        torch.Generator().manual_seed(0))
+    want = CLAMP(ref, MatrixOperator(torch.eye(2, dtype=torch.float64)), y, 0.1, steps=3).sample(
+        torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)

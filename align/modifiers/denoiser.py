@@ -172,6 +172,28 @@ class PipelineDenoiser(Denoiser):
         return z * vae.config.scaling_factor
 
 
+#: What the samplers use of a denoiser (``Denoiser`` provides all but ``__call__`` and ``state_shape``).
+DENOISER_MEMBERS = ("__call__", "state_shape", "schedule", "clip_sigma", "sigma_min", "sigma_max", "calls")
+
+
+def is_pipeline(model) -> bool:
+    """A diffusers pipeline (or anything that carries a UNet or transformer, the latent variant)."""
+    from diffusers import DiffusionPipeline
+    return isinstance(model, DiffusionPipeline) or any(
+        getattr(model, k, None) is not None for k in ("unet", "transformer"))
+
+
+def check_denoiser(model) -> None:
+    """One-line TypeError naming what a model that is neither a pipeline nor a ``Denoiser`` lacks.
+    A duck-typed denoiser with every member of :data:`DENOISER_MEMBERS` is accepted."""
+    missing = [m for m in DENOISER_MEMBERS if not hasattr(model, m)]
+    if missing:
+        raise TypeError(f"model {type(model).__name__} is neither a diffusers pipeline nor a denoiser: "
+                        f"missing {', '.join(missing)} (a denoiser needs __call__(z, s) -> E[x0|z], "
+                        f"state_shape(batch), schedule(steps), clip_sigma(s), sigma_min, sigma_max and a "
+                        f"calls dict; subclass align.modifiers.Denoiser for the defaults)")
+
+
 def check_has_vae(pipe) -> None:
     """The latent variants need A∘Dec: one-line error for a backbone without a VAE."""
     if getattr(pipe, "vae", None) is None:

@@ -3,55 +3,86 @@ piq calls) and LPIPS (torchmetrics) when its backbone weights are available on l
 
 LPIPS needs ImageNet-pretrained AlexNet/VGG/SqueezeNet weights that torchvision would download;
 build and CI machines cannot. :func:`load_lpips` takes the torchvision checkpoint file (e.g.
-``alexnet-owt-7be5be79.pth``) and serves it through torch.hub's checkpoint cache, so torchmetrics'
-own loader finds it; the LPIPS linear heads ship inside torchmetrics. Images under 64 px (the toy
-world's 32 px) are upsampled bilinearly to 64 px for LPIPS only.
+``alexnet-owt-7be5be79.pth``, or the same state dict as ``.safetensors``), reads it itself with
+``torch.load(weights_only=True)`` (a pickle that would run code is refused, never executed), checks it
+against torchvision's architecture, builds torchmetrics' LPIPS network with a random backbone
+(``pnet_rand=True``: no download, no torch.hub) and copies the backbone weights into its slices. The
+LPIPS linear heads ship inside torchmetrics. Images under 64 px (the toy world's 32 px) are
+upsampled bilinearly to 64 px for LPIPS only.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
+import pickle
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.image.lpips import _lpips_compute, _lpips_update, _NoTrainLpips
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-#: torchmetrics' LPIPS net name → torchvision model whose weights it loads.
-LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+#: torchmetrics' LPIPS net name → the torchvision model whose ``features`` it slices.
+LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
 #: Smaller images are upsampled (bilinear) to this size for LPIPS only.
 LPIPS_MIN_SIZE = 64
 LPIPS_UNAVAILABLE = ("LPIPS unavailable: it needs pretrained backbone weights that cannot be downloaded here; "
                      "pass --lpips-weights FILE (the torchvision checkpoint, e.g. alexnet-owt-7be5be79.pth)")
 
 
-@contextlib.contextmanager
-def _hub_cache_with(path: str, filename: str):
-    """torch.hub's checkpoint dir pointed at a temp dir holding ``filename`` → ``path``."""
-    old = torch.hub.get_dir()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.makedirs(os.path.join(tmp, "checkpoints"))
-        os.symlink(os.path.abspath(path), os.path.join(tmp, "checkpoints", filename))
-        torch.hub.set_dir(tmp)
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A tensor state dict from ``.safetensors`` or a ``torch.save`` file read with weights_only=True;
+    one-line ValueError naming the file otherwise (a crafted pickle is refused before any of it runs)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
         try:
-            yield
-        finally:
-            torch.hub.set_dir(old)
+            return load_file(path, device="cpu")
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
+            raise ValueError(f"--lpips-weights {path}: not a readable safetensors file ({err})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--lpips-weights {path}: refused, not a plain tensor checkpoint "
+                         f"(torch.load weights_only=True: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"--lpips-weights {path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
 
 
-def load_lpips(weights: str, net: str = "alex"):
-    """torchmetrics LPIPS whose backbone is loaded from the local torchvision checkpoint ``weights``."""
+class LocalLPIPS(torch.nn.Module):
+    """torchmetrics' LPIPS network (``_NoTrainLpips``) with a given backbone; ``forward(a, b)`` is the
+    mean LPIPS of images in [0, 1] (torchmetrics' ``normalize=True`` path, its own input checks)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
+        return _lpips_compute(_lpips_update(img1, img2, net=self.net, normalize=True), reduction="mean")
+
+
+def load_lpips(weights: str, net: str = "alex") -> LocalLPIPS:
+    """LPIPS whose backbone comes from the local torchvision checkpoint ``weights`` (never torch.hub)."""
     import torchvision
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
     if net not in LPIPS_BACKBONES:
         raise ValueError(f"LPIPS net {net!r} is not one of {sorted(LPIPS_BACKBONES)}")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"LPIPS weights file not found: {weights}")
-    filename = getattr(torchvision.models, LPIPS_BACKBONES[net]).DEFAULT.url.rsplit("/", 1)[-1]
-    with _hub_cache_with(weights, filename):
-        metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True)
-    return metric.eval()
+    state = read_state_dict(weights)
+    model = getattr(torchvision.models, LPIPS_BACKBONES[net])(weights=None)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        missing = sorted(set(model.state_dict()) - set(state))[:3]
+        extra = sorted(set(state) - set(model.state_dict()))[:3]
+        raise ValueError(f"--lpips-weights {weights}: not a torchvision {LPIPS_BACKBONES[net]} checkpoint "
+                         f"(missing {missing}, unexpected {extra}, or shapes differ)") from None
+    lpips = _NoTrainLpips(net=net, pnet_rand=True)  # random backbone: builds with weights=None
+    features = model.features.state_dict()           # keys "<index>.weight"
+    # torchmetrics splits ``features`` into slices keeping each layer's index: "slice2.3.weight" ← "3.weight"
+    sliced = {key: features[key.split(".", 1)[1]] for key in lpips.net.state_dict()}
+    lpips.net.load_state_dict(sliced, strict=True)
+    return LocalLPIPS(lpips).eval()
 
 
 def image_metrics(out: torch.Tensor, ref: torch.Tensor, lpips=None) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Forward operators y = A(x) for zero-shot inverse problems (modifiers_spec.md §2.2, §4.2).
 
-Every operator is a differentiable ``torch`` function of an image batch ``x`` (B, C, H, W) (or a
-flat (B, n) vector for :class:`MatrixOperator`). VJPs ``J_A(x)^T u`` come from autograd; JVPs
+Every operator is a differentiable ``torch`` function of a batch of states: images ``x`` (B, C, H, W)
+for the image operators, flat (B, n) vectors for :class:`MatrixOperator`, any (B, ...) for a
+subclass (the base :meth:`Operator.check` assumes nothing beyond the batch dimension). VJPs ``J_A(x)^T u`` come from autograd; JVPs
 ``J_A(x) v`` are ``A(v)`` for linear operators and the double-VJP trick otherwise (no forward-mode
 AD, so any module with double backward works, e.g. the VAE decoder of :class:`LatentOperator`).
 
@@ -26,14 +27,21 @@ class Operator:
         raise NotImplementedError
 
     def check(self, x_shape: Sequence[int]) -> None:
-        """Raise a one-line ValueError if A cannot take inputs of ``x_shape``."""
-        if len(x_shape) != 4:
-            raise ValueError(f"{self.name}: expects images (B, C, H, W), got shape {tuple(x_shape)}")
+        """Raise a one-line ValueError if A cannot take inputs of ``x_shape``. The base accepts any
+        batch of states (B, ...) — flat vectors too — and leaves the rest to :meth:`check_measurement`,
+        which applies A to zeros of that shape; image operators require (B, C, H, W)."""
+        if len(x_shape) < 2:
+            raise ValueError(f"{self.name}: expects a batch of states (B, ...), got shape {tuple(x_shape)}")
 
     def check_measurement(self, y: torch.Tensor, x_shape: Sequence[int]) -> None:
         """Raise a one-line error unless ``y`` has the shape A gives for inputs of ``x_shape``."""
         self.check(x_shape)
-        want = tuple(self(torch.zeros((1, *x_shape[1:]), dtype=y.dtype, device=y.device)).shape[1:])
+        try:
+            probe = self(torch.zeros((1, *x_shape[1:]), dtype=y.dtype, device=y.device))
+        except (RuntimeError, ValueError, IndexError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{self.name}: cannot apply A to states of shape {tuple(x_shape[1:])}: {first}") from None
+        want = tuple(probe.shape[1:])
         if tuple(y.shape[1:]) != want:
             raise ValueError(f"{self.name}: measurement y has shape {tuple(y.shape[1:])} per sample, but A maps "
                              f"images {tuple(x_shape[1:])} to {want}")
@@ -53,6 +61,12 @@ class Operator:
     def pseudo_inverse(self, y: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
         """A cheap image consistent-ish with y (stage-1 initialisation): A^T y by default."""
         return self.vjp(torch.zeros((y.shape[0], *x_shape[1:]), dtype=y.dtype, device=y.device), y)
+
+
+def check_image(name: str, x_shape: Sequence[int]) -> None:
+    """The image operators' shape rule: (B, C, H, W)."""
+    if len(x_shape) != 4:
+        raise ValueError(f"{name}: expects images (B, C, H, W), got shape {tuple(x_shape)}")
 
 
 def linearize(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
@@ -107,7 +121,7 @@ class Inpaint(Operator):
         self.mask = mask.float()
 
     def check(self, x_shape: Sequence[int]) -> None:
-        super().check(x_shape)
+        check_image(self.name, x_shape)
         mh, mw = self.mask.shape[-2:]
         if (mh, mw) != tuple(x_shape[-2:]):
             raise ValueError(f"inpaint: mask is {mh}×{mw} but the image is {x_shape[-2]}×{x_shape[-1]}")
@@ -135,7 +149,7 @@ class Downsample(Operator):
         self.scale, self.mode = int(scale), mode
 
     def check(self, x_shape: Sequence[int]) -> None:
-        super().check(x_shape)
+        check_image(self.name, x_shape)
         if x_shape[-1] % self.scale or x_shape[-2] % self.scale:
             raise ValueError(f"sr: image size {x_shape[-2]}×{x_shape[-1]} is not divisible by scale {self.scale}")
 
@@ -194,7 +208,7 @@ class Blur(Operator):
         self.kernel = kernel
 
     def check(self, x_shape: Sequence[int]) -> None:
-        super().check(x_shape)
+        check_image(self.name, x_shape)
         pad = self.kernel.shape[0] // 2
         if pad >= min(x_shape[-2:]):
             raise ValueError(f"deblur: kernel size {self.kernel.shape[0]} is too large for a "

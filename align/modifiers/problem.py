@@ -8,11 +8,12 @@ is checked here, before any denoiser call.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
 
-from align.modifiers.denoiser import Denoiser, PipelineDenoiser, check_has_vae
+from align.modifiers.denoiser import Denoiser, PipelineDenoiser, check_denoiser, check_has_vae, is_pipeline
 from align.modifiers.operators import LatentOperator, Operator
 
 
@@ -21,7 +22,7 @@ class InverseProblem:
     denoiser: Denoiser
     operator: Operator          # acts on the sampler's state (A∘Dec for latents)
     y: torch.Tensor             # (B, ...) measurements
-    sigma_y: float              # measurement noise std
+    sigma_y: Optional[float]    # measurement noise std (None: a sampler whose step does not use it)
     latent: bool                # state is a VAE latent: outputs are decoded
 
     @property
@@ -45,19 +46,23 @@ def gaussian_noise(shape, generator: Optional[torch.Generator], device, dtype) -
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
 
 
-def make_problem(model, operator: Operator, y: torch.Tensor, sigma_y: float,
+def make_problem(model, operator: Operator, y: torch.Tensor, sigma_y: Optional[float],
                  denoiser_kwargs: Optional[dict] = None) -> InverseProblem:
-    """Bind (model, A, y, σ_y): ``model`` is a pipeline (latent variant) or a Denoiser (pixel variant)."""
-    if not sigma_y > 0:
-        raise ValueError(f"sigma_y (measurement noise std) must be > 0, got {sigma_y}")
+    """Bind (model, A, y, σ_y): ``model`` is a pipeline (latent variant) or a Denoiser (pixel variant).
+    ``sigma_y=None`` only for samplers that do not use it (the residual-normalised DPS step)."""
+    if sigma_y is not None and not 0 < sigma_y < math.inf:
+        raise ValueError(f"sigma_y (measurement noise std) must be finite and > 0, got {sigma_y}")
+    sigma_y = None if sigma_y is None else float(sigma_y)
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be an align.modifiers.operators.Operator, got {type(operator).__name__}")
-    if isinstance(model, Denoiser):
+    if not isinstance(model, Denoiser) and not is_pipeline(model):
+        check_denoiser(model)  # a duck-typed denoiser passes; anything else is named with what it lacks
+    if not is_pipeline(model):
         operator.check_measurement(y, model.state_shape(y.shape[0]))
-        return InverseProblem(model, operator, y, float(sigma_y), latent=False)
+        return InverseProblem(model, operator, y, sigma_y, latent=False)
     check_has_vae(model)
     den = PipelineDenoiser(model, **(denoiser_kwargs or {}))
     image_shape = den.image_shape(y.shape[0])
     operator.check_measurement(y, image_shape)
     latent_op = LatentOperator(operator, den.decode, den.encode, image_shape)
-    return InverseProblem(den, latent_op, y.to(den.net.device), float(sigma_y), latent=True)
+    return InverseProblem(den, latent_op, y.to(den.net.device), sigma_y, latent=True)

@@ -43,18 +43,22 @@ class SolveConfig:
     kernel: str = field("gauss:9:2.0", help="deblur: gauss:SIZE:SIGMA or aniso:SIZE:SIGMA_X:SIGMA_Y:ANGLE")
     renoise: str = field("0.3", help="MAP-RPS knob t*/T in [0, 1]; a comma list sweeps it")
     stage2: str = field("clamp", choices=("clamp", "dps"), help="MAP-RPS stage-2 sampler")
-    sigma_y: float = field(0.05, help="measurement noise std (images in [-1, 1])")
+    sigma_y: float = field(0.05, help="measurement noise std (images in [-1, 1]): CLAMP's σ_n, MAP-RPS stage 1 "
+                                      "and --degrade; DPS's residual-normalised step does not use it")
     seed: int = field(0, help="sampler RNG seed")
     prompt: str = field("a photo", help="neutral prompt of the denoiser")
     guidance_scale: float = field(1.0, help="CFG scale of the denoiser (1: no CFG)")
     lora: Optional[str] = field(None, help="policy LoRA directory in diffusers format (align train's export/policy)")
-    lpips_weights: Optional[str] = field(None, help="torchvision backbone checkpoint for LPIPS (no download here)")
+    lpips_weights: Optional[str] = field(None, help="torchvision backbone checkpoint for LPIPS (.pth read with "
+                                                  "weights_only=True, or .safetensors; no download here)")
     lpips_net: str = field("alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone")
     dps_steps: int = field(100, help="DPS steps")
     dps_scale: float = field(10.0, help="DPS step size ζ, VP units (tuned on the toy at 100 steps; "
                                         "the DPS paper: 0.3–0.5 at 1000 pixel-space steps)")
     clamp_steps: Optional[int] = field(None, help="CLAMP steps (default: the latent preset, 25)")
     gmres_iters: Optional[int] = field(None, help="CLAMP GMRES iterations K (default: latent preset, 20)")
+    clamp_sigma_n: Optional[float] = field(None, help="CLAMP's σ_n (default: sigma_y; the CLAMP repo's presets "
+                                                      "use 0.01, sharper on the toy, docs/inverse.md)")
     stage1: Stage1Config = field(default_factory=Stage1Config, help="MAP-RPS stage 1")
     progress: bool = field(True, help="progress bars")
 
@@ -128,10 +132,12 @@ OPERATORS = {"inpaint": _inpaint,
 def build_solver(cfg: SolveConfig, pipe, op, y: torch.Tensor, renoise: float):
     """The configured method as an object with ``__call__(generator) → image in [-1, 1]``."""
     den_kw = {"prompt": cfg.prompt, "guidance_scale": cfg.guidance_scale}
-    clamp_kw = {k: v for k, v in (("steps", cfg.clamp_steps), ("gmres_iters", cfg.gmres_iters)) if v is not None}
+    clamp_kw = {k: v for k, v in (("steps", cfg.clamp_steps), ("gmres_iters", cfg.gmres_iters),
+                                  ("sigma_n", cfg.clamp_sigma_n)) if v is not None}
     dps_kw = {"steps": cfg.dps_steps, "scale": cfg.dps_scale}
     if cfg.method == "dps":
-        return DPS(pipe, op, y, cfg.sigma_y, progress=cfg.progress, denoiser_kwargs=den_kw, **dps_kw)
+        # the DPS step is residual-normalised: σ_y only simulates the measurement (--degrade)
+        return DPS(pipe, op, y, None, progress=cfg.progress, denoiser_kwargs=den_kw, **dps_kw)
     if cfg.method == "clamp":
         return CLAMP(pipe, op, y, cfg.sigma_y, progress=cfg.progress, denoiser_kwargs=den_kw, **clamp_kw)
     return MapRPS(pipe, op, y, cfg.sigma_y, renoise=renoise, stage2=cfg.stage2, stage1=cfg.stage1,
@@ -152,6 +158,9 @@ def precheck(cfg: SolveConfig) -> None:
         raise ValueError("--input PNG is required")
     if cfg.lora is not None and not os.path.isdir(cfg.lora):
         raise FileNotFoundError(f"--lora {cfg.lora}: not a directory (expected align train's export/policy)")
+    if not 0 < cfg.sigma_y < float("inf"):
+        raise ValueError(f"--sigma-y {cfg.sigma_y}: the measurement noise std must be finite and > 0")
+    cfg.stage1.check()
     if cfg.task == "deblur":
         parse_kernel(cfg.kernel)
     if cfg.task == "sr":
@@ -198,11 +207,11 @@ def load_pipeline(cfg: SolveConfig):
 def run_solve(cfg: SolveConfig, pipe=None) -> list[dict]:
     """Solve, save PNG(s), print metrics; with several knob values print a table and plot the D–P curve."""
     precheck(cfg)
+    lpips = load_lpips(cfg.lpips_weights, cfg.lpips_net) if cfg.lpips_weights else None  # refused before the model
     pipe = pipe if pipe is not None else load_pipeline(cfg)
     net = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
     size = net.config.sample_size * pipe.vae_scale_factor
     op, y, ref, knobs = prepare(cfg, size)
-    lpips = load_lpips(cfg.lpips_weights, cfg.lpips_net) if cfg.lpips_weights else None
     if ref is not None and lpips is None:
         print(LPIPS_UNAVAILABLE)
     rows, x_hat, stage1_calls = [], None, {"forward": 0, "vjp": 0}
