@@ -35,7 +35,7 @@ def tasks():
 
 def methods(args):
     """name → factory(pipe, op, y) returning a solver with problem + sample; MAP-RPS rows share stage 1."""
-    out = {"DPS": lambda p, op, y: DPS(p, op, y, SIGMA_Y, steps=args.dps_steps, scale=args.dps_scale),
+    out = {"DPS": lambda p, op, y: DPS(p, op, y, None, steps=args.dps_steps, scale=args.dps_scale),
            "CLAMP": lambda p, op, y: CLAMP(p, op, y, SIGMA_Y)}
     for r in KNOBS:
         out[f"MAP-RPS r={r:g}"] = (lambda r: lambda p, op, y: MapRPS(p, op, y, SIGMA_Y, renoise=r))(r)
