@@ -283,8 +283,15 @@ def _port(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors (``--port 99999``, a missing argument) on one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="align", description=__doc__.splitlines()[0])
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, (help_text, add_args) in COMMANDS.items():
