@@ -46,7 +46,10 @@ class ModelConfig:
     def check_registries(self) -> None:
         """A ``preset:<name>`` must name a registered preset (imports the preset registry, builds nothing)."""
         if self.source.startswith(PRESET_PREFIX):
-            preset_kind(self.source[len(PRESET_PREFIX):])
+            try:
+                preset_kind(self.source[len(PRESET_PREFIX):])
+            except ValueError as err:
+                raise ValueError(f"source {self.source!r}: {err}") from None
 
 
 def looks_like_path(source: str) -> bool:
