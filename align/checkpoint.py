@@ -40,28 +40,35 @@ def _honour_umask(path: Path, mode: int) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(final: str | os.PathLike, complete_marker: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside ``final``; on success replace ``final`` with it (two renames).
 
-    Before the renames the temp dir gets :data:`COMPLETE_FILE` (its files and their sizes), so a
-    kill at any point leaves at least one complete checkpoint on disk, found by
-    :func:`latest_complete`: the previous ``final``, a renamed-away ``.final.old-*``, or a complete
-    ``.final.tmp-*``. Once the new ``final`` is in place, every stale sibling is removed.
+    With ``complete_marker`` (training checkpoints) the temp dir gets :data:`COMPLETE_FILE` (its
+    files and their sizes) before the renames, so a kill at any point leaves at least one complete
+    checkpoint on disk, found by :func:`latest_complete`: the previous ``final``, a renamed-away
+    ``.final.old-*``, or a complete ``.final.tmp-*``; once the new ``final`` is in place, every stale
+    sibling is removed. Without it (exports, pipelines) only this call's own old copy is removed.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     _honour_umask(tmp, 0o777)
+    old = None
     try:
         yield tmp
-        mark_complete(tmp)
+        if complete_marker:
+            mark_complete(tmp)
         if final.exists():
-            os.replace(final, final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}"))
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
+            os.replace(final, old)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    remove_stale(final)
+    if complete_marker:
+        remove_stale(final)
+    elif old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def mark_complete(directory: Path) -> None:

@@ -298,7 +298,8 @@ def _save(directory: Path, learner: Learner, state: RunState, norms: dict, track
     state.normalisers = {n: r.state_dict() for n, r in norms.items()}
     state.tracker = tracker.state_dict() if tracker is not None else {}
     main = learner.accelerator.is_main_process
-    with ckpt.atomic_directory(directory) if main else contextlib.nullcontext() as tmp:
+    # [resume-errors] 5/5: complete_marker=True (align/checkpoint.py: resume finds the newest complete checkpoint)
+    with ckpt.atomic_directory(directory, complete_marker=True) if main else contextlib.nullcontext() as tmp:
         tmp = Path(share_path(learner.accelerator, str(tmp) if main else None))
         learner.save_partition(tmp)
         learner.accelerator.wait_for_everyone()

@@ -148,7 +148,7 @@ def export_critic(pipe, critic: LatentCritic, out: Path, **config_kwargs) -> dic
     return config
 
 
-_EXPORT_ENTRIES = {"policy", "critic", "export.json", ckpt.COMPLETE_FILE}
+_EXPORT_ENTRIES = {"policy", "critic", "export.json"}
 
 
 def export_pipeline(pipe, critic: Optional[LatentCritic], out: str | Path, *, base_model: str,

@@ -51,7 +51,7 @@ _WRITER = textwrap.dedent("""
             os._exit(9)
         return real_stale(f)
     os.replace, ckpt.mark_complete, ckpt.remove_stale = replace, mark, stale
-    with ckpt.atomic_directory(final) as tmp:
+    with ckpt.atomic_directory(final, complete_marker=True) as tmp:
         (tmp / "policy_lora.safetensors").write_bytes(b"x" * 100 * iteration)
         if kill == "body":
             os._exit(9)
@@ -138,7 +138,7 @@ def test_checkpoint_files_and_directories_honour_the_umask(tmp_path) -> None:
     import torch
     old = os.umask(0o022)
     try:
-        with ckpt.atomic_directory(tmp_path / "checkpoint") as tmp:
+        with ckpt.atomic_directory(tmp_path / "checkpoint", complete_marker=True) as tmp:
             ckpt.save_tensors(tmp / "t.safetensors", {"a": torch.zeros(2)})
             ckpt.write_json(tmp / "state.json", {"iteration": 1})
     finally:
@@ -167,7 +167,7 @@ def _fake_run(run: Path, cfg: TrainConfig, fingerprint: str = "sha256:" + "a" * 
     import dataclasses
     run.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(run / "config.json", dataclasses.asdict(cfg))
-    with ckpt.atomic_directory(run / "checkpoint") as tmp:
+    with ckpt.atomic_directory(run / "checkpoint", complete_marker=True) as tmp:
         ckpt.write_json(tmp / "state.json", {"iteration": 2, "identity": run_identity(cfg, fingerprint)})
 
 
@@ -313,3 +313,13 @@ def test_resume_on_another_base_of_the_same_shapes_is_refused_by_its_fingerprint
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = [json.loads(line) for line in (run / RESUME_LOG).read_text().splitlines()]
     assert log[-1]["force"] is True and log[-1]["changed"]["model.source"] == [str(base_a), str(base_b)]
+
+
+def test_an_unmarked_atomic_directory_replaces_in_place_and_leaves_no_marker(tmp_path) -> None:
+    """Exports and pipelines (no complete_marker): nothing extra inside, no sibling left behind."""
+    for n in (1, 2):
+        with ckpt.atomic_directory(tmp_path / "export") as tmp:
+            (tmp / "export.json").write_text(str(n))
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert [p.name for p in (tmp_path / "export").iterdir()] == ["export.json"]
+    assert (tmp_path / "export" / "export.json").read_text() == "2"
