@@ -67,7 +67,6 @@ def _train(p: argparse.ArgumentParser) -> Handler:
                    "or start over in a run_dir that holds a checkpoint")
 
     def run(ns: argparse.Namespace) -> int:
-        from align.run_identity import check_fresh_run_dir, resolve_resume
         from align.train_config import TrainConfig
         if ns.show_config:
             return _show(TrainConfig)
@@ -81,6 +80,7 @@ def _train(p: argparse.ArgumentParser) -> Handler:
         elif path is None and os.path.isfile(DEFAULT_TRAIN_CONFIG):
             path = DEFAULT_TRAIN_CONFIG
         cfg = load_config(TrainConfig, path, overrides)
+        from align.run_identity import check_fresh_run_dir, resolve_resume
         if ns.resume:
             resolve_resume(cfg.run_dir, cfg, ns.force)  # before any model loads (train() checks the base too)
         else:

@@ -204,3 +204,10 @@ def test_the_error_mapping_cuts_size_mismatches_and_leaves_bugs_to_their_traceba
     line = one_line(info.value)
     assert line.startswith("weights do not fit this model") and "size mismatch for weight" in line
     assert line.endswith("(and 1 more)") and "\n" not in line
+
+
+def test_critic_settings_with_grpo_are_a_one_line_warning() -> None:
+    proc = align_cli("train", "algo=grpo", "critic.rank=4", "rewards=[]")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "align: warning: algo=grpo trains no critic: critic.rank is ignored",
+        "align: error: config 'TrainConfig': rewards must list at least one reward (name:weight)"]
