@@ -175,7 +175,10 @@ def check_with_registries(cfg) -> None:
     specs = parse_reward_specs(cfg.rewards)
     check_reward_args(specs, cfg.reward_args)
     for key, args in (cfg.reward_args or {}).items():
-        if not key.startswith(REMOTE_PREFIX):
+        if key.startswith(REMOTE_PREFIX):
+            from rewards.remote import RemoteReward
+            check_reward_arg_types(key, RemoteReward, args, skip=1)
+        else:
             obj = _BUILTIN.get(key) or _entry_points()[key].load()
             check_reward_arg_types(key, obj, args, skip=0 if inspect.isclass(obj) else 3)
     if cfg.model.source.startswith(PRESET_PREFIX):
