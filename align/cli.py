@@ -2,18 +2,22 @@
 
 Every job takes an optional YAML config and dotted overrides, e.g.
 ``align sample configs/toy_sample.yaml sampler.guidance_scale=3``. ``--show-config`` prints every
-key with its default and help. Heavy imports happen inside the handlers so ``align --help`` is fast.
+key with its default and help. Heavy imports happen inside the handlers, after the config is
+loaded and validated, so ``align --help`` and config errors are fast. Every known error (bad input:
+align/errors.py) is one line on stderr with exit code 2; ``--debug`` (anywhere on the line) shows
+its traceback.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
+import traceback
+import warnings
 from typing import Callable, Sequence
 
-from align.config import ConfigError, describe, load_config, to_yaml
+from align.config import ConfigError, ConfigWarning, describe, load_config, to_yaml
+from align.errors import EXIT_BAD_INPUT, one_line
 
 DEFAULT_TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                     "toy_ecg.yaml")
@@ -57,10 +61,12 @@ def _show(schema: type) -> int:
 @command("train", "RL fine-tuning: ECG (default), GRPO or DDPO; embedded toy default")
 def _train(p: argparse.ArgumentParser) -> Handler:
     _config_args(p)
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR (its newest "
+                   "complete checkpoint; refused if the settings define another run)")
+    p.add_argument("--force", action="store_true", help="resume although run-defining settings or the base differ, "
+                   "or start over in a run_dir that holds a checkpoint")
 
     def run(ns: argparse.Namespace) -> int:
-        from align.train import train
         from align.train_config import TrainConfig
         if ns.show_config:
             return _show(TrainConfig)
@@ -70,11 +76,17 @@ def _train(p: argparse.ArgumentParser) -> Handler:
             if not os.path.isfile(saved):
                 raise ConfigError(f"--resume {ns.resume}: no config.json there (not a run directory)")
             overrides = [f"run_dir={ns.resume}", *overrides]
-            path = path or _yaml_from_json(saved)
+            path = path or saved  # JSON is YAML: loaded in place, no temporary copy
         elif path is None and os.path.isfile(DEFAULT_TRAIN_CONFIG):
             path = DEFAULT_TRAIN_CONFIG
         cfg = load_config(TrainConfig, path, overrides)
-        train(cfg, resume=bool(ns.resume))
+        from align.run_identity import check_fresh_run_dir, resolve_resume
+        if ns.resume:
+            resolve_resume(cfg.run_dir, cfg, ns.force)  # before any model loads (train() checks the base too)
+        else:
+            check_fresh_run_dir(cfg.run_dir, ns.force)
+        from align.train import train
+        train(cfg, resume=bool(ns.resume), force=ns.force)
         return 0
     return run
 
@@ -170,8 +182,9 @@ def _rewards_list(p: argparse.ArgumentParser) -> Handler:
 @command("rewards check", "run a reward on toy renders: shape, dtype, finiteness, batch-size invariance")
 def _rewards_check(p: argparse.ArgumentParser) -> Handler:
     _reward_cli_args(p)
-    p.add_argument("--num-images", type=int, default=8, help="images in the test batch")
-    p.add_argument("--size", type=int, default=64, help="render size in pixels")
+    p.add_argument("--num-images", type=_positive_int, default=8, help="images in the test batch (>= 2: the "
+                   "batch-size invariance check splits it)")
+    p.add_argument("--size", type=_positive_int, default=64, help="render size in pixels")
     p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the invariance checks")
     p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the invariance checks")
 
@@ -194,7 +207,7 @@ def _rewards_check(p: argparse.ArgumentParser) -> Handler:
 @command("rewards serve", "serve one reward over HTTP for remote:http://HOST:PORT/NAME")
 def _rewards_serve(p: argparse.ArgumentParser) -> Handler:
     _reward_cli_args(p)
-    p.add_argument("--port", type=int, required=True, help="TCP port (0: a free one, printed)")
+    p.add_argument("--port", type=_port, required=True, help="TCP port 0-65535 (0: a free one, printed)")
     p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs a token")
     p.add_argument("--token-env", default="ALIGN_REWARD_TOKEN", help="environment variable holding the bearer token")
     p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MB)")
@@ -248,16 +261,37 @@ def _solve(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
-def _yaml_from_json(path: str) -> str:
-    """A run's saved config.json as a temp YAML file (JSON is YAML) for reloading."""
-    fd, tmp = tempfile.mkstemp(suffix=".yaml")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(json.load(open(path)), fh)
-    return tmp
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse prints the one-line usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port 0-65535 (0: the OS picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0-65535, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors (``--port 99999``, a missing argument) on one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="align", description=__doc__.splitlines()[0])
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, (help_text, add_args) in COMMANDS.items():
@@ -275,7 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_config_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A :class:`ConfigWarning` as one line on stderr; other warnings as Python prints them."""
+    if issubclass(category, ConfigWarning):
+        print(f"align: warning: {message}", file=sys.stderr)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: the traceback of a known error too
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
     # argparse stops collecting positional overrides at the first --flag; dotted overrides after the flags
@@ -288,14 +336,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigWarning)
+        warnings.showwarning = _show_config_warning
+        return _run(handler, ns, debug)
+
+
+def _run(handler: Handler, ns: argparse.Namespace, debug: bool) -> int:
+    """The handler; a known error (align/errors.py) is one line and exit code 2, anything else a traceback."""
     try:
         return handler(ns)
-    except ConfigError as err:
-        print(f"align: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("align: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 (the mapping decides; unknown errors re-raise below)
+        line = one_line(err)
+        if line is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"align: error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

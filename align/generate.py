@@ -15,9 +15,10 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from align.backbones.model_config import ModelConfig, load_model
+from align.backbones.model_config import load_model
+from align.model_source import ModelConfig
 from align.checkpoint import write_json
-from align.config import field
+from align.config import ConfigError, field
 from align.sampling import SamplerConfig
 from critics.steering import HOOKED_MODES, SteeringConfig, sample_steered
 
@@ -128,6 +129,7 @@ def _summarise(scores: list[Optional[dict[str, float]]], prefix: str = "") -> di
 def _steering_parts(pipe, cfg: SampleJobConfig):
     """Policy LoRA (diffusers' own loader), the exported critic, and its reward plugins (for the JSON)."""
     if cfg.policy_lora:
+        check_policy_lora(pipe, cfg.policy_lora)
         pipe.load_lora_weights(cfg.policy_lora, adapter_name="policy")
     if not cfg.steering.critic:
         return None, []
@@ -136,6 +138,44 @@ def _steering_parts(pipe, cfg: SampleJobConfig):
     critic = critics.load(cfg.steering.critic, pipe, force=cfg.steering.force)
     critic.weights_with(cfg.steering.weights)  # a bad override fails here, before sampling
     return critic, [get_reward(n) for n in critic.reward_names] if cfg.steering.score_rewards else []
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def check_policy_lora(pipe, directory: str) -> None:
+    """A one-line :class:`ConfigError` for a policy LoRA that is missing, truncated, or made for another
+    base (checked from the file's header against the denoiser's layers, before diffusers would print
+    a size mismatch per layer)."""
+    from safetensors import safe_open
+
+    from align.backbones.loading import DENOISER_ATTR, backbone_kind, denoiser
+    path = Path(directory) / LORA_FILE
+    if not path.is_file():
+        raise ConfigError(f"policy_lora {directory}: no {LORA_FILE} (an `align export` OUT/policy directory)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # safetensors' SafetensorError on a cut-off header or data
+        raise ConfigError(f"policy_lora {directory}: {path} is truncated or corrupt ({str(err).splitlines()[0]})") \
+            from None
+    net = denoiser(pipe)
+    prefix = DENOISER_ATTR[backbone_kind(pipe)] + "."
+    modules = dict(net.named_modules())
+    for key, shape in shapes.items():
+        name, sep, rest = key[len(prefix):].partition(".lora_")
+        if not key.startswith(prefix) or not sep or len(shape) < 2:
+            continue
+        layer = modules.get(name)
+        if layer is None:
+            raise ConfigError(f"policy_lora {directory} was made for another base: this {type(net).__name__} has "
+                              f"no layer {name!r}")
+        base = getattr(layer, "base_layer", layer)
+        want = getattr(base, "in_features", None) if rest.startswith("A") else getattr(base, "out_features", None)
+        got = shape[1] if rest.startswith("A") else shape[0]
+        if want is not None and want != got:
+            raise ConfigError(f"policy_lora {directory} was made for another base: {key} has {got} features, "
+                              f"this {type(net).__name__}'s {name} has {want}")
 
 
 def _critic_records(critic, reward_fns, batch, images: torch.Tensor, prompts: list[str]) -> list[dict]:

@@ -33,7 +33,10 @@ from align.distributed import assert_ranks_agree, make_accelerator, share_batch,
 from align.learner import Learner
 from align.prompts import draw_prompts, evaluation_prompts
 from align.rollout import RolloutWorker, start_workers
+from align.run_identity import (append_resume_log, check_same_base, resolve_resume, run_identity,  # [resume-errors 0]
+                                stored_identity)
 from align.train_config import TrainConfig
+from critics.export import base_fingerprint  # [resume-errors 0]
 from critics.value_model import LatentCritic, critic_target_modules
 from rewards import RewardError, build_rewards, parse_reward_specs
 
@@ -67,6 +70,7 @@ class RunState:
     tracker: dict = dataclasses.field(default_factory=dict)
     history: list = dataclasses.field(default_factory=list)
     skipped_batches: int = 0
+    identity: dict = dataclasses.field(default_factory=dict)  # [resume-errors 0] run settings + base fingerprint
 
 
 def build(cfg: TrainConfig):
@@ -91,26 +95,36 @@ def build(cfg: TrainConfig):
     return pipe, critic, reward_fns, weights, learner, worker
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = None, log=print) -> RunState:
-    """Run the recipe; ``stop_after`` ends after that many iterations as an interruption would."""
+def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = None, log=print,
+          force: bool = False) -> RunState:  # [resume-errors 0] force
+    """Run the recipe; ``stop_after`` ends after that many iterations as an interruption would.
+    ``resume``: continue from the newest complete checkpoint, refused if it is another run's unless
+    ``force`` (align/run_identity.py)."""
     run = Path(cfg.run_dir)
+    # [resume-errors 1] the newest complete checkpoint; its settings are checked before any model loads
+    resume_from = resolve_resume(run, cfg, force) if resume else None
     run.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
     pipe, critic, reward_fns, weights, learner, worker = build(cfg)
+    identity = run_identity(cfg, base_fingerprint(pipe))  # [resume-errors 2] settings + base fingerprint
     names = [s.name for s in parse_reward_specs(cfg.rewards)]
     accelerator, driver = learner.accelerator, learner.accelerator.is_main_process
     norms = {n: RunningMeanStd() for n in names}
     tracker = PerPromptStatTracker() if cfg.algo == "ddpo" else None
     state = RunState(policy_started=cfg.algo != "ecg" or cfg.critic.pretrain_iterations == 0)
-    if resume and (run / "checkpoint" / "state.json").is_file():
-        state = _load(run / "checkpoint", learner, norms, tracker)
+    if resume_from is not None:
+        check_same_base(stored_identity(resume_from), identity, run, force)  # [resume-errors 3] before loading
+        state = _load(resume_from, learner, norms, tracker)
         learner.version = state.policy_updates
-        log(f"resumed {run} at iteration {state.iteration}")
+        log(f"resumed {run} at iteration {state.iteration} (from {resume_from.name})")
+    state.identity = identity  # [resume-errors 4] stored in every checkpoint's state.json
     if not driver:
         log = _quiet
-    if driver:
+    if driver and resume_from is None:
         ckpt.write_json(run / "config.json", dataclasses.asdict(cfg))
+    elif driver:  # [resume-errors 5] config.json stays the run's own; the resume's changes are appended
+        append_resume_log(run, cfg, resume_from, state.iteration, force)
     writer = _tensorboard(run) if driver else None
     with start_workers(cfg, worker, reward_fns) if driver else contextlib.nullcontext() as workers:
         first = _sync(learner, workers)
@@ -285,7 +299,8 @@ def _save(directory: Path, learner: Learner, state: RunState, norms: dict, track
     state.normalisers = {n: r.state_dict() for n, r in norms.items()}
     state.tracker = tracker.state_dict() if tracker is not None else {}
     main = learner.accelerator.is_main_process
-    with ckpt.atomic_directory(directory) if main else contextlib.nullcontext() as tmp:
+    # [resume-errors 6] complete_marker=True (align/checkpoint.py: resume finds the newest complete checkpoint)
+    with ckpt.atomic_directory(directory, complete_marker=True) if main else contextlib.nullcontext() as tmp:
         tmp = Path(share_path(learner.accelerator, str(tmp) if main else None))
         learner.save_partition(tmp)
         learner.accelerator.wait_for_everyone()

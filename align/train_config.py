@@ -4,9 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Optional
 
-from align.backbones.model_config import ModelConfig
 from align.config import field
-from align.sampling import SamplerConfig
+from align.model_source import ModelConfig
+from align.sampling.config import SamplerConfig
 
 ALGOS = ("ecg", "grpo", "ddpo")
 
@@ -115,21 +115,17 @@ class TrainConfig:
     run_dir: str = field("runs/toy_ecg", help="checkpoints, logs, grids and exports")
 
     def validate(self) -> None:
-        if self.trainer.iterations < 1 or self.trainer.prompts_per_iteration < 1 or self.trainer.samples_per_prompt < 1:
-            raise ValueError("trainer.iterations, prompts_per_iteration and samples_per_prompt must be >= 1")
-        if self.algo == "grpo" and self.trainer.samples_per_prompt < 2:
-            raise ValueError("grpo needs trainer.samples_per_prompt >= 2 (the group)")
-        if not 0 < self.trainer.timestep_fraction <= 1:
-            raise ValueError("trainer.timestep_fraction must be in (0, 1]")
-        if self.sampler.eta <= 0 and self.sampler.noise_level <= 0:
-            raise ValueError("RL needs a stochastic policy: sampler.eta (UNet) or sampler.noise_level (DiT) > 0")
-        r = self.ray
-        if r.num_rollout_workers < 0 or r.num_reward_workers < 0 or r.chunk_size < 1 or r.max_restarts < 0:
-            raise ValueError("ray.num_rollout_workers, num_reward_workers and max_restarts must be >= 0, "
-                             "ray.chunk_size >= 1")
-        if self.learner.max_policy_lag < 0:
-            raise ValueError("learner.max_policy_lag must be >= 0")
+        """Cheap checks, no torch (align/config_checks.py; docs/config.md): values that would train wrong,
+        the prompt source, and the noise parameter of the backbone family that will load."""
+        from align.config_checks import check_stochastic, check_values
+        from align.model_source import source_kind
+        check_values(self)
+        check_stochastic(source_kind(self.model.source, self.model.allow_download), self.sampler.eta,
+                         self.sampler.noise_level)
         from align.prompts import check_prompt_source
         check_prompt_source(self.trainer.prompts)
-        from rewards import check_reward_args, parse_reward_specs
-        check_reward_args(parse_reward_specs(self.rewards), self.reward_args)
+
+    def check_registries(self) -> None:
+        """Against the reward and preset registries (imports torch, loads no model)."""
+        from align.config_checks import check_with_registries
+        check_with_registries(self)

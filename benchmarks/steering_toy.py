@@ -59,7 +59,7 @@ def ensure_run(run_dir: Path) -> None:
     if (run_dir / "export" / "critic" / "config.json").is_file():
         return
     print(f"{run_dir}/export/critic missing: running `align train run_dir={run_dir}` first", flush=True)
-    subprocess.run([sys.executable, "-m", "align.cli", "train", f"run_dir={run_dir}"], check=True)
+    subprocess.run([sys.executable, "-m", "align.cli", "train", "--force", f"run_dir={run_dir}"], check=True)
 
 
 def run_mode(pipe, critic, reward_fns, prompts: list[str], sampler: SamplerConfig, steer: SteeringConfig, seed: int,

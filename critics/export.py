@@ -267,8 +267,12 @@ def read_config(directory: str | Path) -> dict:
     if not path.is_file() or not (Path(directory) / "model.safetensors").is_file():
         raise CriticLoadError(f"critic {directory}: needs config.json and model.safetensors (an `align export` "
                               "critic directory)")
-    config = json.loads(path.read_text())
-    if config.get("format") != FORMAT:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CriticLoadError(f"critic {directory}: {path} is truncated or not valid JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        config = config if isinstance(config, dict) else {}
         raise CriticLoadError(f"critic {directory}: config.json format is {config.get('format')!r}, expected {FORMAT!r}")
     version = config.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
@@ -280,7 +284,9 @@ def read_config(directory: str | Path) -> dict:
 def check_base(config: dict, pipe, directory: str | Path, force: bool = False) -> str:
     """The pipeline's fingerprint; a :class:`CriticLoadError` naming both fingerprints on mismatch
     (unless ``force``). A different backbone kind is refused even with ``force``."""
-    base = config["base_model"]
+    base = config.get("base_model")
+    if not isinstance(base, dict) or not {"kind", "id", "fingerprint"} <= set(base):
+        raise CriticLoadError(f"critic {directory}: config.json has no complete base_model (kind, id, fingerprint)")
     kind = backbone_kind(pipe)
     if base["kind"] != kind:
         raise CriticLoadError(f"critic {directory} was trained on a {base['kind']} backbone ({base['id']}); "
@@ -303,8 +309,13 @@ def load(directory: str | Path, pipe, force: bool = False, adapter_name: str = "
     if adapter_name in adapter_names(pipe):
         raise CriticLoadError(f"critic {directory}: the pipeline already has a LoRA adapter {adapter_name!r}; "
                               "pass another adapter_name")
-    with safe_open(str(Path(directory) / "model.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    weights = Path(directory) / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own SafetensorError (or OSError) on a cut-off file
+        raise CriticLoadError(f"critic {directory}: {weights} is truncated or corrupt "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     heads = {k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")}
     lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
     try:

@@ -72,3 +72,167 @@ def test_top_level_modifiers_key_is_an_alias_of_sampler_modifiers(tmp_path) -> N
     assert cfg.sampler.modifiers == [{"sym_attn": {"alpha": 1.2}}] and cfg.sampler.eta == 0.5
     with pytest.raises(ConfigError, match="nope"):
         load_config(TrainConfig, None, ["modifiers=[nope: {}]"])
+
+
+# ------------------------------------------------------------------ two-phase validation, YAML shape
+def test_yaml_that_is_not_a_mapping_or_not_yaml_is_named(tmp_path) -> None:
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- trainer.lr=1\n")
+    with pytest.raises(ConfigError, match=f"config file {listed}: expected a mapping of config keys"):
+        load_config(_Root, listed)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  lr: {a: 1\n")
+    with pytest.raises(ConfigError, match=rf"config file {broken}: not valid YAML \(line 3, column 1\)"):
+        load_config(_Root, broken)
+
+
+@dataclasses.dataclass
+class _Phased:
+    """Records the order in which the validation hooks run."""
+    calls: list = field(default_factory=list)
+    fail_value: bool = False
+
+    def validate(self) -> None:
+        self.calls.append("validate")
+        if self.fail_value:
+            raise ValueError("bad value")
+
+    def check_registries(self) -> None:
+        self.calls.append("registries")
+
+
+@dataclasses.dataclass
+class _PhasedRoot:
+    a: _Phased = field(default_factory=_Phased)
+    b: _Phased = field(default_factory=_Phased)
+
+
+def test_every_cheap_check_runs_before_any_registry_check() -> None:
+    from align.config import validate
+    cfg = _PhasedRoot()
+    validate(cfg)
+    assert cfg.a.calls == cfg.b.calls == ["validate", "registries"]
+    cfg = _PhasedRoot(b=_Phased(fail_value=True))
+    with pytest.raises(ConfigError, match="config 'b': bad value"):
+        validate(cfg)
+    assert cfg.a.calls == ["validate"]  # a's registry check never ran: b's cheap check failed first
+
+
+# ------------------------------------------------------------------ TrainConfig values that train wrong
+TINY = ["model.source=preset:tiny-unet", "ray.num_rollout_workers=0", "ray.num_reward_workers=0"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.clip_range=-1", "trainer.clip_range must be > 0"),
+    ("trainer.clip_range=0", "trainer.clip_range must be > 0"),
+    ("trainer.lr=-1", "trainer.lr must be a finite number > 0"),
+    ("trainer.lr=0", "trainer.lr must be a finite number > 0"),
+    ("trainer.lr=nan", "trainer.lr must be a finite number > 0"),
+    ("trainer.epochs=0", "trainer.epochs must be >= 1 (0 makes no update)"),
+    ("critic.pretrain_epochs=0", "critic.pretrain_epochs must be >= 1"),
+    ("trainer.minibatch_size=0", "trainer.minibatch_size must be >= 1"),
+    ("lora.rank=0", "lora.rank must be >= 1"),
+    ("critic.rank=0", "critic.rank must be >= 1"),
+    ("rewards=[toy_geneval:nan]", "reward spec 'toy_geneval:nan': the weight must be finite"),
+    ("rewards=[toy_geneval:inf]", "reward spec 'toy_geneval:inf': the weight must be finite"),
+    ("rewards=[toy_geneval:-inf]", "reward spec 'toy_geneval:-inf': the weight must be finite"),
+    ("rewards=[]", "rewards must list at least one reward"),
+    ("critic.pretrain_ev_threshold=1.5", "critic.pretrain_ev_threshold must be <= 1"),
+    ("critic.gae_lambda=1.5", "critic.gae_lambda must be in [0, 1]"),
+    ("sampler.eta=0", "sampler.eta must be > 0 on a UNet backbone"),
+    ("sampler.eta=inf", "eta must be finite"),
+    ("eval_prompts=0", "eval_prompts >= 1"),
+])
+def test_values_that_would_train_wrong_are_one_line_errors(override: str, expected: str) -> None:
+    from align.train_config import TrainConfig
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, None, [*TINY, override])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_noise_check_reads_the_backbone_family_of_the_source(tmp_path) -> None:
+    """eta=0 is refused on a UNet even with noise_level > 0; on a DiT only noise_level counts. The kind
+    comes from model_index.json (a directory, the shipped toy) or the preset, without loading weights."""
+    from align.train_config import TrainConfig
+    with pytest.raises(ConfigError, match="sampler.eta must be > 0 on a UNet"):
+        load_config(TrainConfig, None, ["model.source=toy", "sampler.eta=0", "sampler.noise_level=0.7"])
+    index = tmp_path / "dit"
+    index.mkdir()
+    (index / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    cfg = load_config(TrainConfig, None, [f"model.source={index}", "sampler.eta=0", "sampler.noise_level=0.5"])
+    assert cfg.sampler.eta == 0
+    with pytest.raises(ConfigError, match="sampler.noise_level must be > 0 on a DiT"):
+        load_config(TrainConfig, None, [f"model.source={index}", "sampler.noise_level=0"])
+    with pytest.raises(ConfigError, match="sampler.noise_level must be > 0 on a DiT"):
+        load_config(TrainConfig, None, ["model.source=preset:tiny-dit", "sampler.noise_level=0"])
+    with pytest.raises(ConfigError, match="is a dit backbone, but kind='unet'"):
+        load_config(TrainConfig, None, [f"model.source={index}", "model.kind=unet"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    ("{jpeg_compressibility: {quality: notanint}}", "reward_args.jpeg_compressibility.quality = 'notanint' is not an int"),
+    ("{jpeg_compressibility: {quality: 1.5}}", "reward_args.jpeg_compressibility.quality = 1.5 is not an int"),
+    ("{jpeg_compressibility: {qualty: 5}}", "unknown argument 'qualty'"),
+])
+def test_reward_arguments_are_type_checked_against_the_signature(args: str, expected: str) -> None:
+    from align.train_config import TrainConfig
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, None, [*TINY, "rewards=[jpeg_compressibility:1.0]", f"reward_args={args}"])
+    assert expected in str(info.value)
+    ok = load_config(TrainConfig, None, [*TINY, "rewards=[jpeg_compressibility:1.0]",
+                                          "reward_args={jpeg_compressibility: {quality: 50}}"])
+    assert ok.reward_args == {"jpeg_compressibility": {"quality": 50}}
+
+
+def test_optional_and_union_annotations_accept_each_member() -> None:
+    from align.config_checks import check_reward_arg_types
+
+    def reward(images, prompts, metadata, path: Optional[str] = None, scale: float = 1.0, flag: bool = False):
+        return images
+    check_reward_arg_types("r", reward, {"path": None, "scale": 2, "flag": True}, skip=3)
+    check_reward_arg_types("r", reward, {"path": "/w"}, skip=3)
+    with pytest.raises(ValueError, match="reward_args.r.flag = 1 is not a bool"):
+        check_reward_arg_types("r", reward, {"flag": 1}, skip=3)
+    with pytest.raises(ValueError, match="reward_args.r.path = 3 is not a str or None"):
+        check_reward_arg_types("r", reward, {"path": 3}, skip=3)
+
+
+def test_critic_settings_with_a_critic_free_algorithm_warn_and_are_not_errors() -> None:
+    from align.config import ConfigWarning
+    from align.train_config import TrainConfig
+    with pytest.warns(ConfigWarning, match="algo=grpo trains no critic: critic.rank, critic.lr are ignored"):
+        cfg = load_config(TrainConfig, None, [*TINY, "algo=grpo", "critic.rank=0", "critic.lr=0.5"])
+    assert cfg.critic.rank == 0  # unused, so not validated either
+
+
+def test_torch_free_config_modules_agree_with_the_torch_side() -> None:
+    from align.backbones.loading import BACKBONES
+    from align.backbones.model_config import DTYPES, ModelConfig
+    from align.model_source import BACKBONE_KINDS, DTYPE_NAMES, PIPELINE_KINDS
+    from align.model_source import ModelConfig as TorchFreeModelConfig
+    from align.sampling import SamplerConfig
+    from align.sampling.config import LOGPROB_REDUCTIONS
+    from align.sampling.config import SamplerConfig as TorchFreeSamplerConfig
+    from align.sampling.transitions import LOGPROB_REDUCTIONS as TRANSITION_REDUCTIONS
+    assert ModelConfig is TorchFreeModelConfig and SamplerConfig is TorchFreeSamplerConfig
+    assert tuple(BACKBONES) == BACKBONE_KINDS and tuple(DTYPES) == DTYPE_NAMES
+    assert {cls.__name__: kind for kind, cls in BACKBONES.items()} == PIPELINE_KINDS
+    assert LOGPROB_REDUCTIONS == TRANSITION_REDUCTIONS
+
+
+@pytest.mark.parametrize("override", ["trainer.lr=-1", "lora.rank=0", "rewards=[toy_geneval:nan]", "sampler.eta=0",
+                                      "model.source=/no/such/dir", "critic.pretrain_epochs=0"])
+def test_a_value_error_is_raised_before_torch_is_imported(override: str) -> None:
+    """Registry checks (rewards, presets) may import torch; they run only after every cheap check passed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys\nfrom align.config import ConfigError, load_config\nfrom align.train_config import TrainConfig\n"
+            f"try:\n    load_config(TrainConfig, None, ['model.source=toy', {override!r}])\n"
+            "except ConfigError:\n    print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') "
+            "if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr

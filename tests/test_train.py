@@ -64,7 +64,7 @@ def test_ecg_iteration_leaves_the_base_bit_identical(tmp_path) -> None:
 
 
 def test_value_pretraining_does_not_move_the_policy(tmp_path) -> None:
-    cfg = _cfg(tmp_path, "trainer.iterations=1", "critic.pretrain_iterations=5", "critic.pretrain_ev_threshold=2.0")
+    cfg = _cfg(tmp_path, "trainer.iterations=1", "critic.pretrain_iterations=5", "critic.pretrain_ev_threshold=1.0")
     state = train(cfg, log=lambda *_: None)
     assert state.policy_updates == 0 and state.history[0]["phase"] == "value-pretrain"
     policy = load_tensors(tmp_path / "checkpoint" / "policy_lora.safetensors")
@@ -164,7 +164,7 @@ def _held_out_explained_variance(cfg: TrainConfig, prompts_seed: int = 10_000) -
 
 
 TOY_VALUE = ["model.source=toy", "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0",
-             "algo=ecg", "critic.pretrain_ev_threshold=2.0", "rewards=[jpeg_compressibility:1.0]"]
+             "algo=ecg", "critic.pretrain_ev_threshold=1.0", "rewards=[jpeg_compressibility:1.0]"]
 
 
 def test_value_pretraining_on_the_toy_explains_held_out_returns(tmp_path) -> None:

@@ -1,25 +1,15 @@
-"""``model:`` section of every job config, and the one function that turns it into a pipeline."""
+"""The one function that turns a ``model:`` config into a pipeline; :class:`ModelConfig` itself lives in
+the torch-free :mod:`align.model_source` (re-exported here under its old import path)."""
 from __future__ import annotations
-
-import dataclasses
-from typing import Optional
 
 import torch
 
-from align.backbones.loading import BACKBONES, build_pipeline
-from align.config import field
+from align.backbones.loading import build_pipeline
+from align.model_source import ModelConfig
+
+__all__ = ["DTYPES", "ModelConfig", "load_model", "resolve_source"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    """Which backbone to load."""
-    source: str = field("toy", help="'toy' (the shipped toy model), 'preset:<name>', a save_pretrained dir, or a hub id")
-    kind: Optional[str] = field(None, choices=[None, *BACKBONES], help="expected backbone kind (checked)")
-    dtype: str = field("float32", choices=list(DTYPES), help="weights dtype (bfloat16 on GPUs)")
-    device: str = field("cpu", help="torch device")
-    allow_download: bool = field(False, help="let hub ids download (default: local HF cache only)")
 
 
 def resolve_source(source: str) -> str:

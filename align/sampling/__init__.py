@@ -1,15 +1,37 @@
 """Log-prob samplers: DDIM with η>0 (ε/v-prediction) and the flow-matching SDE behind one transition
-API, the sampling loop over diffusers pipelines, and the ``Trajectory`` record (docs/sampling.md)."""
-from align.sampling.hooks import SamplerHooks, StepContext, cfg_combine
-from align.sampling.sampler import (EMBED_KEYS, SamplerConfig, decode, encode_prompts, initial_latents, predict,
-                                    recompute_log_probs, sample_trajectory, set_schedule)
-from align.sampling.trajectory import Trajectory
-from align.sampling.transitions import (LOGPROB_REDUCTIONS, TRANSITIONS, StepOutput, Transition, ddim_distribution,
-                                        ddim_step_with_logprob, flow_sde_distribution, flow_sde_step_with_logprob,
-                                        gaussian_log_prob, step_log_prob, take_step, transition_for)
+API, the sampling loop over diffusers pipelines, and the ``Trajectory`` record (docs/sampling.md).
 
-__all__ = ["EMBED_KEYS", "LOGPROB_REDUCTIONS", "SamplerConfig", "SamplerHooks", "StepContext", "StepOutput",
-           "TRANSITIONS", "Trajectory", "Transition", "cfg_combine", "ddim_distribution", "ddim_step_with_logprob",
-           "decode", "encode_prompts", "flow_sde_distribution", "flow_sde_step_with_logprob", "gaussian_log_prob",
-           "initial_latents", "predict", "recompute_log_probs", "sample_trajectory", "set_schedule", "step_log_prob",
-           "take_step", "transition_for"]
+:class:`SamplerConfig` is imported eagerly (it is torch-free, so job configs load and validate
+before torch); everything else is imported on first access (PEP 562), from the same names as before.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from align.sampling.config import SamplerConfig
+
+#: public name -> submodule that defines it (imported on first access)
+_LAZY = {
+    **dict.fromkeys(["SamplerHooks", "StepContext", "cfg_combine"], "hooks"),
+    **dict.fromkeys(["EMBED_KEYS", "decode", "encode_prompts", "initial_latents", "predict", "recompute_log_probs",
+                     "sample_trajectory", "set_schedule"], "sampler"),
+    "Trajectory": "trajectory",
+    **dict.fromkeys(["LOGPROB_REDUCTIONS", "TRANSITIONS", "StepOutput", "Transition", "ddim_distribution",
+                     "ddim_step_with_logprob", "flow_sde_distribution", "flow_sde_step_with_logprob",
+                     "gaussian_log_prob", "step_log_prob", "take_step", "transition_for"], "transitions"),
+}
+
+__all__ = sorted(["SamplerConfig", *_LAZY])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'align.sampling' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"align.sampling.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
