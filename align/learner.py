@@ -4,7 +4,8 @@ Actor and critic update in separate passes with separate optimisers (AdamW; poli
 ``trainer.lr``, critic LoRA and heads at ``critic.lr``) and separate gradient-norm clips
 (``trainer.max_grad_norm``, ``critic.max_grad_norm``), so neither's gradient scale shrinks the
 other's step. A pass is epochs × minibatches; per minibatch a random subset of
-``trainer.timestep_fraction`` of the denoising steps is recomputed, their losses' gradients
+``trainer.timestep_fraction`` of the denoising steps is recomputed (the policy's from the first
+``trainer.step_window`` of the chain), their losses' gradients
 accumulate, then one clipped optimiser step. Under DeepSpeed one engine holds both parameter groups:
 a pass zeroes the other group's gradients and learning rate and sets ZeRO's clip to its own.
 Checkpoints are atomic safetensors + JSON.
@@ -21,7 +22,8 @@ from align import checkpoint as ckpt
 from align.algos.core import kl_to_reference, ppo_clip_loss, value_loss
 from align.backbones.loading import denoiser
 from align.backbones.lora import adapters_disabled, load_lora_state_dict, lora_state_dict, set_active_adapters
-from align.distributed import is_deepspeed, load_zero_partition, prepare_deepspeed, zero_partition_state
+from align.distributed import (is_deepspeed, load_zero_partition, policy_step_window, prepare_deepspeed, steps_per_update,
+                               zero_partition_state)
 from align.sampling import Trajectory, recompute_log_probs
 from align.train_config import TrainConfig
 from critics.value_model import LatentCritic
@@ -94,7 +96,8 @@ class Learner:
         ±``trainer.adv_clip``; bumps the policy version."""
         self.check_fresh(traj)
         adv = advantages.clamp(-self.cfg.trainer.adv_clip, self.cfg.trainer.adv_clip)
-        stats = self._pass("policy", traj, self.cfg.trainer.epochs, lambda mb, idx, i: self._policy_loss(mb, adv[idx], i))
+        stats = self._pass("policy", traj, self.cfg.trainer.epochs, lambda mb, idx, i: self._policy_loss(mb, adv[idx], i),
+                           window=min(traj.num_steps, policy_step_window(self.cfg)))
         self.version += 1
         return stats
 
@@ -103,7 +106,7 @@ class Learner:
         (``critic.value_clip``) is around the predictions before this update."""
         old = self.values(traj) if self.cfg.critic.value_clip is not None else None
         return self._pass("critic", traj, epochs, lambda mb, idx, i: self._value_loss(
-            mb, targets[idx], None if old is None else old[idx, i], i))
+            mb, targets[idx], None if old is None else old[idx, i], i), window=traj.num_steps)
 
     def update(self, traj: Trajectory, advantages: torch.Tensor, value_targets: Optional[torch.Tensor],
                old_values: Optional[torch.Tensor], train_policy: bool) -> dict[str, float]:
@@ -115,12 +118,12 @@ class Learner:
             stats.update(self.value_update(traj, value_targets, epochs))
         return stats
 
-    def _pass(self, group: str, traj: Trajectory, epochs: int, step_loss: StepLoss) -> dict[str, float]:
-        """``epochs`` × shuffled minibatches of ``traj``; one clipped optimiser step of ``group`` each."""
-        tc = self.cfg.trainer
-        mb_size = tc.minibatch_size // self.accelerator.num_processes
-        n, steps = traj.batch_size, traj.num_steps
-        k_steps = max(1, round(tc.timestep_fraction * steps))
+    def _pass(self, group: str, traj: Trajectory, epochs: int, step_loss: StepLoss, window: int) -> dict[str, float]:
+        """``epochs`` × shuffled minibatches of ``traj``; one clipped optimiser step of ``group`` each, on a
+        random subset of the steps ``0 … window−1`` (the same number of steps for policy and critic)."""
+        mb_size = self.cfg.trainer.minibatch_size // self.accelerator.num_processes
+        n, steps = traj.batch_size, window
+        k_steps = min(steps, steps_per_update(self.cfg))
         totals: dict[str, float] = {}
         count = 0
         for _ in range(epochs):

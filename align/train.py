@@ -247,6 +247,7 @@ def _record(batch: Batch, weights: torch.Tensor, names: list[str], phase: str, i
     return {"iteration": it + 1, "phase": phase, "samples_seen": (it + 1) * len(batch.prompts),
             "explained_variance": float("nan"), "explained_variance_late": float("nan"), **critic,
             "advantage_var_per_step": [float(v) for v in batch.advantages.var(dim=0, unbiased=False)],
+            "advantage_mean_per_step": [float(v) for v in batch.advantages.mean(dim=0)],
             "seconds": time.time() - t0, "rollout_seconds": t_rollout,
             **{f"reward/{n}": float(raw[:, k].mean()) for k, n in enumerate(names)},
             "reward/weighted": float((raw @ weights).mean()), **stats}

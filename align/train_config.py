@@ -29,6 +29,9 @@ class CriticConfig:
                                          "DiT: norm_out only")
     lr: float = field(1e-3, help="critic learning rate (adapter and heads)")
     gae_lambda: float = field(0.95, help="λ of GAE along the chain (1 = Monte Carlo with value baseline)")
+    advantage_norm: str = field("step", choices=["step", "batch"],
+                                help="normalise each head's GAE advantages per denoising step over the batch "
+                                     "(removes a critic bias per step) or over all (sample, step) pairs")
     value_clip: Optional[float] = field(None, help="PPO-style value clipping range (None: off)")
     max_grad_norm: float = field(1.0, help="gradient-norm clip of the critic's own optimiser step (the policy has "
                                            "trainer.max_grad_norm)")
@@ -58,6 +61,9 @@ class TrainerConfig:
     epochs: int = field(1, help="PPO epochs over each batch")
     minibatch_size: int = field(8, help="samples per optimiser step")
     timestep_fraction: float = field(0.5, help="fraction of denoising steps trained per sample (random subset)")
+    step_window: float = field(1.0, help="the policy trains only the first step_window of the chain (the steps whose "
+                                         "noise still decides the image; later steps' score gradients scale as 1/σ_t "
+                                         "and are mostly noise: docs/algorithms.md); the critic trains every step")
     lr: float = field(5e-4, help="policy LoRA learning rate")
     clip_range: float = field(0.2, help="PPO clip ε (DDPO uses 1e-4)")
     adv_clip: float = field(5.0, help="advantages are clipped to ±adv_clip (DDPO)")

@@ -49,11 +49,11 @@ def sanity_prompts(n: int = NUM_PROMPTS, seed: int = 5) -> list[str]:
     return draw_prompts("toy", n, np.random.default_rng(seed))
 
 
-def case_overrides(algo: str, reward: str, sign: int, run_dir: Path, prompts_file: Path,
+def case_overrides(algo: str, reward: str, sign: int, run_dir: Path, prompts_file: Path, num_prompts: int,
                    iterations: int = ITERATIONS, extra: Optional[list[str]] = None) -> list[str]:
     name, args = REWARDS[reward]
     return [*RECIPE, f"algo={algo}", f"rewards=[{name}:{float(sign)}]", f"trainer.iterations={iterations}",
-            f"trainer.prompts={prompts_file}", f"trainer.prompts_per_iteration={NUM_PROMPTS}",
+            f"trainer.prompts={prompts_file}", f"trainer.prompts_per_iteration={num_prompts}",
             f"run_dir={run_dir}", *[f"reward_args.{name}.{k}={v}" for k, v in args.items()], *(extra or [])]
 
 
@@ -81,7 +81,7 @@ def paired_scores(cfg, policy_lora: dict[str, torch.Tensor], prompts: list[str],
 
 
 def run_case(algo: str, reward: str, sign: int, out: Path, iterations: int = ITERATIONS,
-             extra: Optional[list[str]] = None, log=None) -> dict:
+             extra: Optional[list[str]] = None, log=None, prompts: Optional[list[str]] = None) -> dict:
     """Train one case and evaluate it paired; returns the row of the table."""
     from align.config import load_config
     from align.checkpoint import load_tensors
@@ -89,10 +89,11 @@ def run_case(algo: str, reward: str, sign: int, out: Path, iterations: int = ITE
     from align.train_config import TrainConfig
     run_dir = out / f"{algo}_{reward}_{'plus' if sign > 0 else 'minus'}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    prompts = sanity_prompts()
+    prompts = prompts or sanity_prompts()
     prompts_file = run_dir / "prompts.txt"
     prompts_file.write_text("\n".join(prompts) + "\n")
-    cfg = load_config(TrainConfig, None, case_overrides(algo, reward, sign, run_dir, prompts_file, iterations, extra))
+    cfg = load_config(TrainConfig, None, case_overrides(algo, reward, sign, run_dir, prompts_file, len(prompts),
+                                                        iterations, extra))
     t0 = time.time()
     state = train(cfg, log=log or (lambda *_: None))
     seconds = time.time() - t0
@@ -131,6 +132,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/sanity")
     ap.add_argument("--min-z", type=float, default=5.0)
     ap.add_argument("--min-gain", type=float, default=0.5, help="gain must exceed this × the base reward's std")
+    ap.add_argument("--prompts", nargs="+", default=None, help="the fixed prompts (default: sanity_prompts())")
     ap.add_argument("--verbose", action="store_true", help="print each training iteration's log line")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every case")
     args = ap.parse_args()
@@ -140,7 +142,7 @@ def main() -> None:
         for algo in args.algos:
             for sign in args.signs:
                 rows.append(run_case(algo, reward, sign, Path(args.out), args.iterations, args.overrides,
-                                     log=print if args.verbose else None))
+                                     log=print if args.verbose else None, prompts=args.prompts))
                 print_table(rows[-1:], args.min_z, args.min_gain)
     print(f"\nsanity matrix ({args.iterations} iterations; paired on {NUM_PROMPTS} prompts × {EVAL_SEEDS} seeds; "
           f"pass: gain/SE > {args.min_z} and gain > {args.min_gain} × base std)")
@@ -149,3 +151,52 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def gradient_diagnosis(reward: str = "mean_brightness", sign: int = 1, samples: int = 64, seed: int = 0,
+                       num_inference_steps: int = 10, eta: float = 1.0) -> list[dict]:
+    """Per denoising step i of the base policy: the norm of the policy gradient g_i = ∇_θ mean_j A_j log π_θ(step i
+    of sample j) (GRPO advantages on one fixed prompt), and the cosine between g_i of two independent halves of
+    the batch: ≈ 0 means step i's gradient is noise at this batch size, > 0 means it carries a direction."""
+    from align.algos.core import grpo_advantages
+    from align.backbones.loading import denoiser
+    from align.backbones.lora import attach_lora, set_active_adapters
+    from align.backbones.model_config import ModelConfig, load_model
+    from align.rollout import RolloutWorker
+    from align.sampling import SamplerConfig, recompute_log_probs
+    from rewards import get_reward, score
+    name, args = REWARDS[reward]
+    pipe = load_model(ModelConfig(source="toy"))
+    attach_lora(pipe, "policy", rank=8, alpha=8.0)
+    params = [p for n, p in denoiser(pipe).named_parameters() if ".policy." in n and "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    worker = RolloutWorker(pipe, SamplerConfig(num_inference_steps=num_inference_steps, eta=eta, logprob_reduce="mean"))
+    prompts = sanity_prompts(1) * samples
+    traj = worker.rollout(prompts, seed=seed)
+    raw = score([get_reward(name, **args)], traj.images, prompts)[0][:, 0]
+    adv = grpo_advantages(sign * raw, torch.zeros(samples, dtype=torch.long))
+    traj = dataclasses.replace(traj, images=None)
+    halves = [torch.arange(0, samples, 2), torch.arange(1, samples, 2)]
+    rows, per_step = [], []
+    set_active_adapters(pipe, ["policy"])
+    for i in range(traj.num_steps):
+        grads, scores = [], []
+        for h in halves:
+            logp = recompute_log_probs(pipe, traj.select(h), [i])[:, 0]
+            g_adv = torch.autograd.grad(-(adv[h] * logp).mean(), params, retain_graph=True)
+            g_score = torch.autograd.grad(logp.mean(), params)  # E[∇ log π] = 0 on-policy: noise only
+            grads.append(torch.cat([g.flatten() for g in g_adv]))
+            scores.append(torch.cat([g.flatten() for g in g_score]))
+        per_step.append(grads)
+        cos = float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
+        score_cos = float(torch.nn.functional.cosine_similarity(scores[0], scores[1], dim=0))
+        rows.append({"step": i, "timestep": int(traj.timesteps[i]), "grad_norm": float((grads[0] + grads[1]).norm() / 2),
+                     "split_half_cos": cos, "mean_score_norm": float((scores[0] + scores[1]).norm() / 2),
+                     "mean_score_split_half_cos": score_cos})
+    for first, last in ((0, traj.num_steps), (0, traj.num_steps // 2), (0, traj.num_steps - 2),
+                        (traj.num_steps // 2, traj.num_steps)):
+        a, b = (sum(per_step[i][h] for i in range(first, last)) for h in (0, 1))
+        rows.append({"steps": f"{first}-{last - 1}", "grad_norm": float((a + b).norm() / 2),
+                     "split_half_cos": float(torch.nn.functional.cosine_similarity(a, b, dim=0))})
+    return rows

@@ -28,11 +28,24 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / (x.std(unbiased=False) + 1e-8)
 
 
+def _normalise_per_step(x: torch.Tensor) -> torch.Tensor:
+    """(B, T): centre and scale each step's column over the batch."""
+    return (x - x.mean(dim=0)) / (x.std(dim=0, unbiased=False) + 1e-8)
+
+
+#: how ECG normalises each head's GAE advantages: over all (sample, step) pairs, or per step over the batch
+ADVANTAGE_NORMS = {"batch": _normalise, "step": _normalise_per_step}
+
+
 def ecg_step_advantages(targets: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
-                        gae_lambda: float) -> torch.Tensor:
-    """Per reward head k, GAE(λ) of V_k along the chain, normalised over the batch's (sample, step)
-    pairs, then A = Σ_k w_k Â_k: (B, T). ``targets`` (B, K) are the value targets, ``values`` (B, T, K)."""
-    heads = [_normalise(gae_along_chain(values[..., k], targets[:, k], gae_lambda)) for k in range(targets.shape[1])]
+                        gae_lambda: float, norm: str = "step") -> torch.Tensor:
+    """Per reward head k, GAE(λ) of V_k along the chain, normalised (``norm``: per step over the batch, or over
+    all (sample, step) pairs), then A = Σ_k w_k Â_k: (B, T). ``targets`` (B, K) are the value targets,
+    ``values`` (B, T, K). Per step, a critic bias b_i = mean_j A_ij ≠ 0 would multiply the batch's mean
+    score Σ_j ∇ log π(step i of j), which is pure noise as large as the whole policy gradient
+    (docs/algorithms.md); centring each step removes that term, as GRPO's group mean does."""
+    heads = [ADVANTAGE_NORMS[norm](gae_along_chain(values[..., k], targets[:, k], gae_lambda))
+             for k in range(targets.shape[1])]
     return torch.stack(heads, dim=-1) @ weights
 
 
@@ -53,7 +66,8 @@ class ECG(Algorithm):
         return POLICY if state.policy_started else VALUE_PRETRAIN
 
     def advantages(self, batch: Batch, weights: torch.Tensor) -> torch.Tensor:
-        return ecg_step_advantages(batch.targets, weights, batch.values, self.cfg.critic.gae_lambda)
+        return ecg_step_advantages(batch.targets, weights, batch.values, self.cfg.critic.gae_lambda,
+                                   self.cfg.critic.advantage_norm)
 
     def update(self, learner, batch: Batch, phase: str, normalise: Callable[[torch.Tensor], torch.Tensor]
                ) -> dict[str, float]:
