@@ -22,8 +22,8 @@ from align import checkpoint as ckpt
 from align.algos.core import kl_to_reference, ppo_clip_loss, value_loss
 from align.backbones.loading import denoiser
 from align.backbones.lora import adapters_disabled, load_lora_state_dict, lora_state_dict, set_active_adapters
-from align.distributed import (is_deepspeed, load_zero_partition, policy_step_window, prepare_deepspeed, steps_per_update,
-                               zero_partition_state)
+from align.distributed import (is_deepspeed, load_zero_partition, policy_step_window, prepare_deepspeed,
+                               steps_per_update, zero_partition_state)
 from align.sampling import Trajectory, recompute_log_probs
 from align.train_config import TrainConfig
 from critics.value_model import LatentCritic
@@ -96,7 +96,8 @@ class Learner:
         ±``trainer.adv_clip``; bumps the policy version."""
         self.check_fresh(traj)
         adv = advantages.clamp(-self.cfg.trainer.adv_clip, self.cfg.trainer.adv_clip)
-        stats = self._pass("policy", traj, self.cfg.trainer.epochs, lambda mb, idx, i: self._policy_loss(mb, adv[idx], i),
+        stats = self._pass("policy", traj, self.cfg.trainer.epochs,
+                           lambda mb, idx, i: self._policy_loss(mb, adv[idx], i),
                            window=min(traj.num_steps, policy_step_window(self.cfg)))
         self.version += 1
         return stats
@@ -165,8 +166,9 @@ class Learner:
         zero = self.optimizer_of_engine()
         for g in GROUPS:
             self._grad_scale[g].fill_(float(g == group))
-        for pg in zero.optimizer.param_groups:
-            pg["lr"] = self.lrs[pg.get("name", "policy")] if pg.get("name", "policy") == group else 0.0
+        names = [g for g in GROUPS if self.params[g]]  # the engine's parameter groups, in this order
+        for name, pg in zip(names, zero.optimizer.param_groups, strict=True):
+            pg["lr"] = self.lrs[name] if name == group else 0.0
         zero.clip_grad = self.max_norms[group]
 
     def optimizer_of_engine(self):

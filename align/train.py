@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -163,7 +164,7 @@ def _loop(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Learner, 
                                         max(cfg.critic.pretrain_iterations, state.value_iterations))
     bar = tqdm(desc=f"train {cfg.algo}", unit="it", initial=state.iteration, total=planned, file=sys.stderr,
                disable=not driver)
-    normalise = lambda raw: _normalised(norms, names, raw)  # noqa: E731  raw (B, K) → value targets (B, K)
+    normalise = functools.partial(_normalised, norms, names)  # raw (B, K) → value targets (B, K)
     while not _finished(cfg, state) and (stop_after is None or state.iteration < stop_after):
         t0, it, phase = time.time(), state.iteration, algo.phase(state)
         prompts = iteration_prompts(cfg, it)
@@ -175,8 +176,9 @@ def _loop(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Learner, 
             continue
         for k, n in enumerate(names):
             norms[n].update(raw[:, k])
-        batch = Batch(traj=traj, prompts=prompts, group_ids=torch.arange(len(prompts)) // cfg.trainer.samples_per_prompt,
-                      raw=raw, targets=normalise(raw), shard=shard_slice(accelerator, len(prompts)))
+        groups = torch.arange(len(prompts)) // cfg.trainer.samples_per_prompt
+        batch = Batch(traj=traj, prompts=prompts, group_ids=groups, raw=raw, targets=normalise(raw),
+                      shard=shard_slice(accelerator, len(prompts)))
         if algo.needs_critic:                                                       # 3. estimate
             batch.values = accelerator.gather(learner.values(traj))  # (B, T, K), all ranks
         batch.advantages = algo.advantages(batch, weights)

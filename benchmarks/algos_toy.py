@@ -164,7 +164,8 @@ def main() -> None:
         cells = []
         for a in ALGOS:
             i = samples[a].index(n) if n in samples[a] else None
-            cells.append(f"{curves[a][:, i].mean():>8.3f} ± {curves[a][:, i].std():.3f}" if i is not None else f"{'—':>15}")
+            cells.append(f"{curves[a][:, i].mean():>8.3f} ± {curves[a][:, i].std():.3f}" if i is not None
+                         else f"{'—':>15}")
         print(f"{n:>8} " + " ".join(cells))
     last = max(1, args.iterations // 4)  # policy iterations (the same count for every algorithm)
     print(f"\nmean over the last {last} iterations: " + "  ".join(

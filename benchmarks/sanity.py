@@ -43,10 +43,23 @@ NUM_PROMPTS = 2
 EVAL_SEEDS = 16  # noise seeds per prompt in the paired evaluation
 
 
-def sanity_prompts(n: int = NUM_PROMPTS, seed: int = 5) -> list[str]:
-    """``n`` fixed prompts of the toy grammar (whatever ``preset:toy``'s grammar is)."""
+def sanity_prompts(n: int = NUM_PROMPTS, seed: int = 5, containing: Optional[str] = None) -> list[str]:
+    """``n`` fixed prompts of the toy grammar (whatever ``preset:toy``'s grammar is); with ``containing``, the
+    first ``n`` drawn that contain that word (``color_fraction`` needs prompts of its colour: on the others
+    the base model draws none of it, the reward has zero variance and every advantage is 0)."""
     from align.prompts import draw_prompts
-    return draw_prompts("toy", n, np.random.default_rng(seed))
+    if containing is None:
+        return draw_prompts("toy", n, np.random.default_rng(seed))
+    pool = [p for p in draw_prompts("toy", 400, np.random.default_rng(seed)) if containing in p.split()]
+    picked = list(dict.fromkeys(pool))[:n]
+    if len(picked) < n:
+        raise ValueError(f"sanity_prompts: the toy grammar gave fewer than {n} prompts containing {containing!r}")
+    return picked
+
+
+def case_prompts(reward: str) -> list[str]:
+    """The fixed prompts of a case: prompts of the reward's colour for ``color_fraction``."""
+    return sanity_prompts(containing=REWARDS[reward][1].get("color"))
 
 
 def case_overrides(algo: str, reward: str, sign: int, run_dir: Path, prompts_file: Path, num_prompts: int,
@@ -89,7 +102,7 @@ def run_case(algo: str, reward: str, sign: int, out: Path, iterations: int = ITE
     from align.train_config import TrainConfig
     run_dir = out / f"{algo}_{reward}_{'plus' if sign > 0 else 'minus'}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    prompts = prompts or sanity_prompts()
+    prompts = prompts or case_prompts(reward)
     prompts_file = run_dir / "prompts.txt"
     prompts_file.write_text("\n".join(prompts) + "\n")
     cfg = load_config(TrainConfig, None, case_overrides(algo, reward, sign, run_dir, prompts_file, len(prompts),
@@ -132,7 +145,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/sanity")
     ap.add_argument("--min-z", type=float, default=5.0)
     ap.add_argument("--min-gain", type=float, default=0.5, help="gain must exceed this × the base reward's std")
-    ap.add_argument("--prompts", nargs="+", default=None, help="the fixed prompts (default: sanity_prompts())")
+    ap.add_argument("--prompts", nargs="+", default=None, help="the fixed prompts (default: case_prompts(reward))")
     ap.add_argument("--verbose", action="store_true", help="print each training iteration's log line")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every case")
     args = ap.parse_args()
