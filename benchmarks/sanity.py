@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/sanity")
     ap.add_argument("--min-z", type=float, default=5.0)
     ap.add_argument("--min-gain", type=float, default=0.5, help="gain must exceed this × the base reward's std")
-    ap.add_argument("--prompts", nargs="+", default=None, help="the fixed prompts (default: case_prompts(reward))")
+    ap.add_argument("--prompt", action="append", default=None, dest="prompts",
+                    help="a fixed prompt (repeat for several; default: case_prompts(reward))")
     ap.add_argument("--verbose", action="store_true", help="print each training iteration's log line")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every case")
     args = ap.parse_args()
