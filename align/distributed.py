@@ -52,9 +52,15 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def policy_step_window(cfg) -> int:
+    """The policy trains the first ⌈trainer.step_window · T⌉ denoising steps (at least one)."""
+    import math
+    return max(1, math.ceil(cfg.trainer.step_window * cfg.sampler.num_inference_steps - 1e-9))
+
+
 def steps_per_update(cfg) -> int:
-    """Denoising steps trained per minibatch = backward passes per optimiser step."""
-    return max(1, round(cfg.trainer.timestep_fraction * cfg.sampler.num_inference_steps))
+    """Denoising steps trained per minibatch = backward passes per optimiser step (policy and critic alike)."""
+    return max(1, round(cfg.trainer.timestep_fraction * policy_step_window(cfg)))
 
 
 def prepare_deepspeed(accelerator: Accelerator, cfg, modules: dict[str, torch.nn.Module],

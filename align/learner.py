@@ -1,30 +1,37 @@
-"""The learner: PPO on recomputed step log-probs plus the critic's value loss, through accelerate.
+"""The learner: PPO on recomputed step log-probs for the policy, value regression for the critic.
 
-One optimiser with two parameter groups (policy LoRA at ``trainer.lr``; critic LoRA and heads at
-``critic.lr``). Per minibatch it recomputes log π_θ for a random subset of steps, forms the clipped
-PPO loss with the rollout's advantages, the value loss of each head against its normalised
-return, and an optional KL to the reference policy (adapters disabled); gradients accumulate over
-the steps, then one clipped optimiser step. Checkpoints are atomic safetensors + JSON.
+Actor and critic update in separate passes with separate optimisers (AdamW; policy LoRA at
+``trainer.lr``, critic LoRA and heads at ``critic.lr``) and separate gradient-norm clips
+(``trainer.max_grad_norm``, ``critic.max_grad_norm``), so neither's gradient scale shrinks the
+other's step. A pass is epochs × minibatches; per minibatch a random subset of
+``trainer.timestep_fraction`` of the denoising steps is recomputed (the policy's from the first
+``trainer.step_window`` of the chain), their losses' gradients
+accumulate, then one clipped optimiser step. Under DeepSpeed one engine holds both parameter groups:
+a pass zeroes the other group's gradients and learning rate and sets ZeRO's clip to its own.
+Checkpoints are atomic safetensors + JSON.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
 
 from align import checkpoint as ckpt
 from align.algos.core import kl_to_reference, ppo_clip_loss, value_loss
-from align.algos.value_replay import ValueReplay
 from align.backbones.loading import denoiser
 from align.backbones.lora import adapters_disabled, load_lora_state_dict, lora_state_dict, set_active_adapters
-from align.distributed import is_deepspeed, load_zero_partition, prepare_deepspeed, zero_partition_state
+from align.distributed import (is_deepspeed, load_zero_partition, policy_step_window, prepare_deepspeed,
+                               steps_per_update, zero_partition_state)
 from align.sampling import Trajectory, recompute_log_probs
 from align.train_config import TrainConfig
 from critics.value_model import LatentCritic
 
 EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+GROUPS = ("policy", "critic")
+#: a minibatch loss: (minibatch, its indices in the pass's batch, denoising step i) → (loss, stats)
+StepLoss = Callable[[Trajectory, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
 
 
 def embeds_of(traj: Trajectory) -> dict:
@@ -36,27 +43,32 @@ class Learner:
         self.pipe, self.critic, self.cfg, self.accelerator = pipe, critic, cfg, accelerator
         net = denoiser(pipe)
         self.policy_params = [p for n, p in net.named_parameters() if ".policy." in n and "lora_" in n]
-        groups = [{"params": self.policy_params, "lr": cfg.trainer.lr, "name": "policy"}]
         self.critic_params: list[torch.nn.Parameter] = []
         if critic is not None:
             lora = [p for n, p in net.named_parameters() if f".{critic.adapter}." in n and "lora_" in n] \
                 if critic.adapter != "policy" else []
             self.critic_params = lora + list(critic.heads.parameters())
-            groups.append({"params": self.critic_params, "lr": cfg.critic.lr, "name": "critic"})
         for p in self.policy_params + self.critic_params:
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.params = {"policy": self.policy_params, "critic": self.critic_params}
+        self.lrs = {"policy": cfg.trainer.lr, "critic": cfg.critic.lr}
+        self.max_norms = {"policy": cfg.trainer.max_grad_norm, "critic": cfg.critic.max_grad_norm}
         self.engine = None  # DeepSpeed engine over the denoiser (+ critic heads) when enabled
         if is_deepspeed(accelerator):
+            groups = [{"params": self.params[g], "lr": self.lrs[g], "name": g} for g in GROUPS if self.params[g]]
             modules = {"denoiser": net, **({"heads": critic.heads} if critic is not None else {})}
-            self.engine, self.optimizer = prepare_deepspeed(accelerator, cfg, modules, self.optimizer)
-            self._policy_grad_scale = torch.ones(())  # 0 while only the critic trains (see _minibatch)
-            for p in self.policy_params:
-                p.register_hook(lambda g: g * self._policy_grad_scale)
+            self.engine, optimizer = prepare_deepspeed(accelerator, cfg, modules,
+                                                       torch.optim.AdamW(groups, weight_decay=0.0))
+            self.optimizers = {g: optimizer for g in GROUPS}
+            self._grad_scale = {g: torch.ones(()) for g in GROUPS}  # 0 while the other group's pass runs
+            for g in GROUPS:
+                for p in self.params[g]:
+                    p.register_hook(lambda grad, g=g: grad * self._grad_scale[g])
         else:
-            self.optimizer = accelerator.prepare(self.optimizer)
+            self.optimizers = {g: accelerator.prepare(torch.optim.AdamW(self.params[g], lr=self.lrs[g],
+                                                                        weight_decay=0.0))
+                               for g in GROUPS if self.params[g]}
         self.step_generator = torch.Generator().manual_seed(cfg.trainer.seed + 7)
-        self.value_replay = ValueReplay(cfg.critic.pretrain_replay)  # value-pretraining batches (train.py)
         self.version = 0  # policy version: the number of policy updates so far
 
     def check_fresh(self, traj: Trajectory) -> None:
@@ -79,73 +91,110 @@ class Learner:
         return torch.stack([self.critic(traj.latents[:, i], traj.timesteps[i], embeds)
                             for i in range(traj.num_steps)], dim=1)
 
+    def policy_update(self, traj: Trajectory, advantages: torch.Tensor) -> dict[str, float]:
+        """PPO on the policy LoRA: ``trainer.epochs`` over ``traj`` with ``advantages`` (B_r, T), clipped to
+        ±``trainer.adv_clip``; bumps the policy version."""
+        self.check_fresh(traj)
+        adv = advantages.clamp(-self.cfg.trainer.adv_clip, self.cfg.trainer.adv_clip)
+        stats = self._pass("policy", traj, self.cfg.trainer.epochs,
+                           lambda mb, idx, i: self._policy_loss(mb, adv[idx], i),
+                           window=min(traj.num_steps, policy_step_window(self.cfg)))
+        self.version += 1
+        return stats
+
+    def value_update(self, traj: Trajectory, targets: torch.Tensor, epochs: int) -> dict[str, float]:
+        """Regress every head V_k(s_i) on its return G_k (``targets`` (B_r, K)) for ``epochs``; value clipping
+        (``critic.value_clip``) is around the predictions before this update."""
+        old = self.values(traj) if self.cfg.critic.value_clip is not None else None
+        return self._pass("critic", traj, epochs, lambda mb, idx, i: self._value_loss(
+            mb, targets[idx], None if old is None else old[idx, i], i), window=traj.num_steps)
+
     def update(self, traj: Trajectory, advantages: torch.Tensor, value_targets: Optional[torch.Tensor],
                old_values: Optional[torch.Tensor], train_policy: bool) -> dict[str, float]:
-        """One PPO update over ``traj`` (epochs × minibatches × a subset of steps); bumps the policy
-        version when the policy trained. Under several processes ``traj`` is this rank's shard and a
-        minibatch holds ``minibatch_size / N`` of its samples (DeepSpeed averages over the ranks)."""
-        self.check_fresh(traj)
-        tc = self.cfg.trainer
-        mb_size = tc.minibatch_size // self.accelerator.num_processes
-        advantages = advantages.clamp(-tc.adv_clip, tc.adv_clip)
-        n, steps = traj.batch_size, traj.num_steps
-        k_steps = max(1, round(tc.timestep_fraction * steps))
+        """A policy pass (if ``train_policy``) then a value pass over the same batch (if targets are given);
+        ``old_values`` is unused (value clipping recomputes them). Kept for callers outside the driver."""
+        stats = self.policy_update(traj, advantages) if train_policy else {}
+        if self.critic is not None and value_targets is not None:
+            epochs = self.cfg.trainer.epochs if train_policy else self.cfg.critic.pretrain_epochs
+            stats.update(self.value_update(traj, value_targets, epochs))
+        return stats
+
+    def _pass(self, group: str, traj: Trajectory, epochs: int, step_loss: StepLoss, window: int) -> dict[str, float]:
+        """``epochs`` × shuffled minibatches of ``traj``; one clipped optimiser step of ``group`` each, on a
+        random subset of the steps ``0 … window−1`` (the same number of steps for policy and critic)."""
+        mb_size = self.cfg.trainer.minibatch_size // self.accelerator.num_processes
+        n, steps = traj.batch_size, window
+        k_steps = min(steps, steps_per_update(self.cfg))
         totals: dict[str, float] = {}
         count = 0
-        epochs = tc.epochs if train_policy else self.cfg.critic.pretrain_epochs
         for _ in range(epochs):
             order = torch.randperm(n, generator=self.step_generator)
             for start in range(0, n, mb_size):
                 idx = order[start:start + mb_size]
                 step_ids = torch.randperm(steps, generator=self.step_generator)[:k_steps].sort().values.tolist()
-                stats = self._minibatch(traj.select(idx), advantages[idx], step_ids,
-                                        None if value_targets is None else value_targets[idx],
-                                        None if old_values is None else old_values[idx], train_policy)
+                stats = self._optimiser_step(group, traj.select(idx), idx, step_ids, step_loss)
                 for key, val in stats.items():
                     totals[key] = totals.get(key, 0.0) + val
                 count += 1
-        self.version += int(train_policy)
         return {k: v / count for k, v in totals.items()}
 
-    def _minibatch(self, mb: Trajectory, adv: torch.Tensor, step_ids: list[int], targets: Optional[torch.Tensor],
-                   old_values: Optional[torch.Tensor], train_policy: bool) -> dict[str, float]:
+    def _optimiser_step(self, group: str, mb: Trajectory, idx: torch.Tensor, step_ids: list[int],
+                        step_loss: StepLoss) -> dict[str, float]:
         stats: dict[str, float] = {}
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer = self.optimizers[group]
+        optimizer.zero_grad(set_to_none=True)
         if self.engine is not None:  # the optimiser steps inside the last backward (DeepSpeed's boundary)
-            self._policy_grad_scale.fill_(float(train_policy))
+            self._deepspeed_activate(group)
         for j, i in enumerate(step_ids):
-            loss = torch.zeros(())
-            if train_policy:
-                set_active_adapters(self.pipe, ["policy"])
-                logp = recompute_log_probs(self.pipe, mb, [i])[:, 0]
-                pg, pstats = ppo_clip_loss(logp, mb.log_probs[:, i], adv[:, i], self.cfg.trainer.clip_range)
-                loss = loss + pg
-                _add(stats, {"policy_loss": pg.item(), **{k: v.item() for k, v in pstats.items()}}, len(step_ids))
-                if self.cfg.trainer.kl_coef > 0:
-                    with torch.no_grad(), adapters_disabled(self.pipe):
-                        ref = recompute_log_probs(self.pipe, mb, [i])[:, 0]
-                    kl = kl_to_reference(logp, ref)
-                    loss = loss + self.cfg.trainer.kl_coef * kl
-                    _add(stats, {"kl_ref": kl.item()}, len(step_ids))
-            if self.critic is not None and targets is not None:
-                v = self.critic(mb.latents[:, i], mb.timesteps[i], embeds_of(mb))
-                vl = value_loss(v, targets, None if old_values is None else old_values[:, i], self.cfg.critic.value_clip)
-                loss = loss + self.cfg.critic.value_coef * vl
-                _add(stats, {"value_loss": vl.item()}, len(step_ids))
+            loss, step_stats = step_loss(mb, idx, i)
+            _add(stats, step_stats, len(step_ids))
             if self.engine is not None:
                 self.accelerator.sync_gradients = j == len(step_ids) - 1
                 self.accelerator.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
             else:
                 self.accelerator.backward(loss / len(step_ids))
-        params = (self.policy_params if train_policy else []) + self.critic_params
-        if params:
-            self.accelerator.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm)
-        if not train_policy:  # value pretraining: the policy must not move
-            for p in self.policy_params:
-                p.grad = None
-        self.optimizer.step()
+        norm = self.accelerator.clip_grad_norm_(self.params[group], self.max_norms[group])
+        if norm is not None:  # None under DeepSpeed (the engine clips)
+            stats[f"grad_norm_{group}"] = float(norm)
+        optimizer.step()
         set_active_adapters(self.pipe, ["policy"])
         return stats
+
+    def _deepspeed_activate(self, group: str) -> None:
+        """One engine, two parameter groups: only ``group`` gets gradients and a learning rate (so the other
+        group's Adam moments cannot move it), and ZeRO clips at ``group``'s norm."""
+        zero = self.optimizer_of_engine()
+        for g in GROUPS:
+            self._grad_scale[g].fill_(float(g == group))
+        names = [g for g in GROUPS if self.params[g]]  # the engine's parameter groups, in this order
+        for name, pg in zip(names, zero.optimizer.param_groups, strict=True):
+            pg["lr"] = self.lrs[name] if name == group else 0.0
+        zero.clip_grad = self.max_norms[group]
+
+    def optimizer_of_engine(self):
+        """DeepSpeed's ZeRO optimiser under accelerate's wrapper."""
+        return self.optimizers["policy"].optimizer
+
+    def _policy_loss(self, mb: Trajectory, adv: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Clipped PPO surrogate at step i (+ KL to the reference policy when ``trainer.kl_coef`` > 0)."""
+        set_active_adapters(self.pipe, ["policy"])
+        logp = recompute_log_probs(self.pipe, mb, [i])[:, 0]
+        loss, pstats = ppo_clip_loss(logp, mb.log_probs[:, i], adv[:, i], self.cfg.trainer.clip_range)
+        stats = {"policy_loss": loss.item(), **{k: v.item() for k, v in pstats.items()}}
+        if self.cfg.trainer.kl_coef > 0:
+            with torch.no_grad(), adapters_disabled(self.pipe):
+                ref = recompute_log_probs(self.pipe, mb, [i])[:, 0]
+            kl = kl_to_reference(logp, ref)
+            loss = loss + self.cfg.trainer.kl_coef * kl
+            stats["kl_ref"] = kl.item()
+        return loss, stats
+
+    def _value_loss(self, mb: Trajectory, targets: torch.Tensor, old: Optional[torch.Tensor], i: int
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """0.5 (V_k(s_i) − G_k)² averaged over heads, optionally clipped around ``old`` (B, K)."""
+        v = self.critic(mb.latents[:, i], mb.timesteps[i], embeds_of(mb))
+        vl = value_loss(v, targets, old, self.cfg.critic.value_clip)
+        return self.cfg.critic.value_coef * vl, {"value_loss": vl.item()}
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -159,33 +208,37 @@ class Learner:
             ckpt.write_json(directory / "optimizer.json", {"deepspeed": {
                 "zero_stage": self.engine.zero_optimization_stage(), "num_processes": self.accelerator.num_processes}})
         else:
-            opt_t, opt_meta = ckpt.optimizer_state_split(self._torch_optimizer())
-            ckpt.save_tensors(directory / "optimizer.safetensors", opt_t)
-            ckpt.write_json(directory / "optimizer.json", opt_meta)
+            metas = {}
+            for g, opt in self.optimizers.items():
+                opt_t, metas[g] = ckpt.optimizer_state_split(_torch_optimizer(opt))
+                ckpt.save_tensors(directory / f"optimizer_{g}.safetensors", opt_t)
+            ckpt.write_json(directory / "optimizer.json", {"optimizers": metas})
         ckpt.save_tensors(directory / "learner_rng.safetensors", {"steps": self.step_generator.get_state()})
-        self.value_replay.save(directory)
 
-    def _torch_optimizer(self) -> torch.optim.Optimizer:
-        """The AdamW under accelerate's wrapper (without DeepSpeed)."""
-        return getattr(self.optimizer, "optimizer", self.optimizer)
+    def partition_dir(self, directory: Path) -> Path:
+        """Where this rank's own state goes (its ZeRO partition, its shard of an algorithm's replay)."""
+        if self.engine is None:
+            return directory
+        path = directory / f"rank{self.accelerator.process_index}"
+        path.mkdir(exist_ok=True)
+        return path
 
     def save_partition(self, directory: Path) -> None:
         """Under DeepSpeed, what this rank alone holds: its ZeRO optimiser partition (fp32 master
-        weights, Adam moments) and its value-replay shard. Every rank calls; no-op otherwise."""
+        weights, Adam moments). Every rank calls; no-op otherwise."""
         if self.engine is None:
             return
         rank = self.accelerator.process_index
-        tensors, meta = zero_partition_state(self.optimizer)
+        tensors, meta = zero_partition_state(self.optimizers["policy"])
         ckpt.save_tensors(directory / f"optimizer_rank{rank}.safetensors", tensors)
         ckpt.write_json(directory / f"optimizer_rank{rank}.json", meta)
-        (directory / f"rank{rank}").mkdir(exist_ok=True)
-        self.value_replay.save(directory / f"rank{rank}")
 
     def load(self, directory: Path) -> None:
-        saved = ckpt.read_json(directory / "optimizer.json").get("deepspeed")
+        saved = ckpt.read_json(directory / "optimizer.json")
+        ds = saved.get("deepspeed")
         now = self.accelerator.num_processes
-        if (self.engine is None) != (saved is None) or (saved and saved["num_processes"] != now):
-            written = f"by {saved['num_processes']} DeepSpeed processes" if saved else "without DeepSpeed"
+        if (self.engine is None) != (ds is None) or (ds and ds["num_processes"] != now):
+            written = f"by {ds['num_processes']} DeepSpeed processes" if ds else "without DeepSpeed"
             current = f"{now} process(es), DeepSpeed {'on' if self.engine is not None else 'off'}"
             raise RuntimeError(f"--resume {directory}: the checkpoint was written {written}; resume with the same "
                                f"launch (now: {current})")
@@ -197,14 +250,19 @@ class Learner:
             self.critic.heads.load_state_dict(ckpt.load_tensors(directory / "critic_heads.safetensors"))
         if self.engine is not None:
             rank = self.accelerator.process_index
-            load_zero_partition(self.optimizer, ckpt.load_tensors(directory / f"optimizer_rank{rank}.safetensors"),
+            load_zero_partition(self.optimizers["policy"],
+                                ckpt.load_tensors(directory / f"optimizer_rank{rank}.safetensors"),
                                 ckpt.read_json(directory / f"optimizer_rank{rank}.json"))
         else:
-            self._torch_optimizer().load_state_dict(ckpt.optimizer_state_join(
-                ckpt.load_tensors(directory / "optimizer.safetensors"), ckpt.read_json(directory / "optimizer.json")))
+            for g, opt in self.optimizers.items():
+                _torch_optimizer(opt).load_state_dict(ckpt.optimizer_state_join(
+                    ckpt.load_tensors(directory / f"optimizer_{g}.safetensors"), saved["optimizers"][g]))
         self.step_generator.set_state(ckpt.load_tensors(directory / "learner_rng.safetensors")["steps"])
-        self.value_replay.load(directory / f"rank{self.accelerator.process_index}" if self.engine is not None
-                               else directory)
+
+
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The AdamW under accelerate's wrapper (without DeepSpeed)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _add(acc: dict[str, float], values: dict[str, float], n: int) -> None:

@@ -1,20 +1,24 @@
 """`align train`: the RL recipe (ECG by default; GRPO and DDPO on the same parts).
 
-One iteration, top to bottom:
-  1. prompts for this iteration (seeded by iteration: the data position is the iteration index);
-  2. rollouts with the policy LoRA (Ray rollout actors, or in-process) → ``Trajectory``;
-  3. rewards (reward actors; validated: a bad plugin stops here, before any update) → scores (B, K);
+One iteration, top to bottom, over one record (align/algos/batch.py ``Batch``):
+  1. collect: prompts for this iteration (seeded by iteration: the data position is the iteration
+     index); rollouts with the policy LoRA (Ray rollout actors, or in-process) → ``Trajectory``;
+  2. score: rewards (reward actors; validated: a bad plugin stops here, before any update) → raw (B, K);
      learner rank 0 is the driver: it alone rolls out and scores, the other ranks get their shards;
-  4. per-reward running normalisation → value targets; advantages by algorithm;
-  5. learner update (value-only while ECG's value pretraining runs), then weight sync: the policy
-     LoRA (only) goes to the rollout actors with a new version;
+     per-reward running normalisation → value targets;
+  3. estimate: the critic's values (if the algorithm has one) and the algorithm's advantages (B, T);
+  4. update: the algorithm's update through the learner (policy PPO, critic regression);
+  5. sync: the policy LoRA (only) goes to the rollout actors with a new version;
   6. log line, TensorBoard, evaluation grids, atomic checkpoint.
-At the end: reward-curve plot and exports (policy LoRA in diffusers format, critic).
+The algorithm (align/algos/registry.py) decides each iteration's phase (ECG: value pretraining, then
+policy); every algorithm runs ``trainer.iterations`` policy iterations. At the end: reward-curve plot
+and exports (policy LoRA in diffusers format, critic).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -25,18 +29,19 @@ import torch
 from tqdm.auto import tqdm
 
 from align import checkpoint as ckpt
-from align.algos.advantages import ADVANTAGES
-from align.algos.core import PerPromptStatTracker, RunningMeanStd, explained_variance
+from align.algos.batch import Batch
+from align.algos.core import RunningMeanStd, explained_variance
+from align.algos.registry import POLICY, VALUE_PRETRAIN, Algorithm, make_algorithm
 from align.backbones.lora import attach_lora
 from align.backbones.model_config import load_model
 from align.distributed import assert_ranks_agree, make_accelerator, share_batch, share_path, shard_slice
 from align.learner import Learner
 from align.prompts import draw_prompts, evaluation_prompts
 from align.rollout import RolloutWorker, start_workers
-from align.run_identity import (append_resume_log, check_same_base, resolve_resume, run_identity,  # [resume-errors 0]
-                                stored_identity)
+from align.run_identity import append_resume_log, check_same_base, resolve_resume, run_identity, stored_identity
+from align.sampling import Trajectory
 from align.train_config import TrainConfig
-from critics.export import base_fingerprint  # [resume-errors 0]
+from critics.export import base_fingerprint
 from critics.value_model import LatentCritic, critic_target_modules
 from rewards import RewardError, build_rewards, parse_reward_specs
 
@@ -52,6 +57,11 @@ def chain_explained_variance(values: torch.Tensor, targets: torch.Tensor, first_
     return float(np.nanmean(evs)) if not all(np.isnan(evs)) else float("nan")
 
 
+def per_step_explained_variance(values: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """EV of V_k(s_i) against G_k at each step i (averaged over heads): values (B, T, K), targets (B, K) → T."""
+    return [chain_explained_variance(values[:, i:i + 1], targets) for i in range(values.shape[1])]
+
+
 def iteration_prompts(cfg: TrainConfig, iteration: int) -> list[str]:
     """``prompts_per_iteration`` prompts of ``trainer.prompts``, each repeated G times (grouped), seeded by
     iteration."""
@@ -63,14 +73,16 @@ def iteration_prompts(cfg: TrainConfig, iteration: int) -> list[str]:
 @dataclasses.dataclass
 class RunState:
     """Everything besides tensors that a resume needs (JSON)."""
-    iteration: int = 0
+    iteration: int = 0          # iterations done (the data position), value pretraining included
     policy_started: bool = False
     policy_updates: int = 0
+    value_iterations: int = 0   # iterations spent in value pretraining (ECG)
     normalisers: dict = dataclasses.field(default_factory=dict)
-    tracker: dict = dataclasses.field(default_factory=dict)
+    algorithm: dict = dataclasses.field(default_factory=dict)  # the algorithm's JSON state (DDPO's tracker)
     history: list = dataclasses.field(default_factory=list)
     skipped_batches: int = 0
-    identity: dict = dataclasses.field(default_factory=dict)  # [resume-errors 0] run settings + base fingerprint
+    consecutive_skipped: int = 0
+    identity: dict = dataclasses.field(default_factory=dict)  # run-defining settings + base fingerprint
 
 
 def build(cfg: TrainConfig):
@@ -79,15 +91,15 @@ def build(cfg: TrainConfig):
     accelerator = make_accelerator(cfg)  # first: on GPUs it selects this process's device
     pipe = load_model(cfg.model)
     attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
+    specs = parse_reward_specs(cfg.rewards)
     critic = None
-    if cfg.algo == "ecg":
+    if make_algorithm(cfg).needs_critic:
         adapter = "policy" if cfg.critic.adapter == "shared" else "critic"
         if adapter == "critic":
             attach_lora(pipe, "critic", rank=cfg.critic.rank,
                         target_modules=critic_target_modules(pipe, cfg.critic.feature_layer))
-        critic = LatentCritic(pipe, [s.name for s in parse_reward_specs(cfg.rewards)], adapter=adapter,
+        critic = LatentCritic(pipe, [s.name for s in specs], adapter=adapter,
                               hidden=cfg.critic.hidden, feature_layer=cfg.critic.feature_layer)
-    specs = parse_reward_specs(cfg.rewards)
     reward_fns = build_rewards(specs, cfg.reward_args) if cfg.ray.num_reward_workers == 0 else []  # else: actors
     weights = torch.tensor([s.weight for s in specs], dtype=torch.float32)
     learner = Learner(pipe, critic, cfg, accelerator)
@@ -96,34 +108,34 @@ def build(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = None, log=print,
-          force: bool = False) -> RunState:  # [resume-errors 0] force
+          force: bool = False) -> RunState:
     """Run the recipe; ``stop_after`` ends after that many iterations as an interruption would.
     ``resume``: continue from the newest complete checkpoint, refused if it is another run's unless
     ``force`` (align/run_identity.py)."""
     run = Path(cfg.run_dir)
-    # [resume-errors 1] the newest complete checkpoint; its settings are checked before any model loads
+    # the newest complete checkpoint; its settings are checked before any model loads
     resume_from = resolve_resume(run, cfg, force) if resume else None
     run.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
     pipe, critic, reward_fns, weights, learner, worker = build(cfg)
-    identity = run_identity(cfg, base_fingerprint(pipe))  # [resume-errors 2] settings + base fingerprint
+    identity = run_identity(cfg, base_fingerprint(pipe))  # run-defining settings + base fingerprint
+    algo = make_algorithm(cfg)
     names = [s.name for s in parse_reward_specs(cfg.rewards)]
     accelerator, driver = learner.accelerator, learner.accelerator.is_main_process
     norms = {n: RunningMeanStd() for n in names}
-    tracker = PerPromptStatTracker() if cfg.algo == "ddpo" else None
-    state = RunState(policy_started=cfg.algo != "ecg" or cfg.critic.pretrain_iterations == 0)
+    state = RunState(policy_started=not algo.pretrains_value())
     if resume_from is not None:
-        check_same_base(stored_identity(resume_from), identity, run, force)  # [resume-errors 3] before loading
-        state = _load(resume_from, learner, norms, tracker)
+        check_same_base(stored_identity(resume_from), identity, run, force)  # before any state is loaded
+        state = _load(resume_from, learner, norms, algo)
         learner.version = state.policy_updates
         log(f"resumed {run} at iteration {state.iteration} (from {resume_from.name})")
-    state.identity = identity  # [resume-errors 4] stored in every checkpoint's state.json
+    state.identity = identity  # stored in every checkpoint's state.json
     if not driver:
         log = _quiet
     if driver and resume_from is None:
         ckpt.write_json(run / "config.json", dataclasses.asdict(cfg))
-    elif driver:  # [resume-errors 5] config.json stays the run's own; the resume's changes are appended
+    elif driver:  # config.json stays the run's own; the resume's changes are appended
         append_resume_log(run, cfg, resume_from, state.iteration, force)
     writer = _tensorboard(run) if driver else None
     with start_workers(cfg, worker, reward_fns) if driver else contextlib.nullcontext() as workers:
@@ -132,7 +144,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
             log(f"ray: {cfg.ray.num_rollout_workers} rollout actor(s), {cfg.ray.num_reward_workers} reward actor(s); "
                 f"weight sync: {int(first['sync_bytes']):,} bytes (policy LoRA) "
                 f"in {1000 * first['sync_seconds']:.1f} ms")
-        state = _loop(cfg, state, learner, workers, norms, tracker, weights, names, writer, log, stop_after, run)
+        state = _loop(cfg, state, algo, learner, workers, norms, weights, names, writer, log, stop_after, run)
         if stop_after is not None and state.iteration >= stop_after:
             return state
         if driver:
@@ -152,77 +164,108 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
     return state
 
 
-def _loop(cfg: TrainConfig, state: RunState, learner: Learner, workers, norms: dict, tracker, weights: torch.Tensor,
-          names: list[str], writer, log, stop_after: Optional[int], run: Path) -> RunState:
-    """Iterations ``state.iteration`` … ``trainer.iterations`` (or ``stop_after``), as in the module docstring."""
-    accelerator, driver, critic = learner.accelerator, learner.accelerator.is_main_process, learner.critic
-    bar = tqdm(range(state.iteration, cfg.trainer.iterations), desc=f"train {cfg.algo}", unit="it",
-               initial=state.iteration, total=cfg.trainer.iterations, file=sys.stderr, disable=not driver)
-    for it in bar:
-        t0 = time.time()
+def _finished(cfg: TrainConfig, state: RunState) -> bool:
+    """Every algorithm runs ``trainer.iterations`` policy iterations, after any value pretraining."""
+    return state.policy_started and state.iteration - state.value_iterations >= cfg.trainer.iterations
+
+
+def _loop(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Learner, workers, norms: dict,
+          weights: torch.Tensor, names: list[str], writer, log, stop_after: Optional[int], run: Path) -> RunState:
+    """Iterations from ``state.iteration`` until :func:`_finished` (or ``stop_after``), as in the module docstring."""
+    accelerator, driver = learner.accelerator, learner.accelerator.is_main_process
+    planned = cfg.trainer.iterations + (state.value_iterations if state.policy_started else
+                                        max(cfg.critic.pretrain_iterations, state.value_iterations))
+    bar = tqdm(desc=f"train {cfg.algo}", unit="it", initial=state.iteration, total=planned, file=sys.stderr,
+               disable=not driver)
+    normalise = functools.partial(_normalised, norms, names)  # raw (B, K) → value targets (B, K)
+    while not _finished(cfg, state) and (stop_after is None or state.iteration < stop_after):
+        t0, it, phase = time.time(), state.iteration, algo.phase(state)
         prompts = iteration_prompts(cfg, it)
-        traj = raw = err = None
-        if driver:
-            traj = workers.rollouts.rollout(prompts, seed=cfg.trainer.seed * 100_003 + it)
-            try:
-                raw = workers.rewards.score(traj.images, prompts)  # raises RewardError before any update
-            except RewardError as error:
-                if cfg.reward_on_error == "raise":
-                    raise
-                traj, err = None, error
-            traj = traj and dataclasses.replace(traj, images=None)  # the learner needs no pixels
+        traj, raw, error = _collect(cfg, workers, accelerator, prompts, it)       # 1-2. rollouts, rewards
         t_rollout = time.time() - t0
-        traj, raw = share_batch(accelerator, traj, raw)  # this rank's shard, all scores; None: batch skipped
         if traj is None:
-            state.skipped_batches, state.iteration = state.skipped_batches + 1, it + 1  # no update on this batch
-            log(f"it {it + 1:>3} [skipped batch] {err} | skipped batches: {state.skipped_batches}")
-            if driver:
-                writer.add_scalar("skipped_batches", state.skipped_batches, it + 1)
-            _save(run / "checkpoint", learner, state, norms, tracker)
+            _skip_batch(cfg, state, algo, learner, norms, phase, error, writer, log, run)
+            bar.update(1)
             continue
         for k, n in enumerate(names):
             norms[n].update(raw[:, k])
-        targets = _normalised(norms, names, raw)
-        values = accelerator.gather(learner.values(traj)) if critic is not None else None  # (B, T, K), all ranks
         groups = torch.arange(len(prompts)) // cfg.trainer.samples_per_prompt
-        adv = ADVANTAGES[cfg.algo](targets, weights, traj.num_steps, values=values, gae_lambda=cfg.critic.gae_lambda,
-                                   group_ids=groups, prompts=prompts, tracker=tracker)
-        ev = chain_explained_variance(values, targets) if values is not None else float("nan")
-        train_policy = state.policy_started
-        mine = shard_slice(accelerator, len(prompts))
-        if critic is not None and not train_policy and cfg.critic.pretrain_replay > 0:  # refit on every batch so far
-            learner.value_replay.add(traj, raw[mine])
-            fit, fit_targets = learner.value_replay.batch(
-                lambda r: _normalised(norms, names, r))
-            stats = learner.update(fit, torch.zeros(fit.batch_size, fit.num_steps), fit_targets, None, False)
-        else:
-            stats = learner.update(traj, adv[mine], targets[mine] if critic is not None else None,
-                                   values[mine] if values is not None else None, train_policy)
-        state.policy_updates += int(train_policy)
-        stats.update(_sync(learner, workers) if train_policy else {})
-        if not state.policy_started and (ev >= cfg.critic.pretrain_ev_threshold
-                                         or it + 1 >= cfg.critic.pretrain_iterations):
-            state.policy_started = True
-            learner.value_replay.clear()
-            log(f"value pretraining done after {it + 1} iterations (explained variance {ev:.3f}); "
-                "policy updates start")
-        record = {"iteration": it + 1, "phase": "policy" if train_policy else "value-pretrain",
-                  "samples_seen": (it + 1) * len(prompts), "explained_variance": ev,
-                  "explained_variance_late": chain_explained_variance(values, targets, traj.num_steps // 2)
-                  if values is not None else float("nan"),
-                  "seconds": time.time() - t0, "rollout_seconds": t_rollout,
-                  **{f"reward/{n}": float(raw[:, k].mean()) for k, n in enumerate(names)},
-                  "reward/weighted": float((raw @ weights).mean()), **stats}
+        batch = Batch(traj=traj, prompts=prompts, group_ids=groups, raw=raw, targets=normalise(raw),
+                      shard=shard_slice(accelerator, len(prompts)))
+        if algo.needs_critic:                                                       # 3. estimate
+            batch.values = accelerator.gather(learner.values(traj))  # (B, T, K), all ranks
+        batch.advantages = algo.advantages(batch, weights)
+        stats = algo.update(learner, batch, phase, normalise)                       # 4. update
+        if phase == POLICY:                                                         # 5. sync
+            state.policy_updates += 1
+            stats.update(_sync(learner, workers))
+        record = _record(batch, weights, names, phase, it, t0, t_rollout, stats)   # 6. log, checkpoint
         state.history.append(record)
-        state.iteration = it + 1
+        state.iteration, state.consecutive_skipped = it + 1, 0
+        state.value_iterations += phase == VALUE_PRETRAIN
+        algo.end_iteration(state, record, log)
         if driver:
             _log_iteration(log, writer, record)
             if cfg.eval_every and state.iteration % cfg.eval_every == 0:
                 _eval_grid(workers.rollouts, cfg, run, state.iteration)
-        _save(run / "checkpoint", learner, state, norms, tracker)
-        if stop_after is not None and state.iteration >= stop_after:
-            break
+        _save(run / "checkpoint", learner, state, norms, algo)
+        bar.update(1)
+    bar.close()
     return state
+
+
+def _collect(cfg: TrainConfig, workers, accelerator, prompts: list[str], it: int
+             ) -> tuple[Optional[Trajectory], Optional[torch.Tensor], Optional[RewardError]]:
+    """Rollouts and raw rewards (B, K) on the driver, then this rank's shard of the trajectory and all
+    the scores; ``(None, None, error)`` when a reward failed and ``reward_on_error=skip_batch``."""
+    traj = raw = err = None
+    if accelerator.is_main_process:
+        traj = workers.rollouts.rollout(prompts, seed=cfg.trainer.seed * 100_003 + it)
+        try:
+            raw = workers.rewards.score(traj.images, prompts)  # raises RewardError before any update
+        except RewardError as error:
+            if cfg.reward_on_error == "raise":
+                raise
+            traj, err = None, error
+        traj = traj and dataclasses.replace(traj, images=None)  # the learner needs no pixels
+    traj, raw = share_batch(accelerator, traj, raw)  # this rank's shard, all scores; None: batch skipped
+    return traj, raw, err
+
+
+def _skip_batch(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Learner, norms: dict, phase: str,
+                error: Optional[RewardError], writer, log, run: Path) -> None:
+    """No update on a batch whose reward failed; it still uses its iteration. ``max_consecutive_skipped``
+    skipped in a row stop the run (a reward that always fails would otherwise train nothing and exit 0)."""
+    state.skipped_batches, state.consecutive_skipped = state.skipped_batches + 1, state.consecutive_skipped + 1
+    state.iteration += 1
+    state.value_iterations += phase == VALUE_PRETRAIN
+    log(f"it {state.iteration:>3} [skipped batch] {error} | skipped batches: {state.skipped_batches}")
+    if writer is not None:
+        writer.add_scalar("skipped_batches", state.skipped_batches, state.iteration)
+    algo.end_iteration(state, {"explained_variance_late": float("nan")}, log)
+    _save(run / "checkpoint", learner, state, norms, algo)
+    if state.consecutive_skipped >= cfg.trainer.max_consecutive_skipped:
+        raise RewardError(f"trainer.max_consecutive_skipped: {state.consecutive_skipped} batches in a row were skipped "
+                          f"(reward_on_error=skip_batch); the last error: {error}")
+
+
+def _record(batch: Batch, weights: torch.Tensor, names: list[str], phase: str, it: int, t0: float,
+            t_rollout: float, stats: dict) -> dict:
+    """The iteration's history entry: rewards, critic EV (overall, late half, per step), per-step advantage
+    variance, the learner's statistics, timings."""
+    raw, values, targets = batch.raw, batch.values, batch.targets
+    critic = {}
+    if values is not None:
+        critic = {"explained_variance": chain_explained_variance(values, targets),
+                  "explained_variance_late": chain_explained_variance(values, targets, batch.num_steps // 2),
+                  "explained_variance_per_step": per_step_explained_variance(values, targets)}
+    return {"iteration": it + 1, "phase": phase, "samples_seen": (it + 1) * len(batch.prompts),
+            "explained_variance": float("nan"), "explained_variance_late": float("nan"), **critic,
+            "advantage_var_per_step": [float(v) for v in batch.advantages.var(dim=0, unbiased=False)],
+            "advantage_mean_per_step": [float(v) for v in batch.advantages.mean(dim=0)],
+            "seconds": time.time() - t0, "rollout_seconds": t_rollout,
+            **{f"reward/{n}": float(raw[:, k].mean()) for k, n in enumerate(names)},
+            "reward/weighted": float((raw @ weights).mean()), **stats}
 
 
 def _sync(learner: Learner, workers) -> dict[str, float]:
@@ -248,10 +291,12 @@ def _log_iteration(log, writer, record: dict) -> None:
     parts = [f"it {record['iteration']:>3} [{record['phase']}]"]
     parts += [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in record.items() if k.startswith("reward/")]
     for key, label in (("value_loss", "vloss"), ("explained_variance", "EV"), ("explained_variance_late", "EV-late"),
-                       ("approx_kl", "kl"),
-                       ("clip_frac", "clip"), ("policy_loss", "pg")):
+                       ("approx_kl", "kl"), ("clip_frac", "clip"), ("policy_loss", "pg"),
+                       ("grad_norm_policy", "|g|pi"), ("grad_norm_critic", "|g|V")):
         if key in record and record[key] == record[key]:
             parts.append(f"{label} {record[key]:.4f}")
+    if "explained_variance_per_step" in record:
+        parts.append("EV/step " + ",".join(f"{e:.2f}" for e in record["explained_variance_per_step"]))
     parts.append(f"{record['seconds']:.1f}s")
     log(" | ".join(parts))
     for key, val in record.items():
@@ -293,16 +338,18 @@ def _plot_rewards(history: list[dict], names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _save(directory: Path, learner: Learner, state: RunState, norms: dict, tracker) -> None:
+def _save(directory: Path, learner: Learner, state: RunState, norms: dict, algo: Algorithm) -> None:
     """Atomic checkpoint; every rank calls: rank 0 writes the shared state, each rank its own
-    optimiser partition (DeepSpeed) into rank 0's temp dir before it is renamed into place."""
+    optimiser partition (DeepSpeed) and its part of the algorithm's state (ECG's replay) into rank 0's
+    temp dir before it is renamed into place."""
     state.normalisers = {n: r.state_dict() for n, r in norms.items()}
-    state.tracker = tracker.state_dict() if tracker is not None else {}
+    state.algorithm = algo.state_dict()
     main = learner.accelerator.is_main_process
-    # [resume-errors 6] complete_marker=True (align/checkpoint.py: resume finds the newest complete checkpoint)
+    # complete_marker: resume finds the newest complete checkpoint (align/checkpoint.py)
     with ckpt.atomic_directory(directory, complete_marker=True) if main else contextlib.nullcontext() as tmp:
         tmp = Path(share_path(learner.accelerator, str(tmp) if main else None))
         learner.save_partition(tmp)
+        algo.save(learner.partition_dir(tmp))
         learner.accelerator.wait_for_everyone()
         if main:
             learner.save(tmp)
@@ -311,7 +358,7 @@ def _save(directory: Path, learner: Learner, state: RunState, norms: dict, track
             ckpt.write_json(tmp / "state.json", {**dataclasses.asdict(state), "rng": rng_meta})
 
 
-def _load(directory: Path, learner: Learner, norms: dict, tracker) -> RunState:
+def _load(directory: Path, learner: Learner, norms: dict, algo: Algorithm) -> RunState:
     raw = ckpt.read_json(directory / "state.json")
     rng_meta = raw.pop("rng")
     state = RunState(**raw)
@@ -319,8 +366,8 @@ def _load(directory: Path, learner: Learner, norms: dict, tracker) -> RunState:
     ckpt.restore_rng_state(ckpt.load_tensors(directory / "rng.safetensors"), rng_meta)
     for n, r in norms.items():
         r.load_state_dict(state.normalisers[n])
-    if tracker is not None:
-        tracker.load_state_dict(state.tracker)
+    algo.load_state_dict(state.algorithm)
+    algo.load(learner.partition_dir(directory))
     return state
 
 

@@ -29,18 +29,31 @@ class CriticConfig:
                                          "DiT: norm_out only")
     lr: float = field(1e-3, help="critic learning rate (adapter and heads)")
     gae_lambda: float = field(0.95, help="λ of GAE along the chain (1 = Monte Carlo with value baseline)")
+    advantage_norm: str = field("step", choices=["step", "batch"],
+                                help="normalise each head's GAE advantages per denoising step over the batch "
+                                     "(removes a critic bias per step) or over all (sample, step) pairs")
     value_clip: Optional[float] = field(None, help="PPO-style value clipping range (None: off)")
-    pretrain_iterations: int = field(4, help="N_v: iterations that train only the critic before policy updates")
-    pretrain_ev_threshold: float = field(0.5, help="start policy updates early once explained variance reaches this")
+    max_grad_norm: float = field(1.0, help="gradient-norm clip of the critic's own optimiser step (the policy has "
+                                           "trainer.max_grad_norm)")
+    pretrain_iterations: int = field(4, help="N_v: at most this many iterations train only the critic before the "
+                                             "trainer.iterations policy iterations (extra samples, counted in "
+                                             "samples_seen; docs/algorithms.md)")
+    pretrain_ev_threshold: float = field(0.5, help="start policy updates early once the held-out explained variance "
+                                                   "on the late half of the chain reaches this")
     pretrain_epochs: int = field(4, help="epochs over each batch while only the critic trains (value-only passes are cheap)")
     pretrain_replay: int = field(8, help="value pretraining refits the critic on the last N pretraining batches "
                                          "(the policy is fixed, so they stay on-policy); 0: the newest batch only")
+    value_epochs: int = field(4, help="policy phase: epochs of the critic's own update over the replay of recent "
+                                      "batches after each policy update (more than trainer.epochs: it is cheap and "
+                                      "the critic must track the moving policy)")
+    replay_batches: int = field(2, help="policy phase: the critic refits on the last N batches (the newest on-policy)")
     value_coef: float = field(1.0, help="weight of the value loss")
 
 
 @dataclasses.dataclass
 class TrainerConfig:
-    iterations: int = field(16, help="training iterations (each: rollouts, rewards, update)")
+    iterations: int = field(16, help="policy iterations (each: rollouts, rewards, update); the same for every "
+                                     "algorithm (ECG's value pretraining runs before them)")
     prompts: str = field("toy", help="prompt source: 'toy' (the toy world's grammar) or a text file, one prompt per "
                                      "line (align/prompts.py)")
     prompts_per_iteration: int = field(8, help="distinct prompts per iteration")
@@ -48,12 +61,17 @@ class TrainerConfig:
     epochs: int = field(1, help="PPO epochs over each batch")
     minibatch_size: int = field(8, help="samples per optimiser step")
     timestep_fraction: float = field(0.5, help="fraction of denoising steps trained per sample (random subset)")
+    step_window: float = field(1.0, help="the policy trains only the first step_window of the chain (the steps whose "
+                                         "noise still decides the image; later steps' score gradients scale as 1/σ_t "
+                                         "and are mostly noise: docs/algorithms.md); the critic trains every step")
     lr: float = field(5e-4, help="policy LoRA learning rate")
     clip_range: float = field(0.2, help="PPO clip ε (DDPO uses 1e-4)")
     adv_clip: float = field(5.0, help="advantages are clipped to ±adv_clip (DDPO)")
     kl_coef: float = field(0.0, help="weight of the KL to the reference policy (adapters disabled); 0 = off")
     max_grad_norm: float = field(1.0, help="gradient clipping")
     seed: int = field(0, help="seed of prompts, sampling noise and initialisation")
+    max_consecutive_skipped: int = field(3, help="with reward_on_error=skip_batch, this many skipped batches in a row "
+                                                 "stop the run with an error")
     num_threads: int = field(1, help="torch CPU threads of the training process (0: torch's default; tiny models "
                                      "gain nothing from more, and OpenMP spinning oversubscribes a small CPU)")
 

@@ -1,7 +1,8 @@
 """ECG vs GRPO vs DDPO on the toy reward at the same sample budget, over several seeds.
 
 Each (algorithm, seed) is one `align train` subprocess on the embedded default (shipped toy model,
-toy-GenEval reward) with identical sampler, rewards, learner and samples per iteration, all in one
+toy-GenEval reward) with identical sampler, rewards, learner, samples per iteration and number of
+policy iterations (ECG's value pretraining runs before them, its samples counted), all in one
 process (Ray off), so the peak RSS of each run is its own rusage. Prints, side by side in one run:
 mean reward against samples seen (mean ± std over seeds), the samples each method needs to reach
 GRPO's final reward, the peak RSS of ECG and GRPO at equal samples per update, each final policy
@@ -18,6 +19,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -32,7 +34,7 @@ def run_one(algo: str, seed: int, iterations: int, out: Path, extra: list[str],
     state, rss_file = run_dir / "checkpoint" / "state.json", run_dir / "peak_rss_mib.json"
     if reuse and state.is_file() and rss_file.is_file():
         history = json.loads(state.read_text())["history"]
-        if len(history) == iterations:
+        if json.loads(state.read_text())["policy_updates"] == iterations:
             return history, json.loads(rss_file.read_text())["peak_rss_mib"]
     cmd = [sys.executable, "-m", "align.cli", "train", "--force", f"algo={algo}", f"trainer.seed={seed}",
            f"trainer.iterations={iterations}", f"run_dir={run_dir}", "eval_every=0", *IN_PROCESS, *extra]
@@ -96,15 +98,31 @@ def evaluate_policies(runs: dict[str, list[Path]], n: int, batch: int = 32) -> d
     return result
 
 
-def plot(samples: list[int], curves: dict[str, np.ndarray], path: Path) -> None:
+def print_step_diagnosis(results: dict[str, list[list[dict]]]) -> None:
+    """Per denoising step, averaged over policy iterations and seeds: ECG's critic EV, and each algorithm's
+    advantage variance over the batch (GRPO's and DDPO's are the same at every step)."""
+    def per_step(algo: str, key: str) -> Optional[np.ndarray]:
+        rows = [h[key] for run in results[algo] for h in run if h.get("phase") == "policy" and key in h]
+        return np.array(rows).mean(0) if rows else None
+    ev = per_step("ecg", "explained_variance_per_step")
+    var = {a: per_step(a, "advantage_var_per_step") for a in ALGOS}
+    if ev is None or any(v is None for v in var.values()):
+        return
+    print("\nper denoising step (policy iterations, seeds pooled): ECG critic EV; advantage variance per algorithm")
+    print(f"{'step':>4} {'ECG EV':>7} " + " ".join(f"{'var ' + a:>9}" for a in ALGOS))
+    for i in range(len(ev)):
+        print(f"{i:>4} {ev[i]:>7.3f} " + " ".join(f"{var[a][i]:>9.3f}" for a in ALGOS))
+
+
+def plot(samples: dict[str, list[int]], curves: dict[str, np.ndarray], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for algo, c in curves.items():
         mean, std = c.mean(0), c.std(0)
-        ax.plot(samples, mean, label=f"{algo} (n={len(c)})")
-        ax.fill_between(samples, mean - std, mean + std, alpha=0.15)
+        ax.plot(samples[algo], mean, label=f"{algo} (n={len(c)})")
+        ax.fill_between(samples[algo], mean - std, mean + std, alpha=0.15)
     ax.set_xlabel("samples seen")
     ax.set_ylabel("mean toy-GenEval reward of the batch")
     ax.legend(fontsize=8)
@@ -135,14 +153,21 @@ def main() -> None:
             print(f"  done {algo} seed {seed}: final reward {hist[-1]['reward/weighted']:.3f}, peak RSS {peak:.0f} MiB",
                   flush=True)
 
-    samples = [h["samples_seen"] for h in results["ecg"][0]]
+    # every algorithm runs the same policy iterations; ECG's value pretraining comes first (extra samples)
+    samples = {a: [h["samples_seen"] for h in results[a][0]] for a in ALGOS}
     curves = {a: np.array([[h["reward/weighted"] for h in run] for run in results[a]]) for a in ALGOS}
     print(f"\nmean toy-GenEval reward vs samples seen (mean ± std over seeds {args.seeds}; "
-          f"ECG's first {_pretrain(results['ecg'][0])} iterations are value pretraining)")
+          f"ECG's first {_pretrain(results['ecg'][0])} iterations are value pretraining, on top of the "
+          f"{args.iterations} policy iterations of every algorithm)")
     print(f"{'samples':>8} " + " ".join(f"{a:>15}" for a in ALGOS))
-    for i, n in enumerate(samples):
-        print(f"{n:>8} " + " ".join(f"{curves[a][:, i].mean():>8.3f} ± {curves[a][:, i].std():.3f}" for a in ALGOS))
-    last = max(1, len(samples) // 4)
+    for n in sorted(set().union(*samples.values())):
+        cells = []
+        for a in ALGOS:
+            i = samples[a].index(n) if n in samples[a] else None
+            cells.append(f"{curves[a][:, i].mean():>8.3f} ± {curves[a][:, i].std():.3f}" if i is not None
+                         else f"{'—':>15}")
+        print(f"{n:>8} " + " ".join(cells))
+    last = max(1, args.iterations // 4)  # policy iterations (the same count for every algorithm)
     print(f"\nmean over the last {last} iterations: " + "  ".join(
         f"{a} {curves[a][:, -last:].mean():.3f} ± {curves[a][:, -last:].mean(1).std():.3f}" for a in ALGOS))
     print(f"gain (last {last} − first {last} iterations): " + "  ".join(
@@ -156,6 +181,7 @@ def main() -> None:
     if ev and ev[0]:
         print(f"\nECG critic: held-out explained variance on the late half of the chain, last iteration: "
               f"{np.mean([e[-1] for e in ev]):.3f} (per seed {[round(e[-1], 3) for e in ev]})")
+    print_step_diagnosis(results)
     print("\npeak RSS per training process (MiB), same samples per update")
     for a in ALGOS:
         print(f"  {a:<5} {np.mean(rss[a]):>8.0f}")

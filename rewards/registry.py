@@ -188,5 +188,6 @@ def build_rewards(specs: Sequence[RewardSpec], reward_args: Optional[dict] = Non
 @functools.lru_cache(maxsize=None)
 def _load_builtins() -> None:
     import rewards.builtin  # noqa: F401  (registers the built-in rewards)
+    import rewards.sanity  # noqa: F401  (mean_brightness, color_fraction)
     import rewards.clip_rewards  # noqa: F401
     import rewards.hps  # noqa: F401

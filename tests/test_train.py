@@ -13,7 +13,7 @@ from rewards import RewardError, register_reward
 
 TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
         "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "eval_prompts=2",
-        "critic.pretrain_iterations=1", "critic.hidden=16",
+        "critic.pretrain_iterations=0", "critic.hidden=16",
         # in-process rollouts and rewards (same requests as the Ray actors: tests/test_distributed.py)
         "ray.num_rollout_workers=0", "ray.num_reward_workers=0"]
 
@@ -65,19 +65,23 @@ def test_ecg_iteration_leaves_the_base_bit_identical(tmp_path) -> None:
 
 def test_value_pretraining_does_not_move_the_policy(tmp_path) -> None:
     cfg = _cfg(tmp_path, "trainer.iterations=1", "critic.pretrain_iterations=5", "critic.pretrain_ev_threshold=1.0")
-    state = train(cfg, log=lambda *_: None)
-    assert state.policy_updates == 0 and state.history[0]["phase"] == "value-pretrain"
+    state = train(cfg, stop_after=2, log=lambda *_: None)
+    assert state.policy_updates == 0 and [h["phase"] for h in state.history] == ["value-pretrain"] * 2
     policy = load_tensors(tmp_path / "checkpoint" / "policy_lora.safetensors")
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in policy.items() if "lora_B" in k)
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path) -> None:
-    """Interrupted during value pretraining (the replay is part of the checkpoint), resumed for 2 more
-    iterations (one value-only, one policy update): same tensors as a straight run within 1e-6."""
-    straight = _cfg(tmp_path / "a", "trainer.iterations=3", "critic.pretrain_iterations=2")
-    train(straight, log=lambda *_: None)
-    split = _cfg(tmp_path / "b", "trainer.iterations=3", "critic.pretrain_iterations=2")
+    """Interrupted during value pretraining (its replay is part of the checkpoint) and again after the
+    first policy iteration (the replay of recent batches), resumed each time: same tensors as a
+    straight run (2 value-pretraining + 2 policy iterations) within 1e-6."""
+    common = ["trainer.iterations=2", "critic.pretrain_iterations=2", "critic.pretrain_ev_threshold=1.0"]
+    straight = _cfg(tmp_path / "a", *common)
+    state = train(straight, log=lambda *_: None)
+    assert [h["phase"] for h in state.history] == ["value-pretrain"] * 2 + ["policy"] * 2
+    split = _cfg(tmp_path / "b", *common)
     train(split, stop_after=1, log=lambda *_: None)
+    train(split, resume=True, stop_after=3, log=lambda *_: None)
     train(split, resume=True, log=lambda *_: None)
     for name in ("policy_lora", "critic_lora", "critic_heads"):
         a = load_tensors(tmp_path / "a" / "checkpoint" / f"{name}.safetensors")
@@ -121,7 +125,8 @@ def test_bad_reward_stops_before_any_update_naming_the_reward(tmp_path, bad: str
 
 def test_multi_reward_run_has_one_value_head_per_reward(tmp_path) -> None:
     """rewards=[toy_geneval:1.0,jpeg_compressibility:0.2]: two heads trained, both logged, weighted sum."""
-    cfg = _cfg(tmp_path, "trainer.iterations=2", "rewards=[toy_geneval:1.0,jpeg_compressibility:0.2]")
+    cfg = _cfg(tmp_path, "trainer.iterations=1", "critic.pretrain_iterations=1",
+               "rewards=[toy_geneval:1.0,jpeg_compressibility:0.2]")
     state = train(cfg, log=lambda *_: None)
     heads = load_tensors(tmp_path / "checkpoint" / "critic_heads.safetensors")
     assert {k.split(".")[1] for k in heads if k.startswith("heads.")} == {"toy_geneval", "jpeg_compressibility"}
@@ -173,8 +178,8 @@ def test_value_pretraining_on_the_toy_explains_held_out_returns(tmp_path) -> Non
     every state of the chain on average (measured 0.74–0.81 per step; 64 samples give EV a standard
     error of about 0.1)."""
     cfg = load_config(TrainConfig, "configs/toy_ecg.yaml",
-                      TOY_VALUE + [f"run_dir={tmp_path}", "trainer.iterations=3", "critic.pretrain_iterations=3"])
-    state = train(cfg, log=lambda *_: None)
+                      TOY_VALUE + [f"run_dir={tmp_path}", "trainer.iterations=1", "critic.pretrain_iterations=3"])
+    state = train(cfg, stop_after=3, log=lambda *_: None)
     assert state.policy_updates == 0
     evs = _held_out_explained_variance(cfg)
     print("held-out EV per step", [round(e, 3) for e in evs])
@@ -187,8 +192,41 @@ def test_value_pretraining_reaches_high_explained_variance_with_replay(tmp_path)
     """6 value-pretraining iterations with replay (192 rollouts): held-out EV above 0.7 on average
     over the chain (measured 0.78–0.82 per step; 0.80–0.87 with mid-block features)."""
     cfg = load_config(TrainConfig, "configs/toy_ecg.yaml",
-                      TOY_VALUE + [f"run_dir={tmp_path}", "trainer.iterations=6", "critic.pretrain_iterations=6"])
-    train(cfg, log=lambda *_: None)
+                      TOY_VALUE + [f"run_dir={tmp_path}", "trainer.iterations=1", "critic.pretrain_iterations=6"])
+    train(cfg, stop_after=6, log=lambda *_: None)
     evs = _held_out_explained_variance(cfg)
     print("held-out EV per step", [round(e, 3) for e in evs])
     assert sum(evs) / len(evs) > 0.7, evs
+
+
+@register_reward("test_always_failing_reward")
+class _AlwaysFails:
+    name, device, batch_size = "test_always_failing_reward", "cpu", None
+
+    def __call__(self, images, prompts, metadata):
+        return torch.full((len(prompts),), float("nan"))
+
+
+def test_consecutive_skipped_batches_stop_the_run(tmp_path) -> None:
+    """reward_on_error=skip_batch with a reward that always fails: the run stops with an error after
+    trainer.max_consecutive_skipped batches instead of exiting 0 with an untrained policy."""
+    cfg = _cfg(tmp_path, "algo=grpo", "trainer.iterations=5", "reward_on_error=skip_batch",
+               "trainer.max_consecutive_skipped=2", "rewards=[test_always_failing_reward:1.0]")
+    lines: list[str] = []
+    with pytest.raises(RewardError, match="trainer.max_consecutive_skipped: 2 batches in a row were skipped"):
+        train(cfg, log=lines.append)
+    assert sum("[skipped batch]" in x for x in lines) == 2
+
+
+@pytest.mark.parametrize("algo", ["ecg", "grpo", "ddpo"])
+def test_every_algorithm_makes_the_same_number_of_policy_updates(tmp_path, algo: str) -> None:
+    """Equal budget of policy iterations: ECG's value pretraining comes on top, counted in samples_seen."""
+    cfg = _cfg(tmp_path, f"algo={algo}", "trainer.iterations=2", "critic.pretrain_iterations=1",
+               "critic.pretrain_ev_threshold=1.0")
+    state = train(cfg, log=lambda *_: None)
+    pretrain = 1 if algo == "ecg" else 0
+    assert state.policy_updates == 2 and state.iteration == 2 + pretrain
+    assert state.history[-1]["samples_seen"] == (2 + pretrain) * 4
+    if algo == "ecg":  # per-step EV in the history, and the critic keeps training in the policy phase
+        assert len(state.history[-1]["explained_variance_per_step"]) == 3
+        assert "value_loss" in state.history[-1] and "grad_norm_critic" in state.history[-1]

@@ -1,4 +1,4 @@
-"""Replay of value-pretraining batches (ecg_spec.md §Our design 4).
+"""Replay of recent batches for the critic (ecg_spec.md §Our design 4; align/algos/ecg.py).
 
 While only the critic trains, the policy does not move, so every earlier pretraining batch is still
 an on-policy sample of the value targets G_k = R_k(x_0, c). Refitting the critic on all of them
@@ -8,6 +8,7 @@ earlier batches and the newest share one target scale. Saved as safetensors + JS
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,7 @@ from align.sampling import Trajectory
 
 
 class ValueReplay:
-    """The last ``capacity`` pretraining batches: trajectories (without pixels) and raw scores (B, K)."""
+    """The last ``capacity`` batches: trajectories (without pixels) and raw scores (B, K)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -37,7 +38,8 @@ class ValueReplay:
         """All stored samples as one trajectory, with targets ``normalise(raw)`` (B_total, K)."""
         if not self.batches:
             raise ValueError("ValueReplay.batch: the replay is empty")
-        traj = Trajectory.cat([t for t, _ in self.batches])
+        newest = self.batches[-1][0].policy_version  # value regression needs no version; cat needs one
+        traj = Trajectory.cat([dataclasses.replace(t, policy_version=newest) for t, _ in self.batches])
         return traj, normalise(torch.cat([r for _, r in self.batches]))
 
     def clear(self) -> None:
@@ -54,6 +56,8 @@ class ValueReplay:
         self.batches = []
         if not meta_path.is_file():
             return
-        for i in range(read_json(meta_path)["batches"]):
+        meta = read_json(meta_path)
+        self.capacity = meta["capacity"]
+        for i in range(meta["batches"]):
             raw = load_tensors(directory / f"value_replay_{i}_raw.safetensors")["raw"]
             self.batches.append((Trajectory.load(directory / f"value_replay_{i}"), raw))
