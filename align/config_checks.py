@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 from align.config import ConfigWarning
 
-#: algorithms that train a value model (so that ``critic.*`` settings are used). The lead may replace
-#: this with the algorithm registry's own flag (``needs_critic``) once align/algos exposes one.
+#: algorithms that train a value model (so that ``critic.*`` settings are used), known here without
+#: importing torch; tests/test_config.py pins it to the algorithm registry's ``needs_critic``.
 CRITIC_ALGOS = ("ecg",)
 
 
@@ -48,6 +48,10 @@ def check_values(cfg) -> None:
     _require(_finite(t.kl_coef) and t.kl_coef >= 0, f"trainer.kl_coef must be >= 0, got {t.kl_coef}")
     _require(_finite(t.max_grad_norm) and t.max_grad_norm > 0, f"trainer.max_grad_norm must be > 0, got {t.max_grad_norm}")
     _require(t.num_threads >= 0, f"trainer.num_threads must be >= 0, got {t.num_threads}")
+    _require(_finite(t.step_window) and 0 < t.step_window <= 1, f"trainer.step_window must be in (0, 1], got "
+                                                                f"{t.step_window}")
+    _require(t.max_consecutive_skipped >= 1, f"trainer.max_consecutive_skipped must be >= 1, got "
+                                             f"{t.max_consecutive_skipped}")
     _require(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
     _require(_finite(cfg.lora.alpha) and cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
     _require(cfg.eval_every >= 0 and cfg.eval_prompts >= 1, "eval_every must be >= 0 and eval_prompts >= 1")
@@ -85,6 +89,10 @@ def _check_critic(cfg) -> None:
              f"critic.pretrain_ev_threshold must be <= 1 (explained variance never exceeds 1; 1: wait for all "
              f"critic.pretrain_iterations), got {c.pretrain_ev_threshold}")
     _require(_finite(c.value_coef) and c.value_coef > 0, f"critic.value_coef must be > 0, got {c.value_coef}")
+    _require(c.value_epochs >= 1, f"critic.value_epochs must be >= 1, got {c.value_epochs}")
+    _require(c.replay_batches >= 1, f"critic.replay_batches must be >= 1, got {c.replay_batches}")
+    _require(_finite(c.max_grad_norm) and c.max_grad_norm > 0, f"critic.max_grad_norm must be > 0, got "
+                                                               f"{c.max_grad_norm}")
 
 
 def reward_spec_weight(spec: Any) -> tuple[str, str]:

@@ -236,3 +236,30 @@ def test_a_value_error_is_raised_before_torch_is_imported(override: str) -> None
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_torch_free_algorithm_facts_agree_with_the_algorithm_registry() -> None:
+    """The config knows the algorithms (choices) and which train a critic without importing torch; the
+    registry in align/algos is the truth they must match."""
+    import align.algos.ddpo  # noqa: F401  (register the built-ins)
+    import align.algos.ecg  # noqa: F401
+    import align.algos.grpo  # noqa: F401
+    from align.algos.registry import ALGORITHMS
+    from align.config_checks import CRITIC_ALGOS
+    from align.train_config import ALGOS
+    assert set(ALGOS) == set(ALGORITHMS)
+    assert set(CRITIC_ALGOS) == {name for name, cls in ALGORITHMS.items() if cls.needs_critic}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.step_window=0", "trainer.step_window must be in (0, 1]"),
+    ("trainer.max_consecutive_skipped=0", "trainer.max_consecutive_skipped must be >= 1"),
+    ("critic.value_epochs=0", "critic.value_epochs must be >= 1"),
+    ("critic.replay_batches=0", "critic.replay_batches must be >= 1"),
+    ("critic.max_grad_norm=0", "critic.max_grad_norm must be > 0"),
+])
+def test_rl_loop_settings_that_would_train_nothing_are_one_line_errors(override: str, expected: str) -> None:
+    from align.train_config import TrainConfig
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, None, [*TINY, override])
+    assert expected in str(info.value) and "\n" not in str(info.value)

@@ -156,15 +156,15 @@ def _launch(tmp_path: Path, name: str, args: list[str]) -> str:
 
 @pytest.mark.slow
 def test_deepspeed_resume_restores_each_ranks_optimizer_partition(tmp_path) -> None:
-    """2 DeepSpeed ZeRO-2 processes: 2 iterations then ``--resume`` to 3 end with the same weights as
-    3 iterations straight (each rank reloads its own fp32 master partition and Adam moments)."""
+    """2 DeepSpeed ZeRO-2 processes: 2 policy iterations then ``--resume`` to 3 end with the same weights as
+    3 policy iterations straight (after 1 value-pretraining iteration each, so the resume is at iteration 3) (each rank reloads its own fp32 master partition and Adam moments)."""
     common = [*TINY, "critic.pretrain_iterations=1", "ray.num_rollout_workers=2"]
     _launch(tmp_path, "straight", [*common, "trainer.iterations=3", f"run_dir={tmp_path / 'a'}"])
     _launch(tmp_path, "first", [*common, "trainer.iterations=2", f"run_dir={tmp_path / 'b'}"])
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoint").glob("optimizer_rank*.safetensors")) == [
         "optimizer_rank0.safetensors", "optimizer_rank1.safetensors"]
     out = _launch(tmp_path, "resumed", ["--resume", str(tmp_path / "b"), "trainer.iterations=3"])
-    assert "at iteration 2" in out and "ranks agree" in out
+    assert "at iteration 3" in out and "ranks agree" in out
     for name in ("policy_lora", "critic_lora", "critic_heads"):
         a = load_tensors(tmp_path / "a" / "checkpoint" / f"{name}.safetensors")
         b = load_tensors(tmp_path / "b" / "checkpoint" / f"{name}.safetensors")
