@@ -260,7 +260,8 @@ def test_resume_after_a_kill_between_the_renames_continues_at_the_newest_iterati
     stale directories are gone afterwards, and no temporary YAML is left behind."""
     from align.train import train
     run = tmp_path / "run"
-    cfg = load_config(TrainConfig, None, TINY + [f"run_dir={run}", "trainer.iterations=2"])
+    # no value pretraining: trainer.iterations counts policy iterations, so iteration numbers are the policy's
+    cfg = load_config(TrainConfig, None, TINY + [f"run_dir={run}", "trainer.iterations=2", "critic.pretrain_iterations=0"])
     train(cfg, stop_after=1, log=lambda *_: None)
     shutil.copytree(run / "checkpoint", tmp_path / "it1")
     train(cfg, resume=True, log=lambda *_: None)
