@@ -189,4 +189,5 @@ def build_rewards(specs: Sequence[RewardSpec], reward_args: Optional[dict] = Non
 def _load_builtins() -> None:
     import rewards.builtin  # noqa: F401  (registers the built-in rewards)
     import rewards.clip_rewards  # noqa: F401
+    import rewards.geneval.reward  # noqa: F401
     import rewards.hps  # noqa: F401
