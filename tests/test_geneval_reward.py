@@ -12,50 +12,17 @@ from rewards import PROMPT_METADATA, RewardError, get_reward, score
 from rewards.geneval.colors import TEMPLATES, ClipColorClassifier, masked_crop
 from rewards.geneval.data import object_names
 from rewards.geneval.rules import GENEVAL_COLORS, Detection
+from rewards.geneval.tiny import save_mask2former, save_open_clip
 
 SIZE = 64
 DOG = object_names().index("dog")
 
 
-def save_tiny_mask2former(path, favour: int = DOG) -> None:
-    """A 0.36M-parameter Mask2Former whose class head always says ``favour`` (weights 0, bias 20): every
-    query is that class with probability ~1, so each kept instance's score is its mean mask probability."""
-    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
-                              SwinConfig)
-    torch.manual_seed(0)
-    swin = SwinConfig(image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=swin, num_labels=80, hidden_dim=32, feature_size=32,
-                               mask_feature_size=32, num_queries=12, encoder_layers=1, decoder_layers=2,
-                               encoder_feedforward_dim=64, dim_feedforward=64, num_attention_heads=2,
-                               use_pretrained_backbone=False)
-    model = Mask2FormerForUniversalSegmentation(config).eval()
-    with torch.no_grad():
-        model.class_predictor.weight.zero_()
-        model.class_predictor.bias.zero_()
-        model.class_predictor.bias[favour] = 20.0
-    model.save_pretrained(path)
-    Mask2FormerImageProcessor(size={"shortest_edge": SIZE, "longest_edge": 2 * SIZE}, size_divisor=32).save_pretrained(path)
-
-
-def save_tiny_open_clip(path) -> None:
-    """A tiny open_clip CLIP (open_clip's own CLIP class) as open_clip_config.json + safetensors."""
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-    cfg = {"embed_dim": 16, "quick_gelu": True,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    torch.manual_seed(1)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    save_file(CLIP(**cfg).state_dict(), str(path / "open_clip_model.safetensors"))
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("geneval_models")
-    save_tiny_mask2former(root / "mask2former")
-    save_tiny_open_clip(root / "clip")
+    save_mask2former(root / "mask2former", favour=DOG, image_size=SIZE)  # its class head always says "dog"
+    save_open_clip(root / "clip")
     return {"detector_path": str(root / "mask2former"), "clip_path": str(root / "clip")}
 
 
