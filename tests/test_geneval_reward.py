@@ -171,3 +171,15 @@ def test_geneval_is_registered_and_listed() -> None:
     from rewards.registry import available_rewards, describe_reward
     assert available_rewards()["geneval"] == "builtin" and describe_reward("geneval").startswith("GenEval")
     assert PROMPT_METADATA == "prompt_metadata"
+
+
+def test_detector_input_size_can_be_overridden_and_masks_come_back_at_image_size(model_dirs) -> None:
+    from rewards.geneval.detector import Mask2FormerDetector
+    detector = Mask2FormerDetector(model_dirs["detector_path"], object_names(), shortest_edge=96)
+    seen = []
+    forward = detector.model.forward
+    detector.model.forward = lambda **kw: seen.append(tuple(kw["pixel_values"].shape)) or forward(**kw)
+    dets = detector([np.random.default_rng(0).random((SIZE, SIZE, 3))])[0]
+    assert seen == [(1, 3, 96, 96)]
+    assert dets and all(d.mask.shape == (SIZE, SIZE) and d.label == "dog" for d in dets)
+    assert all(0 <= d.box[0] < d.box[2] <= SIZE and 0 <= d.box[1] < d.box[3] <= SIZE for d in dets)

@@ -31,9 +31,11 @@ class Mask2FormerDetector:
     """Mask2Former instance segmentation → :class:`Detection` (label, mask box, score, bool mask).
 
     ``min_score`` drops instances below it before masks are upsampled (the rule engine applies the
-    spec's thresholds again; keep it at or below the lowest of them)."""
+    spec's thresholds again; keep it at or below the lowest of them). ``shortest_edge`` overrides the
+    processor's input size (e.g. 800, mmdet's test scale; default: the checkpoint's preprocessor_config)."""
 
-    def __init__(self, path: str, class_names: Sequence[str], device: str = "cpu", min_score: float = 0.3) -> None:
+    def __init__(self, path: str, class_names: Sequence[str], device: str = "cpu", min_score: float = 0.3,
+                 shortest_edge: Optional[int] = None) -> None:
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
         where = require_path(path, "detector_path", DETECTOR_HELP, kind="dir")
         if not (where / "config.json").is_file() or not (where / "preprocessor_config.json").is_file():
@@ -46,13 +48,16 @@ class Mask2FormerDetector:
             raise ValueError(f"reward 'geneval': the detector at {str(where)!r} has {self.model.config.num_labels} "
                              f"classes but {len(class_names)} class names are given (label i is class_names[i])")
         self.class_names, self.device, self.min_score = tuple(class_names), device, float(min_score)
+        self.size = None if shortest_edge is None else {"shortest_edge": int(shortest_edge),
+                                                        "longest_edge": max(int(shortest_edge), 1333)}
 
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         from torchvision.ops import masks_to_boxes
         if not len(images):
             return []
-        inputs = self.processor(images=[to_uint8(img) for img in images], return_tensors="pt").to(self.device)
+        size = {"size": self.size} if self.size else {}
+        inputs = self.processor(images=[to_uint8(img) for img in images], return_tensors="pt", **size).to(self.device)
         outputs = self.model(**inputs)
         results = self.processor.post_process_instance_segmentation(
             outputs, threshold=self.min_score, target_sizes=[img.shape[:2] for img in images], return_binary_maps=True)
@@ -70,7 +75,7 @@ class Mask2FormerDetector:
         return out
 
 
-def load_detector(path: Optional[str], class_names: Sequence[str], device: str = "cpu",
-                  min_score: float = 0.3) -> Detector:
+def load_detector(path: Optional[str], class_names: Sequence[str], device: str = "cpu", min_score: float = 0.3,
+                  shortest_edge: Optional[int] = None) -> Detector:
     """The default detector (Mask2Former) from ``path``; a missing path is a one-line error."""
-    return Mask2FormerDetector(path, class_names, device=device, min_score=min_score)
+    return Mask2FormerDetector(path, class_names, device=device, min_score=min_score, shortest_edge=shortest_edge)

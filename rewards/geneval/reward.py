@@ -73,7 +73,8 @@ class GenEvalReward:
     def __init__(self, detector_path: Optional[str] = None, clip_path: Optional[str] = None, device: str = "cpu",
                  reward: str = "score", prompts: str = "geneval", clip_arch: str = "ViT-L-14-quickgelu",
                  class_names: Optional[list] = None, threshold: float = 0.3, counting_threshold: float = 0.9,
-                 max_objects: int = 16, position_threshold: float = 0.1, max_overlap: float = 1.0) -> None:
+                 max_objects: int = 16, position_threshold: float = 0.1, max_overlap: float = 1.0,
+                 detector_shortest_edge: Optional[int] = None) -> None:
         from rewards.geneval.colors import ClipColorClassifier
         from rewards.geneval.data import object_names
         from rewards.geneval.detector import load_detector
@@ -84,7 +85,8 @@ class GenEvalReward:
                             max_overlap=float(max_overlap))
         names = tuple(class_names) if class_names else object_names()
         detector = load_detector(detector_path, names, device=device,
-                                 min_score=min(config.threshold, config.counting_threshold))
+                                 min_score=min(config.threshold, config.counting_threshold),
+                                 shortest_edge=detector_shortest_edge)
         self.scorer = GenEvalScorer(detector, ClipColorClassifier(clip_path, device=device, arch=clip_arch), names,
                                     config)
         self.device, self.reward, self.prompts = device, reward, prompts
