@@ -121,6 +121,11 @@ def prompt_metadata(source: str, prompts: Sequence[str]) -> list[Optional[dict]]
     return [None] * len(prompts)
 
 
+def has_records(source: str) -> bool:
+    """Whether every prompt of ``source`` has a metadata record (what GenEval-style evaluation needs)."""
+    return source in (TOY, GENEVAL) or source.endswith(".jsonl")
+
+
 def spread_over_tags(prompts: Sequence[str], records: Sequence[Optional[dict]], n: Optional[int]) -> list[int]:
     """Indices of ``n`` prompts taken round-robin over the records' tags (first tag first, each tag in
     source order), so a small evaluation still covers every tag; all indices when ``n`` is None."""

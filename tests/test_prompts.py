@@ -110,3 +110,9 @@ def test_spread_over_tags_covers_every_tag_round_robin() -> None:
     assert sorted(records[i]["tag"] for i in picked) == sorted(2 * ["single_object", "two_object", "counting", "colors",
                                                                     "position", "color_attr"])
     assert spread_over_tags(prompts, records, None) == list(range(553))
+
+
+def test_has_records_is_true_for_toy_geneval_and_jsonl_only(tmp_path) -> None:
+    from align.prompts import has_records
+    assert has_records("toy") and has_records("geneval") and has_records(str(tmp_path / "p.jsonl"))
+    assert not has_records(_file(tmp_path, "a cat\n"))
