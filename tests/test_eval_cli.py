@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from align.cli import main
@@ -121,3 +120,28 @@ def test_bad_eval_input_is_a_one_line_error_before_any_sampling(tmp_path, capsys
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_align_eval_on_geneval_prompts_with_the_geneval_judge(tmp_path) -> None:
+    """The real judge path: tiny random Mask2Former (its class head always says "dog") + tiny CLIP."""
+    from rewards.geneval.data import object_names
+    from rewards.geneval.tiny import save_mask2former, save_open_clip
+    save_mask2former(tmp_path / "m2f", favour=object_names().index("dog"))
+    save_open_clip(tmp_path / "clip")
+    out = tmp_path / "eval"
+    assert main(["eval", "--prompts", "geneval", "--max-prompts", "6", "--images-per-prompt", "1", "--out", str(out),
+                 f"geneval.detector_path={tmp_path / 'm2f'}", f"geneval.clip_path={tmp_path / 'clip'}", *TINY]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and len({r["tag"] for r in rows}) == 6
+    for r in rows:  # the detector only ever sees dogs, scored by mean mask probability: in (0.5, 1)
+        found = json.loads(r["details"])
+        assert set(found) <= {"dog"} and all(d[4] > (0.9 if r["tag"] == "counting" else 0.3) for d in found.get("dog", []))
+        if r["tag"] != "counting":
+            assert found["dog"]
+        expected = [f"expected {c['class']}>={c['count']}, found 0" for c in json.loads(r["metadata"])["include"]
+                    if c["class"] != "dog"]
+        assert r["reason"].split("\n")[:len(expected)] == expected and r["correct"] == (not expected)
+    position = next(r for r in rows if r["tag"] == "position")
+    assert position["prompt"] == "a photo of a dog right of a teddy bear"
+    assert position["reason"].endswith("no target for dog to be right of") and position["score"] == 1 / 3
+    assert (out / "summary.txt").read_text() == geneval_summary_text(out / "results.jsonl")

@@ -2,7 +2,6 @@
 temp dir and loaded through the reward's own loading path (rewards/geneval/{detector,colors,reward}.py)."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
