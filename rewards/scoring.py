@@ -113,7 +113,8 @@ def _call_with_timeout(reward: Reward, images, prompts, metadata, timeout: float
 
 
 def validate_scores(name: str, values: Any, batch_size: int) -> torch.Tensor:
-    """A float Tensor of shape (batch_size,) with finite values, returned as float32 on CPU."""
+    """A float Tensor of shape (batch_size,) with finite values, returned as a float32 CPU copy (a reward may
+    return the very tensor it stored in the metadata; the remote wire refuses shared memory)."""
     if not torch.is_tensor(values):
         raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected a Tensor of shape ({batch_size},)")
     if tuple(values.shape) != (batch_size,):
@@ -122,7 +123,7 @@ def validate_scores(name: str, values: Any, batch_size: int) -> torch.Tensor:
     if not values.dtype.is_floating_point:
         raise RewardError(f"reward {name!r} returned dtype {values.dtype} for a batch of {batch_size}; "
                           "expected a floating-point tensor")
-    values = values.detach().float().cpu()
+    values = values.detach().float().cpu().clone()  # never an alias of a tensor the plugin put in its metadata
     bad = ~torch.isfinite(values)
     if bad.any():
         idx = bad.nonzero().flatten().tolist()

@@ -55,3 +55,19 @@ def test_local_reward_group_and_ray_reward_actor_body_carry_the_records() -> Non
     register_reward("test_prompt_record_index")(Recorder)
     actor = RewardActor(["test_prompt_record_index"], {})
     assert torch.equal(actor.score(images, prompts, records)[:, 0], torch.arange(3.0))
+
+
+def test_scores_never_alias_a_tensor_the_reward_stored_in_the_metadata() -> None:
+    """A reward may return the tensor it put in its metadata; the remote wire (safetensors) refuses
+    shared memory, so scoring hands back a copy."""
+    from rewards.scoring import score_one
+
+    class SameTensor(Recorder):
+        def __call__(self, images, prompts, metadata):
+            super().__call__(images, prompts, metadata)
+            return metadata[self.name]  # the stored tensor itself
+
+    images, prompts, records = _batch(3)
+    meta = {PROMPT_METADATA: records}
+    values = score_one(SameTensor(), images, prompts, meta)
+    assert torch.equal(values, meta["recorder"]) and values.data_ptr() != meta["recorder"].data_ptr()

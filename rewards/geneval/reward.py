@@ -97,4 +97,4 @@ class GenEvalReward:
         verdicts = self.scorer.verdicts(images, records)
         values = {k: torch.tensor([getattr(v, k) for v in verdicts], dtype=torch.float32) for k in REWARD_KEYS}
         metadata[self.name] = values
-        return values[self.reward].clone()  # not the metadata tensor itself (safetensors refuses shared memory)
+        return values[self.reward]
