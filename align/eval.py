@@ -107,11 +107,11 @@ def default_judge(source: str, judge: str = "") -> str:
     return judge or ("toy" if source == "toy" else "geneval")
 
 
-@torch.no_grad()
 def evaluate_items(pipe, items: Sequence[Item], judge: Judge, sampler: SamplerConfig, seed: int = 0,
                    batch_size: int = 8, out_dir: Optional[Path] = None, critic=None,
                    steering: Optional[SteeringConfig] = None, progress: bool = False) -> list[dict]:
-    """Draw and judge every item; returns GenEval result rows (and writes the images if ``out_dir``)."""
+    """Draw and judge every item; returns GenEval result rows (and writes the images if ``out_dir``).
+    (No outer ``no_grad``: the sampler picks its own mode, and grad steering needs autograd.)"""
     from tqdm.auto import tqdm
 
     from critics.steering import sample_steered

@@ -145,3 +145,31 @@ def test_align_eval_on_geneval_prompts_with_the_geneval_judge(tmp_path) -> None:
     assert position["prompt"] == "a photo of a dog right of a teddy bear"
     assert position["reason"].endswith("no target for dog to be right of") and position["score"] == 1 / 3
     assert (out / "summary.txt").read_text() == geneval_summary_text(out / "results.jsonl")
+
+
+@pytest.fixture(scope="module")
+def exported_unet(tmp_path_factory):
+    """An exported tiny-unet run: a non-trivial policy LoRA and a critic (tests/test_export.py's helpers)."""
+    from test_export import export, trained_like  # tests/ is on sys.path
+    pipe, critic = trained_like("tiny-unet")
+    return export(pipe, critic, tmp_path_factory.mktemp("run") / "export", "tiny-unet")
+
+
+def _eval(tmp_path, name: str, *extra: str) -> tuple[list[dict], list[bytes]]:
+    out = tmp_path / name
+    assert main(["eval", "--prompts", "toy", "--max-prompts", "3", "--images-per-prompt", "2", "--out", str(out),
+                 *extra, *TINY]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return rows, [(out / r["filename"]).read_bytes() for r in rows]
+
+
+def test_policy_lora_and_critic_steering_evaluate_on_the_same_paired_images(tmp_path, exported_unet) -> None:
+    base_rows, base = _eval(tmp_path, "base")
+    lora_rows, lora = _eval(tmp_path, "lora", "--policy-lora", str(exported_unet / "policy"))
+    assert [r["filename"] for r in lora_rows] == [r["filename"] for r in base_rows]
+    assert lora != base  # same noise: only the policy LoRA changes the images
+    critic = str(exported_unet / "critic")
+    _, grad0 = _eval(tmp_path, "grad0", "--critic", critic, "--steer", "grad", "--scale", "0")
+    assert grad0 == base  # grad steering with s = 0 is bit-identical to unsteered sampling
+    rerank_rows, _ = _eval(tmp_path, "rerank", "--critic", critic, "--steer", "rerank", "--candidates", "2")
+    assert len(rerank_rows) == 6
