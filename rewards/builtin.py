@@ -19,7 +19,7 @@ class ToyGenEval:
 
     Each prompt's record is ``metadata["prompt_metadata"][i]`` when given, else parsed from the toy
     prompt (``align.toy.world.parse_prompt``). ``metadata["toy_geneval"]`` receives (B,) float
-    tensors: ``strict``, ``score``, ``tag/<tag>`` (1 where the sample has that tag), and per check
+    tensors: ``strict``, ``score``, ``tag_<tag>`` (1 where the sample has that tag; no "/" so the remote wire keeps it), and per check
     kind (``count``, ``color``, ``position``, ``exclude``) ``<kind>_ok`` / ``<kind>_checks``: the
     satisfied and total checks of that kind."""
     name = "toy_geneval"
@@ -36,7 +36,7 @@ class ToyGenEval:
         from align.toy.world import TAGS
         result = score_batch(images.float().clamp(0, 1).cpu(), prompts, metadata.get("prompt_metadata"))
         out = {"strict": result["strict"], "score": result["score"]}
-        out.update({f"tag/{t}": torch.tensor([float(x == t) for x in result["tag"]]) for t in TAGS})
+        out.update({f"tag_{t}": torch.tensor([float(x == t) for x in result["tag"]]) for t in TAGS})
         for kind in CHECK_KINDS:
             for suffix, keep in (("ok", True), ("checks", False)):
                 out[f"{kind}_{suffix}"] = torch.tensor(

@@ -258,3 +258,29 @@ def test_bad_batches_are_refused() -> None:
 def test_per_tag_means_and_overall_is_the_mean_over_tags() -> None:
     table = per_tag(torch.tensor([1.0, 0.0, 1.0, 1.0]), ["colors", "colors", "position", "position"])
     assert table == {"colors": 0.5, "position": 1.0, "overall": 0.75}
+
+
+def test_toy_geneval_reward_is_partial_credit_by_default_strict_on_request_with_per_check_metadata() -> None:
+    from rewards.registry import get_reward
+    from rewards.scoring import score
+    image = _paint([("red", "circle", 8, 8), ("blue", "square", 24, 8)])[None].repeat(3, 1, 1, 1)
+    prompts = ["a red circle and a blue square", "a red circle and a red square", "a circle right of a square"]
+    partial, meta = score([get_reward("toy_geneval")], image, prompts)
+    assert partial[:, 0].tolist() == pytest.approx([1.0, 0.75, 2 / 3])  # 3 checks: 2 counts, 1 position
+    strict, _ = score([get_reward("toy_geneval", strict=True)], image, prompts)
+    assert strict[:, 0].tolist() == [1.0, 0.0, 0.0]
+    out = meta["toy_geneval"]
+    assert out["tag_color_attr"].tolist() == [1.0, 1.0, 0.0] and out["tag_position"].tolist() == [0.0, 0.0, 1.0]
+    assert out["color_ok"].tolist() == [2.0, 1.0, 0.0] and out["color_checks"].tolist() == [2.0, 2.0, 0.0]
+    assert out["position_ok"].tolist() == [0.0, 0.0, 0.0] and out["position_checks"].tolist() == [0.0, 0.0, 1.0]
+    chunked, meta_chunked = score([get_reward("toy_geneval", batch_size=2)], image, prompts)
+    assert torch.equal(chunked, partial) and all(torch.equal(meta_chunked["toy_geneval"][k], v) for k, v in out.items())
+    # records given per sample win over the prompt (a real GenEval prompt source passes them)
+    given, _ = score([get_reward("toy_geneval")], image, prompts,
+                     prompt_metadata=[parse_prompt("a blue square"), None, None])
+    assert given[:, 0].tolist() == pytest.approx([1.0, 0.75, 2 / 3])
+    given, _ = score([get_reward("toy_geneval")], image, prompts,
+                     prompt_metadata=[parse_prompt("a green square"), None, None])
+    assert given[0, 0].item() == 0.5
+    with pytest.raises(ValueError, match="strict must be true or false"):
+        get_reward("toy_geneval", strict="yes")

@@ -37,8 +37,8 @@ from align.toy.world import RESOLUTION, render_batch, sample_scenes, tag_probabi
 
 
 #: The shipped model's training mix: like a real text-to-image model's data, mostly single objects.
-DEFAULT_TAG_WEIGHTS = {"single_object": 0.42, "colors": 0.42, "counting": 0.04, "two_object": 0.04,
-                       "position": 0.04, "color_attr": 0.04}
+DEFAULT_TAG_WEIGHTS = {"single_object": 0.4, "colors": 0.4, "counting": 0.05, "two_object": 0.05,
+                       "position": 0.05, "color_attr": 0.05}
 
 
 @dataclasses.dataclass
@@ -50,11 +50,11 @@ class PretrainConfig:
     tag_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TAG_WEIGHTS),
                                           help="share of each GenEval tag in the training scenes (normalised): "
                                                "mostly single objects, so composition is left for RL")
-    vae_steps: int = field(400, help="VAE training steps (0 skips stage 1)")
+    vae_steps: int = field(300, help="VAE training steps (0 skips stage 1)")
     vae_batch_size: int = field(64, help="VAE batch size")
     vae_lr: float = field(1e-3, help="VAE learning rate")
     kl_weight: float = field(1e-6, help="β of the VAE's KL term")
-    steps: int = field(3000, help="UNet (+ text-encoder) training steps")
+    steps: int = field(1600, help="UNet (+ text-encoder) training steps")
     batch_size: int = field(32, help="UNet batch size")
     lr: float = field(1e-3, help="UNet learning rate (cosine decay, linear warm-up)")
     text_encoder_lr: float = field(0.0, help="text-encoder learning rate; 0 keeps it frozen (as SD does)")
@@ -63,7 +63,7 @@ class PretrainConfig:
     snr_gamma: float = field(5.0, help="Min-SNR-γ loss weighting (0 disables)")
     ema_decay: float = field(0.999, help="EMA decay of the UNet weights")
     checkpoint_every: int = field(500, help="steps between atomic checkpoints")
-    eval_every: int = field(1000, help="steps between toy-GenEval evaluations (0: only at the end)")
+    eval_every: int = field(0, help="steps between toy-GenEval evaluations (0: only at the end)")
     eval_images: int = field(96, help="images per evaluation")
     eval_steps: int = field(20, help="sampling steps per evaluation")
     eval_guidance: float = field(4.5, help="CFG scale of the evaluation")
