@@ -97,7 +97,7 @@ def make_judge(kind: str, geneval_args: Optional[dict] = None) -> Judge:
         return lambda images, prompts, records: score_images(images, prompts, records)
     if kind == "geneval":
         from rewards.geneval.reward import GenEvalReward
-        args = {k: v for k, v in (geneval_args or {}).items() if k != "batch_size"}
+        args = {k: v for k, v in (geneval_args or {}).items() if k not in ("batch_size", "timeout_s")}  # scoring's
         scorer = GenEvalReward(**args).scorer
         return lambda images, prompts, records: scorer.verdicts(images, records)
     raise ValueError(f"unknown judge {kind!r}; available: {', '.join(JUDGES)}")
