@@ -182,3 +182,15 @@ def test_detector_input_size_can_be_overridden_and_masks_come_back_at_image_size
     assert seen == [(1, 3, 96, 96)]
     assert dets and all(d.mask.shape == (SIZE, SIZE) and d.label == "dog" for d in dets)
     assert all(0 <= d.box[0] < d.box[2] <= SIZE and 0 <= d.box[1] < d.box[3] <= SIZE for d in dets)
+
+
+def test_throughput_benchmark_runs_at_tiny_size() -> None:
+    """benchmarks/geneval_reward.py's measure() (what the GPU check calls at the real sizes) runs on CPU."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "geneval_reward.py"
+    spec = importlib.util.spec_from_file_location("geneval_reward_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (row,) = module.measure("tiny", "cpu", SIZE, (2,), repeats=1)
+    assert row["batch"] == 2 and all(row[k] > 0 for k in ("rules", "toy", "geneval_plain", "geneval_color"))
