@@ -54,7 +54,7 @@ class PretrainConfig:
     vae_batch_size: int = field(64, help="VAE batch size")
     vae_lr: float = field(1e-3, help="VAE learning rate")
     kl_weight: float = field(1e-6, help="β of the VAE's KL term")
-    steps: int = field(1600, help="UNet (+ text-encoder) training steps")
+    steps: int = field(3000, help="UNet (+ text-encoder) training steps")
     batch_size: int = field(32, help="UNet batch size")
     lr: float = field(1e-3, help="UNet learning rate (cosine decay, linear warm-up)")
     text_encoder_lr: float = field(0.0, help="text-encoder learning rate; 0 keeps it frozen (as SD does)")
