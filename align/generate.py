@@ -113,7 +113,7 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
     write_json(out / "samples.json", result)
     print(f"wrote {len(records)} images, grid.png and samples.json to {out}")
     if summary:
-        print("toy-GenEval (strict, partial score): " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
+        print("toy checker accuracy (toy-GenEval strict, partial score): " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
     if "steering" in result:
         print("steering: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                          for k, v in result["steering"].items()}))

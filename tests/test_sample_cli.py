@@ -26,7 +26,7 @@ def test_sample_job_writes_images_grid_and_scored_json(tmp_path, capsys) -> None
 
 def test_sample_job_with_free_prompts_and_a_dit_backbone(tmp_path) -> None:
     out = tmp_path / "d"
-    assert main(["sample", "model.source=preset:tiny-dit", "model.kind=dit", "prompts=[a red circle,hello]",
+    assert main(["sample", "model.source=preset:tiny-dit", "model.kind=dit", "prompts=[a red dog,hello]",
                  "sampler.num_inference_steps=2", f"out_dir={out}", "progress=false"]) == 0
     record = json.loads((out / "samples.json").read_text())
     assert [s["toy_checker"] for s in record["samples"]] == [None, None] and record["summary"] == {}
