@@ -231,6 +231,13 @@ def _rewards_serve(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
+@command("eval", "GenEval's protocol (toy, geneval or a JSONL of records): images, results.jsonl, summary")
+def _eval(p: argparse.ArgumentParser) -> Handler:
+    from align import eval_cli
+    eval_cli.add_parser(p)
+    return eval_cli.run
+
+
 #: `align solve` flags → SolveConfig fields (the rest via dotted overrides, e.g. model.source=...).
 SOLVE_FLAGS = {"--task": "task", "--method": "method", "--input": "input", "--out": "out", "--mask": "mask",
                "--box": "box", "--scale": "scale", "--kernel": "kernel", "--renoise": "renoise",

@@ -1,7 +1,7 @@
 """`align sample`: draw images with the log-prob sampler and write PNGs, a grid and a JSON record.
 
-Prompts that belong to the toy world are also scored by the toy checker, and the per-attribute
-accuracy is printed; that makes the default invocation (shipped toy model, fixed toy prompts) a
+Prompts that belong to the toy world are also scored by toy-GenEval (toy detector + GenEval rule
+engine: strict and partial score), and the mean is printed; that makes the default invocation (shipped toy model, fixed toy prompts) a
 quick end-to-end check of the whole generation stack.
 """
 from __future__ import annotations
@@ -63,17 +63,19 @@ def job_prompts(cfg: SampleJobConfig) -> list[str]:
 
 
 def toy_scores(images: torch.Tensor, prompts: list[str]) -> list[Optional[dict[str, float]]]:
-    """Checker scores for prompts of the toy grammar, ``None`` for any other prompt."""
-    from align.toy.checker import check_image
+    """toy-GenEval (``strict`` 0/1 and partial-credit ``score``) for prompts of the toy grammar,
+    ``None`` for any other prompt."""
+    from align.toy.detector import score_image
     from align.toy.world import parse_prompt
     out: list[Optional[dict[str, float]]] = []
     for img, prompt in zip(images, prompts):
         try:
-            scene = parse_prompt(prompt)
+            record = parse_prompt(prompt)
         except ValueError:
             out.append(None)
             continue
-        out.append(check_image(img, scene))
+        verdict = score_image(img, prompt, record)
+        out.append({"strict": verdict.strict, "score": verdict.score})
     return out
 
 
@@ -112,7 +114,7 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
     write_json(out / "samples.json", result)
     print(f"wrote {len(records)} images, grid.png and samples.json to {out}")
     if summary:
-        print("toy checker accuracy: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
+        print("toy checker accuracy (toy-GenEval strict, partial score): " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
     if "steering" in result:
         print("steering: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                          for k, v in result["steering"].items()}))

@@ -23,7 +23,7 @@ import torch
 from align.backbones.model_config import ModelConfig, load_model
 from align.modifiers.protocol import build_modifiers
 from align.sampling import SamplerConfig, encode_prompts, sample_trajectory
-from align.toy.checker import check_batch
+from align.toy.detector import score_batch
 from align.toy.evaluate import eval_prompts
 
 SETTINGS = [("α=1", {"alpha": 1.0, "beta": 3.0}), ("α=1.05", {"alpha": 1.05, "beta": 3.0}),
@@ -85,7 +85,7 @@ def fidelity_diversity(pipe, args) -> None:
         mods = [{"sym_attn": spec}] if spec else []
         cfg = SamplerConfig(num_inference_steps=args.steps, guidance_scale=4.5, eta=args.eta, modifiers=mods)
         images = sample_trajectory(pipe, prompts, cfg, torch.Generator().manual_seed(3)).images.float()
-        score = check_batch(images, prompts)["score"]
+        score = score_batch(images, prompts)["score"]
         se = float(score.std() / len(score) ** 0.5)
         print(f"| {label} | {float(score.mean()):.3f} ± {se:.3f} | {diversity(images, args.seeds):.4f} |", flush=True)
 

@@ -28,7 +28,7 @@ from align.backbones.model_config import ModelConfig, load_model
 from align.modifiers.fairness_metrics import bias_range, fairness_discrepancy, get_group_classifier
 from align.modifiers.stayfair_estimate import search_alpha
 from align.sampling import SamplerConfig, sample_trajectory
-from align.toy.checker import check_batch
+from align.toy.detector import score_batch
 from align.toy.evaluate import eval_prompts
 
 SWEEP = (1.5, 3.0, 4.5, 6.0, 7.5)
@@ -58,7 +58,7 @@ def quality(pipe, w: float, alpha: float, prompts: list[str], args) -> float:
     mods = [{"stayfair": {"alpha": alpha, "words": WORDS}}] if alpha != 0 else []
     cfg = SamplerConfig(num_inference_steps=args.steps, guidance_scale=w, eta=args.eta, modifiers=mods)
     images = sample_trajectory(pipe, prompts, cfg, torch.Generator().manual_seed(99)).images
-    return float(check_batch(images, prompts)["score"].mean())
+    return float(score_batch(images, prompts)["score"].mean())
 
 
 def main() -> None:

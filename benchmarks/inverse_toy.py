@@ -21,7 +21,7 @@ import torch
 from align.backbones.model_config import ModelConfig, load_model
 from align.modifiers import CLAMP, DPS, Downsample, Inpaint, MapRPS, box_mask
 from align.modifiers.metrics import LPIPS_UNAVAILABLE, image_metrics, load_lpips
-from align.toy.checker import check_batch
+from align.toy.detector import score_batch
 from align.toy.world import RESOLUTION, render_batch, sample_scenes
 
 KNOBS = (0.0, 0.3, 0.6)
@@ -67,7 +67,7 @@ def run_task(pipe, op, clean, prompts, args, lpips):
         row = image_metrics(img, clean, lpips)
         per_image = [image_metrics(img[i:i + 1], clean[i:i + 1])["psnr"] for i in range(len(img))]
         row["psnr_se"] = float(np.std(per_image, ddof=1) / np.sqrt(len(per_image))) if len(img) > 1 else 0.0
-        row["toy_score"] = float(check_batch(img, prompts)["score"].mean())
+        row["toy_score"] = float(score_batch(img, prompts)["score"].mean())
         row.update(solver.problem.denoiser.calls, wall=wall)
         rows[name] = row
         print(f"  {name}: PSNR {row['psnr']:.2f}  {wall:.1f}s", flush=True)
@@ -133,7 +133,7 @@ def main() -> None:
         print(task, flush=True)
         results[task] = run_task(pipe, op, clean, prompts, args, lpips)
     print(f"\n{args.images} toy images (batch), σ_y = {SIGMA_Y}, seed {args.seed}, torch threads {args.threads}; "
-          f"toy checker on the clean images: {float(check_batch(clean, prompts)['score'].mean()):.3f}")
+          f"toy checker on the clean images: {float(score_batch(clean, prompts)['score'].mean()):.3f}")
     print(table(results))
     plot(results, os.path.join(args.out, "dp_curve.png"))
     with open(os.path.join(args.out, "results.json"), "w") as fh:

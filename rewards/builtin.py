@@ -1,4 +1,4 @@
-"""Built-in rewards that need no model weights: the toy-world checker and DDPO's JPEG rewards."""
+"""Built-in rewards that need no model weights: toy-GenEval (toy detector + rule engine) and DDPO's JPEG rewards."""
 from __future__ import annotations
 
 import io
@@ -13,17 +13,45 @@ from rewards.registry import register_reward
 
 @register_reward("toy_geneval")
 class ToyGenEval:
-    """The toy world's GenEval-style checker: mean of per-attribute partial credit in [0, 1].
-    Per-attribute scores go to ``metadata['toy_geneval']`` (dict of (B,) tensors)."""
+    """toy-GenEval: the toy detector (``align.toy.detector``) feeding the one GenEval rule engine
+    (``rewards.geneval.rules.evaluate``). Returns the partial-credit ``score`` (satisfied checks / all
+    checks, Flow-GRPO's dense reward) or, with ``strict=True``, GenEval's 0/1 ``correct``.
+
+    Each prompt's record is ``metadata["prompt_metadata"][i]`` when given, else parsed from the toy
+    prompt (``align.toy.world.parse_prompt``). ``metadata["toy_geneval"]`` receives (B,) float
+    tensors: ``strict``, ``score``, ``tag_<tag>`` (1 where the sample has that tag; no "/" so the remote wire keeps it), and per check
+    kind (``count``, ``color``, ``position``, ``exclude``) ``<kind>_ok`` / ``<kind>_checks``: the
+    satisfied and total checks of that kind."""
     name = "toy_geneval"
     device = "cpu"
     batch_size = None
 
+    def __init__(self, strict: bool = False) -> None:
+        if not isinstance(strict, bool):
+            raise ValueError(f"reward_args.toy_geneval.strict must be true or false, got {strict!r}")
+        self.strict = strict
+
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
-        from align.toy.checker import check_batch
-        scores = check_batch(images.float().clamp(0, 1).cpu(), prompts)
-        metadata[self.name] = {k: v for k, v in scores.items() if k != "score"}
-        return scores["score"]
+        from align.toy.detector import score_batch
+        from align.toy.world import TAGS
+        result = score_batch(images.float().clamp(0, 1).cpu(), prompts, metadata.get("prompt_metadata"))
+        out = {"strict": result["strict"], "score": result["score"]}
+        out.update({f"tag_{t}": torch.tensor([float(x == t) for x in result["tag"]]) for t in TAGS})
+        for kind in CHECK_KINDS:
+            for suffix, keep in (("ok", True), ("checks", False)):
+                out[f"{kind}_{suffix}"] = torch.tensor(
+                    [float(sum(_kind(c) == kind and (c["ok"] or not keep) for c in v.details["checks"]))
+                     for v in result["verdicts"]])
+        metadata[self.name] = out
+        return result["strict"] if self.strict else result["score"]
+
+
+#: The rule engine's check kinds, as ``toy_geneval`` counts them.
+CHECK_KINDS = ("count", "color", "position", "exclude")
+
+
+def _kind(check: dict) -> str:
+    return "exclude" if check["clause"] == "exclude" else check["check"]
 
 
 def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:

@@ -190,4 +190,5 @@ def _load_builtins() -> None:
     import rewards.builtin  # noqa: F401  (registers the built-in rewards)
     import rewards.sanity  # noqa: F401  (mean_brightness, color_fraction)
     import rewards.clip_rewards  # noqa: F401
+    import rewards.geneval.reward  # noqa: F401
     import rewards.hps  # noqa: F401

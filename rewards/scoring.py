@@ -15,20 +15,39 @@ import torch
 from rewards.registry import Reward, RewardError
 
 
+#: metadata key of the per-sample prompt records (list[dict | None], one per image; GenEval's format)
+PROMPT_METADATA = "prompt_metadata"
+
+
 def score(rewards: Sequence[Reward], images: torch.Tensor, prompts: list[str],
-          metadata: Optional[dict[str, Any]] = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run every reward; returns scores (B, K) (float32, CPU) and the metadata the rewards added."""
+          metadata: Optional[dict[str, Any]] = None, *,
+          prompt_metadata: Optional[Sequence[Optional[dict]]] = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run every reward; returns scores (B, K) (float32, CPU) and the metadata the rewards added.
+    ``prompt_metadata`` (one record per image) reaches each reward as ``metadata["prompt_metadata"]``,
+    cut to the reward's chunk; a batch whose size differs from its prompts or records is refused here."""
     metadata = {} if metadata is None else metadata
+    if prompt_metadata is not None:
+        metadata[PROMPT_METADATA] = list(prompt_metadata)
     if images.shape[0] != len(prompts):
         raise RewardError(f"scoring got {images.shape[0]} images but {len(prompts)} prompts")
+    check_prompt_metadata(metadata, images.shape[0])
     columns = [score_one(reward, images, prompts, metadata) for reward in rewards]
     return torch.stack(columns, dim=1), metadata
 
 
+def check_prompt_metadata(metadata: dict[str, Any], n: int) -> None:
+    """``metadata["prompt_metadata"]``, when present, is a list of exactly ``n`` records (one per image)."""
+    records = metadata.get(PROMPT_METADATA)
+    if records is not None and (not isinstance(records, (list, tuple)) or len(records) != n):
+        got = f"{len(records)} records" if isinstance(records, (list, tuple)) else type(records).__name__
+        raise RewardError(f"scoring got {n} images but {got} in metadata['{PROMPT_METADATA}']")
+
+
 def score_one(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
     """One reward over the batch in chunks of ``reward.batch_size``; per-sample tensors the reward
-    adds to the metadata are concatenated across chunks."""
+    adds to the metadata are concatenated across chunks (each chunk sees its slice of the prompt records)."""
     n = len(prompts)
+    check_prompt_metadata(metadata, n)
     size = getattr(reward, "batch_size", None) or n or 1
     device = getattr(reward, "device", None) or "cpu"
     if size >= n:
@@ -37,9 +56,12 @@ def score_one(reward: Reward, images: torch.Tensor, prompts: list[str], metadata
     for start in range(0, n, size):
         chunk_meta = dict(metadata)
         stop = min(start + size, n)
+        if metadata.get(PROMPT_METADATA) is not None:
+            chunk_meta[PROMPT_METADATA] = metadata[PROMPT_METADATA][start:stop]
         values = _call(reward, images[start:stop].to(device), prompts[start:stop], chunk_meta)
         parts.append(validate_scores(reward.name, values, stop - start))
-        added.append({k: v for k, v in chunk_meta.items() if k not in metadata or chunk_meta[k] is not metadata[k]})
+        added.append({k: v for k, v in chunk_meta.items()
+                      if k != PROMPT_METADATA and (k not in metadata or chunk_meta[k] is not metadata[k])})
     for key in added[0]:
         metadata[key] = _concat([a[key] for a in added])
     return torch.cat(parts)
@@ -91,7 +113,8 @@ def _call_with_timeout(reward: Reward, images, prompts, metadata, timeout: float
 
 
 def validate_scores(name: str, values: Any, batch_size: int) -> torch.Tensor:
-    """A float Tensor of shape (batch_size,) with finite values, returned as float32 on CPU."""
+    """A float Tensor of shape (batch_size,) with finite values, returned as a float32 CPU copy (a reward may
+    return the very tensor it stored in the metadata; the remote wire refuses shared memory)."""
     if not torch.is_tensor(values):
         raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected a Tensor of shape ({batch_size},)")
     if tuple(values.shape) != (batch_size,):
@@ -100,7 +123,7 @@ def validate_scores(name: str, values: Any, batch_size: int) -> torch.Tensor:
     if not values.dtype.is_floating_point:
         raise RewardError(f"reward {name!r} returned dtype {values.dtype} for a batch of {batch_size}; "
                           "expected a floating-point tensor")
-    values = values.detach().float().cpu()
+    values = values.detach().float().cpu().clone()  # never an alias of a tensor the plugin put in its metadata
     bad = ~torch.isfinite(values)
     if bad.any():
         idx = bad.nonzero().flatten().tolist()

@@ -1,12 +1,14 @@
-"""Prompt sources of `align train` (align/prompts.py): the toy grammar or a prompt file, seeded draws."""
+"""Prompt sources of `align train` (align/prompts.py): the toy grammar, GenEval, a text or JSONL file; seeded
+draws and per-prompt metadata records."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
 from align.config import ConfigError, load_config
 from align.prompts import draw_prompts, evaluation_prompts, read_prompt_file
-from align.toy.evaluate import eval_prompts
 from align.toy.world import sample_scenes
 from align.train_config import TrainConfig
 
@@ -21,7 +23,7 @@ def test_toy_source_draws_exactly_the_toy_scenes() -> None:
     """The default keeps the toy runs' prompts (and so their results) unchanged."""
     assert draw_prompts("toy", 6, np.random.default_rng([0, 3])) == \
         [s.prompt for s in sample_scenes(6, np.random.default_rng([0, 3]))]
-    assert evaluation_prompts("toy", 5, seed=1234) == eval_prompts(5, seed=1234)
+    assert evaluation_prompts("toy", 5, seed=1234) == [s.prompt for s in sample_scenes(5, np.random.default_rng(1234))]
 
 
 def test_prompt_file_skips_blank_and_comment_lines_and_draws_are_seeded(tmp_path) -> None:
@@ -52,3 +54,65 @@ def test_two_iterations_train_on_a_prompt_file(tmp_path) -> None:
     assert set(iteration_prompts(cfg, 0)) <= set(read_prompt_file(path))
     state = train(cfg, log=lambda *_: None)
     assert state.iteration == 2 and state.policy_updates == 2
+
+
+# --- GenEval and JSONL sources, per-prompt metadata records ----------------------------------------------
+def test_geneval_source_is_the_shipped_553_prompts_with_their_records() -> None:
+    from align.prompts import prompt_metadata, source_prompts
+    from rewards.geneval.data import load_metadata
+    shipped = load_metadata()
+    assert source_prompts("geneval") == tuple(r["prompt"] for r in shipped) and len(shipped) == 553
+    drawn = draw_prompts("geneval", 5, np.random.default_rng(3))
+    assert drawn == draw_prompts("geneval", 5, np.random.default_rng(3)) and len(set(drawn)) == 5
+    by_prompt = {r["prompt"]: r for r in shipped}
+    assert prompt_metadata("geneval", drawn) == [by_prompt[p] for p in drawn]
+    load_config(TrainConfig, None, ["trainer.prompts=geneval"])  # a valid source at config load
+
+
+def test_jsonl_source_reads_prompt_and_metadata_and_returns_fresh_records(tmp_path) -> None:
+    from align.prompts import prompt_metadata
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "a photo of a dog", "tag": "single_object", "include": [{"class": "dog", "count": 1}]},
+            {"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    assert read_prompt_file(str(path)) == ("a photo of a dog", "a photo of a cat")
+    records = prompt_metadata(str(path), ["a photo of a cat", "a photo of a cat", "a photo of a dog"])
+    assert records == [rows[1], rows[1], rows[0]]
+    records[0]["include"].clear()  # the caller's copy: the source is unchanged
+    assert prompt_metadata(str(path), ["a photo of a cat"]) == [rows[1]]
+    with pytest.raises(ValueError, match="'a photo of a fox' is not in the prompt source"):
+        prompt_metadata(str(path), ["a photo of a fox"])
+
+
+@pytest.mark.parametrize("line, message", [("not json", "p.jsonl:2: not JSON"), ('{"text": "x"}', "p.jsonl:2: needs"),
+                                           ('{"prompt": "a", "tag": "other"}', "p.jsonl:2: prompt 'a' appears twice")])
+def test_bad_jsonl_line_is_a_config_error_naming_file_and_line(tmp_path, line, message) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "tag": "t"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, [f"trainer.prompts={path}"])
+
+
+def test_toy_records_are_the_toy_grammars_parse_and_text_file_prompts_have_none(tmp_path) -> None:
+    from align.prompts import prompt_metadata
+    from align.toy.world import parse_prompt
+    prompts = draw_prompts("toy", 6, np.random.default_rng(0))
+    assert prompt_metadata("toy", prompts) == [parse_prompt(p) for p in prompts]
+    assert prompt_metadata(_file(tmp_path, "a cat\na dog\n"), ["a cat", "a dog"]) == [None, None]
+
+
+def test_spread_over_tags_covers_every_tag_round_robin() -> None:
+    from align.prompts import prompt_metadata, source_prompts, spread_over_tags
+    prompts = source_prompts("geneval")
+    records = prompt_metadata("geneval", prompts)
+    picked = spread_over_tags(prompts, records, 12)
+    assert len(picked) == 12 and picked == sorted(set(picked))
+    assert sorted(records[i]["tag"] for i in picked) == sorted(2 * ["single_object", "two_object", "counting", "colors",
+                                                                    "position", "color_attr"])
+    assert spread_over_tags(prompts, records, None) == list(range(553))
+
+
+def test_has_records_is_true_for_toy_geneval_and_jsonl_only(tmp_path) -> None:
+    from align.prompts import has_records
+    assert has_records("toy") and has_records("geneval") and has_records(str(tmp_path / "p.jsonl"))
+    assert not has_records(_file(tmp_path, "a cat\n"))

@@ -17,12 +17,12 @@ class _Bad:
         return self.fn(images)
 
 
-def test_toy_geneval_scores_rendered_scenes_one_and_reports_attributes() -> None:
+def test_toy_geneval_scores_rendered_scenes_one_and_reports_its_checks() -> None:
     scenes = sample_scenes(8, np.random.default_rng(0))
     images, prompts = render_batch(scenes, seed=0), [s.prompt for s in scenes]
     scores, meta = score([get_reward("toy_geneval")], images, prompts)
     assert scores.shape == (8, 1) and torch.equal(scores[:, 0], torch.ones(8))
-    assert set(meta["toy_geneval"]) == {"color", "shape", "count", "position"}
+    assert {"strict", "score", "tag_counting", "count_ok", "position_checks"} <= set(meta["toy_geneval"])
 
 
 def test_jpeg_rewards_prefer_flat_or_noisy_images() -> None:

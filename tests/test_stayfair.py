@@ -242,9 +242,9 @@ def test_bias_metrics_known_values() -> None:
 
 
 def test_toy_color_classifier_reads_rendered_scenes() -> None:
-    from align.toy.world import Scene, render_batch
+    from align.toy.world import parse_scene, render_batch
     classify, groups = get_group_classifier("toy_color")
-    scenes = [Scene(c, "circle", 2, "left") for c in groups]
+    scenes = [parse_scene(f"a {c} circle") for c in groups]
     probs = classify(render_batch(scenes, seed=0))
     assert probs.argmax(1).tolist() == list(range(len(groups)))
     assert torch.equal(classify(torch.zeros(1, 3, 32, 32)), torch.full((1, len(groups)), 1 / len(groups)))

@@ -21,7 +21,9 @@ def test_pretrain_writes_a_loadable_pipeline_and_metrics(tmp_path) -> None:
     _run(tmp_path / "run", steps=3)
     assert (tmp_path / "run" / "checkpoint" / "state.json").is_file()
     metrics = read_json(tmp_path / "run" / "metrics.json")
-    assert set(metrics["history"][-1]) >= {"color", "shape", "count", "position", "score"}
+    final = metrics["history"][-1]
+    assert {"strict", "score"} <= set(final) and any(k.startswith("strict/") for k in final)
+    assert 0.0 <= final["strict"] <= final["score"] <= 1.0
     pipe = build_pipeline(str(tmp_path / "run" / "pipeline"), kind="unet")
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained VAE's latent std
 

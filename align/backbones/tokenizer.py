@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -22,6 +23,9 @@ from transformers import CLIPTokenizer
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 #: The toy vocabulary's tokenizer (max length 16), written once by :func:`write_clip_tokenizer`.
 TOY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "toy_tokenizer"
+#: The files of a saved CLIP tokenizer: the fast one reads ``tokenizer.json``; the slow one (and
+#: transformers 4.x) needs ``vocab.json`` + ``merges.txt``, so both are kept side by side.
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def write_clip_tokenizer(out_dir: str | os.PathLike, words: list[str],
@@ -39,6 +43,8 @@ def write_clip_tokenizer(out_dir: str | os.PathLike, words: list[str],
     model = json.loads(bpe.to_str())["model"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in TOKENIZER_FILES:  # a stale tokenizer.json would win over the new vocab.json/merges.txt
+        (out / stale).unlink(missing_ok=True)
     (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -46,6 +52,13 @@ def write_clip_tokenizer(out_dir: str | os.PathLike, words: list[str],
     tok.save_pretrained(out)  # tokenizer_config.json: max length and pad token survive from_pretrained
     _check_single_tokens(tok, words, str(out))
     return CLIPTokenizer.from_pretrained(out)
+
+
+def copy_bpe_files(out_dir: str | os.PathLike, source: str | os.PathLike = TOY_TOKENIZER_DIR) -> None:
+    """Put ``vocab.json`` and ``merges.txt`` of ``source`` beside a saved tokenizer in ``out_dir``
+    (``save_pretrained`` of transformers 5 writes only ``tokenizer.json``)."""
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(Path(source) / name, Path(out_dir) / name)
 
 
 def _check_single_tokens(tok: CLIPTokenizer, words: list[str], where: str) -> None:

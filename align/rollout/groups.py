@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -17,9 +17,9 @@ class LocalRewards:
     """Score in the driver process with already-built reward plugins."""
     rewards: Sequence
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def score(self, images: torch.Tensor, prompts: list[str], prompt_metadata: Optional[list] = None) -> torch.Tensor:
         from rewards import score
-        return score(self.rewards, images, prompts)[0]
+        return score(self.rewards, images, prompts, prompt_metadata=prompt_metadata)[0]
 
     def close(self) -> None:
         pass
@@ -28,7 +28,7 @@ class LocalRewards:
 @dataclasses.dataclass
 class Workers:
     rollouts: object  # LocalRollouts | RayRollouts: rollout(prompts, seed), set_policy(state, version)
-    rewards: object   # LocalRewards | RayRewards: score(images, prompts) -> (B, K)
+    rewards: object   # LocalRewards | RayRewards: score(images, prompts, prompt_metadata=None) -> (B, K)
 
 
 @contextlib.contextmanager

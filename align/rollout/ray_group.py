@@ -74,9 +74,9 @@ class RewardActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def score(self, images: torch.Tensor, prompts: list[str], prompt_metadata: Optional[list] = None) -> torch.Tensor:
         from rewards import score
-        return score(self.rewards, images, prompts)[0]
+        return score(self.rewards, images, prompts, prompt_metadata=prompt_metadata)[0]
 
 
 def connect(address: Optional[str], num_cpus: float) -> bool:
@@ -281,13 +281,15 @@ class RayRewards:
                                             r.num_reward_workers, r.cpus_per_reward_worker, r.gpus_per_reward_worker,
                                             r.placement_strategy, r.max_restarts, "reward")
 
-    def score(self, images: torch.Tensor, prompts: list[str], on_dispatch: Optional[Callable[[], None]] = None
-              ) -> torch.Tensor:
+    def score(self, images: torch.Tensor, prompts: list[str], on_dispatch: Optional[Callable[[], None]] = None,
+              prompt_metadata: Optional[list] = None) -> torch.Tensor:
         """Scores (B, K); a plugin's ``RewardError`` is re-raised here as itself (it names the reward).
-        A request lost to a dead actor is re-issued, as for rollouts."""
+        A request lost to a dead actor is re-issued, as for rollouts. ``prompt_metadata`` (one record
+        per image) travels with each chunk."""
         from ray.exceptions import RayTaskError
-        chunks = [(images[s:s + self.chunk_size], prompts[s:s + self.chunk_size])
-                  for s in range(0, len(prompts), self.chunk_size)]
+        n = self.chunk_size
+        chunks = [(images[s:s + n], prompts[s:s + n], None if prompt_metadata is None else list(prompt_metadata[s:s + n]))
+                  for s in range(0, len(prompts), n)]
         try:
             parts, reissued = run_requests(self.actors, lambda a, c: a.score.remote(*c), chunks, on_dispatch,
                                            restart_timeout_s=self.restart_timeout_s, what="reward")

@@ -1,5 +1,6 @@
-"""GenEval-style checker for the toy world: score an image against its prompt, per attribute.
+"""The toy world's object reads: connected components, each with its palette colour and shape.
 
+:mod:`align.toy.detector` turns these reads into GenEval ``Detection`` records for the rule engine.
 Detection (deterministic, no learned parts):
 
 1. foreground = pixels whose brightest channel exceeds ``FOREGROUND_THRESHOLD``;
@@ -7,25 +8,15 @@ Detection (deterministic, no learned parts):
    ``MIN_AREA`` pixels at 32 px (scaled with the image area), which absorbs diffusion speckle;
 3. each object's colour is the palette colour nearest (RGB) to its mean colour, its shape is the
    same-area template (disk, square, triangle) that overlaps it best (:func:`classify_shape`), and
-   its position is its centroid's side of the midline.
-
-Scores, each in [0, 1] (the "targets" are the objects of the prompt's colour):
-
-* ``color``    = targets / objects (0 if there is no object);
-* ``count``    = 1 if the number of targets equals the prompt's count, else 0 (as GenEval);
-* ``shape``    = fraction of targets with the prompt's shape (0 if no target);
-* ``position`` = fraction of targets whose centroid lies in the prompt's half (0 if no target);
-* ``score``    = the mean of the four (partial credit).
+   its box is the component's pixel-edge bounding box.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy import ndimage
 
-from align.toy.world import COLORS, RESOLUTION, SHAPES, Scene, parse_prompt
+from align.toy.world import COLORS, RESOLUTION, SHAPES
 
-ATTRIBUTES: tuple[str, ...] = ("color", "shape", "count", "position")
 #: Brightest-channel level that separates objects (≥ 0.7 after the renderer's colour jitter) from
 #: the black background; 5 standard deviations of N(0, 0.05²) pixel noise.
 FOREGROUND_THRESHOLD = 0.25
@@ -37,7 +28,8 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def detect_objects(image: np.ndarray) -> list[dict]:
-    """Objects in an [H,W,3] float image in [0,1]: colour, shape, centroid (cx, cy) and area."""
+    """Objects in an [H,W,3] float image in [0,1]: colour, shape, centroid (cx, cy), area, the
+    pixel-edge ``box`` (x0, y0, x1, y1; x1, y1 exclusive) and the full-size boolean ``mask``."""
     height, width = image.shape[:2]
     brightness = image.max(axis=2)
     mask = brightness > FOREGROUND_THRESHOLD
@@ -62,7 +54,10 @@ def detect_objects(image: np.ndarray) -> list[dict]:
         core = comp & (brightness[box] > 0.5 * level)
         objects.append({"color": color, "shape": classify_shape(comp, core), "area": area,
                         "cx": float(xs.mean() + box[1].start + 0.5),
-                        "cy": float(ys.mean() + box[0].start + 0.5)})
+                        "cy": float(ys.mean() + box[0].start + 0.5),
+                        "box": (float(box[1].start + xs.min()), float(box[0].start + ys.min()),
+                                float(box[1].start + xs.max() + 1), float(box[0].start + ys.max() + 1)),
+                        "mask": labels == idx})
     return objects
 
 
@@ -101,40 +96,3 @@ def classify_shape(*masks: np.ndarray) -> str:
         for s in SHAPES:
             mean_iou[s] += (templates[s] & mask).sum() / (templates[s] | mask).sum() / len(masks)
     return max(SHAPES, key=mean_iou.__getitem__)  # ties go to the first in SHAPES: deterministic
-
-
-def in_region(position: str, cx: float, cy: float, height: int, width: int) -> bool:
-    """Whether a centroid lies in the named half of a [height, width] image."""
-    return {"left": cx < width / 2.0, "right": cx > width / 2.0,
-            "top": cy < height / 2.0, "bottom": cy > height / 2.0}[position]
-
-
-def check_image(image: torch.Tensor, scene: Scene | str) -> dict[str, float]:
-    """Score one image ([3,H,W] float in [0,1]) against a scene or toy prompt (module docstring)."""
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"check_image: expected a [3,H,W] image, got shape {tuple(image.shape)}")
-    if isinstance(scene, str):
-        scene = parse_prompt(scene)
-    arr = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    objects = detect_objects(arr)
-    targets = [o for o in objects if o["color"] == scene.color]
-    n_t = len(targets)
-    in_place = sum(in_region(scene.position, o["cx"], o["cy"], *arr.shape[:2]) for o in targets)
-    scores = {
-        "color": n_t / len(objects) if objects else 0.0,
-        "shape": sum(o["shape"] == scene.shape for o in targets) / n_t if n_t else 0.0,
-        "count": float(n_t == scene.count),
-        "position": in_place / n_t if n_t else 0.0,
-    }
-    scores["score"] = sum(scores[a] for a in ATTRIBUTES) / len(ATTRIBUTES)
-    return scores
-
-
-def check_batch(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """:func:`check_image` over a batch: a dict of float tensors [B] (keys ATTRIBUTES + score)."""
-    if images.ndim != 4:
-        raise ValueError(f"check_batch: expected images [B,3,H,W], got shape {tuple(images.shape)}")
-    if images.shape[0] != len(prompts):
-        raise ValueError(f"check_batch: {images.shape[0]} images but {len(prompts)} prompts")
-    rows = [check_image(img, p) for img, p in zip(images, prompts)]
-    return {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in (*ATTRIBUTES, "score")}

@@ -30,9 +30,15 @@ from tqdm.auto import tqdm
 
 from align import checkpoint as ckpt
 from align.config import field
+from align.backbones.tokenizer import copy_bpe_files
 from align.toy import SHIPPED_PIPELINE_DIR
 from align.toy.evaluate import evaluate_pipeline
-from align.toy.world import RESOLUTION, render_batch, sample_scenes
+from align.toy.world import RESOLUTION, render_batch, sample_scenes, tag_probabilities
+
+
+#: The shipped model's training mix: like a real text-to-image model's data, mostly single objects.
+DEFAULT_TAG_WEIGHTS = {"single_object": 0.4, "colors": 0.4, "counting": 0.05, "two_object": 0.05,
+                       "position": 0.05, "color_attr": 0.05}
 
 
 @dataclasses.dataclass
@@ -41,7 +47,10 @@ class PretrainConfig:
     out_dir: str = field("runs/toy_pretrain", help="run directory (checkpoints, final pipeline, log)")
     seed: int = field(0, help="seed for the dataset, initialisation and training noise")
     dataset_size: int = field(20000, help="number of rendered training scenes")
-    vae_steps: int = field(400, help="VAE training steps (0 skips stage 1)")
+    tag_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TAG_WEIGHTS),
+                                          help="share of each GenEval tag in the training scenes (normalised): "
+                                               "mostly single objects, so composition is left for RL")
+    vae_steps: int = field(300, help="VAE training steps (0 skips stage 1)")
     vae_batch_size: int = field(64, help="VAE batch size")
     vae_lr: float = field(1e-3, help="VAE learning rate")
     kl_weight: float = field(1e-6, help="β of the VAE's KL term")
@@ -54,11 +63,11 @@ class PretrainConfig:
     snr_gamma: float = field(5.0, help="Min-SNR-γ loss weighting (0 disables)")
     ema_decay: float = field(0.999, help="EMA decay of the UNet weights")
     checkpoint_every: int = field(500, help="steps between atomic checkpoints")
-    eval_every: int = field(1000, help="steps between checker evaluations (0: only at the end)")
+    eval_every: int = field(0, help="steps between toy-GenEval evaluations (0: only at the end)")
     eval_images: int = field(96, help="images per evaluation")
     eval_steps: int = field(20, help="sampling steps per evaluation")
     eval_guidance: float = field(4.5, help="CFG scale of the evaluation")
-    num_threads: int = field(0, help="torch CPU threads (0: torch's default; 1 avoids oversubscription "
+    num_threads: int = field(1, help="torch CPU threads (0: torch's default; 1 avoids oversubscription "
                                      "when other jobs share the cores)")
     ship: bool = field(False, help="copy the final pipeline into the package (align/toy/weights)")
 
@@ -68,12 +77,16 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        try:
+            tag_probabilities(self.tag_weights)
+        except ValueError as err:
+            raise ValueError(f"tag_weights: {err}") from None
 
 
 def build_dataset(cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
     """Render ``dataset_size`` scenes once (uint8, [N,3,H,W]) with their prompts."""
     rng = np.random.default_rng(cfg.seed)
-    scenes = sample_scenes(cfg.dataset_size, rng)
+    scenes = sample_scenes(cfg.dataset_size, rng, dict(cfg.tag_weights))
     images = render_batch(scenes, seed=cfg.seed, size=RESOLUTION)
     return (images * 255).round().to(torch.uint8), [s.prompt for s in scenes]
 
@@ -258,6 +271,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, log=print, stop_at_step:
     log("final: " + _fmt(metrics))
     with ckpt.atomic_directory(run / "pipeline") as tmp:
         pipe.save_pretrained(tmp)
+        copy_bpe_files(tmp / "tokenizer")  # so the slow CLIPTokenizer (transformers 4.x) loads it too
     ckpt.write_json(run / "metrics.json", {"history": history, "config": dataclasses.asdict(cfg)})
     if cfg.ship:
         ship(run / "pipeline")

@@ -1,11 +1,32 @@
-"""The embedded toy text-to-image world: vocabulary and scene grammar.
+"""The embedded toy text-to-image world (v2): GenEval's task structure on coloured shapes.
 
-A scene is ``count`` copies of one ``color`` ``shape`` placed in one region of the canvas,
-described by a prompt such as "two red circles on the left". This module holds the grammar
-(the single source of the vocabulary used by the toy tokenizer), the procedural renderer and
-prompt sampling. The checker that scores an image against its prompt lives in ``checker.py``.
+Prompts follow GenEval's six tags, with the toy shapes as classes and the toy palette as colours:
+
+=============  ==================================  ===========================================
+tag            example prompt                      metadata ``include`` (+ ``exclude``)
+=============  ==================================  ===========================================
+single_object  "a circle"                          [{class circle, count 1}]
+colors         "a red circle"                      [{class circle, count 1, color red}]
+counting       "three triangles"                   [{triangle, 3}]  + exclude [{triangle, 4}]
+two_object     "a circle and a square"             [{circle, 1}, {square, 1}]
+position       "a circle left of a square"         [{square, 1}, {circle, 1, position [left of, 0]}]
+color_attr     "a red circle and a blue square"    [{circle, 1, red}, {square, 1, blue}]
+=============  ==================================  ===========================================
+
+Metadata records are GenEval's own format (``evaluation_metadata.jsonl``; ``geneval_spec.md``), so
+the one rule engine (``rewards.geneval.rules``) scores toy images. :func:`parse_prompt` is the
+inverse of :attr:`Scene.prompt` (it also reads colours in position prompts, "a red circle left of
+a blue square"). Objects whose prompt names no colour get a palette colour drawn at render time.
+This module holds the grammar (the single source of the toy tokenizer's vocabulary) and prompt
+sampling; the renderer is :mod:`align.toy.render` (re-exported here).
 """
 from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Sequence
+
+import numpy as np
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -14,52 +35,87 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 220, 40),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-COUNT_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
-POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
-FILLER_WORDS: tuple[str, ...] = ("a", "an", "on", "the", "in", "of", "photo", "image", "shape", "shapes")
+COUNT_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
+#: Counts of the counting tag (GenEval's counting prompts ask for 2–4 objects).
+COUNTING_COUNTS: tuple[int, ...] = (2, 3, 4)
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+FILLER_WORDS: tuple[str, ...] = ("a", "an", "and", "of", "photo", "image", "the", "on", "in")
 RESOLUTION: int = 32
 
 
 def vocabulary() -> list[str]:
     """Every word a toy prompt can contain (singular and plural shapes included), sorted."""
     words = set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(COUNT_WORDS.values())
-    words |= set(POSITIONS) | set(FILLER_WORDS)
+    words |= {w for r in RELATIONS for w in r.split()} | set(FILLER_WORDS)
     return sorted(words)
 
 
-import dataclasses
-import re
+@dataclasses.dataclass(frozen=True)
+class Obj:
+    """``count`` copies of one ``shape``, of one named ``color`` or (None) any palette colour."""
+    shape: str
+    count: int = 1
+    color: Optional[str] = None
 
-import numpy as np
-import torch
+    def __post_init__(self) -> None:
+        _check_word("shape", self.shape, SHAPES)
+        _check_word("count", self.count, tuple(COUNT_WORDS))
+        if self.color is not None:
+            _check_word("color", self.color, tuple(COLORS))
 
-_WORD_TO_COUNT = {w: n for n, w in COUNT_WORDS.items()}
-#: Objects' bounding-box half-size range at RESOLUTION (scaled linearly with the image size).
-OBJECT_RADIUS = (3.2, 3.8)
-#: Minimum distance of an object's centre from the midline that splits its region (at 32 px).
-MIDLINE_MARGIN = 3.0
-#: Minimum gap in pixels between two objects, so connected components separate them.
-MIN_GAP = 2.0
+    @property
+    def phrase(self) -> str:
+        """"a red circle", "three triangles"."""
+        words = ["a" if self.count == 1 else COUNT_WORDS[self.count]]
+        words += [self.color] if self.color else []
+        return " ".join(words + [self.shape + ("s" if self.count > 1 else "")])
+
+    def clause(self) -> dict:
+        """This object's GenEval include clause (without position)."""
+        out: dict = {"class": self.shape, "count": self.count}
+        if self.color:
+            out["color"] = self.color
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-    """``count`` copies of one ``color`` ``shape`` in the ``position`` half of the canvas."""
-    color: str
-    shape: str
-    count: int
-    position: str
+    """A toy prompt's structure: its ``tag``, its objects in prompt order and, for ``position``,
+    the ``relation`` of ``objects[0]`` (the subject) to ``objects[1]`` (the reference)."""
+    tag: str
+    objects: tuple[Obj, ...]
+    relation: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _check_word("color", self.color, tuple(COLORS))
-        _check_word("shape", self.shape, SHAPES)
-        _check_word("count", self.count, tuple(COUNT_WORDS))
-        _check_word("position", self.position, POSITIONS)
+        _check_word("tag", self.tag, TAGS)
+        if (self.relation is not None) != (self.tag == "position"):
+            raise ValueError(f"toy scene: tag {self.tag!r} {'needs' if self.tag == 'position' else 'takes no'} "
+                             "relation")
+        if self.relation is not None:
+            _check_word("relation", self.relation, RELATIONS)
+        if len(self.objects) != (1 if self.tag in ("single_object", "colors", "counting") else 2):
+            raise ValueError(f"toy scene: tag {self.tag!r} cannot hold {len(self.objects)} object phrase(s)")
 
     @property
     def prompt(self) -> str:
-        noun = self.shape + ("s" if self.count > 1 else "")
-        return f"{COUNT_WORDS[self.count]} {self.color} {noun} on the {self.position}"
+        if self.relation is not None:
+            return f"{self.objects[0].phrase} {self.relation} {self.objects[1].phrase}"
+        return " and ".join(o.phrase for o in self.objects)
+
+    @property
+    def metadata(self) -> dict:
+        """GenEval's metadata record: ``tag``, ``prompt``, ``include`` and (counting) ``exclude``."""
+        if self.tag == "position":
+            subject, reference = self.objects
+            include = [reference.clause(), {**subject.clause(), "position": [self.relation, 0]}]
+        else:
+            include = [o.clause() for o in self.objects]
+        out = {"tag": self.tag, "prompt": self.prompt, "include": include}
+        if self.tag == "counting":
+            obj = self.objects[0]
+            out["exclude"] = [{"class": obj.shape, "count": obj.count + 1}]
+        return out
 
 
 def _check_word(attribute: str, value: object, valid: tuple) -> None:
@@ -68,98 +124,117 @@ def _check_word(attribute: str, value: object, valid: tuple) -> None:
                          f"choose one of: {', '.join(map(str, valid))}")
 
 
-_PROMPT_RE = re.compile(r"^(\w+) (\w+) (\w+) on the (\w+)$")
+_COUNT_OF = {"a": 1, "an": 1, **{w: n for n, w in COUNT_WORDS.items()}}
+_SPLIT_RE = re.compile(r" (and|left of|right of|above|below) ")
+_PREFIX_RE = re.compile(r"^(a photo of|an image of) ")
 
 
-def parse_prompt(prompt: str) -> Scene:
-    """Inverse of :attr:`Scene.prompt`; case- and whitespace-tolerant, one-line errors."""
-    text = " ".join(prompt.lower().split())
-    match = _PROMPT_RE.match(text)
-    if match is None:
-        raise ValueError(f"toy prompt {prompt!r} does not read '<count> <color> <shape(s)> on the <position>'")
-    count_word, color, noun, position = match.groups()
-    if count_word not in _WORD_TO_COUNT:
-        _check_word("count", count_word, tuple(COUNT_WORDS.values()))
-    count = _WORD_TO_COUNT[count_word]
+def _parse_phrase(prompt: str, phrase: str) -> Obj:
+    """ "<a|an|one..four> [color] <shape or shapes>" -> Obj."""
+    words = phrase.split()
+    if len(words) not in (2, 3) or words[0] not in _COUNT_OF:
+        raise ValueError(f"toy prompt {prompt!r}: {phrase!r} does not read '<a|count> [color] <shape(s)>'")
+    count, noun = _COUNT_OF[words[0]], words[-1]
+    color = words[1] if len(words) == 3 else None
+    if color is not None:
+        _check_word("color", color, tuple(COLORS))
     plural = noun.endswith("s") and noun[:-1] in SHAPES
-    shape = noun[:-1] if plural else noun
-    _check_word("shape", shape, SHAPES)
+    _check_word("shape", noun[:-1] if plural else noun, SHAPES)
     if plural != (count > 1):
-        raise ValueError(f"toy prompt {prompt!r}: '{noun}' does not agree with count {count_word!r}")
-    return Scene(color=color, shape=shape, count=count, position=position)
+        raise ValueError(f"toy prompt {prompt!r}: {noun!r} does not agree with {words[0]!r}")
+    return Obj(noun[:-1] if plural else noun, count, color)
+
+
+def parse_scene(prompt: str) -> Scene:
+    """Inverse of :attr:`Scene.prompt`; case- and whitespace-tolerant, one-line errors.
+
+    One phrase: ``counting`` if its count is above one, else ``colors`` if it names a colour, else
+    ``single_object``. Two phrases joined by "and": ``color_attr`` if either names a colour, else
+    ``two_object``. Joined by a relation: ``position``. An optional "a photo of" prefix is dropped.
+    """
+    text = _PREFIX_RE.sub("", " ".join(prompt.lower().split()))
+    parts = _SPLIT_RE.split(text)
+    if len(parts) not in (1, 3):
+        raise ValueError(f"toy prompt {prompt!r} has {len(parts) // 2} joining words; "
+                         "a toy prompt names one or two object phrases")
+    objects = tuple(_parse_phrase(prompt, p) for p in parts[::2])
+    if len(objects) == 1:
+        obj = objects[0]
+        tag = "counting" if obj.count > 1 else "colors" if obj.color else "single_object"
+        return Scene(tag, objects)
+    if parts[1] != "and":
+        return Scene("position", objects, parts[1])
+    return Scene("color_attr" if any(o.color for o in objects) else "two_object", objects)
+
+
+def parse_prompt(prompt: str) -> dict:
+    """The GenEval metadata record of a toy prompt (:attr:`Scene.metadata` of :func:`parse_scene`)."""
+    return parse_scene(prompt).metadata
+
+
+def tag_scenes(tag: str) -> list[Scene]:
+    """Every scene the sampler draws for ``tag`` (two-object tags use two different shapes; colour
+    pairs are two different colours)."""
+    pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
+    colour_pairs = [(a, b) for a in COLORS for b in COLORS if a != b]
+    if tag == "single_object":
+        return [Scene(tag, (Obj(s),)) for s in SHAPES]
+    if tag == "colors":
+        return [Scene(tag, (Obj(s, 1, c),)) for s in SHAPES for c in COLORS]
+    if tag == "counting":
+        return [Scene(tag, (Obj(s, n),)) for s in SHAPES for n in COUNTING_COUNTS]
+    if tag == "two_object":
+        return [Scene(tag, (Obj(a), Obj(b))) for a, b in pairs]
+    if tag == "position":
+        return [Scene(tag, (Obj(a), Obj(b)), r) for a, b in pairs for r in RELATIONS]
+    if tag == "color_attr":
+        return [Scene(tag, (Obj(a, 1, ca), Obj(b, 1, cb))) for a, b in pairs for ca, cb in colour_pairs]
+    _check_word("tag", tag, TAGS)
+    raise AssertionError  # unreachable
 
 
 def all_scenes() -> list[Scene]:
-    """Every scene of the grammar (4 colours × 3 shapes × 3 counts × 4 positions = 144)."""
-    return [Scene(c, s, n, p) for c in COLORS for s in SHAPES for n in COUNT_WORDS for p in POSITIONS]
+    """Every scene of every tag (3 + 6 + 9 + 12 + 24 + 72 = 126)."""
+    return [s for tag in TAGS for s in tag_scenes(tag)]
 
 
-def sample_scenes(n: int, generator: np.random.Generator) -> list[Scene]:
-    """``n`` scenes drawn uniformly from :func:`all_scenes`."""
-    scenes = all_scenes()
-    return [scenes[i] for i in generator.integers(0, len(scenes), size=n)]
+def tag_probabilities(weights: Optional[dict[str, float]] = None) -> np.ndarray:
+    """Normalised tag probabilities in :data:`TAGS` order; None: uniform (GenEval weighs tags equally)."""
+    if weights is None:
+        return np.full(len(TAGS), 1.0 / len(TAGS))
+    for tag in weights:
+        _check_word("tag", tag, TAGS)
+    p = np.array([float(weights.get(t, 0.0)) for t in TAGS])
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"toy tag weights must be >= 0 with a positive sum, got {dict(weights)}")
+    return p / p.sum()
 
 
-def region_bounds(position: str, size: int, radius: float) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(x range, y range) of allowed object centres: the whole object inside the canvas, and the
-    centre in the named half at least ``MIDLINE_MARGIN`` (scaled) away from the midline."""
-    lo, hi = radius + 1.0, size - 1.0 - radius
-    mid, margin = size / 2.0, MIDLINE_MARGIN * size / RESOLUTION
-    first, second, full = (lo, mid - margin), (mid + margin, hi), (lo, hi)
-    return {"left": (first, full), "right": (second, full),
-            "top": (full, first), "bottom": (full, second)}[position]
+def sample_scenes(n: int, generator: np.random.Generator,
+                  tag_weights: Optional[dict[str, float]] = None) -> list[Scene]:
+    """``n`` scenes: a tag drawn by ``tag_weights`` (default: uniform), then a scene of that tag
+    uniformly. Deterministic in ``generator``'s state."""
+    p = tag_probabilities(tag_weights)
+    pools = {t: tag_scenes(t) for t in TAGS}
+    tags = generator.choice(len(TAGS), size=n, p=p)
+    picks = generator.random(n)
+    return [pools[TAGS[t]][int(u * len(pools[TAGS[t]]))] for t, u in zip(tags, picks)]
 
 
-def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """Boolean [size,size] mask of one filled shape centred at (cx, cy) with half-size r.
-
-    The centre is snapped to a pixel centre so that small disks rasterise symmetrically (no
-    one-pixel nubs), which keeps the three shapes distinguishable at 7 px.
-    """
-    cx, cy = np.floor(cx) + 0.5, np.floor(cy) + 0.5
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    if shape == "circle":
-        return (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
-    if shape == "square":
-        h = r * 0.85  # equal area-ish with the disk, so size doesn't give the shape away
-        return (np.abs(xx - cx) <= h) & (np.abs(yy - cy) <= h)
-    # upright isosceles triangle: apex at top, base at the bottom of the bounding box
-    frac = (yy - (cy - r)) / (2 * r)
-    return (frac >= 0) & (frac <= 1) & (np.abs(xx - cx) <= frac * r)
+def sample_prompts(n: int, generator: np.random.Generator,
+                   tag_weights: Optional[dict[str, float]] = None) -> list[str]:
+    """The prompts of :func:`sample_scenes`."""
+    return [s.prompt for s in sample_scenes(n, generator, tag_weights)]
 
 
-def _place(scene: Scene, rng: np.random.Generator, size: int) -> list[tuple[float, float, float]]:
-    """Sequential rejection sampling of (cx, cy, r) for each object, restarting on a dead end."""
-    scale = size / RESOLUTION
-    for _ in range(200):
-        objs: list[tuple[float, float, float]] = []
-        for _ in range(scene.count):
-            for _ in range(200):
-                r = rng.uniform(*OBJECT_RADIUS) * scale
-                (x0, x1), (y0, y1) = region_bounds(scene.position, size, r)
-                cand = (rng.uniform(x0, x1), rng.uniform(y0, y1), r)
-                if all(np.hypot(cand[0] - o[0], cand[1] - o[1]) >= (cand[2] + o[2]) * 1.2 + MIN_GAP * scale
-                       for o in objs):
-                    objs.append(cand)
-                    break
-            else:
-                break
-        if len(objs) == scene.count:
-            return objs
-    raise RuntimeError(f"could not place {scene.prompt!r} at size {size}")
+def scenes_by_tag(scenes: Sequence[Scene]) -> dict[str, list[int]]:
+    """Indices of ``scenes`` per tag (tags in :data:`TAGS` order; absent tags omitted)."""
+    out: dict[str, list[int]] = {}
+    for tag in TAGS:
+        idx = [i for i, s in enumerate(scenes) if s.tag == tag]
+        if idx:
+            out[tag] = idx
+    return out
 
 
-def render(scene: Scene, rng: np.random.Generator, size: int = RESOLUTION) -> np.ndarray:
-    """Render ``scene`` on a black canvas: uint8 [size,size,3]; colour jitter ±15 per channel."""
-    img = np.zeros((size, size, 3), dtype=np.uint8)
-    color = np.clip(np.array(COLORS[scene.color]) + rng.integers(-15, 16, size=3), 0, 255)
-    for cx, cy, r in _place(scene, rng, size):
-        img[shape_mask(scene.shape, cx, cy, r, size)] = color
-    return img
-
-
-def render_batch(scenes: list[Scene], seed: int, size: int = RESOLUTION) -> torch.Tensor:
-    """Render a list of scenes deterministically from ``seed``: float [B,3,H,W] in [0,1]."""
-    rng = np.random.default_rng(seed)
-    arr = np.stack([render(s, rng, size) for s in scenes])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+from align.toy.render import render, render_batch, shape_mask  # noqa: E402,F401  (re-exported)
