@@ -36,7 +36,7 @@ from align.backbones.lora import attach_lora
 from align.backbones.model_config import load_model
 from align.distributed import assert_ranks_agree, make_accelerator, share_batch, share_path, shard_slice
 from align.learner import Learner
-from align.prompts import draw_prompts, evaluation_prompts
+from align.prompts import draw_prompts, evaluation_prompts, has_records, prompt_metadata
 from align.rollout import RolloutWorker, start_workers
 from align.run_identity import append_resume_log, check_same_base, resolve_resume, run_identity, stored_identity
 from align.sampling import Trajectory
@@ -149,6 +149,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
             return state
         if driver:
             _eval_grid(workers.rollouts, cfg, run, state.iteration)
+    if driver and cfg.final_eval_prompts and has_records(cfg.trainer.prompts):
+        _final_evaluation(pipe, cfg, run, log)
     if accelerator.num_processes > 1:
         n = assert_ranks_agree(accelerator, learner.policy_params + learner.critic_params)
         log(f"ranks agree: {accelerator.num_processes} learner processes hold bit-identical trainable weights "
@@ -221,8 +223,9 @@ def _collect(cfg: TrainConfig, workers, accelerator, prompts: list[str], it: int
     traj = raw = err = None
     if accelerator.is_main_process:
         traj = workers.rollouts.rollout(prompts, seed=cfg.trainer.seed * 100_003 + it)
+        records = prompt_metadata(cfg.trainer.prompts, prompts)  # GenEval-format clauses per sample (or None)
         try:
-            raw = workers.rewards.score(traj.images, prompts)  # raises RewardError before any update
+            raw = workers.rewards.score(traj.images, prompts, prompt_metadata=records)  # RewardError before any update
         except RewardError as error:
             if cfg.reward_on_error == "raise":
                 raise
@@ -317,6 +320,22 @@ def _eval_grid(rollouts, cfg: TrainConfig, run: Path, iteration: int) -> None:
     traj = rollouts.rollout(prompts, seed=4321)
     (run / "grids").mkdir(exist_ok=True)
     save_image(make_grid(traj.images, nrow=8, padding=2, pad_value=0.5), run / "grids" / f"iter_{iteration:04d}.png")
+
+
+def _final_evaluation(pipe, cfg: TrainConfig, run: Path, log) -> dict:
+    """``RUN_DIR/eval.json``: the base (adapters disabled) and the trained policy on the same fixed prompts
+    and noise, scored GenEval's way (align/eval.py ``paired_evaluation``: strict accuracy, mean over tags,
+    paired gain with its standard error over prompts, per tag)."""
+    from align.eval import paired_evaluation
+    result = paired_evaluation(pipe, cfg.trainer.prompts, cfg.sampler, geneval_args=cfg.reward_args.get("geneval"),
+                               num_prompts=cfg.final_eval_prompts, images_per_prompt=cfg.final_eval_images_per_prompt,
+                               seed=cfg.trainer.seed)
+    ckpt.write_json(run / "eval.json", result)
+    log(f"eval ({result['num_prompts']} prompts x {cfg.final_eval_images_per_prompt}, fixed noise): base "
+        f"{result['base']:.3f} -> final {result['final']:.3f}, paired gain {result['paired_gain']:+.3f} "
+        f"± {result['paired_se']:.3f} | per tag: " + ", ".join(
+            f"{t} {v['base']:.2f}->{v['final']:.2f}" for t, v in result["per_tag"].items()))
+    return result
 
 
 def _plot_rewards(history: list[dict], names: list[str], path: Path) -> None:

@@ -37,7 +37,7 @@ def run_one(algo: str, seed: int, iterations: int, out: Path, extra: list[str],
         if json.loads(state.read_text())["policy_updates"] == iterations:
             return history, json.loads(rss_file.read_text())["peak_rss_mib"]
     cmd = [sys.executable, "-m", "align.cli", "train", "--force", f"algo={algo}", f"trainer.seed={seed}",
-           f"trainer.iterations={iterations}", f"run_dir={run_dir}", "eval_every=0", *IN_PROCESS, *extra]
+           f"trainer.iterations={iterations}", f"run_dir={run_dir}", "eval_every=0", "final_eval_prompts=0", *IN_PROCESS, *extra]
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "w") as log:  # a file, not a pipe: wait4 below reaps the child itself
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -91,7 +91,7 @@ def sync_share(iterations: int) -> tuple[float, float, float]:
     """Median sync seconds, median iteration seconds and sync bytes over policy iterations of the toy default."""
     from align.train import train
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(TrainConfig, "configs/toy_ecg.yaml", [f"trainer.iterations={iterations}", "eval_every=0",
+        cfg = load_config(TrainConfig, "configs/toy_ecg.yaml", [f"trainer.iterations={iterations}", "eval_every=0", "final_eval_prompts=0",
                                                                 "critic.pretrain_iterations=0", f"run_dir={tmp}"])
         state = train(cfg, log=lambda *_: None)
     hist = [h for h in state.history if "sync_seconds" in h][1:]  # the first carries one-off warm-up

@@ -34,7 +34,7 @@ REWARDS: dict[str, tuple[str, dict]] = {
 }
 #: the sanity recipe (docs/algorithms.md says why each value): few fixed prompts, large groups, every
 #: denoising step trained, mean log-probs with a clip range that acts at that scale
-RECIPE = ["model.source=toy", "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0",
+RECIPE = ["model.source=toy", "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0", "final_eval_prompts=0",
           "trainer.prompts_per_iteration=2", "trainer.samples_per_prompt=16", "trainer.minibatch_size=8",
           "trainer.timestep_fraction=1.0", "trainer.epochs=2", "trainer.lr=3e-3",
           "sampler.logprob_reduce=mean", "trainer.clip_range=0.2"]

@@ -19,7 +19,7 @@ from align.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=2", "ray.num_rollout_workers=0",
-        "ray.num_reward_workers=0"]
+        "ray.num_reward_workers=0", "final_eval_prompts=0"]
 
 
 def align_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from align.train_config import TrainConfig
 
 pytestmark = pytest.mark.distributed
 TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "eval_prompts=2",
+        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
         "critic.pretrain_iterations=1", "critic.hidden=16", "ray.chunk_size=2"]
 PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle", "a red square",
            "a blue circle on the left", "a green square on the right"]

@@ -22,7 +22,7 @@ from align.train_config import TrainConfig
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "eval_prompts=2",
+        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
         "critic.hidden=16", "ray.chunk_size=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

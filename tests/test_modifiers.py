@@ -210,7 +210,7 @@ def test_align_sample_with_modifiers_writes_images_and_records_them(tmp_path) ->
 
 
 TRAIN = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-         "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "eval_prompts=2",
+         "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
          "critic.pretrain_iterations=0", "critic.hidden=16", "trainer.iterations=2", "trainer.timestep_fraction=1.0",
          "rewards=[jpeg_compressibility:1.0]"]
 

@@ -49,7 +49,7 @@ def test_two_iterations_train_on_a_prompt_file(tmp_path) -> None:
     cfg = load_config(TrainConfig, None, [
         "model.source=preset:tiny-unet", "sampler.num_inference_steps=2", "algo=grpo", "rewards=[jpeg_compressibility]",
         f"trainer.prompts={path}", "trainer.prompts_per_iteration=2", "trainer.samples_per_prompt=2",
-        "trainer.minibatch_size=4", "trainer.iterations=2", "eval_every=0", "eval_prompts=2",
+        "trainer.minibatch_size=4", "trainer.iterations=2", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
         "ray.num_rollout_workers=0", "ray.num_reward_workers=0", f"run_dir={tmp_path / 'run'}"])
     assert set(iteration_prompts(cfg, 0)) <= set(read_prompt_file(path))
     state = train(cfg, log=lambda *_: None)

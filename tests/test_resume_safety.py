@@ -23,7 +23,7 @@ from align.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=2", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "eval_prompts=2",
+        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
         "critic.pretrain_iterations=1", "critic.hidden=16", "ray.num_rollout_workers=0", "ray.num_reward_workers=0"]
 
 # A checkpoint write in a child process that dies (os._exit: no cleanup runs, as under SIGKILL) at a

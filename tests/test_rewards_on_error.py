@@ -15,7 +15,7 @@ from align.train_config import TrainConfig
 from rewards import RewardError, register_reward
 
 TINY = ["model.source=preset:tiny-unet", "algo=grpo", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "eval_prompts=2",
+        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
         "ray.num_rollout_workers=0", "ray.num_reward_workers=0"]  # in-process: the test rewards live here
 FAILS_ON_CALLS: set[int] = set()
 CALLS = [0]

@@ -44,7 +44,7 @@ def test_installed_plugin_is_listed_checked_and_passes_its_own_tests(installed_p
 def test_two_training_iterations_with_the_installed_plugin_by_name(installed_plugin, tmp_path) -> None:
     overrides = ["model.source=preset:tiny-unet", "algo=grpo", "sampler.num_inference_steps=3",
                  "trainer.iterations=2", "trainer.prompts_per_iteration=2", "trainer.samples_per_prompt=2",
-                 "trainer.minibatch_size=4", "eval_every=0", "eval_prompts=2", "ray.num_rollout_workers=0", "ray.num_reward_workers=0",
+                 "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2", "ray.num_rollout_workers=0", "ray.num_reward_workers=0",
                  "rewards=[brightness:1.0]",
                  "reward_args.brightness.target=0.3", f"run_dir={tmp_path}"]
     done = _run(ALIGN, "train", *overrides)

@@ -1,6 +1,7 @@
 """`align train` end to end on the tiny preset: what moves, resume, bad rewards, config errors."""
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from align.train_config import TrainConfig
 from rewards import RewardError, register_reward
 
 TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "eval_prompts=2",
+        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
         "critic.pretrain_iterations=0", "critic.hidden=16",
         # in-process rollouts and rewards (same requests as the Ray actors: tests/test_distributed.py)
         "ray.num_rollout_workers=0", "ray.num_reward_workers=0"]
@@ -168,7 +169,7 @@ def _held_out_explained_variance(cfg: TrainConfig, prompts_seed: int = 10_000) -
     return evs
 
 
-TOY_VALUE = ["model.source=toy", "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0",
+TOY_VALUE = ["model.source=toy", "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0", "final_eval_prompts=0",
              "algo=ecg", "critic.pretrain_ev_threshold=1.0", "rewards=[jpeg_compressibility:1.0]"]
 
 
@@ -230,3 +231,16 @@ def test_every_algorithm_makes_the_same_number_of_policy_updates(tmp_path, algo:
     if algo == "ecg":  # per-step EV in the history, and the critic keeps training in the policy phase
         assert len(state.history[-1]["explained_variance_per_step"]) == 3
         assert "value_loss" in state.history[-1] and "grad_norm_critic" in state.history[-1]
+
+
+def test_end_of_run_paired_evaluation_writes_eval_json(tmp_path) -> None:
+    """RUN_DIR/eval.json: base (adapters off) vs the trained policy on the same fixed toy prompts and
+    noise, GenEval's overall (mean over the six tags) with the paired gain, its SE, and per-tag scores."""
+    cfg = _cfg(tmp_path, "trainer.iterations=1", "final_eval_prompts=12", "final_eval_images_per_prompt=1")
+    train(cfg, log=lambda *_: None)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert {"base", "final", "paired_gain", "paired_se", "per_tag"} <= set(result)
+    assert set(result["per_tag"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert 0 <= result["base"] <= 1 and 0 <= result["final"] <= 1
+    assert result["paired_gain"] == pytest.approx(result["final"] - result["base"], abs=1e-12)
+    assert result["base"] == pytest.approx(sum(v["base"] for v in result["per_tag"].values()) / 6, abs=1e-12)
