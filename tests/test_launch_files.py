@@ -79,6 +79,6 @@ def test_compose_file_starts_a_ray_head_and_a_worker_from_the_image() -> None:
 def test_multi_node_config_loads_and_asks_for_gpus_per_actor() -> None:
     from align.config import load_config
     from align.train_config import TrainConfig
-    cfg = load_config(TrainConfig, REPO / "configs" / "sd15_ecg_multi.yaml", ["ray.address=auto"])
+    cfg = load_config(TrainConfig, REPO / "configs" / "sd15_ecg_multi.yaml", ["ray.address=auto", "model.allow_download=true"])  # hub id
     assert cfg.model.source == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.model.dtype == "bfloat16"
     assert len(cfg.rewards) == 3 and cfg.ray.gpus_per_rollout_worker == 1 and cfg.ray.address == "auto"

@@ -58,11 +58,15 @@ def test_align_solve_refuses_a_crafted_lpips_file_in_one_line_before_the_model_l
     clean = str(tmp_path / "clean.png")
     write_png(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)), clean)
     path, marker = _crafted(tmp_path, "evil_cli", "torch.save")
-    code = main(["solve", "model.source=preset:does-not-exist", "--input", clean, "--degrade", "--task", "sr",
+    # a base that passes config validation (its model_index.json) but holds no weights: loading it would fail
+    empty_base = tmp_path / "no_weights"
+    empty_base.mkdir()
+    (empty_base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    code = main(["solve", f"model.source={empty_base}", "--input", clean, "--degrade", "--task", "sr",
                  "--scale", "2", "--lpips-weights", path, "--out", str(tmp_path / "o.png")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "refused, not a plain tensor checkpoint" in err, err
-    assert not os.path.exists(marker)  # and the unknown preset was never reached: LPIPS is checked first
+    assert not os.path.exists(marker)  # and the weightless base was never loaded: LPIPS is checked first
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from align.toy import SHIPPED_PIPELINE_DIR
 from align.toy.detector import score_batch
 from align.toy.world import TAGS, render_batch, tag_scenes, vocabulary
 
-N_PER_TAG, N_CHANCE = 24, 600
+N_PER_TAG, N_CHANCE = 96, 600
 #: The RL sampler's settings (configs/toy_ecg.yaml).
 RL_SAMPLER = SamplerConfig(num_inference_steps=10, guidance_scale=4.5, eta=1.0)
 SIMPLE, COMPOSITIONAL = ("single_object", "colors"), ("two_object", "counting", "position", "color_attr")

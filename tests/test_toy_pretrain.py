@@ -8,7 +8,7 @@ from align.config import load_config
 from align.toy.pretrain import PretrainConfig, pretrain
 
 TINY = ["dataset_size=64", "vae_steps=2", "vae_batch_size=4", "batch_size=4", "warmup_steps=1",
-        "checkpoint_every=3", "eval_every=0", "final_eval_prompts=0", "eval_images=2", "eval_steps=2"]
+        "checkpoint_every=3", "eval_every=0", "eval_images=2", "eval_steps=2"]
 
 
 def _run(out_dir, steps: int, resume: bool = False, stop_at_step: int | None = None):
