@@ -55,8 +55,7 @@ def check_values(cfg) -> None:
     _require(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
     _require(_finite(cfg.lora.alpha) and cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
     _require(cfg.eval_every >= 0 and cfg.eval_prompts >= 1, "eval_every must be >= 0 and eval_prompts >= 1")
-    _require(cfg.final_eval_prompts >= 0 and cfg.final_eval_images_per_prompt >= 1,
-             "final_eval_prompts must be >= 0 (0: off) and final_eval_images_per_prompt >= 1")
+    _require(cfg.final_eval_prompts >= 0, "final_eval_prompts must be >= 0 (0: off)")
     _check_critic(cfg)
     _check_rewards(cfg.rewards, cfg.reward_args)
     r = cfg.ray

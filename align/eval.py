@@ -211,16 +211,14 @@ def run_eval(cfg: EvalConfig) -> dict:
 def paired_evaluation(pipe, source: str, sampler: SamplerConfig, *, judge: Optional[Judge] = None,
                       geneval_args: Optional[dict] = None, num_prompts: Optional[int] = None,
                       images_per_prompt: int = 4, seed: int = 0, batch_size: int = 8,
-                      out_dir: Optional[str] = None) -> dict:
+                      out_dir: Optional[str] = None, items: Optional[Sequence[Item]] = None) -> dict:
     """Base (every adapter disabled) vs trained (the pipe as given) on the same prompts and noise.
 
-    Returns ``{base, final, paired_gain, paired_se, per_tag: {tag: {base, final}}, ...}`` where base and
-    final are GenEval's overall strict score (mean over tags) and paired_gain = final − base. With
-    d_j = mean over prompt j's images of (correct_final − correct_base), the gain is Σ_t mean_{j∈t} d_j / T
-    and paired_se = sqrt(Σ_t s_t² / m_t) / T (s_t²: sample variance of d_j over the m_t prompts of tag t;
-    prompts are the independent units). ``nan`` if a tag has fewer than two prompts."""
+    ``items`` (e.g. :func:`balanced_items`), else ``eval_items(source, images_per_prompt, num_prompts)``.
+    Returns ``{base, final, paired_gain, paired_se, per_tag: {tag: {base, final, images}}, ...}`` as
+    :func:`paired_summary` computes them."""
     from align.backbones.lora import adapters_disabled
-    items = eval_items(source, images_per_prompt, num_prompts)
+    items = list(items) if items is not None else eval_items(source, images_per_prompt, num_prompts)
     judge = judge or make_judge(default_judge(source), geneval_args)
     with adapters_disabled(pipe):
         base = evaluate_items(pipe, items, judge, sampler, seed, batch_size)
@@ -231,15 +229,42 @@ def paired_evaluation(pipe, source: str, sampler: SamplerConfig, *, judge: Optio
     return paired_summary(items, base, final)
 
 
+def balanced_items(source: str, num_images: int) -> list[Item]:
+    """``num_images`` (prompt, noise) pairs spread evenly over the source's tags (GenEval weighs tags
+    equally, so each tag gets ⌊n/T⌋ or ⌈n/T⌉ images): round-robin over each tag's prompts in source
+    order; a tag with fewer prompts than its share repeats them, each time with a new image index, i.e.
+    new fixed noise (the toy world has 3 single-object scenes but 72 colour-attribute ones)."""
+    from align.prompts import prompt_metadata, source_prompts
+    prompts = source_prompts(source)
+    records = prompt_metadata(source, prompts)
+    if any(r is None for r in records):
+        raise ValueError(f"balanced_items: prompt source {source!r} has prompts without a metadata record")
+    by_tag: dict[str, list[int]] = {}
+    for p, record in enumerate(records):
+        by_tag.setdefault(record["tag"], []).append(p)
+    items = []
+    for k, pool in enumerate(by_tag.values()):
+        share = num_images // len(by_tag) + (k < num_images % len(by_tag))
+        picks = [(pool[j % len(pool)], j // len(pool)) for j in range(share)]
+        items += [Item(p, i, prompts[p], records[p]) for p, i in picks]
+    return sorted(items, key=lambda it: (it.p, it.i))
+
+
 def paired_summary(items: Sequence[Item], base: Sequence[dict], final: Sequence[dict]) -> dict:
-    """The paired statistics of :func:`paired_evaluation` from two row lists in ``items`` order."""
+    """The paired statistics of :func:`paired_evaluation` from two row lists in ``items`` order.
+
+    With d_j = correct_final − correct_base of image j (same prompt, same noise), the gain is
+    Σ_t mean_{j∈t} d_j / T and paired_se = sqrt(Σ_t s_t² / n_t) / T, s_t² the sample variance of d over
+    the n_t images of tag t. The prompts are fixed and only the noise is drawn, so the images are
+    independent given the prompts; s_t² around the tag mean also holds the spread between prompts, so
+    this over- rather than under-states the error. ``nan`` if a tag has fewer than two images."""
     sb, sf = summarize(base), summarize(final)
-    diffs: dict[str, dict[int, list[float]]] = {}
-    for it, rb, rf in zip(items, base, final):
-        diffs.setdefault(rb["tag"], {}).setdefault(it.p, []).append(float(rf["correct"]) - float(rb["correct"]))
-    per_prompt = {t: [float(np.mean(v)) for v in by_p.values()] for t, by_p in diffs.items()}
-    var = [np.var(d, ddof=1) / len(d) if len(d) > 1 else float("nan") for d in per_prompt.values()]
+    diffs: dict[str, list[float]] = {}
+    for rb, rf in zip(base, final, strict=True):
+        diffs.setdefault(rb["tag"], []).append(float(rf["correct"]) - float(rb["correct"]))
+    var = [np.var(d, ddof=1) / len(d) if len(d) > 1 else float("nan") for d in diffs.values()]
     return {"base": sb["overall"], "final": sf["overall"], "paired_gain": sf["overall"] - sb["overall"],
             "paired_se": float(np.sqrt(np.sum(var)) / len(var)) if var else float("nan"),
-            "per_tag": {t: {"base": sb["tasks"][t]["score"], "final": sf["tasks"][t]["score"]} for t in sb["tasks"]},
+            "per_tag": {t: {"base": sb["tasks"][t]["score"], "final": sf["tasks"][t]["score"],
+                            "images": len(diffs[t])} for t in sb["tasks"]},
             "num_prompts": len({it.p for it in items}), "num_images": len(items)}

@@ -325,13 +325,13 @@ def _eval_grid(rollouts, cfg: TrainConfig, run: Path, iteration: int) -> None:
 def _final_evaluation(pipe, cfg: TrainConfig, run: Path, log) -> dict:
     """``RUN_DIR/eval.json``: the base (adapters disabled) and the trained policy on the same fixed prompts
     and noise, scored GenEval's way (align/eval.py ``paired_evaluation``: strict accuracy, mean over tags,
-    paired gain with its standard error over prompts, per tag)."""
-    from align.eval import paired_evaluation
+    paired gain with its standard error, per tag; ``final_eval_prompts`` tag-balanced (prompt, noise) pairs)."""
+    from align.eval import balanced_items, paired_evaluation
+    items = balanced_items(cfg.trainer.prompts, cfg.final_eval_prompts)
     result = paired_evaluation(pipe, cfg.trainer.prompts, cfg.sampler, geneval_args=cfg.reward_args.get("geneval"),
-                               num_prompts=cfg.final_eval_prompts, images_per_prompt=cfg.final_eval_images_per_prompt,
-                               seed=cfg.trainer.seed)
+                               items=items, seed=cfg.trainer.seed)
     ckpt.write_json(run / "eval.json", result)
-    log(f"eval ({result['num_prompts']} prompts x {cfg.final_eval_images_per_prompt}, fixed noise): base "
+    log(f"eval ({result['num_images']} images of {result['num_prompts']} prompts, fixed noise): base "
         f"{result['base']:.3f} -> final {result['final']:.3f}, paired gain {result['paired_gain']:+.3f} "
         f"± {result['paired_se']:.3f} | per tag: " + ", ".join(
             f"{t} {v['base']:.2f}->{v['final']:.2f}" for t, v in result["per_tag"].items()))

@@ -129,10 +129,10 @@ class TrainConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval_every: int = field(4, help="iterations between evaluation grids (0: only at the end)")
-    final_eval_prompts: int = field(256, help="prompts of the paired end-of-run evaluation written to RUN_DIR/eval.json "
-                                    "(base vs trained policy, fixed noise, GenEval's scoring; 0: off; needs a prompt "
-                                    "source with records: toy, geneval or JSONL)")
-    final_eval_images_per_prompt: int = field(1, help="images per prompt of that evaluation (GenEval's protocol: 4)")
+    final_eval_prompts: int = field(256, help="(prompt, noise) pairs of the paired end-of-run evaluation written to "
+                                    "RUN_DIR/eval.json, spread evenly over the tags (a tag with fewer prompts repeats "
+                                    "them with new noise; align/eval.py balanced_items); base vs trained policy, "
+                                    "GenEval's scoring; 0: off; needs a prompt source with records: toy, geneval or JSONL")
     eval_prompts: int = field(16, help="fixed evaluation prompts")
     run_dir: str = field("runs/toy_ecg", help="checkpoints, logs, grids and exports")
 

@@ -94,16 +94,30 @@ def test_paired_evaluation_of_an_untrained_lora_gains_exactly_nothing(tiny_unet_
 
 
 def test_paired_summary_gain_and_standard_error_known_answer() -> None:
-    """One tag, two prompts × two images: d = (1, 0) → per-prompt means (1, 0)... and (0.5, 0.5)."""
+    """One tag, two prompts × two images: d per image (1, 1, 0, 0), the images the units."""
     rec = {"tag": "colors", "prompt": "p"}
     items = [Item(p, i, "p", rec) for p in (0, 1) for i in (0, 1)]
 
     def rows(correct):
         return [{"tag": "colors", "correct": c, "metadata": json.dumps({**rec, "p": it.p})} for it, c in zip(items, correct)]
     out = paired_summary(items, rows([False, False, False, True]), rows([True, True, False, True]))
-    # d per image (1, 1, 0, 0) → prompt means (1, 0): gain 0.5, se = sqrt(var([1, 0], ddof=1) / 2) = 0.5
+    # gain 0.5, se = sqrt(var([1, 1, 0, 0], ddof=1) / 4) = sqrt(1/3 / 4)
     assert out["base"] == 0.25 and out["final"] == 0.75 and out["paired_gain"] == 0.5
-    assert out["paired_se"] == pytest.approx(0.5)
+    assert out["paired_se"] == pytest.approx((1 / 12) ** 0.5)
+
+
+def test_balanced_items_give_every_toy_tag_an_equal_share_with_new_noise_on_repeats() -> None:
+    """256 images over the toy world's six tags (3 to 72 scenes each): 43 or 42 per tag; the 3
+    single-object scenes repeat with new image indices (new noise), no (prompt, image) pair twice."""
+    from align.eval import balanced_items
+    items = balanced_items("toy", 256)
+    per_tag: dict[str, int] = {}
+    for it in items:
+        per_tag[it.record["tag"]] = per_tag.get(it.record["tag"], 0) + 1
+    assert sorted(per_tag.values()) == [42, 42, 43, 43, 43, 43]
+    assert len({(it.p, it.i) for it in items}) == 256
+    singles = [it for it in items if it.record["tag"] == "single_object"]
+    assert len({it.p for it in singles}) == 3 and max(it.i for it in singles) == 14
 
 
 @pytest.mark.parametrize("args, message", [

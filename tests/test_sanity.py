@@ -67,7 +67,7 @@ def reinforce(reward: str, sign: int, prompts: list[str], iterations: int, sampl
     fn = get_reward(name, **args)
     batch = [prompts[i % len(prompts)] for i in range(samples)]
     for it in range(iterations):
-        traj = worker.rollout(batch, seed=1000 + it)
+        traj = worker.rollout(batch, seed=1000 + 100 * seed + it)
         r = sign * score([fn], traj.images, batch)[0][:, 0]
         adv = (r - r.mean()) / (r.std() + 1e-8)
         set_active_adapters(pipe, ["policy"])

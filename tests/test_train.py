@@ -236,7 +236,7 @@ def test_every_algorithm_makes_the_same_number_of_policy_updates(tmp_path, algo:
 def test_end_of_run_paired_evaluation_writes_eval_json(tmp_path) -> None:
     """RUN_DIR/eval.json: base (adapters off) vs the trained policy on the same fixed toy prompts and
     noise, GenEval's overall (mean over the six tags) with the paired gain, its SE, and per-tag scores."""
-    cfg = _cfg(tmp_path, "trainer.iterations=1", "final_eval_prompts=12", "final_eval_images_per_prompt=1")
+    cfg = _cfg(tmp_path, "trainer.iterations=1", "final_eval_prompts=12")
     train(cfg, log=lambda *_: None)
     result = json.loads((tmp_path / "eval.json").read_text())
     assert {"base", "final", "paired_gain", "paired_se", "per_tag"} <= set(result)
