@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minibatch", type=int, default=4)
     ap.add_argument("--timestep-fraction", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=2, help="timed sampler calls after one warm-up")
+    ap.add_argument("--backbones", nargs="+", default=None, help="a subset of the backbones (default: both)")
     ap.add_argument("--skip-geneval", action="store_true")
     args = ap.parse_args(argv)
     device = args.device or ("cpu" if args.tiny else "cuda")
@@ -316,8 +317,13 @@ def main(argv: list[str] | None = None) -> int:
                   args.prompts, args.group, args.minibatch, args.timestep_fraction, args.repeats)
     sources = {"tiny-unet": "preset:tiny-unet", "tiny-dit": "preset:tiny-dit"} if args.tiny else \
         {"sd15-shape": "preset:gpu-check-sd15", "sd35m-shape": "preset:gpu-check-sd35m"}
+    unknown = sorted(set(args.backbones or sources) - set(sources))
+    if unknown:
+        ap.error(f"--backbones: unknown {', '.join(unknown)}; choose from {', '.join(sources)}")
     results, elapsed = {}, {}
     for backbone, source in sources.items():
+        if args.backbones and backbone not in args.backbones:
+            continue
         t0 = time.perf_counter()
         results[backbone] = throughput(source, shape)
         results[backbone].update(updates(source, shape))
