@@ -134,3 +134,12 @@ def test_align_train_runs_an_iteration_at_another_resolution(tmp_path, preset: s
     assert record["grad_norm_policy"] > 0 and record["grad_norm_critic"] > 0
     # the run's own rollouts (its end-of-run grid of the 2 eval prompts: make_grid, padding 2) are 24 × 32 px
     assert Image.open(tmp_path / "grids" / "iter_0001.png").size == (2 * (W + 2) + 2, H + 4)
+
+
+def test_align_train_with_a_size_the_model_cannot_draw_fails_before_any_rollout(tmp_path, capsys) -> None:
+    assert main(["train", "model.source=preset:tiny-dit", "sampler.height=18", "sampler.num_inference_steps=2",
+                 "trainer.iterations=1", "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0",
+                 "final_eval_prompts=0", "rewards=[jpeg_compressibility:1.0]", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("align: error: sampler.height=18: must be a multiple of 4")
+    assert not (tmp_path / "run" / "checkpoint").exists()
