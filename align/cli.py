@@ -120,6 +120,8 @@ def _sample(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--candidates", help="rerank: M candidates per step; best_of_n: N chains (= steering.candidates)")
     p.add_argument("--policy-lora", metavar="DIR", help="exported policy LoRA directory (= policy_lora)")
     p.add_argument("--force", action="store_true", help="load the critic onto another base (= steering.force=true)")
+    p.add_argument("--height", help="image height in pixels (= sampler.height; default: the model's)")
+    p.add_argument("--width", help="image width in pixels (= sampler.width; default: the model's)")
 
     def run(ns: argparse.Namespace) -> int:
         from align.generate import SampleJobConfig, run_sample_job
@@ -130,6 +132,7 @@ def _sample(p: argparse.ArgumentParser) -> Handler:
                       if getattr(ns, flag) is not None]
         overrides += ["steering.force=true"] if ns.force else []
         overrides += [f"policy_lora={ns.policy_lora}"] if ns.policy_lora else []
+        overrides += [f"sampler.{key}={getattr(ns, key)}" for key in ("height", "width") if getattr(ns, key) is not None]
         cfg = load_config(SampleJobConfig, path, overrides)
         run_sample_job(cfg)
         return 0

@@ -115,6 +115,14 @@ def _check_rewards(rewards: list, reward_args: Any) -> None:
     _require(isinstance(reward_args, dict), f"reward_args must be a mapping name -> arguments, got {reward_args!r}")
 
 
+def check_resolution(height: Any, width: Any) -> None:
+    """``sampler.height``/``sampler.width``: None (the model's default) or a positive number of pixels. The
+    model's multiple (VAE factor × DiT patch size) is checked once it loads (align/sampling/resolution.py)."""
+    for name, value in (("height", height), ("width", width)):
+        _require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                 f"{name}={value!r}: must be a positive integer (pixels) or None (the model's default)")
+
+
 def check_stochastic(kind: Optional[str], eta: float, noise_level: float) -> None:
     """RL needs a stochastic policy: η > 0 on a UNet, noise_level > 0 on a DiT (either, kind unknown)."""
     if kind == "unet":

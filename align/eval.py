@@ -197,6 +197,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     pipe = load_model(cfg.model)
+    from align.sampling import resolve_resolution
+    resolve_resolution(pipe, cfg.sampler.height, cfg.sampler.width)  # before any sampling
     critic, _ = _steering_parts(pipe, SampleJobConfig(policy_lora=cfg.policy_lora, steering=dataclasses.replace(
         cfg.steering, score_rewards=False)))
     out = Path(cfg.out_dir)

@@ -6,7 +6,8 @@ import argparse
 #: `align eval` flags → EvalConfig keys (the rest via dotted overrides, e.g. sampler.num_inference_steps=40)
 FLAGS = {"prompts": "prompts", "policy_lora": "policy_lora", "critic": "steering.critic", "steer": "steering.steer",
          "scale": "steering.scale", "candidates": "steering.candidates", "images_per_prompt": "images_per_prompt",
-         "max_prompts": "max_prompts", "judge": "judge", "out": "out_dir", "seed": "seed"}
+         "max_prompts": "max_prompts", "judge": "judge", "out": "out_dir", "seed": "seed",
+         "height": "sampler.height", "width": "sampler.width"}
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge", help="toy | geneval (default: toy for toy prompts, else geneval)")
     p.add_argument("--out", metavar="DIR", help="output directory (= out_dir)")
     p.add_argument("--seed", help="seed of the per-(prompt, image) noise")
+    p.add_argument("--height", help="image height in pixels (= sampler.height; default: the model's)")
+    p.add_argument("--width", help="image width in pixels (= sampler.width; default: the model's)")
 
 
 def run(ns: argparse.Namespace) -> int:

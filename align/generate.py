@@ -19,7 +19,7 @@ from align.backbones.model_config import load_model
 from align.model_source import ModelConfig
 from align.checkpoint import write_json
 from align.config import ConfigError, field
-from align.sampling import SamplerConfig
+from align.sampling import SamplerConfig, resolve_resolution
 from critics.steering import HOOKED_MODES, SteeringConfig, sample_steered
 
 
@@ -85,6 +85,7 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
     out = Path(cfg.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     pipe = load_model(cfg.model)
+    resolve_resolution(pipe, cfg.sampler.height, cfg.sampler.width)  # before any sampling
     critic, reward_fns = _steering_parts(pipe, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     candidate_gen = torch.Generator().manual_seed(cfg.seed + 1)  # steering's own noise (rerank candidates)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 
 from align.backbones.lora import load_lora_state_dict, set_active_adapters
-from align.sampling import SamplerConfig, Trajectory, sample_trajectory
+from align.sampling import SamplerConfig, Trajectory, resolve_resolution, sample_trajectory
 
 
 class RolloutWorker:
     def __init__(self, pipe, sampler: SamplerConfig, adapter: str = "policy") -> None:
         self.pipe, self.sampler, self.adapter = pipe, sampler, adapter
+        resolve_resolution(pipe, sampler.height, sampler.width)  # a bad sampler.height fails before any rollout
         self.policy_version = 0
 
     def set_policy(self, state: dict[str, torch.Tensor] | None, version: int) -> None:

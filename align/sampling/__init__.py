@@ -16,6 +16,7 @@ _LAZY = {
     **dict.fromkeys(["SamplerHooks", "StepContext", "cfg_combine"], "hooks"),
     **dict.fromkeys(["EMBED_KEYS", "decode", "encode_prompts", "initial_latents", "predict", "recompute_log_probs",
                      "sample_trajectory", "set_schedule"], "sampler"),
+    **dict.fromkeys(["default_resolution", "resolution_multiple", "resolve_resolution"], "resolution"),
     "Trajectory": "trajectory",
     **dict.fromkeys(["LOGPROB_REDUCTIONS", "TRANSITIONS", "StepOutput", "Transition", "ddim_distribution",
                      "ddim_step_with_logprob", "flow_sde_distribution", "flow_sde_step_with_logprob",

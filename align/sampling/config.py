@@ -6,6 +6,7 @@ same ``LOGPROB_REDUCTIONS`` (tests/test_config.py pins that they agree).
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from align.config import field
 
@@ -22,6 +23,9 @@ class SamplerConfig:
     noise_level: float = field(0.7, help="flow-SDE noise level a (DiT backbones); > 0 for a stochastic policy")
     logprob_reduce: str = field("mean", choices=LOGPROB_REDUCTIONS,
                                 help="per-step log-density over latent dims: mean (DDPO) or sum (joint)")
+    height: Optional[int] = field(None, help="image height in pixels (None: the model's default); a multiple of the "
+                                             "VAE factor (× the patch size on a DiT), checked when the model loads")
+    width: Optional[int] = field(None, help="image width in pixels (None: the model's default); as height")
     negative_prompt: str = field("", help="prompt of CFG's unconditional branch")
     progress: bool = field(False, help="show a per-step progress bar")
     output_type: str = field("pt", choices=("pt", "latent"),
@@ -43,6 +47,8 @@ class SamplerConfig:
         if self.logprob_reduce not in LOGPROB_REDUCTIONS or self.output_type not in ("pt", "latent"):
             raise ValueError(f"logprob_reduce must be one of {LOGPROB_REDUCTIONS} and output_type 'pt' or "
                              f"'latent', got {self.logprob_reduce!r} and {self.output_type!r}")
+        from align.config_checks import check_resolution
+        check_resolution(self.height, self.width)  # positive ints; the model's multiple: align.sampling.resolution
 
     def check_registries(self) -> None:
         """Modifier names and arguments against the modifier registry (imports torch, loads nothing)."""

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from align.backbones.loading import backbone_kind, denoiser
 from align.sampling.config import SamplerConfig
+from align.sampling.resolution import resolve_resolution
 from align.sampling.hooks import ExtraBranch, GuidanceFn, SamplerHooks, StepContext, cfg_combine
 from align.sampling.trajectory import Trajectory
 from align.sampling.transitions import LOGPROB_REDUCTIONS, TRANSITIONS, take_step, transition_for
@@ -135,12 +136,13 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return pipe.image_processor.postprocess(image, output_type="pt")
 
 
-def initial_latents(pipe, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """x_T from the pipeline's own ``prepare_latents`` at its default resolution."""
+def initial_latents(pipe, batch: int, generator: torch.Generator, height: Optional[int] = None,
+                    width: Optional[int] = None) -> torch.Tensor:
+    """x_T from the pipeline's own ``prepare_latents`` at ``height`` × ``width`` pixels (None: the model's
+    default; checked by :func:`~align.sampling.resolution.resolve_resolution`)."""
     net = denoiser(pipe)
-    size = net.config.sample_size * pipe.vae_scale_factor
-    return pipe.prepare_latents(batch, net.config.in_channels, size, size, net.dtype, pipe._execution_device,
-                                generator)
+    h, w = resolve_resolution(pipe, height, width)
+    return pipe.prepare_latents(batch, net.config.in_channels, h, w, net.dtype, pipe._execution_device, generator)
 
 
 def set_schedule(pipe, num_inference_steps: int, latents: torch.Tensor) -> None:
@@ -176,14 +178,15 @@ def sample_trajectory(pipe, prompts: list[str], config: SamplerConfig, generator
     """Sample one chain per prompt with per-step log-probs (no autograd graph).
 
     Runs under ``torch.inference_mode`` (``no_grad`` if ``hooks.needs_grad``); the returned
-    tensors are ordinary tensors that the learner can feed to autograd. ``latents`` overrides x_T.
+    tensors are ordinary tensors that the learner can feed to autograd. ``latents`` overrides x_T (and with
+    it the resolution); else x_T is drawn at ``config.height`` × ``config.width``.
     """
     config.validate()
     stack = _modifier_stack(pipe, config.modifiers, hooks)
     hooks = hooks or (stack.hooks(pipe, list(prompts)) if stack is not None else SamplerHooks())
     name = transition_for(pipe.scheduler)
     if latents is None:
-        latents = initial_latents(pipe, len(prompts), generator)
+        latents = initial_latents(pipe, len(prompts), generator, config.height, config.width)
     steps = config.num_inference_steps
     chain = latents.new_empty((latents.shape[0], steps + 1, *latents.shape[1:]))  # filled in place
     log_probs = torch.empty((latents.shape[0], steps), dtype=torch.float32, device=latents.device)

@@ -11,7 +11,9 @@ Conventions (documented choices, see docs/sampling.md):
 
 * ``reduce="mean"`` (default): the full per-element Gaussian log-density, *averaged* over the
   non-batch dims, as DDPO and Flow-GRPO do (PPO ratios keep one scale at any resolution);
-  ``"sum"`` is the exact joint log-density. Log-probs are computed in float32.
+  ``"sum"`` is the exact joint log-density. The step math (mean, std) and the log-probs are
+  computed in float32 even when the model runs in bf16; only the drawn x_{t-1} is stored in the
+  latents' dtype, and its log-prob is that of the stored (rounded) value.
 * A step with ``std == 0`` (DDIM η = 0, flow a = 0, or DDIM's last step when
   ``set_alpha_to_one=True``) is deterministic: it is not an action of a stochastic policy. Its
   log-prob is defined as 0 (log of probability 1 of its only outcome), element by element, so the
@@ -130,6 +132,9 @@ def ddim_distribution(scheduler: DDIMScheduler, model_output: torch.Tensor, time
     square root is NaN (in ``DDIMScheduler.step`` too, depending on the CPU's rounding); it is
     clamped at 0 here, so that step stays finite. η > 1 (not a DDIM process, and a truly negative
     term) is refused rather than clamped.
+
+    The math runs in float32 whatever the model's dtype (``model_output`` and ``sample`` are cast
+    first): in bf16 the mean's rounding (~3 significant digits) would enter log π and the PPO ratio.
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("DDIM: call scheduler.set_timesteps(...) before stepping")
@@ -139,6 +144,7 @@ def ddim_distribution(scheduler: DDIMScheduler, model_output: torch.Tensor, time
     prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alpha_t = scheduler.alphas_cumprod[timestep]
     alpha_prev = scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
+    model_output, sample = model_output.float(), sample.float()  # the step math in fp32, also for a bf16 model
     x0, eps = _x0_and_eps(scheduler.config.prediction_type, model_output, sample, alpha_t)
     if scheduler.config.thresholding:
         x0 = scheduler._threshold_sample(x0)
