@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.modifiers import CLAMP, DPS, GaussianDenoiser, MapRPS, MatrixOperator, Stage1Config, gmres, make_problem
-from align.modifiers.clamp import sigma_split
-from align.modifiers.denoiser import edm_sigmas
+from align.inverse import CLAMP, DPS, GaussianDenoiser, MapRPS, MatrixOperator, Stage1Config, gmres, make_problem
+from align.inverse.clamp import sigma_split
+from align.inverse.denoiser import edm_sigmas
 
 DT = torch.float64
 

@@ -191,7 +191,7 @@ def check_denoiser(model) -> None:
         raise TypeError(f"model {type(model).__name__} is neither a diffusers pipeline nor a denoiser: "
                         f"missing {', '.join(missing)} (a denoiser needs __call__(z, s) -> E[x0|z], "
                         f"state_shape(batch), schedule(steps), clip_sigma(s), sigma_min, sigma_max and a "
-                        f"calls dict; subclass align.modifiers.Denoiser for the defaults)")
+                        f"calls dict; subclass align.inverse.Denoiser for the defaults)")
 
 
 def check_has_vae(pipe) -> None:
