@@ -4,9 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 ALIGN  := $(VENV)/bin/align
+RUFF   := $(VENV)/bin/ruff
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow lint clean
 
 install: $(STAMP)
 
@@ -29,6 +30,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# ruff's settings are in pyproject.toml ([tool.ruff]); ruff is in the [test] extra.
+lint: install
+	$(RUFF) check .
+	$(RUFF) format --check .
 
 clean:
 	rm -rf $(VENV) runs

@@ -157,7 +157,8 @@ def _launch(tmp_path: Path, name: str, args: list[str]) -> str:
 @pytest.mark.slow
 def test_deepspeed_resume_restores_each_ranks_optimizer_partition(tmp_path) -> None:
     """2 DeepSpeed ZeRO-2 processes: 2 policy iterations then ``--resume`` to 3 end with the same weights as
-    3 policy iterations straight (after 1 value-pretraining iteration each, so the resume is at iteration 3) (each rank reloads its own fp32 master partition and Adam moments)."""
+    3 policy iterations straight (after 1 value-pretraining iteration each, so the resume is at iteration 3)
+    (each rank reloads its own fp32 master partition and Adam moments)."""
     common = [*TINY, "critic.pretrain_iterations=1", "ray.num_rollout_workers=2"]
     _launch(tmp_path, "straight", [*common, "trainer.iterations=3", f"run_dir={tmp_path / 'a'}"])
     _launch(tmp_path, "first", [*common, "trainer.iterations=2", f"run_dir={tmp_path / 'b'}"])

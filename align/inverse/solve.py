@@ -209,7 +209,7 @@ def run_solve(cfg: SolveConfig, pipe=None) -> list[dict]:
     precheck(cfg)
     lpips = load_lpips(cfg.lpips_weights, cfg.lpips_net) if cfg.lpips_weights else None  # refused before the model
     pipe = pipe if pipe is not None else load_pipeline(cfg)
-    net = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+    net = getattr(pipe, "unet", None) or pipe.transformer
     size = net.config.sample_size * pipe.vae_scale_factor
     op, y, ref, knobs = prepare(cfg, size)
     if ref is not None and lpips is None:
