@@ -4,9 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 ALIGN  := $(VENV)/bin/align
+RUFF   := $(VENV)/bin/ruff
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow lint clean
 
 install: $(STAMP)
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch/torchvision: the pair that resolves from this machine's local disk (see STACK_NOTES).
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,trl-bench]"
 	# hpsv2 pins protobuf<4 (breaks Ray's raylet) and pytest==7.2.0; its real runtime needs are in
 	# pyproject.toml, so install it without its metadata pins. tests/test_install.py guards this.
 	$(PIP) install -q --no-deps "hpsv2==1.2.0"
@@ -29,6 +30,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# ruff's settings are in pyproject.toml ([tool.ruff]); ruff is in the [test] extra.
+lint: install
+	$(RUFF) check .
+	$(RUFF) format --check .
 
 clean:
 	rm -rf $(VENV) runs

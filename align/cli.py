@@ -257,7 +257,7 @@ def _solve(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--degrade", action="store_true", help="input is clean: simulate the measurement from it")
 
     def run(ns: argparse.Namespace) -> int:
-        from align.modifiers.solve import SolveConfig, apply_flags, run_solve
+        from align.inverse.solve import SolveConfig, apply_flags, run_solve
         if ns.show_config:
             return _show(SolveConfig)
         cfg = load_config(SolveConfig, *_split_config(ns))

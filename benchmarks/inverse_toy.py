@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from align.backbones.model_config import ModelConfig, load_model
-from align.modifiers import CLAMP, DPS, Downsample, Inpaint, MapRPS, box_mask
-from align.modifiers.metrics import LPIPS_UNAVAILABLE, image_metrics, load_lpips
+from align.inverse import CLAMP, DPS, Downsample, Inpaint, MapRPS, box_mask
+from align.inverse.metrics import LPIPS_UNAVAILABLE, image_metrics, load_lpips
 from align.toy.detector import score_batch
 from align.toy.world import RESOLUTION, render_batch, sample_scenes
 

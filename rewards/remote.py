@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, Optional
 
+import requests
 import torch
+from requests.adapters import HTTPAdapter
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from urllib3.util.retry import Retry
 
 from rewards.registry import REMOTE_PREFIX, RewardError
 
@@ -92,7 +92,9 @@ def _metadata(body: bytes) -> dict[str, str]:
 
 class RemoteReward:
     """Client of ``align rewards serve``: POSTs each batch, with ``timeout_s`` per request and at most
-    ``retries`` retries (exponential backoff) on connection errors, timeouts and 502/503/504."""
+    ``retries`` retries on connection errors, timeouts and 502/503/504. The retries are urllib3's
+    :class:`Retry` on a ``requests`` session: the first retry is immediate, retry k ≥ 2 waits
+    ``backoff_s · 2^(k-1)`` s (or the server's ``Retry-After``)."""
     device = "cpu"
     batch_size: Optional[int] = None
     handles_timeout = True  # the HTTP timeout is real; scoring need not wrap the call in a thread
@@ -106,6 +108,7 @@ class RemoteReward:
         self.wire_dtype = wire_dtype
         self.name, self.retries, self.backoff_s = spec, int(retries), float(backoff_s)
         self.token = os.environ.get(TOKEN_ENV)
+        self.session = _session(self.retries, self.backoff_s)
         self.server_info = self.info()  # fail now, before any rollout, if the server is unreachable
 
     def info(self) -> dict:
@@ -122,31 +125,47 @@ class RemoteReward:
         return scores
 
     def _request(self, body: Optional[bytes], what: str) -> bytes:
+        """One GET (``body`` None) or POST, retried by the session; a one-line :class:`RewardError` naming
+        the reward's URL otherwise."""
         headers = {"Content-Type": "application/octet-stream"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST" if body else "GET")
-            try:
-                with urllib.request.urlopen(req, timeout=float(self.timeout_s)) as resp:
-                    return resp.read()
-            except urllib.error.HTTPError as err:
-                message = _error_text(err)
-                if err.code not in RETRY_STATUS:
-                    raise RewardError(f"reward {self.name!r} on {what}: server answered {err.code}: {message}") from None
-                last = f"HTTP {err.code}: {message}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                reason = getattr(err, "reason", err)
-                last = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
-        raise RewardError(f"reward {self.name!r} on {what}: no answer after {self.retries + 1} attempts "
-                          f"(timeout {float(self.timeout_s):g} s); last error: {last}")
+        gave_up = (f"reward {self.name!r} on {what}: no answer after {self.retries + 1} attempts "
+                   f"(timeout {self.timeout_s:g} s); last error: ")
+        try:
+            resp = self.session.request("POST" if body else "GET", self.url, data=body, headers=headers,
+                                        timeout=self.timeout_s)
+        except requests.RequestException as err:
+            raise RewardError(gave_up + _reason(err)) from None
+        if resp.ok:
+            return resp.content
+        message = _error_text(resp)
+        if resp.status_code in RETRY_STATUS:  # the retries are spent: the session hands back the last answer
+            raise RewardError(gave_up + f"HTTP {resp.status_code}: {message}")
+        raise RewardError(f"reward {self.name!r} on {what}: server answered {resp.status_code}: {message}")
 
 
-def _error_text(err: urllib.error.HTTPError) -> str:
+def _session(retries: int, backoff_s: float) -> requests.Session:
+    """A session whose adapter retries connection errors, read timeouts and 502/503/504 ``retries`` times,
+    POST included (scoring is idempotent); after the last 50x it returns that answer instead of raising."""
+    retry = Retry(total=retries, backoff_factor=backoff_s, status_forcelist=RETRY_STATUS,
+                  allowed_methods=frozenset({"GET", "POST"}), raise_on_status=False)
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _reason(err: requests.RequestException) -> str:
+    """The innermost cause of a failed request (urllib3 wraps it in ``MaxRetryError``), as ``Type: text``."""
+    reason = err.args[0] if err.args else err
+    reason = getattr(reason, "reason", None) or reason
+    return reason if isinstance(reason, str) else f"{type(reason).__name__}: {reason}"
+
+
+def _error_text(resp: requests.Response) -> str:
     try:
-        return json.loads(err.read()).get("error", "")
-    except (ValueError, AttributeError, OSError):
-        return err.reason or ""
+        return resp.json().get("error", "")
+    except (ValueError, AttributeError):
+        return resp.reason or ""

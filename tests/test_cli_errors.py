@@ -70,6 +70,19 @@ def test_a_config_error_comes_before_torch_is_imported() -> None:
         "direction, 0 not at all), got -1.0"]
 
 
+def test_python_dash_m_align_is_the_align_command_and_imports_no_command_module() -> None:
+    """``python -m align train ...`` (what ``accelerate launch -m align train`` starts on each learner) is
+    ``align train``; the CLI imports ``align.train`` only inside its handler, so the two never import each
+    other at load time."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "align", "train", "trainer.lr=-1"], capture_output=True,
+                          text=True, env=env)
+    assert "trainer.lr must be a finite number > 0" in one_error_line(proc)
+    code = "import sys, align.cli; print(sorted(m for m in ('align.train', 'torch') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
 @pytest.mark.parametrize("job, source, expected", [
     ("train", "{empty}", "has no model_index.json"),
     ("train", "{garbage}", "is not a readable model_index.json"),

@@ -88,7 +88,7 @@ def test_two_deepspeed_zero2_learners_with_two_rollout_actors_end_with_identical
     at the end that both ranks hold bit-identical LoRA weights and fails otherwise."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/multi_gpu.yaml",
-           "--num_processes", "2", "--mixed_precision", "no", "-m", "align.train", *TINY, "trainer.iterations=2",
+           "--num_processes", "2", "--mixed_precision", "no", "-m", "align", "train", *TINY, "trainer.iterations=2",
            "critic.pretrain_iterations=0", "ray.num_rollout_workers=2", f"run_dir={run}"]
     job = Reaper(cmd, tmp_path / "log.txt")
     try:
@@ -117,7 +117,7 @@ def test_sigkill_after_iteration_k_then_resume_matches_an_uninterrupted_run(tmp_
         "ray.num_reward_workers=0", f"run_dir={tmp_path / 'a'}"])
     train(straight, log=lambda *_: None)
     run = tmp_path / "b"
-    cmd = [sys.executable, "-m", "align.train", *TINY, f"trainer.iterations={iterations}",
+    cmd = [sys.executable, "-m", "align", "train", *TINY, f"trainer.iterations={iterations}",
            "critic.pretrain_iterations=1", "ray.num_rollout_workers=2", f"run_dir={run}"]
     first = Reaper(cmd, tmp_path / "log1.txt")
     try:
@@ -128,7 +128,7 @@ def test_sigkill_after_iteration_k_then_resume_matches_an_uninterrupted_run(tmp_
         first.reap()
     k = _state(run)["iteration"]
     assert 1 <= k < iterations
-    second = Reaper([sys.executable, "-m", "align.train", "--resume", str(run)], tmp_path / "log2.txt")
+    second = Reaper([sys.executable, "-m", "align", "train", "--resume", str(run)], tmp_path / "log2.txt")
     try:
         rc = second.wait(300)
     finally:
@@ -144,7 +144,7 @@ def test_sigkill_after_iteration_k_then_resume_matches_an_uninterrupted_run(tmp_
 
 def _launch(tmp_path: Path, name: str, args: list[str]) -> str:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/multi_gpu.yaml",
-           "--num_processes", "2", "--mixed_precision", "no", "-m", "align.train", *args]
+           "--num_processes", "2", "--mixed_precision", "no", "-m", "align", "train", *args]
     job = Reaper(cmd, tmp_path / f"{name}.txt")
     try:
         rc = job.wait(540)
@@ -157,7 +157,8 @@ def _launch(tmp_path: Path, name: str, args: list[str]) -> str:
 @pytest.mark.slow
 def test_deepspeed_resume_restores_each_ranks_optimizer_partition(tmp_path) -> None:
     """2 DeepSpeed ZeRO-2 processes: 2 policy iterations then ``--resume`` to 3 end with the same weights as
-    3 policy iterations straight (after 1 value-pretraining iteration each, so the resume is at iteration 3) (each rank reloads its own fp32 master partition and Adam moments)."""
+    3 policy iterations straight (after 1 value-pretraining iteration each, so the resume is at iteration 3)
+    (each rank reloads its own fp32 master partition and Adam moments)."""
     common = [*TINY, "critic.pretrain_iterations=1", "ray.num_rollout_workers=2"]
     _launch(tmp_path, "straight", [*common, "trainer.iterations=3", f"run_dir={tmp_path / 'a'}"])
     _launch(tmp_path, "first", [*common, "trainer.iterations=2", f"run_dir={tmp_path / 'b'}"])

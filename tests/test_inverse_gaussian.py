@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.modifiers import CLAMP, DPS, GaussianDenoiser, MapRPS, MatrixOperator, Stage1Config, gmres, make_problem
-from align.modifiers.clamp import sigma_split
-from align.modifiers.denoiser import edm_sigmas
+from align.inverse import CLAMP, DPS, GaussianDenoiser, MapRPS, MatrixOperator, Stage1Config, gmres, make_problem
+from align.inverse.clamp import sigma_split
+from align.inverse.denoiser import edm_sigmas
 
 DT = torch.float64
 
@@ -259,6 +259,6 @@ def test_measurement_of_the_wrong_shape_fails_before_any_denoiser_call():
 
 def test_edm_grid_drops_sigma_min_and_ends_at_zero():
     g = edm_sigmas(4, 100.0, 0.1)
-    assert g.shape == (5,) and float(g[0]) == pytest.approx(100.0) and g[-1] == 0.0 
+    assert g.shape == (5,) and float(g[0]) == pytest.approx(100.0) and g[-1] == 0.0
     assert float(g[-2]) == pytest.approx((100 ** (1 / 7) + 0.75 * (0.1 ** (1 / 7) - 100 ** (1 / 7))) ** 7)
     assert (g[1:] < g[:-1]).all()

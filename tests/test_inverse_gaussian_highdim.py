@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from align.modifiers import CLAMP, DPS, GaussianDenoiser, MapRPS, MatrixOperator, Stage1Config
-from align.modifiers.map_rps import ConvergenceWarning
+from align.inverse import CLAMP, DPS, GaussianDenoiser, MapRPS, MatrixOperator, Stage1Config
+from align.inverse.map_rps import ConvergenceWarning
 
 DT = torch.float64
 N = 48

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from align.modifiers import CLAMP, DPS, Inpaint, MapRPS, Stage1Config, box_mask
-from align.modifiers.denoiser import PipelineDenoiser
+from align.inverse import CLAMP, DPS, Inpaint, MapRPS, Stage1Config, box_mask
+from align.inverse.denoiser import PipelineDenoiser
 
 
 class FakeGaussianNet(torch.nn.Module):
@@ -133,7 +133,7 @@ def test_gradient_checkpointing_is_turned_off_for_the_solvers(tiny_unet_pipe):
 
 def test_clamp_uses_the_pixel_preset_for_denoisers_and_the_latent_preset_for_pipelines(tiny_unet_pipe):
     """Spec §4.3: pixel linear tasks 50 steps, K = 5, σ_max = 100; latent 25 steps, K = 20, σ_max = 10."""
-    from align.modifiers import GaussianDenoiser, MatrixOperator
+    from align.inverse import GaussianDenoiser, MatrixOperator
     pix = CLAMP(GaussianDenoiser(torch.zeros(2), torch.eye(2)), MatrixOperator(torch.eye(2)), torch.zeros(1, 2), 0.1)
     assert (pix.config.steps, pix.config.gmres_iters, pix.config.sigma_max) == (50, 5, 100.0)
     assert float(pix.grid[0]) == pytest.approx(100.0) and len(pix.grid) == 51

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from align.cli import main
-from align.modifiers.metrics import load_lpips
-from align.modifiers.operators import Inpaint, box_mask
-from align.modifiers.solve import write_png
+from align.inverse.metrics import load_lpips
+from align.inverse.operators import Inpaint, box_mask
+from align.inverse.solve import write_png
 
 FAST = ["model.source=preset:tiny-unet", "clamp_steps=2", "gmres_iters=2", "dps_steps=2", "stage1.anneal_iters=2",
         "stage1.final_iters=1", "stage1.prox_iters=2", "progress=false"]
@@ -62,7 +62,7 @@ def test_solve_loads_a_diffusers_format_policy_lora(clean_png, tmp_path, tiny_un
     from peft.utils import get_peft_model_state_dict
 
     from align.backbones import attach_lora
-    from align.modifiers.solve import SolveConfig, run_solve
+    from align.inverse.solve import SolveConfig, run_solve
     attach_lora(tiny_unet_pipe, "policy", rank=2)
     for name, p in tiny_unet_pipe.unet.named_parameters():
         if "lora_B" in name:
@@ -108,7 +108,7 @@ def test_solve_runs_on_a_dit_backbone(clean_png, tmp_path, capsys):
 
 
 def test_mask_png_white_marks_the_missing_pixels(tmp_path):
-    from align.modifiers.solve import SolveConfig, _inpaint
+    from align.inverse.solve import SolveConfig, _inpaint
     png = torch.zeros(1, 3, 16, 16)
     png[..., 2:5, 3:9] = 1.0  # white = to fill
     write_png(png, str(tmp_path / "m.png"))
@@ -117,7 +117,7 @@ def test_mask_png_white_marks_the_missing_pixels(tmp_path):
 
 
 def test_clamp_sigma_n_defaults_to_sigma_y_and_can_be_set(tiny_unet_pipe):
-    from align.modifiers.solve import SolveConfig, build_solver
+    from align.inverse.solve import SolveConfig, build_solver
     op = Inpaint(box_mask(16, (4, 4, 8, 8)))
     y = torch.zeros(1, 3, 16, 16)
     cfg = SolveConfig(method="clamp", sigma_y=0.07, progress=False)

@@ -48,6 +48,7 @@ def test_slurm_script_is_valid_bash_and_launches_the_trainer() -> None:
     text = script.read_text()
     assert "#SBATCH --nodes" in text and "ray start --head" in text
     assert "accelerate launch --config_file launch/accelerate/multi_node.yaml" in text and "ray.address=auto" in text
+    assert "-m align train $CONFIG" in text  # `python -m align` is the CLI (align/__main__.py)
 
 
 def _hadolint() -> str | None:

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from align.cli import main
-from align.modifiers.metrics import load_lpips
+from align.inverse.metrics import load_lpips
 
 
 class _RunsCode:
@@ -68,7 +68,7 @@ def _calls_mkdir(stream: bytes) -> bool:
 
 
 def test_align_solve_refuses_a_crafted_lpips_file_in_one_line_before_the_model_loads(tmp_path, capsys):
-    from align.modifiers.solve import write_png
+    from align.inverse.solve import write_png
     clean = str(tmp_path / "clean.png")
     write_png(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)), clean)
     path, marker = _crafted(tmp_path, "evil_cli", "torch.save")

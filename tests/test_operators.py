@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from align.modifiers import (Blur, Downsample, Inpaint, LatentOperator, anisotropic_kernel, box_mask, gaussian_kernel,
+from align.inverse import (Blur, Downsample, Inpaint, LatentOperator, anisotropic_kernel, box_mask, gaussian_kernel,
                              make_problem, random_mask)
-from align.modifiers.denoiser import PipelineDenoiser
-from align.modifiers.operators import MatrixOperator, Operator, linearize, parse_kernel
+from align.inverse.denoiser import PipelineDenoiser
+from align.inverse.operators import MatrixOperator, Operator, linearize, parse_kernel
 
 DT = torch.float64
 LINEAR_OPS = {
@@ -119,7 +119,7 @@ class _FlatSum(Operator):
 
 
 def test_an_operator_on_flat_vectors_needs_no_check_override():
-    from align.modifiers import GaussianDenoiser, make_problem
+    from align.inverse import GaussianDenoiser, make_problem
     den = GaussianDenoiser(torch.zeros(5), torch.eye(5))
     problem = make_problem(den, _FlatSum(), torch.zeros(3, 2), 0.1)
     assert problem.state_shape() == (3, 5)
@@ -143,14 +143,14 @@ class _NotADenoiser:
 
 
 def test_a_model_that_is_neither_pipeline_nor_denoiser_is_told_what_it_lacks():
-    from align.modifiers import CLAMP
+    from align.inverse import CLAMP
     with pytest.raises(TypeError, match=r"model _NotADenoiser is neither a diffusers pipeline nor a denoiser: "
                                         r"missing state_shape, schedule, clip_sigma, calls"):
         CLAMP(_NotADenoiser(), MatrixOperator(torch.eye(2)), torch.zeros(1, 2), 0.1)
 
 
 def test_a_duck_typed_denoiser_with_the_whole_protocol_is_accepted():
-    from align.modifiers import CLAMP, GaussianDenoiser
+    from align.inverse import CLAMP, GaussianDenoiser
     ref = GaussianDenoiser(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
 
     class Duck(_NotADenoiser):

@@ -156,11 +156,13 @@ def test_client_retries_transient_failures_a_bounded_number_of_times() -> None:
         assert server.RequestHandlerClass.posts == 2
 
 
-def test_client_times_out_and_names_the_timeout() -> None:
-    with serving(_flaky_server(failures=0, delay=2.0)) as url:
+def test_client_times_out_retries_the_post_and_names_the_timeout() -> None:
+    server = _flaky_server(failures=0, delay=2.0)
+    with serving(server) as url:
         client = get_reward(f"remote:{url}/flaky", retries=1, backoff_s=0.01, timeout_s=0.3)
         with pytest.raises(RewardError, match="on a batch of 2: no answer after 2 attempts \\(timeout 0.3 s\\)"):
             score([client], torch.zeros(2, 3, 4, 4), ["a", "b"])
+        assert server.RequestHandlerClass.posts == 2  # the timed-out POST was sent again, once
 
 
 def test_unreachable_server_fails_when_the_reward_is_built() -> None:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from align.modifiers.problem import gaussian_noise, make_problem
+from align.inverse.problem import gaussian_noise, make_problem
 
 
 #: DPS guidance modes: the DPS code's residual-normalised step, or the σ_y-weighted likelihood score.

@@ -25,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from align.config import field
-from align.modifiers.clamp import CLAMP
-from align.modifiers.dps import DPS
-from align.modifiers.problem import InverseProblem, gaussian_noise
+from align.inverse.clamp import CLAMP
+from align.inverse.dps import DPS
+from align.inverse.problem import InverseProblem, gaussian_noise
 
 #: Stage-2 samplers by name: factory(model, operator, y, sigma_y, progress, denoiser_kwargs, **kw).
 STAGE2 = {"clamp": CLAMP, "dps": DPS}

@@ -95,7 +95,8 @@ class PipelineDenoiser(Denoiser):
         self.pipe, self.guidance_scale, self.kind = pipe, guidance_scale, backbone_kind(pipe)
         self.net = backbone_net(pipe)
         if getattr(self.net, "is_gradient_checkpointing", False):  # spec §4.4: VJPs with a retained graph
-            warnings.warn(f"{type(self.net).__name__}: gradient checkpointing turned off for the inverse solvers")
+            warnings.warn(f"{type(self.net).__name__}: gradient checkpointing turned off for the inverse solvers",
+                          stacklevel=2)
             self.net.disable_gradient_checkpointing()
         with torch.no_grad():
             self.embeds = encode_prompts(pipe, [prompt], negative_prompt, guidance_scale)
@@ -191,7 +192,7 @@ def check_denoiser(model) -> None:
         raise TypeError(f"model {type(model).__name__} is neither a diffusers pipeline nor a denoiser: "
                         f"missing {', '.join(missing)} (a denoiser needs __call__(z, s) -> E[x0|z], "
                         f"state_shape(batch), schedule(steps), clip_sigma(s), sigma_min, sigma_max and a "
-                        f"calls dict; subclass align.modifiers.Denoiser for the defaults)")
+                        f"calls dict; subclass align.inverse.Denoiser for the defaults)")
 
 
 def check_has_vae(pipe) -> None:

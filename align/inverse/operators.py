@@ -2,9 +2,10 @@
 
 Every operator is a differentiable ``torch`` function of a batch of states: images ``x`` (B, C, H, W)
 for the image operators, flat (B, n) vectors for :class:`MatrixOperator`, any (B, ...) for a
-subclass (the base :meth:`Operator.check` assumes nothing beyond the batch dimension). VJPs ``J_A(x)^T u`` come from autograd; JVPs
-``J_A(x) v`` are ``A(v)`` for linear operators and the double-VJP trick otherwise (no forward-mode
-AD, so any module with double backward works, e.g. the VAE decoder of :class:`LatentOperator`).
+subclass (the base :meth:`Operator.check` assumes nothing beyond the batch dimension). VJPs
+``J_A(x)^T u`` come from autograd; JVPs ``J_A(x) v`` are ``A(v)`` for linear operators and the
+double-VJP trick otherwise (no forward-mode AD, so any module with double backward works, e.g. the
+VAE decoder of :class:`LatentOperator`).
 
 Shapes are checked up front (:meth:`Operator.check`) so a mismatch is a one-line error before any
 denoiser call. Images live in [-1, 1] (the VAE's range); masks are 1 where a pixel is observed.

@@ -72,7 +72,7 @@ def load_lpips(weights: str, net: str = "alex") -> LocalLPIPS:
     model = getattr(torchvision.models, LPIPS_BACKBONES[net])(weights=None)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+    except RuntimeError:
         missing = sorted(set(model.state_dict()) - set(state))[:3]
         extra = sorted(set(state) - set(model.state_dict()))[:3]
         raise ValueError(f"--lpips-weights {weights}: not a torchvision {LPIPS_BACKBONES[net]} checkpoint "

@@ -1,7 +1,7 @@
 """An inverse problem y = A(x0) + n, n ~ N(0, σ_y² I), bound to a VE denoiser (spec §2.2, §4.4).
 
 Given a diffusers pipeline, the state is its latent and the operator becomes A∘Dec (the latent
-variant: LMAP-RPS, latent CLAMP/DPS); given a :class:`~align.modifiers.denoiser.Denoiser` over
+variant: LMAP-RPS, latent CLAMP/DPS); given a :class:`~align.inverse.denoiser.Denoiser` over
 pixels (or flat vectors), the operator acts on the state directly (the pixel variant). Every shape
 is checked here, before any denoiser call.
 """
@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from align.modifiers.denoiser import Denoiser, PipelineDenoiser, check_denoiser, check_has_vae, is_pipeline
-from align.modifiers.operators import LatentOperator, Operator
+from align.inverse.denoiser import Denoiser, PipelineDenoiser, check_denoiser, check_has_vae, is_pipeline
+from align.inverse.operators import LatentOperator, Operator
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ def make_problem(model, operator: Operator, y: torch.Tensor, sigma_y: Optional[f
         raise ValueError(f"sigma_y (measurement noise std) must be finite and > 0, got {sigma_y}")
     sigma_y = None if sigma_y is None else float(sigma_y)
     if not isinstance(operator, Operator):
-        raise TypeError(f"operator must be an align.modifiers.operators.Operator, got {type(operator).__name__}")
+        raise TypeError(f"operator must be an align.inverse.operators.Operator, got {type(operator).__name__}")
     if not isinstance(model, Denoiser) and not is_pipeline(model):
         check_denoiser(model)  # a duck-typed denoiser passes; anything else is named with what it lacks
     if not is_pipeline(model):

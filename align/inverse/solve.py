@@ -16,11 +16,11 @@ import torch
 
 from align.backbones.model_config import ModelConfig
 from align.config import field
-from align.modifiers.clamp import CLAMP
-from align.modifiers.dps import DPS
-from align.modifiers.map_rps import MapRPS, Stage1Config
-from align.modifiers.metrics import LPIPS_UNAVAILABLE, format_metrics, image_metrics, load_lpips
-from align.modifiers.operators import Blur, Downsample, Inpaint, box_mask, parse_kernel
+from align.inverse.clamp import CLAMP
+from align.inverse.dps import DPS
+from align.inverse.map_rps import MapRPS, Stage1Config
+from align.inverse.metrics import LPIPS_UNAVAILABLE, format_metrics, image_metrics, load_lpips
+from align.inverse.operators import Blur, Downsample, Inpaint, box_mask, parse_kernel
 
 TASKS = ("inpaint", "sr", "deblur")
 METHODS = ("map_rps", "clamp", "dps")
@@ -209,7 +209,7 @@ def run_solve(cfg: SolveConfig, pipe=None) -> list[dict]:
     precheck(cfg)
     lpips = load_lpips(cfg.lpips_weights, cfg.lpips_net) if cfg.lpips_weights else None  # refused before the model
     pipe = pipe if pipe is not None else load_pipeline(cfg)
-    net = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+    net = getattr(pipe, "unet", None) or pipe.transformer
     size = net.config.sample_size * pipe.vae_scale_factor
     op, y, ref, knobs = prepare(cfg, size)
     if ref is not None and lpips is None:

@@ -27,10 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from align.config import field
-from align.modifiers.denoiser import denoise_with_vjp, edm_sigmas
-from align.modifiers.gmres import gmres
-from align.modifiers.operators import linearize
-from align.modifiers.problem import gaussian_noise, make_problem
+from align.inverse.denoiser import denoise_with_vjp, edm_sigmas
+from align.inverse.gmres import gmres
+from align.inverse.operators import linearize
+from align.inverse.problem import gaussian_noise, make_problem
 
 
 @dataclasses.dataclass
