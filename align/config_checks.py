@@ -50,6 +50,7 @@ def check_values(cfg) -> None:
     _require(t.num_threads >= 0, f"trainer.num_threads must be >= 0, got {t.num_threads}")
     _require(_finite(t.step_window) and 0 < t.step_window <= 1, f"trainer.step_window must be in (0, 1], got "
                                                                 f"{t.step_window}")
+    _require(t.checkpoint_every >= 1, f"trainer.checkpoint_every must be >= 1, got {t.checkpoint_every}")
     _require(t.max_consecutive_skipped >= 1, f"trainer.max_consecutive_skipped must be >= 1, got "
                                              f"{t.max_consecutive_skipped}")
     _require(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")

@@ -181,10 +181,9 @@ def _loop(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Learner, 
                disable=not driver)
     normalise = functools.partial(_normalised, norms, names)  # raw (B, K) → value targets (B, K)
     while not _finished(cfg, state) and (stop_after is None or state.iteration < stop_after):
-        t0, it, phase = time.time(), state.iteration, algo.phase(state)
+        t0, it, phase, timing = time.time(), state.iteration, algo.phase(state), {}
         prompts = iteration_prompts(cfg, it)
-        traj, raw, error = _collect(cfg, workers, accelerator, prompts, it)       # 1-2. rollouts, rewards
-        t_rollout = time.time() - t0
+        traj, raw, error = _collect(cfg, workers, accelerator, prompts, it, timing)   # 1-2. rollouts, rewards
         if traj is None:
             _skip_batch(cfg, state, algo, learner, norms, phase, error, writer, log, run)
             bar.update(1)
@@ -194,44 +193,64 @@ def _loop(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Learner, 
         groups = torch.arange(len(prompts)) // cfg.trainer.samples_per_prompt
         batch = Batch(traj=traj, prompts=prompts, group_ids=groups, raw=raw, targets=normalise(raw),
                       shard=shard_slice(accelerator, len(prompts)))
-        if algo.needs_critic:                                                       # 3. estimate
-            batch.values = accelerator.gather(learner.values(traj))  # (B, T, K), all ranks
-        batch.advantages = algo.advantages(batch, weights)
-        stats = algo.update(learner, batch, phase, normalise)                       # 4. update
-        if phase == POLICY:                                                         # 5. sync
-            state.policy_updates += 1
-            stats.update(_sync(learner, workers))
-        record = _record(batch, weights, names, phase, it, t0, t_rollout, stats)   # 6. log, checkpoint
-        state.history.append(record)
-        state.iteration, state.consecutive_skipped = it + 1, 0
+        with _timed(timing, "values"):                                               # 3. estimate
+            if algo.needs_critic:
+                batch.values = accelerator.gather(learner.values(traj))  # (B, T, K), all ranks
+            batch.advantages = algo.advantages(batch, weights)
+        with _timed(timing, "update"):                                               # 4. update
+            stats = algo.update(learner, batch, phase, normalise)
+        with _timed(timing, "sync"):                                                 # 5. sync
+            if phase == POLICY:
+                state.policy_updates += 1
+                stats.update(_sync(learner, workers))
+        state.iteration, state.consecutive_skipped = it + 1, 0                      # 6. log, checkpoint
         state.value_iterations += phase == VALUE_PRETRAIN
+        with _timed(timing, "eval"):
+            if driver and cfg.eval_every and state.iteration % cfg.eval_every == 0:
+                _eval_grid(workers.rollouts, cfg, run, state.iteration)
+        record = _record(batch, weights, names, phase, it, t0, timing, stats)
+        state.history.append(record)
         algo.end_iteration(state, record, log)
+        with _timed(timing, "checkpoint"):  # (so the checkpoint holds every timing of its iteration but this one)
+            if state.iteration % cfg.trainer.checkpoint_every == 0 or _finished(cfg, state):
+                _save(run / "checkpoint", learner, state, norms, algo)
+        record["timing/checkpoint"] = timing["checkpoint"]
         if driver:
             _log_iteration(log, writer, record)
-            if cfg.eval_every and state.iteration % cfg.eval_every == 0:
-                _eval_grid(workers.rollouts, cfg, run, state.iteration)
-        _save(run / "checkpoint", learner, state, norms, algo)
         bar.update(1)
     bar.close()
     return state
 
 
-def _collect(cfg: TrainConfig, workers, accelerator, prompts: list[str], it: int
+@contextlib.contextmanager
+def _timed(timing: dict[str, float], phase: str):
+    """Add the block's wall-clock seconds to ``timing[phase]`` (verl's ``timing/<phase>``)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[phase] = timing.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def _collect(cfg: TrainConfig, workers, accelerator, prompts: list[str], it: int, timing: dict[str, float]
              ) -> tuple[Optional[Trajectory], Optional[torch.Tensor], Optional[RewardError]]:
     """Rollouts and raw rewards (B, K) on the driver, then this rank's shard of the trajectory and all
     the scores; ``(None, None, error)`` when a reward failed and ``reward_on_error=skip_batch``."""
     traj = raw = err = None
     if accelerator.is_main_process:
-        traj = workers.rollouts.rollout(prompts, seed=cfg.trainer.seed * 100_003 + it)
+        with _timed(timing, "rollout"):
+            traj = workers.rollouts.rollout(prompts, seed=cfg.trainer.seed * 100_003 + it)
         records = prompt_metadata(cfg.trainer.prompts, prompts)  # GenEval-format clauses per sample (or None)
-        try:
-            raw = workers.rewards.score(traj.images, prompts, prompt_metadata=records)  # RewardError before any update
-        except RewardError as error:
-            if cfg.reward_on_error == "raise":
-                raise
-            traj, err = None, error
+        with _timed(timing, "reward"):
+            try:
+                raw = workers.rewards.score(traj.images, prompts, prompt_metadata=records)  # before any update
+            except RewardError as error:
+                if cfg.reward_on_error == "raise":
+                    raise
+                traj, err = None, error
         traj = traj and dataclasses.replace(traj, images=None)  # the learner needs no pixels
-    traj, raw = share_batch(accelerator, traj, raw)  # this rank's shard, all scores; None: batch skipped
+    with _timed(timing, "share"):
+        traj, raw = share_batch(accelerator, traj, raw)  # this rank's shard, all scores; None: batch skipped
     return traj, raw, err
 
 
@@ -253,10 +272,11 @@ def _skip_batch(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Lea
 
 
 def _record(batch: Batch, weights: torch.Tensor, names: list[str], phase: str, it: int, t0: float,
-            t_rollout: float, stats: dict) -> dict:
+            timing: dict[str, float], stats: dict) -> dict:
     """The iteration's history entry: rewards, critic EV (overall, late half, per step), per-step advantage
-    variance, the learner's statistics, timings."""
+    variance, the learner's statistics, per-phase seconds (``timing/<phase>``) and samples/s."""
     raw, values, targets = batch.raw, batch.values, batch.targets
+    seconds = time.time() - t0
     critic = {}
     if values is not None:
         critic = {"explained_variance": chain_explained_variance(values, targets),
@@ -266,7 +286,8 @@ def _record(batch: Batch, weights: torch.Tensor, names: list[str], phase: str, i
             "explained_variance": float("nan"), "explained_variance_late": float("nan"), **critic,
             "advantage_var_per_step": [float(v) for v in batch.advantages.var(dim=0, unbiased=False)],
             "advantage_mean_per_step": [float(v) for v in batch.advantages.mean(dim=0)],
-            "seconds": time.time() - t0, "rollout_seconds": t_rollout,
+            "seconds": seconds, "samples_per_s": len(batch.prompts) / seconds,
+            **{f"timing/{k}": v for k, v in timing.items()},
             **{f"reward/{n}": float(raw[:, k].mean()) for k, n in enumerate(names)},
             "reward/weighted": float((raw @ weights).mean()), **stats}
 
@@ -300,7 +321,8 @@ def _log_iteration(log, writer, record: dict) -> None:
             parts.append(f"{label} {record[key]:.4f}")
     if "explained_variance_per_step" in record:
         parts.append("EV/step " + ",".join(f"{e:.2f}" for e in record["explained_variance_per_step"]))
-    parts.append(f"{record['seconds']:.1f}s")
+    timing = " ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in record.items() if k.startswith("timing/") and v >= 0.05)
+    parts.append(f"{record['seconds']:.1f}s ({timing}) {record['samples_per_s']:.1f} samples/s")
     log(" | ".join(parts))
     for key, val in record.items():
         if isinstance(val, (int, float)) and key != "iteration" and val == val:

@@ -70,6 +70,8 @@ class TrainerConfig:
     kl_coef: float = field(0.0, help="weight of the KL to the reference policy (adapters disabled); 0 = off")
     max_grad_norm: float = field(1.0, help="gradient clipping")
     seed: int = field(0, help="seed of prompts, sampling noise and initialisation")
+    checkpoint_every: int = field(1, help="iterations between atomic checkpoints (the last one is always saved); a "
+                                          "resume replays the iterations after the newest checkpoint exactly")
     max_consecutive_skipped: int = field(3, help="with reward_on_error=skip_batch, this many skipped batches in a row "
                                                  "stop the run with an error")
     num_threads: int = field(1, help="torch CPU threads of the training process (0: torch's default; tiny models "

@@ -91,6 +91,26 @@ def test_resume_matches_an_uninterrupted_run(tmp_path) -> None:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
+def test_sparse_checkpoints_resume_by_replaying_the_lost_iterations(tmp_path) -> None:
+    """``trainer.checkpoint_every=2``: a run stopped after iteration 3 resumes from iteration 2's checkpoint and
+    replays iteration 3 exactly (the data position is the iteration), so it ends as a straight run does; every
+    iteration's record carries its per-phase seconds and samples/s."""
+    common = ["trainer.iterations=4", "trainer.checkpoint_every=2"]
+    state = train(_cfg(tmp_path / "a", *common), log=lambda *_: None)
+    assert {"timing/rollout", "timing/reward", "timing/values", "timing/update", "timing/sync",
+            "timing/checkpoint", "samples_per_s"} <= set(state.history[-1])
+    split = _cfg(tmp_path / "b", *common)
+    train(split, stop_after=3, log=lambda *_: None)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["iteration"] == 2
+    resumed = train(split, resume=True, log=lambda *_: None)
+    assert [h["iteration"] for h in resumed.history] == [1, 2, 3, 4]
+    for name in ("policy_lora", "critic_heads"):
+        a = load_tensors(tmp_path / "a" / "checkpoint" / f"{name}.safetensors")
+        b = load_tensors(tmp_path / "b" / "checkpoint" / f"{name}.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
 def _bad_reward(name: str, make):
     @register_reward(name)
     class _Bad:
