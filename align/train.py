@@ -43,7 +43,7 @@ from align.sampling import Trajectory
 from align.train_config import TrainConfig
 from critics.export import base_fingerprint
 from critics.value_model import LatentCritic, critic_target_modules
-from rewards import RewardError, build_rewards, parse_reward_specs
+from rewards import RewardError, build_rewards
 
 
 def chain_explained_variance(values: torch.Tensor, targets: torch.Tensor, first_step: int = 0) -> float:
@@ -91,7 +91,7 @@ def build(cfg: TrainConfig):
     accelerator = make_accelerator(cfg)  # first: on GPUs it selects this process's device
     pipe = load_model(cfg.model)
     attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
-    specs = parse_reward_specs(cfg.rewards)
+    specs = cfg.reward_specs()
     critic = None
     if make_algorithm(cfg).needs_critic:
         adapter = "policy" if cfg.critic.adapter == "shared" else "critic"
@@ -100,7 +100,7 @@ def build(cfg: TrainConfig):
                         target_modules=critic_target_modules(pipe, cfg.critic.feature_layer))
         critic = LatentCritic(pipe, [s.name for s in specs], adapter=adapter,
                               hidden=cfg.critic.hidden, feature_layer=cfg.critic.feature_layer)
-    reward_fns = build_rewards(specs, cfg.reward_args) if cfg.ray.num_reward_workers == 0 else []  # else: actors
+    reward_fns = build_rewards(specs) if cfg.ray.num_reward_workers == 0 else []  # else: actors
     weights = torch.tensor([s.weight for s in specs], dtype=torch.float32)
     learner = Learner(pipe, critic, cfg, accelerator)
     worker = RolloutWorker(pipe, cfg.sampler)
@@ -121,7 +121,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
     pipe, critic, reward_fns, weights, learner, worker = build(cfg)
     identity = run_identity(cfg, base_fingerprint(pipe))  # run-defining settings + base fingerprint
     algo = make_algorithm(cfg)
-    names = [s.name for s in parse_reward_specs(cfg.rewards)]
+    names = [s.name for s in cfg.reward_specs()]
     accelerator, driver = learner.accelerator, learner.accelerator.is_main_process
     norms = {n: RunningMeanStd() for n in names}
     state = RunState(policy_started=not algo.pretrains_value())
@@ -328,7 +328,7 @@ def _final_evaluation(pipe, cfg: TrainConfig, run: Path, log) -> dict:
     paired gain with its standard error, per tag; ``final_eval_prompts`` tag-balanced (prompt, noise) pairs)."""
     from align.eval import balanced_items, paired_evaluation
     items = balanced_items(cfg.trainer.prompts, cfg.final_eval_prompts)
-    result = paired_evaluation(pipe, cfg.trainer.prompts, cfg.sampler, geneval_args=cfg.reward_args.get("geneval"),
+    result = paired_evaluation(pipe, cfg.trainer.prompts, cfg.sampler, geneval_args=cfg.reward_args_of("geneval"),
                                items=items, seed=cfg.trainer.seed)
     ckpt.write_json(run / "eval.json", result)
     log(f"eval ({result['num_images']} images of {result['num_prompts']} prompts, fixed noise): base "

@@ -23,7 +23,9 @@ from typing import Optional
 
 import numpy as np
 
-ALGOS = ("ecg", "grpo", "ddpo")
+from align.train_config import algorithm_names
+
+ALGOS = algorithm_names()  # the algorithm registry's names
 IN_PROCESS = ["ray.num_rollout_workers=0", "ray.num_reward_workers=0"]  # one process: honest RSS
 
 

@@ -200,7 +200,6 @@ def build_for_export(cfg):
     """The run's pipeline with its adapters and critic (as ``align.train.build``, without rewards or learner)."""
     from align.backbones.model_config import load_model
     from critics.value_model import critic_target_modules
-    from rewards import parse_reward_specs
     pipe = load_model(cfg.model)
     attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
     if cfg.algo != "ecg":
@@ -209,15 +208,14 @@ def build_for_export(cfg):
     layer = cfg.critic.feature_layer
     if adapter == "critic":
         attach_lora(pipe, "critic", rank=cfg.critic.rank, target_modules=critic_target_modules(pipe, layer))
-    names = [s.name for s in parse_reward_specs(cfg.rewards)]
+    names = [s.name for s in cfg.reward_specs()]
     return pipe, LatentCritic(pipe, names, adapter=adapter, hidden=cfg.critic.hidden, feature_layer=layer)
 
 
 def run_export_kwargs(cfg, state: dict) -> dict:
     """Base id, reward weights, normalisation stats and final metrics of a run, for :func:`export_pipeline`."""
-    from rewards import parse_reward_specs
     history = state.get("history") or []
-    return {"base_model": cfg.model.source, "reward_weights": {s.name: s.weight for s in parse_reward_specs(cfg.rewards)},
+    return {"base_model": cfg.model.source, "reward_weights": {s.name: s.weight for s in cfg.reward_specs()},
             "normalisers": state.get("normalisers") or {},
             "metrics": {"algo": cfg.algo, "iterations": state.get("iteration", 0), **(history[-1] if history else {})},
             "adapter_source": cfg.critic.adapter}
@@ -249,15 +247,16 @@ class LoadedCritic:
         """Values back in reward units: R̂_k = V_k · std_k + mean_k."""
         return values * self.norm_std.to(values) + self.norm_mean.to(values)
 
-    def weights_with(self, overrides: Sequence[str] = ()) -> torch.Tensor:
-        """w_k with ``name:weight`` overrides; an unknown name lists the critic's heads."""
+    def weights_with(self, overrides: Sequence = ()) -> torch.Tensor:
+        """w_k with overrides ``[{name, weight}]`` (or the old ``name:weight``; align/config_lists.py reads
+        both); an unknown name lists the critic's heads."""
+        from align.config_lists import parse_rewards
         w = self.weights.clone()
-        for spec in overrides:
-            name, sep, value = str(spec).partition(":")
-            if name.strip() not in self.reward_names or not sep:
-                raise ValueError(f"critic weight override {spec!r}: expected name:weight with name one of "
-                                 f"{self.reward_names} (heads of {self.directory})")
-            w[self.reward_names.index(name.strip())] = float(value)
+        for spec in parse_rewards(overrides, where="steering.weights"):
+            if spec.name not in self.reward_names:
+                raise ValueError(f"steering.weights: {spec.name!r} is not a head of the critic {self.directory}; "
+                                 f"heads: {self.reward_names}")
+            w[self.reward_names.index(spec.name)] = spec.weight
         return w
 
 

@@ -2,7 +2,7 @@
 
 A reward maps ``(images (B,3,H,W) in [0,1], prompts, metadata) -> Tensor (B,)`` and declares
 ``device`` (where its inputs go) and ``batch_size`` (the most images per call; ``None``: any).
-It is a class (instantiated with the keyword arguments from the config's ``reward_args``) or a
+It is a class (instantiated with the keyword arguments of its config entry, ``rewards[].args``) or a
 plain function (those keyword arguments are bound to it). Scoring, chunking and validation live
 in :mod:`rewards.scoring`.
 """
@@ -15,6 +15,8 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
+
+from align.config_lists import RewardSpec
 
 ENTRY_POINT_GROUP = "align.rewards"
 REMOTE_PREFIX = "remote:"
@@ -36,7 +38,7 @@ class RewardError(RuntimeError):
 
 @dataclasses.dataclass
 class FunctionReward:
-    """A plain scoring function as a Reward; ``kwargs`` (from ``reward_args``) are passed on each call."""
+    """A plain scoring function as a Reward; ``kwargs`` (``rewards[].args``) are passed on each call."""
     fn: Callable[..., torch.Tensor]
     name: str
     device: str = "cpu"
@@ -134,55 +136,34 @@ def _with_protocol_args(reward: Any, kwargs: dict) -> Reward:
     return reward
 
 
-@dataclasses.dataclass(frozen=True)
-class RewardSpec:
-    name: str
-    weight: float
-
-
-def parse_reward_specs(specs: Sequence[str]) -> list[RewardSpec]:
-    """``["toy_geneval:1.0", "remote:http://127.0.0.1:8000/clip_score:0.5"]`` → specs (weight
-    defaults to 1; the weight is the text after the last ':' unless it contains a '/')."""
-    out = []
-    for spec in specs:
-        head, sep, tail = str(spec).rpartition(":")
-        name, weight = (head, tail) if sep and "/" not in tail and head != "remote" else (str(spec), "")
-        try:
-            out.append(RewardSpec(name.strip(), float(weight) if weight else 1.0))
-        except ValueError:
-            raise ValueError(f"reward spec {spec!r}: weight {weight!r} is not a number") from None
-    names = [s.name for s in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"reward listed twice in {list(specs)}")
+def check_reward_specs(specs: Sequence[RewardSpec]) -> None:
+    """Each spec's name against the registry (a ``remote:`` URL by its syntax) and its args against
+    the reward's signature, without loading any weights. The specs come from the one parser,
+    :func:`align.config_lists.parse_rewards` (``TrainConfig.rewards`` holds them parsed)."""
     known = available_rewards()
-    for n in names:
-        if n.startswith(REMOTE_PREFIX):
+    for s in specs:
+        if s.name.startswith(REMOTE_PREFIX):
             from rewards.remote import parse_url
-            parse_url(n)
-        elif n not in known:
-            raise ValueError(f"unknown reward {n!r}; available: {', '.join(sorted(known))}")
-    return out
+            parse_url(s.name)
+        elif s.name not in known:
+            raise ValueError(f"unknown reward {s.name!r}; available: {', '.join(sorted(known))}")
+        else:
+            obj = reward_object(s.name)
+            _plugin_args(obj, s.name, s.args, skip=0 if inspect.isclass(obj) else 3)
 
 
-def check_reward_args(specs: Sequence[RewardSpec], reward_args: dict) -> None:
-    """Every ``reward_args`` key names a listed reward and maps to a dict of keyword arguments."""
-    names = [s.name for s in specs]
+def reward_object(name: str) -> Callable[..., Any]:
+    """The registered class or function of a (non-remote) reward; an entry point is loaded (imported)."""
     _load_builtins()
-    for key, args in (reward_args or {}).items():
-        if key not in names:
-            raise ValueError(f"reward_args.{key}: {key!r} is not in rewards {names}")
-        if not isinstance(args, dict):
-            raise ValueError(f"reward_args.{key} must be a mapping of keyword arguments, got {args!r}")
-        if not key.startswith(REMOTE_PREFIX):  # check names against the signature without loading weights
-            obj = _BUILTIN.get(key) or _entry_points()[key].load()
-            _plugin_args(obj, key, args, skip=0 if inspect.isclass(obj) else 3)
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    return _entry_points()[name].load()
 
 
-def build_rewards(specs: Sequence[RewardSpec], reward_args: Optional[dict] = None) -> list[Reward]:
-    """Instantiate each spec's reward with its ``reward_args`` (what training and reward workers call)."""
-    reward_args = reward_args or {}
-    check_reward_args(specs, reward_args)
-    return [get_reward(s.name, **dict(reward_args.get(s.name) or {})) for s in specs]
+def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
+    """Instantiate each spec's reward with its args (what training and reward workers call)."""
+    check_reward_specs(specs)
+    return [get_reward(s.name, **dict(s.args)) for s in specs]
 
 
 @functools.lru_cache(maxsize=None)

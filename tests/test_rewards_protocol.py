@@ -13,7 +13,8 @@ import torch
 from align.config import ConfigError, load_config
 from align.toy.world import render_batch, sample_scenes
 from align.train_config import TrainConfig
-from rewards import RewardError, available_rewards, build_rewards, get_reward, parse_reward_specs, register_reward, score
+from align.config_lists import RewardSpec, parse_rewards
+from rewards import RewardError, available_rewards, build_rewards, check_reward_specs, get_reward, register_reward, score
 
 CALLS: list[int] = []
 
@@ -112,7 +113,7 @@ def test_class_reward_kwargs_and_unknown_argument_lists_the_accepted_ones() -> N
 def test_reward_args_are_checked_when_the_config_loads(tmp_path) -> None:
     base = ["rewards=[jpeg_compressibility:1.0]", f"run_dir={tmp_path}"]
     cfg = load_config(TrainConfig, None, base + ["reward_args.jpeg_compressibility.quality=40"])
-    assert build_rewards(parse_reward_specs(cfg.rewards), cfg.reward_args)[0].quality == 40
+    assert build_rewards(cfg.reward_specs())[0].quality == 40
     with pytest.raises(ConfigError, match="reward_args.clip_score: 'clip_score' is not in rewards"):
         load_config(TrainConfig, None, base + ["reward_args.clip_score.model=x"])
     with pytest.raises(ConfigError, match="unknown argument 'qualty'"):
@@ -157,15 +158,15 @@ def test_entry_point_plugins_are_discovered_and_listed_with_their_distribution(t
     monkeypatch.syspath_prepend(str(tmp_path))
     assert available_rewards()["darkness"] == "entry point ep_plugin_mod:darkness (ep-plugin 1.2)"
     images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    scores, _ = score(build_rewards(parse_reward_specs(["darkness:0.5"]), {"darkness": {"offset": 1.0}}),
-                      images, ["a", "b", "c"])
+    scores, _ = score(build_rewards([RewardSpec("darkness", 0.5, {"offset": 1.0})]), images, ["a", "b", "c"])
     torch.testing.assert_close(scores[:, 0], 1.0 - images.mean(dim=(1, 2, 3)))
     sys.modules.pop("ep_plugin_mod", None)
 
 
 def test_remote_specs_keep_the_url_and_parse_an_optional_weight() -> None:
-    specs = parse_reward_specs(["remote:http://127.0.0.1:8123/clip_score:0.5", "remote:http://localhost:9/hpsv2"])
+    specs = parse_rewards(["remote:http://127.0.0.1:8123/clip_score:0.5", "remote:http://localhost:9/hpsv2"])
+    check_reward_specs(specs)
     assert [(s.name, s.weight) for s in specs] == [("remote:http://127.0.0.1:8123/clip_score", 0.5),
                                                    ("remote:http://localhost:9/hpsv2", 1.0)]
     with pytest.raises(ValueError, match="expected remote:http://HOST:PORT/NAME"):
-        parse_reward_specs(["remote:http://127.0.0.1/clip_score"])
+        check_reward_specs(parse_rewards(["remote:http://127.0.0.1/clip_score"]))
