@@ -1,4 +1,6 @@
-"""Reward plugins: the protocol and the registry (decorator + ``align.rewards`` entry points).
+"""Reward plugins: the protocol and the registry: ``align.rewards`` entry points (the built-ins are
+this project's own, in pyproject.toml; a plugin package declares its own) and, in-process,
+:func:`register_reward`.
 
 A reward maps ``(images (B,3,H,W) in [0,1], prompts, metadata) -> Tensor (B,)`` and declares
 ``device`` (where its inputs go) and ``batch_size`` (the most images per call; ``None``: any).
@@ -9,7 +11,6 @@ in :mod:`rewards.scoring`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -49,38 +50,81 @@ class FunctionReward:
         return self.fn(images, prompts, metadata, **self.kwargs)
 
 
-_BUILTIN: dict[str, Callable[..., Any]] = {}
-_DECLARED: dict[str, dict[str, Any]] = {}
+#: rewards registered in this process with :func:`register_reward` (tests, notebooks, a Ray worker's setup hook)
+_REGISTERED: dict[str, Callable[..., Any]] = {}
+#: the distribution whose own ``align.rewards`` entry points are the built-in rewards (pyproject.toml)
+OWN_DISTRIBUTION = "diffusion-align"
+
+
+class RewardPluginError(ValueError):
+    """A reward plugin that cannot be found or loaded; the message (one line) names it."""
 
 
 def register_reward(name: str, *, device: str = "cpu", batch_size: Optional[int] = None):
-    """Register a reward class, or a scoring function ``f(images, prompts, metadata, **kw)``, under ``name``.
-    ``device`` / ``batch_size`` are the defaults for functions (classes declare them as attributes)."""
+    """Register a reward class, or a scoring function ``f(images, prompts, metadata, **kw)``, under ``name``
+    in this process. ``device`` / ``batch_size`` become a function's attributes, as an entry-point
+    function declares them (classes declare them as attributes themselves)."""
     def wrap(obj):
-        _BUILTIN[name] = obj
-        _DECLARED[name] = {"device": device, "batch_size": batch_size}
+        if not inspect.isclass(obj):
+            obj.device = getattr(obj, "device", device)
+            obj.batch_size = getattr(obj, "batch_size", batch_size)
+        _REGISTERED[name] = obj
         return obj
     return wrap
 
 
 def _entry_points() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def available_rewards() -> dict[str, str]:
-    """name -> source: 'builtin' / 'registered <module>' or the entry point and its distribution."""
-    _load_builtins()
-    found = {name: ("builtin" if getattr(obj, "__module__", "").startswith("rewards.")
-                    else f"registered in {getattr(obj, '__module__', '?')}") for name, obj in _BUILTIN.items()}
-    for name, ep in _entry_points().items():
-        dist = f" ({ep.dist.name} {ep.dist.version})" if getattr(ep, "dist", None) else ""
-        found.setdefault(name, f"entry point {ep.value}{dist}")
+    """The ``align.rewards`` entry points: the built-ins (this project's own, pyproject.toml) and every
+    installed plugin's; the one discovery path. Metadata without the built-ins is a stale install."""
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if not any(_is_own(ep) for ep in found.values()):
+        raise RewardPluginError(f"the built-in rewards are {OWN_DISTRIBUTION}'s own {ENTRY_POINT_GROUP!r} entry points "
+                                "(pyproject.toml), and the installed metadata has none: reinstall the project "
+                                "(make install, or pip install -e .)")
     return found
 
 
+def _is_own(ep: Any) -> bool:
+    dist = getattr(ep, "dist", None)
+    return dist is not None and dist.name.replace("_", "-").lower() == OWN_DISTRIBUTION
+
+
+def available_rewards() -> dict[str, str]:
+    """name -> source: 'builtin' (this project's entry points), the entry point and its distribution,
+    or 'registered in <module>'; a name registered in this process shadows an entry point."""
+    found = {}
+    for name, ep in _entry_points().items():
+        dist = f" ({ep.dist.name} {ep.dist.version})" if getattr(ep, "dist", None) else ""
+        found[name] = "builtin" if _is_own(ep) else f"entry point {ep.value}{dist}"
+    for name, obj in _REGISTERED.items():
+        found[name] = f"registered in {getattr(obj, '__module__', '?')}"
+    return found
+
+
+def reward_object(name: str) -> Callable[..., Any]:
+    """The class or function of a (non-remote) reward: registered in this process, else its entry
+    point, loaded (imported) here; a plugin that fails to import is one line naming it."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    eps = _entry_points()
+    if name not in eps:
+        raise RewardPluginError(f"unknown reward {name!r}; available: {', '.join(sorted(available_rewards()))}")
+    ep = eps[name]
+    try:
+        return ep.load()
+    except Exception as err:  # noqa: BLE001 (any import-time failure of a plugin: name it, in one line)
+        dist = f" of {ep.dist.name} {ep.dist.version}" if getattr(ep, "dist", None) else ""
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise RewardPluginError(f"reward plugin {name!r} (entry point {ep.value}{dist}) failed to load: "
+                                f"{type(err).__name__}: {detail}") from err
+
+
 def describe_reward(name: str) -> str:
-    """First line of a registered reward's docstring ('' for entry points, which are not imported)."""
-    doc = inspect.getdoc(_BUILTIN[name]) if name in _BUILTIN else None
+    """First line of a reward's docstring (loads its entry point; a plugin that fails to load says so)."""
+    try:
+        doc = inspect.getdoc(reward_object(name))
+    except RewardPluginError as err:
+        return f"(fails to load: {err})"
     return doc.splitlines()[0] if doc else ""
 
 
@@ -91,13 +135,7 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
     if name.startswith(REMOTE_PREFIX):
         from rewards.remote import RemoteReward
         return _with_protocol_args(RemoteReward(name, **_plugin_args(RemoteReward, name, kwargs, skip=1)), kwargs)
-    _load_builtins()
-    if name in _BUILTIN:
-        obj, declared = _BUILTIN[name], _DECLARED[name]
-    elif name in _entry_points():
-        obj, declared = _entry_points()[name].load(), {}
-    else:
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(available_rewards()))}")
+    obj = reward_object(name)
     if inspect.isclass(obj):
         reward = obj(**_plugin_args(obj, name, kwargs))
         if not getattr(reward, "name", None):
@@ -105,8 +143,7 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
     elif callable(obj):
         params = _plugin_args(obj, name, kwargs, skip=3)
         reward = FunctionReward(obj, getattr(obj, "reward_name", name), kwargs=params,
-                                device=declared.get("device", getattr(obj, "device", "cpu")),
-                                batch_size=declared.get("batch_size", getattr(obj, "batch_size", None)))
+                                device=getattr(obj, "device", "cpu"), batch_size=getattr(obj, "batch_size", None))
     else:
         raise ValueError(f"reward {name!r}: {obj!r} is neither a class nor a function")
     return _with_protocol_args(reward, kwargs)
@@ -152,24 +189,7 @@ def check_reward_specs(specs: Sequence[RewardSpec]) -> None:
             _plugin_args(obj, s.name, s.args, skip=0 if inspect.isclass(obj) else 3)
 
 
-def reward_object(name: str) -> Callable[..., Any]:
-    """The registered class or function of a (non-remote) reward; an entry point is loaded (imported)."""
-    _load_builtins()
-    if name in _BUILTIN:
-        return _BUILTIN[name]
-    return _entry_points()[name].load()
-
-
 def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
     """Instantiate each spec's reward with its args (what training and reward workers call)."""
     check_reward_specs(specs)
     return [get_reward(s.name, **dict(s.args)) for s in specs]
-
-
-@functools.lru_cache(maxsize=None)
-def _load_builtins() -> None:
-    import rewards.builtin  # noqa: F401  (registers the built-in rewards)
-    import rewards.sanity  # noqa: F401  (mean_brightness, color_fraction)
-    import rewards.clip_rewards  # noqa: F401
-    import rewards.geneval.reward  # noqa: F401
-    import rewards.hps  # noqa: F401

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from align.config import ConfigError, load_config
+from align.config_lists import RewardSpec, parse_rewards
 from align.toy.world import render_batch, sample_scenes
 from align.train_config import TrainConfig
-from align.config_lists import RewardSpec, parse_rewards
-from rewards import RewardError, available_rewards, build_rewards, check_reward_specs, get_reward, register_reward, score
+from rewards import (RewardError, available_rewards, build_rewards, check_reward_specs, get_reward, register_reward,
+                     score)
 
 CALLS: list[int] = []
 
@@ -170,3 +171,40 @@ def test_remote_specs_keep_the_url_and_parse_an_optional_weight() -> None:
                                                    ("remote:http://localhost:9/hpsv2", 1.0)]
     with pytest.raises(ValueError, match="expected remote:http://HOST:PORT/NAME"):
         check_reward_specs(parse_rewards(["remote:http://127.0.0.1/clip_score"]))
+
+
+def test_builtins_are_the_projects_own_entry_points_as_pyproject_declares_them() -> None:
+    """One discovery path: the built-in rewards are diffusion-align's ``align.rewards`` entry points. The
+    installed metadata must match pyproject.toml (a stale editable install fails here, naming the fix)."""
+    import tomllib
+    from importlib.metadata import entry_points
+    from pathlib import Path
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "project"]["entry-points"]["align.rewards"]
+    installed = {ep.name: ep.value for ep in entry_points(group="align.rewards")
+                 if ep.dist is not None and ep.dist.name == "diffusion-align"}
+    assert installed == declared, "installed metadata differs from pyproject.toml: reinstall (make install)"
+    found = available_rewards()
+    assert all(found[name] == "builtin" for name in declared)
+    assert get_reward("jpeg_compressibility", quality=50).quality == 50  # loaded through its entry point
+
+
+def test_a_plugin_that_fails_to_load_is_one_line_naming_it(tmp_path, monkeypatch) -> None:
+    from align.errors import one_line
+    from rewards import RewardPluginError
+    from rewards.registry import describe_reward
+    (tmp_path / "broken_plugin_mod.py").write_text("import no_such_module_here\n")
+    info = tmp_path / "broken_plugin-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[align.rewards]\nbroken = broken_plugin_mod:Broken\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert available_rewards()["broken"] == "entry point broken_plugin_mod:Broken (broken-plugin 0.3)"
+    with pytest.raises(RewardPluginError) as info_err:
+        get_reward("broken")
+    line = one_line(info_err.value)
+    assert line == ("reward plugin 'broken' (entry point broken_plugin_mod:Broken of broken-plugin 0.3) failed to "
+                    "load: ModuleNotFoundError: No module named 'no_such_module_here'")
+    assert describe_reward("broken").startswith("(fails to load: reward plugin 'broken'")
+    with pytest.raises(ConfigError, match="reward plugin 'broken' .* failed to load"):
+        load_config(TrainConfig, None, ["rewards=[{name: broken}]", f"run_dir={tmp_path}"])

@@ -138,7 +138,7 @@ def test_multi_reward_run_has_one_value_head_per_reward(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("algo=ppo", "config key 'algo' = 'ppo' is not valid; choose one of: ecg, grpo, ddpo"),
+    ("algo=ppo", "config key 'algo' = 'ppo' is not valid; choose one of: ddpo, ecg, grpo"),
     ("rewards=[nope:1.0]", "unknown reward 'nope'; available: "),
 ])
 def test_unknown_algorithm_or_reward_lists_the_valid_ones(tmp_path, override: str, message: str) -> None:
