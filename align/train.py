@@ -32,17 +32,16 @@ from align import checkpoint as ckpt
 from align.algos.batch import Batch
 from align.algos.core import RunningMeanStd, explained_variance
 from align.algos.registry import POLICY, VALUE_PRETRAIN, Algorithm, make_algorithm
-from align.backbones.lora import attach_lora
-from align.backbones.model_config import load_model
 from align.distributed import assert_ranks_agree, make_accelerator, share_batch, share_path, shard_slice
 from align.learner import Learner
+from align.policy import build_critic, build_policy
 from align.prompts import draw_prompts, evaluation_prompts, has_records, prompt_metadata
 from align.rollout import RolloutWorker, start_workers
 from align.run_identity import append_resume_log, check_same_base, resolve_resume, run_identity, stored_identity
 from align.sampling import Trajectory
 from align.train_config import TrainConfig
 from critics.export import base_fingerprint
-from critics.value_model import LatentCritic, critic_target_modules
+from critics.value_model import LatentCritic
 from rewards import RewardError, build_rewards
 
 
@@ -89,17 +88,9 @@ def build(cfg: TrainConfig):
     """Pipeline with the policy (and critic) adapters, the critic, rewards, worker and learner."""
     torch.manual_seed(cfg.trainer.seed)
     accelerator = make_accelerator(cfg)  # first: on GPUs it selects this process's device
-    pipe = load_model(cfg.model)
-    attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
+    pipe = build_policy(cfg)  # as the rollout actors and export build it (align/policy.py)
     specs = cfg.reward_specs()
-    critic = None
-    if make_algorithm(cfg).needs_critic:
-        adapter = "policy" if cfg.critic.adapter == "shared" else "critic"
-        if adapter == "critic":
-            attach_lora(pipe, "critic", rank=cfg.critic.rank,
-                        target_modules=critic_target_modules(pipe, cfg.critic.feature_layer))
-        critic = LatentCritic(pipe, [s.name for s in specs], adapter=adapter,
-                              hidden=cfg.critic.hidden, feature_layer=cfg.critic.feature_layer)
+    critic = build_critic(pipe, cfg, [s.name for s in specs]) if make_algorithm(cfg).needs_critic else None
     reward_fns = build_rewards(specs) if cfg.ray.num_reward_workers == 0 else []  # else: actors
     weights = torch.tensor([s.weight for s in specs], dtype=torch.float32)
     learner = Learner(pipe, critic, cfg, accelerator)

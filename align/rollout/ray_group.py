@@ -39,14 +39,11 @@ class RolloutActor:
     """Body of a rollout actor: builds its own pipeline + policy adapter, samples requests."""
 
     def __init__(self, cfg, threads: float) -> None:
-        from align.backbones.lora import attach_lora
-        from align.backbones.model_config import load_model
+        from align.policy import build_policy
         from align.rollout.worker import RolloutWorker
         torch.set_num_threads(max(1, int(threads)))
         _quiet_loading_bars()  # every actor's loading bars would interleave in the driver's console
-        pipe = load_model(cfg.model)
-        attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
-        self.worker = RolloutWorker(pipe, cfg.sampler)
+        self.worker = RolloutWorker(build_policy(cfg), cfg.sampler)  # built as the learner's (align/policy.py)
         self.worker.policy_version = -1  # nothing loaded yet: the first request or sync loads weights
 
     def pid(self) -> int:
