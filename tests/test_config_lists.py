@@ -53,7 +53,8 @@ def test_typed_items_need_no_note(fresh_notes) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigDeprecation)
         assert parse_rewards([{"name": "a", "weight": 2}]) == [RewardSpec("a", 2.0)]
-        assert parse_modifiers([{"name": "sym_attn", "args": {"alpha": 1.05}}]) == [ModifierSpec("sym_attn", {"alpha": 1.05})]
+        typed = parse_modifiers([{"name": "sym_attn", "args": {"alpha": 1.05}}])
+        assert typed == [ModifierSpec("sym_attn", {"alpha": 1.05})]
 
 
 def test_remote_urls_keep_their_colons_and_an_optional_weight() -> None:
@@ -72,7 +73,8 @@ def test_remote_urls_keep_their_colons_and_an_optional_weight() -> None:
     ("rewards=[toy_geneval, {name: toy_geneval}]", "reward 'toy_geneval' is listed twice"),
     ("reward_args.clip_score.model=x", "reward_args.clip_score: 'clip_score' is not in rewards"),
     ("rewards=[{name: nope}]", "unknown reward 'nope'; available: "),
-    ("sampler.modifiers=[{name: sym_attn, alpha: 1}]", "sampler.modifiers[0]: unknown key 'alpha'; valid keys: name, args"),
+    ("sampler.modifiers=[{name: sym_attn, alpha: 1}]",
+     "sampler.modifiers[0]: unknown key 'alpha'; valid keys: name, args"),
     ("sampler.modifiers=[{name: fairness}]", "unknown modifier 'fairness'; valid modifiers: "),
 ])
 def test_bad_items_fail_in_one_line_naming_the_item(override: str, message: str) -> None:
@@ -83,8 +85,8 @@ def test_bad_items_fail_in_one_line_naming_the_item(override: str, message: str)
 
 def test_a_saved_config_reloads_in_the_typed_form(tmp_path) -> None:
     """config.json of a run holds the parsed list: it reloads without a note and equals the original."""
-    import json
     import dataclasses
+    import json
     cfg = load_config(TrainConfig, None, [*TINY, "rewards=[{name: jpeg_compressibility, weight: 0.5}]",
                                           "modifiers=[{name: sym_attn, args: {alpha: 1.05}}]"])
     path = tmp_path / "config.json"

@@ -210,17 +210,12 @@ def test_align_sample_with_modifiers_writes_images_and_records_them(tmp_path) ->
     assert (tmp_path / "images" / "0000.png").is_file()
 
 
-TRAIN = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-         "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
-         "critic.pretrain_iterations=0", "critic.hidden=16", "trainer.iterations=2", "trainer.timestep_fraction=1.0",
-         "rewards=[jpeg_compressibility:1.0]"]
-
-
-@pytest.mark.parametrize("modifier", ["stayfair: {alpha: 3, words: [red, blue]}", "sym_attn: {alpha: 1.1, beta: 3}"])
-def test_two_iteration_ecg_run_trains_with_a_modifier(tmp_path, modifier: str) -> None:
+@pytest.mark.parametrize("modifier", ["{name: stayfair, args: {alpha: 3, words: [red, blue]}}",
+                                      "{name: sym_attn, args: {alpha: 1.1, beta: 3}}"])
+def test_two_iteration_ecg_run_trains_with_a_modifier(tiny_train_cfg, tmp_path, modifier: str) -> None:
     from align.train import train
-    extra = ["ray.num_rollout_workers=0", "ray.num_reward_workers=0"] if hasattr(TrainConfig(), "ray") else []
-    cfg = load_config(TrainConfig, None, TRAIN + extra + [f"run_dir={tmp_path}", f"sampler.modifiers=[{modifier}]"])
+    cfg = tiny_train_cfg("trainer.iterations=2", "trainer.timestep_fraction=1.0",
+                         "rewards=[{name: jpeg_compressibility}]", f"sampler.modifiers=[{modifier}]")
     lines: list[str] = []
     state = train(cfg, log=lines.append)
     assert state.policy_updates == 2
