@@ -115,7 +115,7 @@ _STEER_FLAGS = {"critic": "critic", "steer": "steer", "scale": "scale", "candida
 def _sample(p: argparse.ArgumentParser) -> Handler:
     _config_args(p)
     p.add_argument("--critic", metavar="DIR", help="exported critic directory (= steering.critic)")
-    p.add_argument("--steer", help="none | grad | rerank | best_of_n (= steering.steer)")
+    p.add_argument("--steer", help="steering mode (= steering.steer; the registered modes: --show-config)")
     p.add_argument("--scale", help="grad steering scale s (= steering.scale)")
     p.add_argument("--candidates", help="rerank: M candidates per step; best_of_n: N chains (= steering.candidates)")
     p.add_argument("--policy-lora", metavar="DIR", help="exported policy LoRA directory (= policy_lora)")
