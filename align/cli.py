@@ -115,7 +115,7 @@ _STEER_FLAGS = {"critic": "critic", "steer": "steer", "scale": "scale", "candida
 def _sample(p: argparse.ArgumentParser) -> Handler:
     _config_args(p)
     p.add_argument("--critic", metavar="DIR", help="exported critic directory (= steering.critic)")
-    p.add_argument("--steer", help="none | grad | rerank | best_of_n (= steering.steer)")
+    p.add_argument("--steer", help="steering mode (= steering.steer; the registered modes: --show-config)")
     p.add_argument("--scale", help="grad steering scale s (= steering.scale)")
     p.add_argument("--candidates", help="rerank: M candidates per step; best_of_n: N chains (= steering.candidates)")
     p.add_argument("--policy-lora", metavar="DIR", help="exported policy LoRA directory (= policy_lora)")
@@ -241,7 +241,7 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
     return eval_cli.run
 
 
-#: `align solve` flags → SolveConfig fields (the rest via dotted overrides, e.g. model.source=...).
+#: `align solve` flags → the SolveConfig key each one overrides (``--sigma-y 0.1`` is ``sigma_y=0.1``).
 SOLVE_FLAGS = {"--task": "task", "--method": "method", "--input": "input", "--out": "out", "--mask": "mask",
                "--box": "box", "--scale": "scale", "--kernel": "kernel", "--renoise": "renoise",
                "--reference": "reference", "--lora": "lora", "--lpips-weights": "lpips_weights",
@@ -257,11 +257,14 @@ def _solve(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--degrade", action="store_true", help="input is clean: simulate the measurement from it")
 
     def run(ns: argparse.Namespace) -> int:
-        from align.inverse.solve import SolveConfig, apply_flags, run_solve
+        from align.inverse.solve import SolveConfig, run_solve
         if ns.show_config:
             return _show(SolveConfig)
-        cfg = load_config(SolveConfig, *_split_config(ns))
-        apply_flags(cfg, {key: getattr(ns, f"flag_{key}") for key in SOLVE_FLAGS.values()}, ns.degrade)
+        path, overrides = _split_config(ns)
+        overrides += [f"{key}={getattr(ns, f'flag_{key}')}" for key in SOLVE_FLAGS.values()
+                      if getattr(ns, f"flag_{key}") is not None]  # each flag is its override: typed by the config
+        overrides += ["degrade=true"] if ns.degrade else []
+        cfg = load_config(SolveConfig, path, overrides)
         try:
             run_solve(cfg)
         except (ValueError, FileNotFoundError) as err:

@@ -3,7 +3,8 @@
 A config is a plain ``@dataclass`` tree. Fields may carry metadata:
 
 * ``help``: one line shown by ``align <cmd> --show-config`` and in the docs;
-* ``choices``: the valid values (checked after loading);
+* ``choices``: the valid values (checked after loading), or a function returning them: the names in
+  a registry, checked in phase two (it may import torch);
 * ``path``: ``"file"`` or ``"dir"``: the value, when set, must exist on disk.
 
 Loading merges, in order: the dataclass defaults, an optional YAML file, then ``key.sub=value``
@@ -22,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -39,10 +40,17 @@ class ConfigWarning(UserWarning):
     """A setting that is accepted but has no effect (e.g. ``critic.*`` with a critic-free algorithm)."""
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str = "", choices: Sequence[Any] | None = None,
+class ConfigDeprecation(ConfigWarning, DeprecationWarning):
+    """An old config form that is still read (align/config_lists.py); shown as one line by the CLI."""
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str = "",
+          choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
           path: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with help text, optional choices and an optional must-exist path kind."""
-    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "path": path}
+    """A dataclass field with help text, optional choices (values, or a function returning a registry's
+    names) and an optional must-exist path kind."""
+    meta = {"help": help, "choices": choices if callable(choices) or choices is None else tuple(choices),
+            "path": path}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -67,9 +75,11 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None,
         layers.append(_dotlist(_unalias(schema, overrides)))
     try:
         merged = OmegaConf.merge(*layers)
-        obj = OmegaConf.to_object(merged)
+        obj = OmegaConf.to_object(merged)  # runs each dataclass's __post_init__ (typed lists: config_lists)
     except OmegaConfBaseException as err:
         raise _translate(err, schema) from None
+    except ValueError as err:
+        raise err if isinstance(err, ConfigError) else ConfigError(f"config: {err}") from None
     validate(obj)
     return obj  # type: ignore[return-value]
 
@@ -120,10 +130,7 @@ def validate_values(cfg: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             validate_values(value, key + ".")
             continue
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(f"config key '{key}' = {value!r} is not valid; choose one of: "
-                              + ", ".join(map(str, choices)))
+        _check_choice(key, value, f.metadata.get("choices"), registry=False)
         kind = f.metadata.get("path")
         if kind and value not in (None, ""):
             exists = os.path.isdir(value) if kind == "dir" else os.path.isfile(value)
@@ -138,7 +145,18 @@ def check_registries(cfg: Any, prefix: str = "") -> None:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             check_registries(value, f"{prefix}{f.name}.")
+        else:
+            _check_choice(f"{prefix}{f.name}", value, f.metadata.get("choices"), registry=True)
     _call_hook(cfg, "check_registries", prefix)
+
+
+def _check_choice(key: str, value: Any, choices: Any, registry: bool) -> None:
+    """Fixed choices in phase one, a registry's names (``choices`` is a function) in phase two."""
+    if choices is None or callable(choices) != registry:
+        return
+    valid = tuple(choices()) if registry else choices
+    if value not in valid:
+        raise ConfigError(f"config key '{key}' = {value!r} is not valid; choose one of: " + ", ".join(map(str, valid)))
 
 
 def _call_hook(cfg: Any, name: str, prefix: str) -> None:
@@ -171,14 +189,21 @@ def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
             rows += describe(type(value), f"{prefix}{f.name}.")
             continue
         help_text = f.metadata.get("help", "")
-        if f.metadata.get("choices"):
-            help_text += " (choices: " + ", ".join(map(str, f.metadata["choices"])) + ")"
+        choices = f.metadata.get("choices")
+        if choices:
+            help_text += " (choices: " + ", ".join(map(str, choices() if callable(choices) else choices)) + ")"
         rows.append((f"{prefix}{f.name}", repr(value), help_text))
     return rows
 
 
 #: a ':' glued to what follows, as in the compact list form ``[name:{key:value}]`` (YAML flow needs ': ')
 _GLUED_COLON = re.compile(r":(?=[\w{\[\"'-])")
+
+
+def spaced_flow_colons(text: str) -> str:
+    """``[stayfair:{alpha:5}]`` → ``[stayfair: {alpha: 5}]``: the space YAML flow needs after each ':'
+    (a ':' before '/' stays, so ``http://host`` survives). The one repair of compact list text."""
+    return _GLUED_COLON.sub(": ", text)
 
 
 def _dotlist(overrides: Sequence[str]) -> Any:
@@ -192,7 +217,7 @@ def _dotlist(overrides: Sequence[str]) -> Any:
         except yaml.YAMLError as err:
             key, value = item.split("=", 1)
             try:
-                confs.append(OmegaConf.from_dotlist([f"{key}={_GLUED_COLON.sub(': ', value)}"]))
+                confs.append(OmegaConf.from_dotlist([f"{key}={spaced_flow_colons(value)}"]))
             except yaml.YAMLError:
                 reason = " ".join(str(err).split())
                 raise ConfigError(f"override {item!r}: the value is not valid YAML ({reason})") from None

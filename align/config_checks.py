@@ -58,7 +58,7 @@ def check_values(cfg) -> None:
     _require(cfg.eval_every >= 0 and cfg.eval_prompts >= 1, "eval_every must be >= 0 and eval_prompts >= 1")
     _require(cfg.final_eval_prompts >= 0, "final_eval_prompts must be >= 0 (0: off)")
     _check_critic(cfg)
-    _check_rewards(cfg.rewards, cfg.reward_args)
+    _check_rewards(cfg.rewards)
     r = cfg.ray
     _require(r.num_rollout_workers >= 0 and r.num_reward_workers >= 0 and r.chunk_size >= 1 and r.max_restarts >= 0,
              "ray.num_rollout_workers, num_reward_workers and max_restarts must be >= 0, ray.chunk_size >= 1")
@@ -97,23 +97,10 @@ def _check_critic(cfg) -> None:
                                                                f"{c.max_grad_norm}")
 
 
-def reward_spec_weight(spec: Any) -> tuple[str, str]:
-    """``(name, weight text)`` of a ``name:weight`` spec, by rewards.registry.parse_reward_specs's rule."""
-    head, sep, tail = str(spec).rpartition(":")
-    return (head.strip(), tail) if sep and "/" not in tail and head != "remote" else (str(spec).strip(), "")
-
-
-def _check_rewards(rewards: list, reward_args: Any) -> None:
-    _require(isinstance(rewards, list) and len(rewards) >= 1, "rewards must list at least one reward (name:weight)")
-    for spec in rewards:
-        name, weight = reward_spec_weight(spec)
-        _require(bool(name), f"reward spec {spec!r}: the name is empty")
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"reward spec {spec!r}: weight {weight!r} is not a number") from None
-        _require(math.isfinite(value), f"reward spec {spec!r}: the weight must be finite, got {weight}")
-    _require(isinstance(reward_args, dict), f"reward_args must be a mapping name -> arguments, got {reward_args!r}")
+def _check_rewards(rewards: list) -> None:
+    """At least one reward (each is a RewardSpec with a finite weight: align/config_lists.py parsed them)."""
+    _require(isinstance(rewards, list) and len(rewards) >= 1,
+             "rewards must list at least one reward: [{name: NAME, weight: W, args: {...}}]")
 
 
 def check_resolution(height: Any, width: Any) -> None:
@@ -153,7 +140,7 @@ def check_reward_arg_types(name: str, obj: Any, args: dict, skip: int) -> None:
         if expected is inspect.Parameter.empty and p.default not in (inspect.Parameter.empty, None):
             expected = type(p.default)
         if not _fits(args[p.name], expected):
-            raise ValueError(f"reward_args.{name}.{p.name} = {args[p.name]!r} is not {_type_name(expected)}")
+            raise ValueError(f"reward {name!r}: args.{p.name} = {args[p.name]!r} is not {_type_name(expected)}")
 
 
 def _fits(value: Any, expected: Any) -> bool:
@@ -188,16 +175,16 @@ def check_with_registries(cfg) -> None:
     """Rewards (names, arguments and their types), the prompt source, and the backbone's noise
     parameter for presets, against their registries; imports torch, loads no model."""
     from align.model_source import PRESET_PREFIX, preset_kind
-    from rewards import check_reward_args, parse_reward_specs
-    from rewards.registry import REMOTE_PREFIX, _BUILTIN, _entry_points
-    specs = parse_reward_specs(cfg.rewards)
-    check_reward_args(specs, cfg.reward_args)
-    for key, args in (cfg.reward_args or {}).items():
-        if key.startswith(REMOTE_PREFIX):
+    from rewards import check_reward_specs
+    from rewards.registry import REMOTE_PREFIX, reward_object
+    specs = cfg.reward_specs()
+    check_reward_specs(specs)
+    for spec in specs:
+        if spec.name.startswith(REMOTE_PREFIX):
             from rewards.remote import RemoteReward
-            check_reward_arg_types(key, RemoteReward, args, skip=1)
+            check_reward_arg_types(spec.name, RemoteReward, spec.args, skip=1)
         else:
-            obj = _BUILTIN.get(key) or _entry_points()[key].load()
-            check_reward_arg_types(key, obj, args, skip=0 if inspect.isclass(obj) else 3)
+            obj = reward_object(spec.name)
+            check_reward_arg_types(spec.name, obj, spec.args, skip=0 if inspect.isclass(obj) else 3)
     if cfg.model.source.startswith(PRESET_PREFIX):
         check_stochastic(preset_kind(cfg.model.source[len(PRESET_PREFIX):]), cfg.sampler.eta, cfg.sampler.noise_level)

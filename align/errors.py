@@ -52,7 +52,8 @@ def _class_from(module: str, name: str) -> Optional[type]:
 def _own(err: BaseException) -> Optional[str]:
     """The project's error classes: their messages are already one line naming the key/file."""
     own = [ConfigError] + [c for c in (_class_from("critics.export", "CriticLoadError"),
-                                       _class_from("rewards.registry", "RewardError")) if c is not None]
+                                       _class_from("rewards.registry", "RewardError"),
+                                       _class_from("rewards.registry", "RewardPluginError")) if c is not None]
     return _first_line(str(err)) if isinstance(err, tuple(own)) else None
 
 

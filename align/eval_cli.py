@@ -17,7 +17,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="toy | geneval | FILE.jsonl (GenEval records)")
     p.add_argument("--policy-lora", metavar="DIR", help="exported policy LoRA directory")
     p.add_argument("--critic", metavar="DIR", help="exported critic directory (with --steer)")
-    p.add_argument("--steer", help="none | grad | rerank")
+    p.add_argument("--steer", help="steering mode (= steering.steer; the registered modes: --show-config)")
     p.add_argument("--scale", help="grad steering scale")
     p.add_argument("--candidates", help="rerank: candidates per step")
     p.add_argument("--images-per-prompt", help="images per prompt (default 4)")

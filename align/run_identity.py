@@ -52,11 +52,13 @@ def _get(tree: dict, dotted: str) -> Any:
 
 def run_settings(cfg: Any) -> dict[str, Any]:
     """The :data:`RUN_KEYS` of a TrainConfig (or its ``config.json`` dict); critic keys only for ECG."""
-    from align.config_checks import CRITIC_ALGOS, reward_spec_weight
+    from align.config_checks import CRITIC_ALGOS
+    from align.config_lists import parse_rewards
     tree = _as_dict(cfg)
     keys = [k for k in RUN_KEYS if k not in CRITIC_KEYS or tree.get("algo") in CRITIC_ALGOS]
     settings = {k: _get(tree, k) for k in keys}
-    settings["rewards"] = [f"{n}:{float(w) if w else 1.0:g}" for n, w in map(reward_spec_weight, tree.get("rewards") or [])]
+    # name:weight of each reward, in the same text for old ('name:weight') and typed config.json files
+    settings["rewards"] = [f"{s.name}:{s.weight:g}" for s in parse_rewards(tree.get("rewards") or [], note=False)]
     return settings
 
 

@@ -32,18 +32,17 @@ from align import checkpoint as ckpt
 from align.algos.batch import Batch
 from align.algos.core import RunningMeanStd, explained_variance
 from align.algos.registry import POLICY, VALUE_PRETRAIN, Algorithm, make_algorithm
-from align.backbones.lora import attach_lora
-from align.backbones.model_config import load_model
 from align.distributed import assert_ranks_agree, make_accelerator, share_batch, share_path, shard_slice
 from align.learner import Learner
+from align.policy import build_critic, build_policy
 from align.prompts import draw_prompts, evaluation_prompts, has_records, prompt_metadata
 from align.rollout import RolloutWorker, start_workers
 from align.run_identity import append_resume_log, check_same_base, resolve_resume, run_identity, stored_identity
 from align.sampling import Trajectory
 from align.train_config import TrainConfig
 from critics.export import base_fingerprint
-from critics.value_model import LatentCritic, critic_target_modules
-from rewards import RewardError, build_rewards, parse_reward_specs
+from critics.value_model import LatentCritic
+from rewards import RewardError, build_rewards
 
 
 def chain_explained_variance(values: torch.Tensor, targets: torch.Tensor, first_step: int = 0) -> float:
@@ -89,18 +88,10 @@ def build(cfg: TrainConfig):
     """Pipeline with the policy (and critic) adapters, the critic, rewards, worker and learner."""
     torch.manual_seed(cfg.trainer.seed)
     accelerator = make_accelerator(cfg)  # first: on GPUs it selects this process's device
-    pipe = load_model(cfg.model)
-    attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
-    specs = parse_reward_specs(cfg.rewards)
-    critic = None
-    if make_algorithm(cfg).needs_critic:
-        adapter = "policy" if cfg.critic.adapter == "shared" else "critic"
-        if adapter == "critic":
-            attach_lora(pipe, "critic", rank=cfg.critic.rank,
-                        target_modules=critic_target_modules(pipe, cfg.critic.feature_layer))
-        critic = LatentCritic(pipe, [s.name for s in specs], adapter=adapter,
-                              hidden=cfg.critic.hidden, feature_layer=cfg.critic.feature_layer)
-    reward_fns = build_rewards(specs, cfg.reward_args) if cfg.ray.num_reward_workers == 0 else []  # else: actors
+    pipe = build_policy(cfg)  # as the rollout actors and export build it (align/policy.py)
+    specs = cfg.reward_specs()
+    critic = build_critic(pipe, cfg, [s.name for s in specs]) if make_algorithm(cfg).needs_critic else None
+    reward_fns = build_rewards(specs) if cfg.ray.num_reward_workers == 0 else []  # else: actors
     weights = torch.tensor([s.weight for s in specs], dtype=torch.float32)
     learner = Learner(pipe, critic, cfg, accelerator)
     worker = RolloutWorker(pipe, cfg.sampler)
@@ -121,7 +112,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
     pipe, critic, reward_fns, weights, learner, worker = build(cfg)
     identity = run_identity(cfg, base_fingerprint(pipe))  # run-defining settings + base fingerprint
     algo = make_algorithm(cfg)
-    names = [s.name for s in parse_reward_specs(cfg.rewards)]
+    names = [s.name for s in cfg.reward_specs()]
     accelerator, driver = learner.accelerator, learner.accelerator.is_main_process
     norms = {n: RunningMeanStd() for n in names}
     state = RunState(policy_started=not algo.pretrains_value())
@@ -350,7 +341,7 @@ def _final_evaluation(pipe, cfg: TrainConfig, run: Path, log) -> dict:
     paired gain with its standard error, per tag; ``final_eval_prompts`` tag-balanced (prompt, noise) pairs)."""
     from align.eval import balanced_items, paired_evaluation
     items = balanced_items(cfg.trainer.prompts, cfg.final_eval_prompts)
-    result = paired_evaluation(pipe, cfg.trainer.prompts, cfg.sampler, geneval_args=cfg.reward_args.get("geneval"),
+    result = paired_evaluation(pipe, cfg.trainer.prompts, cfg.sampler, geneval_args=cfg.reward_args_of("geneval"),
                                items=items, seed=cfg.trainer.seed)
     ckpt.write_json(run / "eval.json", result)
     log(f"eval ({result['num_images']} images of {result['num_prompts']} prompts, fixed noise): base "

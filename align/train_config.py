@@ -5,10 +5,22 @@ import dataclasses
 from typing import ClassVar, Optional
 
 from align.config import field
+from align.config_lists import RewardSpec, parse_rewards, reward_args_of
 from align.model_source import ModelConfig
 from align.sampling.config import SamplerConfig
 
-ALGOS = ("ecg", "grpo", "ddpo")
+
+def algorithm_names() -> tuple[str, ...]:
+    """The keys of align.algos.registry.ALGORITHMS, once every module of align/algos is imported (each
+    registers its algorithm: adding one is one file). Imports torch: checked in config phase two."""
+    import importlib
+    import pkgutil
+
+    import align.algos
+    from align.algos.registry import ALGORITHMS
+    for module in pkgutil.iter_modules(align.algos.__path__):
+        importlib.import_module(f"align.algos.{module.name}")
+    return tuple(sorted(ALGORITHMS))
 
 
 @dataclasses.dataclass
@@ -118,10 +130,13 @@ class TrainConfig:
     ALIASES: ClassVar[dict[str, str]] = {"modifiers": "sampler.modifiers"}
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_inference_steps=10, logprob_reduce="sum"))
-    algo: str = field("ecg", choices=ALGOS, help="ecg | grpo | ddpo")
-    rewards: list = field(default_factory=lambda: ["toy_geneval:1.0"], help="reward specs name:weight")
-    reward_args: dict = field(default_factory=dict, help="keyword args per reward, e.g. {clip_score: {checkpoint: "
-                              "/w/clip.pt, batch_size: 16, device: cuda, timeout_s: 60}} (docs/rewards.md)")
+    algo: str = field("ecg", choices=algorithm_names, help="the RL algorithm (align/algos/registry.py)")
+    rewards: list = field(default_factory=lambda: [RewardSpec("toy_geneval")],
+                          help="rewards [{name, weight, args}], e.g. [{name: clip_score, weight: 0.5, args: {checkpoint: "
+                               "/w/clip.pt, batch_size: 16, device: cuda, timeout_s: 60}}] (docs/rewards.md); the old "
+                               "'name:weight' strings are still read")
+    reward_args: dict = field(default_factory=dict, help="deprecated: args per reward name (now rewards[].args); merged "
+                              "into rewards when the config loads, so reward_args.NAME.KEY=VALUE overrides still work")
     reward_on_error: str = field("raise", choices=["raise", "skip_batch"],
                                  help="a reward that fails (raises, NaN/inf, wrong shape, timeout): stop, or drop the "
                                       "whole batch from the update and count it in the log")
@@ -137,6 +152,20 @@ class TrainConfig:
                                     "GenEval's scoring; 0: off; needs a prompt source with records: toy, geneval or JSONL")
     eval_prompts: int = field(16, help="fixed evaluation prompts")
     run_dir: str = field("runs/toy_ecg", help="checkpoints, logs, grids and exports")
+
+    def __post_init__(self) -> None:
+        """The one reading of the rewards list (align/config_lists.py): typed specs, old forms and
+        ``reward_args`` merged in; afterwards ``reward_args`` is empty and ``rewards`` holds RewardSpecs."""
+        self.rewards = parse_rewards(self.rewards, self.reward_args)
+        self.reward_args = {}
+
+    def reward_specs(self) -> list[RewardSpec]:
+        """The rewards as :class:`RewardSpec` (name, weight, args), in config order."""
+        return parse_rewards(self.rewards)
+
+    def reward_args_of(self, name: str) -> dict | None:
+        """The args of reward ``name`` (None if it is not listed): what ``reward_args[name]`` used to be."""
+        return reward_args_of(self.reward_specs(), name)
 
     def validate(self) -> None:
         """Cheap checks, no torch (align/config_checks.py; docs/config.md): values that would train wrong,

@@ -23,7 +23,9 @@ from typing import Optional
 
 import numpy as np
 
-ALGOS = ("ecg", "grpo", "ddpo")
+from align.train_config import algorithm_names
+
+ALGOS = algorithm_names()  # the algorithm registry's names
 IN_PROCESS = ["ray.num_rollout_workers=0", "ray.num_reward_workers=0"]  # one process: honest RSS
 
 
@@ -63,18 +65,16 @@ def evaluate_policies(runs: dict[str, list[Path]], n: int, batch: int = 32) -> d
     Same prompts and noise for every policy, so differences are paired and free of the prompt mix."""
     import torch
 
-    from align.backbones.lora import attach_lora, load_lora_state_dict
-    from align.backbones.model_config import ModelConfig, load_model
-    from align.checkpoint import load_tensors, read_json
+    from align.backbones.lora import load_lora_state_dict
+    from align.checkpoint import load_tensors
+    from align.policy import build_policy, run_config
     from align.rollout import RolloutWorker
-    from align.sampling import SamplerConfig
     from align.toy.evaluate import eval_prompts
     from rewards import get_reward, score
     torch.set_num_threads(1)
-    first = read_json(next(iter(runs.values()))[0] / "config.json")
-    pipe = load_model(ModelConfig(**first["model"]))
-    attach_lora(pipe, "policy", rank=first["lora"]["rank"], alpha=first["lora"]["alpha"])
-    worker = RolloutWorker(pipe, SamplerConfig(**first["sampler"]))
+    first = run_config(next(iter(runs.values()))[0])
+    pipe = build_policy(first)
+    worker = RolloutWorker(pipe, first.sampler)
     base = {k: v.clone() for k, v in load_tensors(next(iter(runs.values()))[0] / "checkpoint" /
                                                   "policy_lora.safetensors").items()}
     base = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in base.items()}  # B = 0: the base model

@@ -55,7 +55,7 @@ def cost_table(pipe, args) -> None:
     print(f"### Cost per step (toy UNet, CFG batch {2 * args.batch}, median of {args.repeats} interleaved rounds)\n")
     print("| setting | stock ms/step | modified ms/step | ratio |\n|---|---|---|---|")
     for label, spec in SETTINGS:
-        mod = build_modifiers([{"sym_attn": spec}])
+        mod = build_modifiers([{"name": "sym_attn", "args": spec}])
         a, b = [], []
         for r in range(args.repeats):  # ABBA order: neither side always runs first
             first, second = (stock, mod) if r % 2 == 0 else (mod, stock)
@@ -82,7 +82,7 @@ def fidelity_diversity(pipe, args) -> None:
           f"DDIM η={args.eta})\n")
     print("| setting | toy-GenEval score | pairwise diversity |\n|---|---|---|")
     for label, spec in [("stock", None)] + FIDELITY:
-        mods = [{"sym_attn": spec}] if spec else []
+        mods = [{"name": "sym_attn", "args": spec}] if spec else []
         cfg = SamplerConfig(num_inference_steps=args.steps, guidance_scale=4.5, eta=args.eta, modifiers=mods)
         images = sample_trajectory(pipe, prompts, cfg, torch.Generator().manual_seed(3)).images.float()
         score = score_batch(images, prompts)["score"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = ["trainer.lr=-1", "trainer.clip_range=-1", "trainer.epochs=0", "critic.pretrain_epochs=0",
-       "trainer.minibatch_size=0", "lora.rank=0", "critic.rank=0", "rewards=[toy_geneval:nan]", "sampler.eta=0",
+       "trainer.minibatch_size=0", "lora.rank=0", "critic.rank=0", "rewards=[{name: toy_geneval, weight: nan}]", "sampler.eta=0",
        "trainer.iterations=0", "model.source=/no/such/dir"]
 PROBE = ("import sys, runpy\nsys.argv = ['align', 'train', *sys.argv[1:]]\n"
          "try:\n    runpy.run_module('align.cli', run_name='__main__')\n"

@@ -30,8 +30,8 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
 
 def rollout_throughput(cfg: TrainConfig, prompts: list[str], repeats: int) -> dict[str, float]:
     """samples/s of each worker set on the same batch (one warm-up batch first)."""
-    from align.backbones.lora import attach_lora, lora_state_dict
-    from align.backbones.model_config import load_model
+    from align.backbones.lora import lora_state_dict
+    from align.policy import build_policy
     from align.rollout import LocalRollouts, RolloutWorker
     from align.rollout.ray_group import RayRollouts
 
@@ -45,8 +45,7 @@ def rollout_throughput(cfg: TrainConfig, prompts: list[str], repeats: int) -> di
         return len(prompts) / statistics.median(times)
 
     torch.manual_seed(0)
-    pipe = load_model(cfg.model)
-    attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
+    pipe = build_policy(cfg)
     out = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

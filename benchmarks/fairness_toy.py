@@ -39,7 +39,7 @@ WORDS = ["green", "yellow"]
 
 def colour_probs(pipe, prompt: str, w: float, alpha: float, n: int, seed: int, args) -> torch.Tensor:
     use = alpha != 0 and w > 1  # at w = 1 there is no null branch: the policy is the conditional model
-    mods = [{"stayfair": {"alpha": alpha, "words": WORDS}}] if use else []
+    mods = [{"name": "stayfair", "args": {"alpha": alpha, "words": WORDS}}] if use else []
     cfg = SamplerConfig(num_inference_steps=args.steps, guidance_scale=w, eta=args.eta, modifiers=mods)
     images = sample_trajectory(pipe, [prompt] * n, cfg, torch.Generator().manual_seed(seed)).images
     return get_group_classifier("toy_color")[0](images)
@@ -55,7 +55,7 @@ def ratios(pipe, prompt: str, group: int, alpha: float, n: int, seed: int, args,
 
 
 def quality(pipe, w: float, alpha: float, prompts: list[str], args) -> float:
-    mods = [{"stayfair": {"alpha": alpha, "words": WORDS}}] if alpha != 0 else []
+    mods = [{"name": "stayfair", "args": {"alpha": alpha, "words": WORDS}}] if alpha != 0 else []
     cfg = SamplerConfig(num_inference_steps=args.steps, guidance_scale=w, eta=args.eta, modifiers=mods)
     images = sample_trajectory(pipe, prompts, cfg, torch.Generator().manual_seed(99)).images
     return float(score_batch(images, prompts)["score"].mean())

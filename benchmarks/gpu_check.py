@@ -171,7 +171,7 @@ def _train_config(source: str, algo: str, shape: Shape, run_dir: str):
         f"sampler.num_inference_steps={shape.steps}", f"sampler.height={shape.resolution}",
         f"sampler.width={shape.resolution}", f"trainer.prompts_per_iteration={shape.prompts}",
         f"trainer.samples_per_prompt={shape.group}", f"trainer.minibatch_size={shape.minibatch}",
-        f"trainer.timestep_fraction={shape.timestep_fraction}", "rewards=[jpeg_compressibility:1.0]",
+        f"trainer.timestep_fraction={shape.timestep_fraction}", "rewards=[{name: jpeg_compressibility}]",
         "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0", "final_eval_prompts=0",
         f"run_dir={run_dir}", *critic])
 

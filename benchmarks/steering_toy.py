@@ -29,10 +29,9 @@ import torch
 import critics
 from align.backbones.loading import denoiser
 from align.backbones.model_config import load_model
-from align.config import load_config
+from align.policy import run_config
 from align.sampling import SamplerConfig
 from align.toy.evaluate import eval_prompts
-from align.train_config import TrainConfig
 from critics.steering import SteeringConfig, sample_steered
 from rewards import get_reward, score
 
@@ -98,7 +97,7 @@ def main() -> None:
     torch.set_num_threads(1)
     run = Path(args.run_dir)
     ensure_run(run)
-    cfg = load_config(TrainConfig, run / "config.json")
+    cfg = run_config(run)
     pipe = load_model(cfg.model)
     pipe.load_lora_weights(str(run / "export" / "policy"), adapter_name="policy")
     critic = critics.load(run / "export" / "critic", pipe)

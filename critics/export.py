@@ -176,48 +176,18 @@ def export_pipeline(pipe, critic: Optional[LatentCritic], out: str | Path, *, ba
 
 
 def export_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
-    """Rebuild a run's pipeline from ``run_dir/config.json`` + its last checkpoint and export it
-    (default ``run_dir/export``)."""
-    from align.config import load_config
-    from align.train_config import TrainConfig
-    run = Path(run_dir)
-    for need in (run / "config.json", run / "checkpoint" / "state.json"):
-        if not need.is_file():
-            raise FileNotFoundError(f"export: {need} not found; {run} is not a run directory with a checkpoint")
-    cfg = load_config(TrainConfig, run / "config.json")
-    state = ckpt.read_json(run / "checkpoint" / "state.json")
-    pipe, critic = build_for_export(cfg)
-    ck = run / "checkpoint"
-    load_lora_state_dict(pipe, ckpt.load_tensors(ck / "policy_lora.safetensors"), "policy")
-    if critic is not None:
-        if critic.adapter != "policy":
-            load_lora_state_dict(pipe, ckpt.load_tensors(ck / "critic_lora.safetensors"), critic.adapter)
-        critic.heads.load_state_dict(ckpt.load_tensors(ck / "critic_heads.safetensors"))
-    return export_pipeline(pipe, critic, out if out is not None else run / "export", **run_export_kwargs(cfg, state))
-
-
-def build_for_export(cfg):
-    """The run's pipeline with its adapters and critic (as ``align.train.build``, without rewards or learner)."""
-    from align.backbones.model_config import load_model
-    from critics.value_model import critic_target_modules
-    from rewards import parse_reward_specs
-    pipe = load_model(cfg.model)
-    attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
-    if cfg.algo != "ecg":
-        return pipe, None
-    adapter = "policy" if cfg.critic.adapter == "shared" else "critic"
-    layer = cfg.critic.feature_layer
-    if adapter == "critic":
-        attach_lora(pipe, "critic", rank=cfg.critic.rank, target_modules=critic_target_modules(pipe, layer))
-    names = [s.name for s in parse_reward_specs(cfg.rewards)]
-    return pipe, LatentCritic(pipe, names, adapter=adapter, hidden=cfg.critic.hidden, feature_layer=layer)
+    """Rebuild a run's pipeline from ``run_dir/config.json`` + its last checkpoint
+    (:func:`align.policy.load_run`) and export it (default ``run_dir/export``)."""
+    from align.policy import load_run
+    run = load_run(run_dir)
+    return export_pipeline(run.pipe, run.critic, out if out is not None else run.directory / "export",
+                           **run_export_kwargs(run.cfg, run.state))
 
 
 def run_export_kwargs(cfg, state: dict) -> dict:
     """Base id, reward weights, normalisation stats and final metrics of a run, for :func:`export_pipeline`."""
-    from rewards import parse_reward_specs
     history = state.get("history") or []
-    return {"base_model": cfg.model.source, "reward_weights": {s.name: s.weight for s in parse_reward_specs(cfg.rewards)},
+    return {"base_model": cfg.model.source, "reward_weights": {s.name: s.weight for s in cfg.reward_specs()},
             "normalisers": state.get("normalisers") or {},
             "metrics": {"algo": cfg.algo, "iterations": state.get("iteration", 0), **(history[-1] if history else {})},
             "adapter_source": cfg.critic.adapter}
@@ -249,15 +219,16 @@ class LoadedCritic:
         """Values back in reward units: R̂_k = V_k · std_k + mean_k."""
         return values * self.norm_std.to(values) + self.norm_mean.to(values)
 
-    def weights_with(self, overrides: Sequence[str] = ()) -> torch.Tensor:
-        """w_k with ``name:weight`` overrides; an unknown name lists the critic's heads."""
+    def weights_with(self, overrides: Sequence = ()) -> torch.Tensor:
+        """w_k with overrides ``[{name, weight}]`` (or the old ``name:weight``; align/config_lists.py reads
+        both); an unknown name lists the critic's heads."""
+        from align.config_lists import parse_rewards
         w = self.weights.clone()
-        for spec in overrides:
-            name, sep, value = str(spec).partition(":")
-            if name.strip() not in self.reward_names or not sep:
-                raise ValueError(f"critic weight override {spec!r}: expected name:weight with name one of "
-                                 f"{self.reward_names} (heads of {self.directory})")
-            w[self.reward_names.index(name.strip())] = float(value)
+        for spec in parse_rewards(overrides, where="steering.weights"):
+            if spec.name not in self.reward_names:
+                raise ValueError(f"steering.weights: {spec.name!r} is not a head of the critic {self.directory}; "
+                                 f"heads: {self.reward_names}")
+            w[self.reward_names.index(spec.name)] = spec.weight
         return w
 
 

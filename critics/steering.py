@@ -149,7 +149,8 @@ class SteeringConfig:
     scale: float = field(1.0, help="grad: s in μ ← μ + s ∇_{x_t} Σ_k w_k V_k")
     candidates: int = field(4, help="rerank: M candidates per chosen step; best_of_n: N chains per image")
     steps: list = field(default_factory=list, help="step indices 0..T-1 where grad/rerank act; empty: all")
-    weights: list = field(default_factory=list, help="per-reward weight overrides name:weight (default: the run's)")
+    weights: list = field(default_factory=list, help="per-reward weight overrides [{name, weight}] (default: the "
+                          "run's; the old name:weight strings are still read)")
     force: bool = field(False, help="load the critic onto a base whose fingerprint differs (deliberate transfer)")
     score_rewards: bool = field(True, help="score each image with the critic's reward plugins (JSON: rewards)")
 

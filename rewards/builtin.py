@@ -8,10 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rewards.registry import register_reward
 
-
-@register_reward("toy_geneval")
 class ToyGenEval:
     """toy-GenEval: the toy detector (``align.toy.detector``) feeding the one GenEval rule engine
     (``rewards.geneval.rules.evaluate``). Returns the partial-credit ``score`` (satisfied checks / all
@@ -80,13 +77,11 @@ class JpegSize:
         return self.sign * jpeg_kilobytes(images, self.quality)
 
 
-@register_reward("jpeg_compressibility")
 class JpegCompressibility(JpegSize):
     """DDPO's compressibility: −(JPEG size in kB) at the given quality (real PIL encoding)."""
     name, sign = "jpeg_compressibility", -1.0
 
 
-@register_reward("jpeg_incompressibility")
 class JpegIncompressibility(JpegSize):
     """DDPO's incompressibility: +(JPEG size in kB) at the given quality (real PIL encoding)."""
     name, sign = "jpeg_incompressibility", 1.0

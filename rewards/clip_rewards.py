@@ -11,8 +11,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rewards.registry import register_reward
-
 
 class WeightsNotLocalError(FileNotFoundError):
     """Requested model weights are not on this machine (we never download them silently)."""
@@ -75,7 +73,6 @@ def load_open_clip(model: str, pretrained: Optional[str], checkpoint: Optional[s
     return net.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(model)
 
 
-@register_reward("clip_score")
 class ClipScore:
     """open_clip image–text cosine similarity, raw in [−1, 1] (torchmetrics' CLIPScore = 100·max(cos, 0))."""
     name = "clip_score"
@@ -119,7 +116,6 @@ def load_state(path: str, reward: str) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-@register_reward("aesthetic")
 class Aesthetic:
     """LAION aesthetic score: MLP(CLIP image embedding / its norm), about 1–10 with the released head."""
     name = "aesthetic"

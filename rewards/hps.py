@@ -14,7 +14,6 @@ from typing import Any, Optional
 import torch
 
 from rewards.clip_rewards import WeightsNotLocalError, load_state, to_pil
-from rewards.registry import register_reward
 
 
 def load_hps_model(checkpoint: Optional[str], model: str, model_config: Optional[str], device: str):
@@ -38,7 +37,6 @@ def load_hps_model(checkpoint: Optional[str], model: str, model_config: Optional
     return net.to(device).eval().requires_grad_(False), preprocess_val, get_tokenizer(model)
 
 
-@register_reward("hpsv2")
 class HPSv2:
     """HPS v2.1 (hpsv2's model, local checkpoint): cosine of CLIP-H image and prompt features, about 0.2–0.35."""
     name = "hpsv2"

@@ -1,20 +1,23 @@
-"""Reward plugins: the protocol and the registry (decorator + ``align.rewards`` entry points).
+"""Reward plugins: the protocol and the registry: ``align.rewards`` entry points (the built-ins are
+this project's own, in pyproject.toml; a plugin package declares its own) and, in-process,
+:func:`register_reward`.
 
 A reward maps ``(images (B,3,H,W) in [0,1], prompts, metadata) -> Tensor (B,)`` and declares
 ``device`` (where its inputs go) and ``batch_size`` (the most images per call; ``None``: any).
-It is a class (instantiated with the keyword arguments from the config's ``reward_args``) or a
+It is a class (instantiated with the keyword arguments of its config entry, ``rewards[].args``) or a
 plain function (those keyword arguments are bound to it). Scoring, chunking and validation live
 in :mod:`rewards.scoring`.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
+
+from align.config_lists import RewardSpec
 
 ENTRY_POINT_GROUP = "align.rewards"
 REMOTE_PREFIX = "remote:"
@@ -36,7 +39,7 @@ class RewardError(RuntimeError):
 
 @dataclasses.dataclass
 class FunctionReward:
-    """A plain scoring function as a Reward; ``kwargs`` (from ``reward_args``) are passed on each call."""
+    """A plain scoring function as a Reward; ``kwargs`` (``rewards[].args``) are passed on each call."""
     fn: Callable[..., torch.Tensor]
     name: str
     device: str = "cpu"
@@ -47,38 +50,81 @@ class FunctionReward:
         return self.fn(images, prompts, metadata, **self.kwargs)
 
 
-_BUILTIN: dict[str, Callable[..., Any]] = {}
-_DECLARED: dict[str, dict[str, Any]] = {}
+#: rewards registered in this process with :func:`register_reward` (tests, notebooks, a Ray worker's setup hook)
+_REGISTERED: dict[str, Callable[..., Any]] = {}
+#: the distribution whose own ``align.rewards`` entry points are the built-in rewards (pyproject.toml)
+OWN_DISTRIBUTION = "diffusion-align"
+
+
+class RewardPluginError(ValueError):
+    """A reward plugin that cannot be found or loaded; the message (one line) names it."""
 
 
 def register_reward(name: str, *, device: str = "cpu", batch_size: Optional[int] = None):
-    """Register a reward class, or a scoring function ``f(images, prompts, metadata, **kw)``, under ``name``.
-    ``device`` / ``batch_size`` are the defaults for functions (classes declare them as attributes)."""
+    """Register a reward class, or a scoring function ``f(images, prompts, metadata, **kw)``, under ``name``
+    in this process. ``device`` / ``batch_size`` become a function's attributes, as an entry-point
+    function declares them (classes declare them as attributes themselves)."""
     def wrap(obj):
-        _BUILTIN[name] = obj
-        _DECLARED[name] = {"device": device, "batch_size": batch_size}
+        if not inspect.isclass(obj):
+            obj.device = getattr(obj, "device", device)
+            obj.batch_size = getattr(obj, "batch_size", batch_size)
+        _REGISTERED[name] = obj
         return obj
     return wrap
 
 
 def _entry_points() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def available_rewards() -> dict[str, str]:
-    """name -> source: 'builtin' / 'registered <module>' or the entry point and its distribution."""
-    _load_builtins()
-    found = {name: ("builtin" if getattr(obj, "__module__", "").startswith("rewards.")
-                    else f"registered in {getattr(obj, '__module__', '?')}") for name, obj in _BUILTIN.items()}
-    for name, ep in _entry_points().items():
-        dist = f" ({ep.dist.name} {ep.dist.version})" if getattr(ep, "dist", None) else ""
-        found.setdefault(name, f"entry point {ep.value}{dist}")
+    """The ``align.rewards`` entry points: the built-ins (this project's own, pyproject.toml) and every
+    installed plugin's; the one discovery path. Metadata without the built-ins is a stale install."""
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if not any(_is_own(ep) for ep in found.values()):
+        raise RewardPluginError(f"the built-in rewards are {OWN_DISTRIBUTION}'s own {ENTRY_POINT_GROUP!r} entry points "
+                                "(pyproject.toml), and the installed metadata has none: reinstall the project "
+                                "(make install, or pip install -e .)")
     return found
 
 
+def _is_own(ep: Any) -> bool:
+    dist = getattr(ep, "dist", None)
+    return dist is not None and dist.name.replace("_", "-").lower() == OWN_DISTRIBUTION
+
+
+def available_rewards() -> dict[str, str]:
+    """name -> source: 'builtin' (this project's entry points), the entry point and its distribution,
+    or 'registered in <module>'; a name registered in this process shadows an entry point."""
+    found = {}
+    for name, ep in _entry_points().items():
+        dist = f" ({ep.dist.name} {ep.dist.version})" if getattr(ep, "dist", None) else ""
+        found[name] = "builtin" if _is_own(ep) else f"entry point {ep.value}{dist}"
+    for name, obj in _REGISTERED.items():
+        found[name] = f"registered in {getattr(obj, '__module__', '?')}"
+    return found
+
+
+def reward_object(name: str) -> Callable[..., Any]:
+    """The class or function of a (non-remote) reward: registered in this process, else its entry
+    point, loaded (imported) here; a plugin that fails to import is one line naming it."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    eps = _entry_points()
+    if name not in eps:
+        raise RewardPluginError(f"unknown reward {name!r}; available: {', '.join(sorted(available_rewards()))}")
+    ep = eps[name]
+    try:
+        return ep.load()
+    except Exception as err:  # noqa: BLE001 (any import-time failure of a plugin: name it, in one line)
+        dist = f" of {ep.dist.name} {ep.dist.version}" if getattr(ep, "dist", None) else ""
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise RewardPluginError(f"reward plugin {name!r} (entry point {ep.value}{dist}) failed to load: "
+                                f"{type(err).__name__}: {detail}") from err
+
+
 def describe_reward(name: str) -> str:
-    """First line of a registered reward's docstring ('' for entry points, which are not imported)."""
-    doc = inspect.getdoc(_BUILTIN[name]) if name in _BUILTIN else None
+    """First line of a reward's docstring (loads its entry point; a plugin that fails to load says so)."""
+    try:
+        doc = inspect.getdoc(reward_object(name))
+    except RewardPluginError as err:
+        return f"(fails to load: {err})"
     return doc.splitlines()[0] if doc else ""
 
 
@@ -89,13 +135,7 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
     if name.startswith(REMOTE_PREFIX):
         from rewards.remote import RemoteReward
         return _with_protocol_args(RemoteReward(name, **_plugin_args(RemoteReward, name, kwargs, skip=1)), kwargs)
-    _load_builtins()
-    if name in _BUILTIN:
-        obj, declared = _BUILTIN[name], _DECLARED[name]
-    elif name in _entry_points():
-        obj, declared = _entry_points()[name].load(), {}
-    else:
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(available_rewards()))}")
+    obj = reward_object(name)
     if inspect.isclass(obj):
         reward = obj(**_plugin_args(obj, name, kwargs))
         if not getattr(reward, "name", None):
@@ -103,8 +143,7 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
     elif callable(obj):
         params = _plugin_args(obj, name, kwargs, skip=3)
         reward = FunctionReward(obj, getattr(obj, "reward_name", name), kwargs=params,
-                                device=declared.get("device", getattr(obj, "device", "cpu")),
-                                batch_size=declared.get("batch_size", getattr(obj, "batch_size", None)))
+                                device=getattr(obj, "device", "cpu"), batch_size=getattr(obj, "batch_size", None))
     else:
         raise ValueError(f"reward {name!r}: {obj!r} is neither a class nor a function")
     return _with_protocol_args(reward, kwargs)
@@ -134,61 +173,23 @@ def _with_protocol_args(reward: Any, kwargs: dict) -> Reward:
     return reward
 
 
-@dataclasses.dataclass(frozen=True)
-class RewardSpec:
-    name: str
-    weight: float
-
-
-def parse_reward_specs(specs: Sequence[str]) -> list[RewardSpec]:
-    """``["toy_geneval:1.0", "remote:http://127.0.0.1:8000/clip_score:0.5"]`` → specs (weight
-    defaults to 1; the weight is the text after the last ':' unless it contains a '/')."""
-    out = []
-    for spec in specs:
-        head, sep, tail = str(spec).rpartition(":")
-        name, weight = (head, tail) if sep and "/" not in tail and head != "remote" else (str(spec), "")
-        try:
-            out.append(RewardSpec(name.strip(), float(weight) if weight else 1.0))
-        except ValueError:
-            raise ValueError(f"reward spec {spec!r}: weight {weight!r} is not a number") from None
-    names = [s.name for s in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"reward listed twice in {list(specs)}")
+def check_reward_specs(specs: Sequence[RewardSpec]) -> None:
+    """Each spec's name against the registry (a ``remote:`` URL by its syntax) and its args against
+    the reward's signature, without loading any weights. The specs come from the one parser,
+    :func:`align.config_lists.parse_rewards` (``TrainConfig.rewards`` holds them parsed)."""
     known = available_rewards()
-    for n in names:
-        if n.startswith(REMOTE_PREFIX):
+    for s in specs:
+        if s.name.startswith(REMOTE_PREFIX):
             from rewards.remote import parse_url
-            parse_url(n)
-        elif n not in known:
-            raise ValueError(f"unknown reward {n!r}; available: {', '.join(sorted(known))}")
-    return out
+            parse_url(s.name)
+        elif s.name not in known:
+            raise ValueError(f"unknown reward {s.name!r}; available: {', '.join(sorted(known))}")
+        else:
+            obj = reward_object(s.name)
+            _plugin_args(obj, s.name, s.args, skip=0 if inspect.isclass(obj) else 3)
 
 
-def check_reward_args(specs: Sequence[RewardSpec], reward_args: dict) -> None:
-    """Every ``reward_args`` key names a listed reward and maps to a dict of keyword arguments."""
-    names = [s.name for s in specs]
-    _load_builtins()
-    for key, args in (reward_args or {}).items():
-        if key not in names:
-            raise ValueError(f"reward_args.{key}: {key!r} is not in rewards {names}")
-        if not isinstance(args, dict):
-            raise ValueError(f"reward_args.{key} must be a mapping of keyword arguments, got {args!r}")
-        if not key.startswith(REMOTE_PREFIX):  # check names against the signature without loading weights
-            obj = _BUILTIN.get(key) or _entry_points()[key].load()
-            _plugin_args(obj, key, args, skip=0 if inspect.isclass(obj) else 3)
-
-
-def build_rewards(specs: Sequence[RewardSpec], reward_args: Optional[dict] = None) -> list[Reward]:
-    """Instantiate each spec's reward with its ``reward_args`` (what training and reward workers call)."""
-    reward_args = reward_args or {}
-    check_reward_args(specs, reward_args)
-    return [get_reward(s.name, **dict(reward_args.get(s.name) or {})) for s in specs]
-
-
-@functools.lru_cache(maxsize=None)
-def _load_builtins() -> None:
-    import rewards.builtin  # noqa: F401  (registers the built-in rewards)
-    import rewards.sanity  # noqa: F401  (mean_brightness, color_fraction)
-    import rewards.clip_rewards  # noqa: F401
-    import rewards.geneval.reward  # noqa: F401
-    import rewards.hps  # noqa: F401
+def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
+    """Instantiate each spec's reward with its args (what training and reward workers call)."""
+    check_reward_specs(specs)
+    return [get_reward(s.name, **dict(s.args)) for s in specs]

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from rewards.registry import register_reward
 
 #: RGB in [0, 1] of the colours that ``color_fraction`` knows (the toy world's palette, black and white)
 COLORS: dict[str, tuple[float, float, float]] = {
@@ -17,7 +16,6 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
 
 
-@register_reward("mean_brightness")
 class MeanBrightness:
     """Mean pixel value over the image and its channels, in [0, 1]."""
     name = "mean_brightness"
@@ -28,7 +26,6 @@ class MeanBrightness:
         return images.float().clamp(0, 1).mean(dim=(1, 2, 3))
 
 
-@register_reward("color_fraction")
 class ColorFraction:
     """Fraction of pixels within ``tolerance`` (Euclidean RGB distance, on [0, 1]) of ``color``."""
     name = "color_fraction"

@@ -96,3 +96,43 @@ def tiny_dit_pipe():
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
+
+
+#: the smallest real `align train` run: tiny UNet, 3 steps, 2 prompts × 2 samples in one minibatch of
+#: 4, no evaluation, no value pretraining, in-process rollouts and rewards. A test adds what it is
+#: about (a later override wins: "critic.pretrain_iterations=1", "ray.num_rollout_workers=2", ...).
+TINY_TRAIN = ("model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
+              "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0",
+              "eval_prompts=2", "critic.pretrain_iterations=0", "critic.hidden=16",
+              "ray.num_rollout_workers=0", "ray.num_reward_workers=0")
+
+
+@pytest.fixture
+def tiny_train_overrides() -> list[str]:
+    """:data:`TINY_TRAIN` as a fresh list, for tests that start `align train` themselves (a subprocess)."""
+    return list(TINY_TRAIN)
+
+
+@pytest.fixture
+def tiny_train_cfg(tmp_path):
+    """``tiny_train_cfg(*overrides)``: the :data:`TINY_TRAIN` TrainConfig with ``run_dir`` in this
+    test's ``tmp_path`` (``run_dir=...`` among the overrides moves it), then the overrides."""
+    from align.config import load_config
+    from align.train_config import TrainConfig
+
+    def make(*overrides: str) -> TrainConfig:
+        return load_config(TrainConfig, None, [*TINY_TRAIN, f"run_dir={tmp_path}", *overrides])
+    return make
+
+
+@pytest.fixture
+def reward_registry():
+    """Rewards a test registers (``register_reward``) are gone after it: the in-process registry is
+    restored to what it held before the test."""
+    from rewards import registry
+    saved = dict(registry._REGISTERED)
+    try:
+        yield registry
+    finally:
+        registry._REGISTERED.clear()
+        registry._REGISTERED.update(saved)

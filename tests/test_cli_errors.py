@@ -223,4 +223,5 @@ def test_critic_settings_with_grpo_are_a_one_line_warning() -> None:
     proc = align_cli("train", "algo=grpo", "critic.rank=4", "rewards=[]")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "align: warning: algo=grpo trains no critic: critic.rank is ignored",
-        "align: error: config 'TrainConfig': rewards must list at least one reward (name:weight)"]
+        "align: error: config 'TrainConfig': rewards must list at least one reward: [{name: NAME, weight: W, "
+            "args: {...}}]"]

@@ -7,6 +7,7 @@ from typing import Optional
 import pytest
 
 from align.config import ConfigError, describe, field, load_config
+from align.config_lists import ModifierSpec
 
 
 @dataclasses.dataclass
@@ -63,13 +64,13 @@ def test_top_level_modifiers_key_is_an_alias_of_sampler_modifiers(tmp_path) -> N
     from align.generate import SampleJobConfig
     from align.train_config import TrainConfig
     compact = ["modifiers=[stayfair:{alpha:5},sym_attn:{alpha:1.05,beta:3}]"]
-    expected = [{"stayfair": {"alpha": 5}}, {"sym_attn": {"alpha": 1.05, "beta": 3}}]
+    expected = [ModifierSpec("stayfair", {"alpha": 5}), ModifierSpec("sym_attn", {"alpha": 1.05, "beta": 3})]
     assert load_config(TrainConfig, None, compact).sampler.modifiers == expected
     assert load_config(SampleJobConfig, None, compact).sampler.modifiers == expected
     yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text("sampler:\n  eta: 0.5\nmodifiers: [sym_attn: {alpha: 1.2}]\n")
+    yaml_file.write_text("sampler:\n  eta: 0.5\nmodifiers: [{name: sym_attn, args: {alpha: 1.2}}]\n")
     cfg = load_config(TrainConfig, yaml_file)
-    assert cfg.sampler.modifiers == [{"sym_attn": {"alpha": 1.2}}] and cfg.sampler.eta == 0.5
+    assert cfg.sampler.modifiers == [ModifierSpec("sym_attn", {"alpha": 1.2})] and cfg.sampler.eta == 0.5
     with pytest.raises(ConfigError, match="nope"):
         load_config(TrainConfig, None, ["modifiers=[nope: {}]"])
 
@@ -133,9 +134,9 @@ TINY = ["model.source=preset:tiny-unet", "ray.num_rollout_workers=0", "ray.num_r
     ("trainer.minibatch_size=0", "trainer.minibatch_size must be >= 1"),
     ("lora.rank=0", "lora.rank must be >= 1"),
     ("critic.rank=0", "critic.rank must be >= 1"),
-    ("rewards=[toy_geneval:nan]", "reward spec 'toy_geneval:nan': the weight must be finite"),
-    ("rewards=[toy_geneval:inf]", "reward spec 'toy_geneval:inf': the weight must be finite"),
-    ("rewards=[toy_geneval:-inf]", "reward spec 'toy_geneval:-inf': the weight must be finite"),
+    ("rewards=[{name: toy_geneval, weight: nan}]", "rewards[0]: the weight must be finite"),
+    ("rewards=[{name: toy_geneval, weight: inf}]", "rewards[0]: the weight must be finite"),
+    ("rewards=[{name: toy_geneval, weight: -inf}]", "rewards[0]: the weight must be finite"),
     ("rewards=[]", "rewards must list at least one reward"),
     ("critic.pretrain_ev_threshold=1.5", "critic.pretrain_ev_threshold must be <= 1"),
     ("critic.gae_lambda=1.5", "critic.gae_lambda must be in [0, 1]"),
@@ -170,18 +171,17 @@ def test_the_noise_check_reads_the_backbone_family_of_the_source(tmp_path) -> No
 
 
 @pytest.mark.parametrize("args, expected", [
-    ("{jpeg_compressibility: {quality: notanint}}", "reward_args.jpeg_compressibility.quality = 'notanint' is not an int"),
-    ("{jpeg_compressibility: {quality: 1.5}}", "reward_args.jpeg_compressibility.quality = 1.5 is not an int"),
-    ("{jpeg_compressibility: {qualty: 5}}", "unknown argument 'qualty'"),
+    ("{quality: notanint}", "reward 'jpeg_compressibility': args.quality = 'notanint' is not an int"),
+    ("{quality: 1.5}", "reward 'jpeg_compressibility': args.quality = 1.5 is not an int"),
+    ("{qualty: 5}", "unknown argument 'qualty'"),
 ])
 def test_reward_arguments_are_type_checked_against_the_signature(args: str, expected: str) -> None:
     from align.train_config import TrainConfig
     with pytest.raises(ConfigError) as info:
-        load_config(TrainConfig, None, [*TINY, "rewards=[jpeg_compressibility:1.0]", f"reward_args={args}"])
+        load_config(TrainConfig, None, [*TINY, f"rewards=[{{name: jpeg_compressibility, args: {args}}}]"])
     assert expected in str(info.value)
-    ok = load_config(TrainConfig, None, [*TINY, "rewards=[jpeg_compressibility:1.0]",
-                                          "reward_args={jpeg_compressibility: {quality: 50}}"])
-    assert ok.reward_args == {"jpeg_compressibility": {"quality": 50}}
+    ok = load_config(TrainConfig, None, [*TINY, "rewards=[{name: jpeg_compressibility, args: {quality: 50}}]"])
+    assert ok.reward_specs()[0].args == {"quality": 50}
 
 
 def test_optional_and_union_annotations_accept_each_member() -> None:
@@ -191,9 +191,9 @@ def test_optional_and_union_annotations_accept_each_member() -> None:
         return images
     check_reward_arg_types("r", reward, {"path": None, "scale": 2, "flag": True}, skip=3)
     check_reward_arg_types("r", reward, {"path": "/w"}, skip=3)
-    with pytest.raises(ValueError, match="reward_args.r.flag = 1 is not a bool"):
+    with pytest.raises(ValueError, match="reward 'r': args.flag = 1 is not a bool"):
         check_reward_arg_types("r", reward, {"flag": 1}, skip=3)
-    with pytest.raises(ValueError, match="reward_args.r.path = 3 is not a str or None"):
+    with pytest.raises(ValueError, match="reward 'r': args.path = 3 is not a str or None"):
         check_reward_arg_types("r", reward, {"path": 3}, skip=3)
 
 
@@ -220,8 +220,8 @@ def test_torch_free_config_modules_agree_with_the_torch_side() -> None:
     assert LOGPROB_REDUCTIONS == TRANSITION_REDUCTIONS
 
 
-@pytest.mark.parametrize("override", ["trainer.lr=-1", "lora.rank=0", "rewards=[toy_geneval:nan]", "sampler.eta=0",
-                                      "model.source=/no/such/dir", "critic.pretrain_epochs=0"])
+@pytest.mark.parametrize("override", ["trainer.lr=-1", "lora.rank=0", "rewards=[{name: toy_geneval, weight: nan}]",
+                                      "sampler.eta=0", "model.source=/no/such/dir", "critic.pretrain_epochs=0"])
 def test_a_value_error_is_raised_before_torch_is_imported(override: str) -> None:
     """Registry checks (rewards, presets) may import torch; they run only after every cheap check passed."""
     import os
@@ -239,16 +239,18 @@ def test_a_value_error_is_raised_before_torch_is_imported(override: str) -> None
 
 
 def test_torch_free_algorithm_facts_agree_with_the_algorithm_registry() -> None:
-    """The config knows the algorithms (choices) and which train a critic without importing torch; the
-    registry in align/algos is the truth they must match."""
+    """The config knows which algorithms train a critic without importing torch; the registry in
+    align/algos is the truth it must match. The algorithm choices are the registry's own names."""
     import align.algos.ddpo  # noqa: F401  (register the built-ins)
     import align.algos.ecg  # noqa: F401
     import align.algos.grpo  # noqa: F401
     from align.algos.registry import ALGORITHMS
     from align.config_checks import CRITIC_ALGOS
-    from align.train_config import ALGOS
-    assert set(ALGOS) == set(ALGORITHMS)
+    from align.train_config import TrainConfig
     assert set(CRITIC_ALGOS) == {name for name, cls in ALGORITHMS.items() if cls.needs_critic}
+    with pytest.raises(ConfigError, match="config key 'algo' = 'ppo' is not valid; choose one of: " +
+                       ", ".join(sorted(ALGORITHMS))):
+        load_config(TrainConfig, None, ["algo=ppo"])
 
 
 @pytest.mark.parametrize("override, expected", [

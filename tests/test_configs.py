@@ -27,5 +27,5 @@ def test_shipped_config_loads(name: str) -> None:
 @pytest.mark.parametrize("name", ["sd35m_ecg_geneval.yaml", "sd15_ecg_geneval.yaml"])
 def test_geneval_configs_train_on_geneval_records_with_local_model_paths(name: str) -> None:
     cfg = load_config(TrainConfig, CONFIGS / name, ["model.allow_download=true"])  # hub-id base (see above)
-    assert cfg.rewards == ["geneval:1.0"] and cfg.trainer.prompts == "geneval"
-    assert {"detector_path", "clip_path"} <= set(cfg.reward_args["geneval"])
+    assert [(s.name, s.weight) for s in cfg.rewards] == [("geneval", 1.0)] and cfg.trainer.prompts == "geneval"
+    assert {"detector_path", "clip_path"} <= set(cfg.reward_args_of("geneval"))

@@ -196,15 +196,12 @@ def test_exported_policy_lora_gives_the_same_images_in_plain_diffusers(preset: s
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)  # fp32 round-off, as tests/test_sampling.py
 
 
-def test_align_train_exports_and_align_export_rebuilds_the_same_files(tmp_path, capsys) -> None:
+def test_align_train_exports_and_align_export_rebuilds_the_same_files(tmp_path, capsys, tiny_train_cfg) -> None:
     from align.cli import main
-    from align.config import load_config
     from align.train import train
-    from align.train_config import TrainConfig
-    from test_train import TINY  # the tiny in-process training config of tests/test_train.py
     run = tmp_path / "run"
-    cfg = load_config(TrainConfig, None, TINY + [f"run_dir={run}", "trainer.iterations=1",
-                                                 "rewards=[toy_geneval:1.0,jpeg_compressibility:0.5]"])
+    cfg = tiny_train_cfg(f"run_dir={run}", "trainer.iterations=1",
+                         "rewards=[{name: toy_geneval}, {name: jpeg_compressibility, weight: 0.5}]")
     state = train(cfg, log=lambda *_: None)
     config = json.loads((run / "export" / "critic" / "config.json").read_text())
     assert [(r["name"], r["weight"]) for r in config["rewards"]] == [("toy_geneval", 1.0), ("jpeg_compressibility", 0.5)]
@@ -220,14 +217,10 @@ def test_align_train_exports_and_align_export_rebuilds_the_same_files(tmp_path, 
     assert main(["export", str(tmp_path / "nope")]) == 2
 
 
-def test_export_of_a_run_without_critic_writes_only_the_policy(tmp_path) -> None:
-    from align.config import load_config
+def test_export_of_a_run_without_critic_writes_only_the_policy(tmp_path, tiny_train_cfg) -> None:
     from align.train import train
-    from align.train_config import TrainConfig
-    from test_train import TINY
     run = tmp_path / "run"
-    train(load_config(TrainConfig, None, TINY + [f"run_dir={run}", "trainer.iterations=1", "algo=grpo"]),
-          log=lambda *_: None)
+    train(tiny_train_cfg(f"run_dir={run}", "trainer.iterations=1", "algo=grpo"), log=lambda *_: None)
     out = critics.export_run(run, tmp_path / "out")
     assert sorted(os.listdir(out)) == ["export.json", "policy"]
     assert json.loads((out / "export.json").read_text())["critic"] is None

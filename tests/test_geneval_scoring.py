@@ -44,16 +44,15 @@ def test_a_batch_whose_size_differs_from_its_records_is_refused_before_scoring(r
     assert reward.seen == []
 
 
-def test_local_reward_group_and_ray_reward_actor_body_carry_the_records() -> None:
+def test_local_reward_group_and_ray_reward_actor_body_carry_the_records(reward_registry) -> None:
     """The in-process group and the body of the Ray reward actor (a plain class) pass records on."""
     from align.rollout.groups import LocalRewards
     from align.rollout.ray_group import RewardActor
-    from rewards.registry import register_reward
     images, prompts, records = _batch(3)
     assert torch.equal(LocalRewards([Recorder()]).score(images, prompts, prompt_metadata=records)[:, 0],
                        torch.arange(3.0))
-    register_reward("test_prompt_record_index")(Recorder)
-    actor = RewardActor(["test_prompt_record_index"], {})
+    reward_registry.register_reward("test_prompt_record_index")(Recorder)
+    actor = RewardActor([{"name": "test_prompt_record_index"}])
     assert torch.equal(actor.score(images, prompts, records)[:, 0], torch.arange(3.0))
 
 

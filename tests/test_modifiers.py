@@ -18,6 +18,7 @@ from align.train_config import TrainConfig
 
 PROMPTS = ["two red circles on the left", "one blue square on the top"]
 CLI = "sampler.modifiers=[stayfair: {alpha: 5}, sym_attn: {alpha: 1.05, beta: 3}]"
+TYPED = [{"name": "stayfair", "args": {"alpha": 5}}, {"name": "sym_attn", "args": {"alpha": 1.05, "beta": 3}}]
 
 
 def _cfg(*modifiers, **kw) -> SamplerConfig:
@@ -33,21 +34,21 @@ def _sample(pipe, cfg: SamplerConfig, seed: int = 0) -> Trajectory:
 @pytest.mark.parametrize("schema", [SampleJobConfig, TrainConfig])
 def test_command_line_list_of_mappings_parses_for_sample_and_train(schema) -> None:
     cfg = load_config(schema, None, [CLI])
-    assert canonical_specs(cfg.sampler.modifiers) == [{"stayfair": {"alpha": 5}}, {"sym_attn": {"alpha": 1.05, "beta": 3}}]
+    assert canonical_specs(cfg.sampler.modifiers) == TYPED
 
 
 def test_compact_issue_syntax_parses_too() -> None:
     """``[stayfair:{alpha:5},...]`` is not valid YAML flow (no space after ':'); the config loader
     inserts the spaces for such a value, and only then."""
     cfg = load_config(TrainConfig, None, ["sampler.modifiers=[stayfair:{alpha:5},sym_attn:{alpha:1.05,beta:3}]"])
-    assert canonical_specs(cfg.sampler.modifiers) == [{"stayfair": {"alpha": 5}}, {"sym_attn": {"alpha": 1.05, "beta": 3}}]
+    assert canonical_specs(cfg.sampler.modifiers) == TYPED
     assert load_config(SampleJobConfig, None, ["out_dir=http://x:8/y"]).out_dir == "http://x:8/y"
 
 
 def test_quoted_string_items_parse_like_mappings() -> None:
     cfg = load_config(SampleJobConfig, None, ['sampler.modifiers=["stayfair:{alpha:5,words:[red,blue]}",sym_attn]'])
-    assert canonical_specs(cfg.sampler.modifiers) == [{"stayfair": {"alpha": 5, "words": ["red", "blue"]}},
-                                                      {"sym_attn": {}}]
+    assert canonical_specs(cfg.sampler.modifiers) == [{"name": "stayfair", "args": {"alpha": 5, "words": ["red", "blue"]}},
+                                                      {"name": "sym_attn", "args": {}}]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -132,7 +133,7 @@ def test_saved_trajectory_keeps_its_modifiers_for_recomputation(tiny_unet_pipe, 
     traj = _sample(tiny_unet_pipe, _cfg("sym_attn:{alpha:1.2,beta:3}"))
     traj.save(tmp_path / "traj")
     loaded = Trajectory.load(tmp_path / "traj")
-    assert loaded.modifiers == [{"sym_attn": {"alpha": 1.2, "beta": 3}}]
+    assert loaded.modifiers == [{"name": "sym_attn", "args": {"alpha": 1.2, "beta": 3}}]
     assert (recompute_log_probs(tiny_unet_pipe, loaded) - traj.log_probs).abs().max() < 1e-5
 
 
@@ -205,21 +206,16 @@ def test_align_sample_with_modifiers_writes_images_and_records_them(tmp_path) ->
         "sampler.modifiers=[stayfair: {alpha: 3, words: [red, blue]}, sym_attn: {alpha: 1.05, beta: 3}]"])
     run_sample_job(cfg)
     record = json.loads((tmp_path / "samples.json").read_text())
-    assert record["config"]["sampler"]["modifiers"][1] == {"sym_attn": {"alpha": 1.05, "beta": 3}}
+    assert record["config"]["sampler"]["modifiers"][1] == {"name": "sym_attn", "args": {"alpha": 1.05, "beta": 3}}
     assert (tmp_path / "images" / "0000.png").is_file()
 
 
-TRAIN = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-         "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
-         "critic.pretrain_iterations=0", "critic.hidden=16", "trainer.iterations=2", "trainer.timestep_fraction=1.0",
-         "rewards=[jpeg_compressibility:1.0]"]
-
-
-@pytest.mark.parametrize("modifier", ["stayfair: {alpha: 3, words: [red, blue]}", "sym_attn: {alpha: 1.1, beta: 3}"])
-def test_two_iteration_ecg_run_trains_with_a_modifier(tmp_path, modifier: str) -> None:
+@pytest.mark.parametrize("modifier", ["{name: stayfair, args: {alpha: 3, words: [red, blue]}}",
+                                      "{name: sym_attn, args: {alpha: 1.1, beta: 3}}"])
+def test_two_iteration_ecg_run_trains_with_a_modifier(tiny_train_cfg, tmp_path, modifier: str) -> None:
     from align.train import train
-    extra = ["ray.num_rollout_workers=0", "ray.num_reward_workers=0"] if hasattr(TrainConfig(), "ray") else []
-    cfg = load_config(TrainConfig, None, TRAIN + extra + [f"run_dir={tmp_path}", f"sampler.modifiers=[{modifier}]"])
+    cfg = tiny_train_cfg("trainer.iterations=2", "trainer.timestep_fraction=1.0",
+                         "rewards=[{name: jpeg_compressibility}]", f"sampler.modifiers=[{modifier}]")
     lines: list[str] = []
     state = train(cfg, log=lines.append)
     assert state.policy_updates == 2

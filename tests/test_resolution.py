@@ -116,16 +116,11 @@ def test_align_eval_draws_at_height_and_width(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("preset", ["tiny-unet", "tiny-dit"])
-def test_align_train_runs_an_iteration_at_another_resolution(tmp_path, preset: str) -> None:
+def test_align_train_runs_an_iteration_at_another_resolution(tiny_train_cfg, tmp_path, preset: str) -> None:
     """ECG (policy + critic) on the tiny presets at 24 × 32 px: one policy update, finite rewards and losses."""
     from align.train import train
-    from align.train_config import TrainConfig
-    cfg = load_config(TrainConfig, None, [
-        f"model.source=preset:{preset}", "algo=ecg", f"sampler.height={H}", f"sampler.width={W}",
-        "sampler.num_inference_steps=2", "trainer.iterations=1", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0",
-        "eval_prompts=2", "critic.pretrain_iterations=0", "critic.hidden=16", "ray.num_rollout_workers=0",
-        "ray.num_reward_workers=0", "rewards=[jpeg_compressibility:1.0]", f"run_dir={tmp_path}"])
+    cfg = tiny_train_cfg(f"model.source=preset:{preset}", "algo=ecg", f"sampler.height={H}", f"sampler.width={W}",
+                         "sampler.num_inference_steps=2", "trainer.iterations=1", "rewards=[{name: jpeg_compressibility}]")
     state = train(cfg, log=lambda *_: None)
     record = state.history[-1]
     assert state.policy_updates == 1 and record["samples_seen"] == 4

@@ -15,16 +15,14 @@ from pathlib import Path
 import pytest
 
 from align import checkpoint as ckpt
-from align.config import load_config
 from align.errors import CheckpointError, RunMismatchError
 from align.run_identity import (RESUME_LOG, append_resume_log, check_fresh_run_dir, check_same_base, resolve_resume,
                                 run_identity, run_settings)
 from align.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=2", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
-        "critic.pretrain_iterations=1", "critic.hidden=16", "ray.num_rollout_workers=0", "ray.num_reward_workers=0"]
+#: tiny_train_cfg (tests/conftest.py) with 2 steps and one value-pretraining iteration
+RUN = ("sampler.num_inference_steps=2", "critic.pretrain_iterations=1")
 
 # A checkpoint write in a child process that dies (os._exit: no cleanup runs, as under SIGKILL) at a
 # chosen point: 'body' (files half written), 'marked' (complete, before the renames), 'between' (after
@@ -119,8 +117,8 @@ def test_a_half_removed_old_checkpoint_never_looks_complete(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "no_state", "only_incomplete_tmp"])
-def test_resume_without_a_complete_checkpoint_is_refused_in_one_line(tmp_path, layout: str) -> None:
-    cfg = load_config(TrainConfig, None, TINY + [f"run_dir={tmp_path / 'run'}"])
+def test_resume_without_a_complete_checkpoint_is_refused_in_one_line(tmp_path, layout: str, tiny_train_cfg) -> None:
+    cfg = tiny_train_cfg(*RUN, f"run_dir={tmp_path / 'run'}")
     run = tmp_path / "run"
     if layout != "missing":
         (run / "checkpoint").mkdir(parents=True)
@@ -181,57 +179,58 @@ def _fake_run(run: Path, cfg: TrainConfig, fingerprint: str = "sha256:" + "a" * 
     ("sampler.num_inference_steps=3", "sampler.num_inference_steps 2 → 3"),
     ("sampler.eta=0.5", "sampler.eta 1.0 → 0.5"),
 ])
-def test_resume_with_settings_of_another_run_names_each_differing_key(tmp_path, override: str, named: str) -> None:
+def test_resume_with_settings_of_another_run_names_each_differing_key(tmp_path, override: str, named: str,
+                                                                     tiny_train_cfg) -> None:
     run = tmp_path / "run"
-    _fake_run(run, load_config(TrainConfig, None, TINY + [f"run_dir={run}"]))
-    other = load_config(TrainConfig, None, TINY + [f"run_dir={run}", override])
+    _fake_run(run, tiny_train_cfg(*RUN, f"run_dir={run}"))
+    other = tiny_train_cfg(*RUN, f"run_dir={run}", override)
     with pytest.raises(RunMismatchError) as info:
         resolve_resume(run, other)
     assert named in str(info.value) and "--force" in str(info.value) and "\n" not in str(info.value)
     assert resolve_resume(run, other, force=True) == run / "checkpoint"
 
 
-def test_several_differing_keys_are_all_named_and_other_overrides_are_fine(tmp_path) -> None:
+def test_several_differing_keys_are_all_named_and_other_overrides_are_fine(tmp_path, tiny_train_cfg) -> None:
     run = tmp_path / "run"
-    _fake_run(run, load_config(TrainConfig, None, TINY + [f"run_dir={run}"]))
-    same_run = load_config(TrainConfig, None, TINY + [f"run_dir={run}", "trainer.iterations=9", "trainer.lr=1e-4"])
+    _fake_run(run, tiny_train_cfg(*RUN, f"run_dir={run}"))
+    same_run = tiny_train_cfg(*RUN, f"run_dir={run}", "trainer.iterations=9", "trainer.lr=1e-4")
     assert resolve_resume(run, same_run) == run / "checkpoint"
-    other = load_config(TrainConfig, None, TINY + [f"run_dir={run}", "lora.rank=2", "sampler.eta=0.3"])
+    other = tiny_train_cfg(*RUN, f"run_dir={run}", "lora.rank=2", "sampler.eta=0.3")
     message = str(pytest.raises(RunMismatchError, resolve_resume, run, other).value)
     assert "lora.rank 8 → 2" in message and "sampler.eta 1.0 → 0.3" in message
 
 
-def test_another_base_fingerprint_is_refused_unless_forced(tmp_path) -> None:
-    cfg = load_config(TrainConfig, None, TINY)
+def test_another_base_fingerprint_is_refused_unless_forced(tmp_path, tiny_train_cfg) -> None:
+    cfg = tiny_train_cfg(*RUN)
     stored = run_identity(cfg, "sha256:" + "a" * 64)
-    current = run_identity(load_config(TrainConfig, None, [*TINY, "model.source=preset:toy"]), "sha256:" + "b" * 64)
+    current = run_identity(tiny_train_cfg(*RUN, "model.source=preset:toy"), "sha256:" + "b" * 64)
     with pytest.raises(RunMismatchError, match="another base: model.source 'preset:tiny-unet' .* → 'preset:toy'"):
         check_same_base(stored, current, tmp_path)
     check_same_base(stored, current, tmp_path, force=True)
     check_same_base(stored, run_identity(cfg, stored["base"]["fingerprint"]), tmp_path)
 
 
-def test_a_new_run_over_a_checkpointed_run_dir_is_refused_unless_forced(tmp_path) -> None:
+def test_a_new_run_over_a_checkpointed_run_dir_is_refused_unless_forced(tmp_path, tiny_train_cfg) -> None:
     run = tmp_path / "run"
-    _fake_run(run, load_config(TrainConfig, None, TINY + [f"run_dir={run}"]))
+    _fake_run(run, tiny_train_cfg(*RUN, f"run_dir={run}"))
     with pytest.raises(CheckpointError, match=f"already holds a checkpoint .iteration 2.; pass --resume {run}"):
         check_fresh_run_dir(run)
     check_fresh_run_dir(run, force=True)
     check_fresh_run_dir(tmp_path / "new")
 
 
-def test_critic_settings_are_not_part_of_a_critic_free_run(tmp_path) -> None:
-    grpo = load_config(TrainConfig, None, [*TINY, "algo=grpo"])
+def test_critic_settings_are_not_part_of_a_critic_free_run(tmp_path, tiny_train_cfg) -> None:
+    grpo = tiny_train_cfg(*RUN, "algo=grpo")
     assert not any(k.startswith("critic.") for k in run_settings(grpo))
-    assert "critic.rank" in run_settings(load_config(TrainConfig, None, TINY))
+    assert "critic.rank" in run_settings(tiny_train_cfg(*RUN))
 
 
-def test_the_resume_log_appends_each_changed_key_and_leaves_config_json_alone(tmp_path) -> None:
+def test_the_resume_log_appends_each_changed_key_and_leaves_config_json_alone(tmp_path, tiny_train_cfg) -> None:
     run = tmp_path / "run"
-    cfg = load_config(TrainConfig, None, TINY + [f"run_dir={run}"])
+    cfg = tiny_train_cfg(*RUN, f"run_dir={run}")
     _fake_run(run, cfg)
     before = (run / "config.json").read_text()
-    resumed = load_config(TrainConfig, None, TINY + [f"run_dir={run}", "trainer.lr=1e-4"])
+    resumed = tiny_train_cfg(*RUN, f"run_dir={run}", "trainer.lr=1e-4")
     append_resume_log(run, resumed, run / "checkpoint", 2)
     append_resume_log(run, resumed, run / "checkpoint", 3, force=True)
     lines = [json.loads(line) for line in (run / RESUME_LOG).read_text().splitlines()]
@@ -254,14 +253,14 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env=env, cwd=cwd)
 
 
-def test_resume_after_a_kill_between_the_renames_continues_at_the_newest_iteration(tmp_path) -> None:
+def test_resume_after_a_kill_between_the_renames_continues_at_the_newest_iteration(tmp_path, tiny_train_cfg) -> None:
     """Two complete checkpoints survive as .old (iteration 1) and .tmp (iteration 2), no final: the run
     continues at iteration 3 (not 1), config.json is untouched, the overrides go to the resume log, the
     stale directories are gone afterwards, and no temporary YAML is left behind."""
     from align.train import train
     run = tmp_path / "run"
     # no value pretraining: trainer.iterations counts policy iterations, so iteration numbers are the policy's
-    cfg = load_config(TrainConfig, None, TINY + [f"run_dir={run}", "trainer.iterations=2", "critic.pretrain_iterations=0"])
+    cfg = tiny_train_cfg(*RUN, f"run_dir={run}", "trainer.iterations=2", "critic.pretrain_iterations=0")
     train(cfg, stop_after=1, log=lambda *_: None)
     shutil.copytree(run / "checkpoint", tmp_path / "it1")
     train(cfg, resume=True, log=lambda *_: None)
@@ -281,11 +280,11 @@ def test_resume_after_a_kill_between_the_renames_continues_at_the_newest_iterati
     assert not list((tmp_path / "tmp").glob("*.yaml"))
 
 
-def test_a_mismatched_resume_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys) -> None:
+def test_a_mismatched_resume_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys, tiny_train_cfg) -> None:
     import align.train
     from align.cli import main
     run = tmp_path / "run"
-    _fake_run(run, load_config(TrainConfig, None, TINY + [f"run_dir={run}"]))
+    _fake_run(run, tiny_train_cfg(*RUN, f"run_dir={run}"))
 
     def no_model(*_args, **_kwargs):
         raise AssertionError("the model was built")
@@ -296,13 +295,13 @@ def test_a_mismatched_resume_is_refused_before_any_model_loads(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_resume_on_another_base_of_the_same_shapes_is_refused_by_its_fingerprint(tmp_path) -> None:
+def test_resume_on_another_base_of_the_same_shapes_is_refused_by_its_fingerprint(tmp_path, tiny_train_cfg) -> None:
     """Same settings, other weights (another seed of the same preset): refused before the checkpoint
     loads, in one line; --force continues (and the log records it)."""
     from align.train import train
     base_a, base_b = _save_base(tmp_path / "a", 0), _save_base(tmp_path / "b", 1)
     run = tmp_path / "run"
-    train(load_config(TrainConfig, None, TINY + [f"run_dir={run}", f"model.source={base_a}", "trainer.iterations=1"]),
+    train(tiny_train_cfg(*RUN, f"run_dir={run}", f"model.source={base_a}", "trainer.iterations=1"),
           log=lambda *_: None)
     proc = _cli("--resume", str(run), f"model.source={base_b}", "trainer.iterations=2", cwd=tmp_path)
     assert proc.returncode == 2

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from align.toy.world import render_batch, sample_scenes
-from rewards import RewardError, get_reward, parse_reward_specs, score
+from align.config_lists import parse_rewards
+from rewards import RewardError, check_reward_specs, get_reward, score
 
 
 class _Bad:
@@ -47,9 +48,10 @@ def test_bad_reward_output_raises_an_error_naming_the_plugin(fn, message: str) -
 
 
 def test_reward_specs_parse_weights_and_reject_unknown_names() -> None:
-    specs = parse_reward_specs(["toy_geneval:1.0", "jpeg_compressibility:0.2"])
+    specs = parse_rewards(["toy_geneval:1.0", {"name": "jpeg_compressibility", "weight": 0.2}])
     assert [(s.name, s.weight) for s in specs] == [("toy_geneval", 1.0), ("jpeg_compressibility", 0.2)]
+    check_reward_specs(specs)
     with pytest.raises(ValueError, match="unknown reward 'nope'; available: .*toy_geneval"):
-        parse_reward_specs(["nope:1"])
+        check_reward_specs(parse_rewards([{"name": "nope"}]))
     with pytest.raises(ValueError, match="weight 'x' is not a number"):
-        parse_reward_specs(["toy_geneval:x"])
+        parse_rewards(["toy_geneval:x"])

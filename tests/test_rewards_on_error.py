@@ -9,14 +9,9 @@ import torch
 
 from align.checkpoint import load_tensors
 from align.cli import main
-from align.config import load_config
 from align.train import train
-from align.train_config import TrainConfig
 from rewards import RewardError, register_reward
 
-TINY = ["model.source=preset:tiny-unet", "algo=grpo", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
-        "ray.num_rollout_workers=0", "ray.num_reward_workers=0"]  # in-process: the test rewards live here
 FAILS_ON_CALLS: set[int] = set()
 CALLS = [0]
 
@@ -34,19 +29,20 @@ class _Flaky:
         return out
 
 
-def _train(tmp_path, fails: set[int], on_error: str, iterations: int = 2):
+def _train(tiny_train_cfg, fails: set[int], on_error: str, iterations: int = 2):
     FAILS_ON_CALLS.clear()
     FAILS_ON_CALLS.update(fails)
     CALLS[0] = 0
-    cfg = load_config(TrainConfig, None, TINY + [f"run_dir={tmp_path}", f"trainer.iterations={iterations}",
-                                                 "rewards=[toy_geneval:1.0,test_flaky_reward:0.5]",
-                                                 f"reward_on_error={on_error}"])
+    # in-process rewards (tiny_train_cfg): the test rewards live in this process
+    cfg = tiny_train_cfg("algo=grpo", f"trainer.iterations={iterations}",
+                         "rewards=[{name: toy_geneval}, {name: test_flaky_reward, weight: 0.5}]",
+                         f"reward_on_error={on_error}")
     lines: list[str] = []
     return train(cfg, log=lines.append), lines
 
 
-def test_skip_batch_drops_the_failing_batch_and_counts_it(tmp_path) -> None:
-    state, lines = _train(tmp_path, fails={1}, on_error="skip_batch")
+def test_skip_batch_drops_the_failing_batch_and_counts_it(tmp_path, tiny_train_cfg) -> None:
+    state, lines = _train(tiny_train_cfg, fails={1}, on_error="skip_batch")
     assert state.skipped_batches == 1 and state.policy_updates == 1 and state.iteration == 2
     assert [h["iteration"] for h in state.history] == [2]
     skipped = [x for x in lines if "[skipped batch]" in x]
@@ -57,16 +53,16 @@ def test_skip_batch_drops_the_failing_batch_and_counts_it(tmp_path) -> None:
     assert saved["normalisers"]["test_flaky_reward"]["count"] == pytest.approx(4, abs=1e-3)  # the good batch only
 
 
-def test_skip_batch_never_updates_on_a_failed_batch(tmp_path) -> None:
-    state, _ = _train(tmp_path, fails={1, 2}, on_error="skip_batch")
+def test_skip_batch_never_updates_on_a_failed_batch(tmp_path, tiny_train_cfg) -> None:
+    state, _ = _train(tiny_train_cfg, fails={1, 2}, on_error="skip_batch")
     assert state.skipped_batches == 2 and state.policy_updates == 0 and state.history == []
     policy = load_tensors(tmp_path / "checkpoint" / "policy_lora.safetensors")
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in policy.items() if "lora_B" in k)
 
 
-def test_raise_stops_at_the_failing_batch(tmp_path) -> None:
+def test_raise_stops_at_the_failing_batch(tmp_path, tiny_train_cfg) -> None:
     with pytest.raises(RewardError, match="reward 'test_flaky_reward' returned non-finite values on a batch of 4"):
-        _train(tmp_path, fails={2}, on_error="raise")
+        _train(tiny_train_cfg, fails={2}, on_error="raise")
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["iteration"] == 1
 
 
@@ -113,9 +109,9 @@ def _constant_b(images, prompts, metadata):
     return torch.full((len(prompts),), -2.0)
 
 
-def test_raw_scores_are_logged_per_reward_with_the_weighted_sum(tmp_path) -> None:
-    cfg = load_config(TrainConfig, None, TINY + [f"run_dir={tmp_path}", "trainer.iterations=1",
-                                                 "rewards=[test_constant_a:2.0,test_constant_b:0.5]"])
+def test_raw_scores_are_logged_per_reward_with_the_weighted_sum(tmp_path, tiny_train_cfg) -> None:
+    cfg = tiny_train_cfg("algo=grpo", "trainer.iterations=1",
+                         "rewards=[{name: test_constant_a, weight: 2.0}, {name: test_constant_b, weight: 0.5}]")
     lines: list[str] = []
     record = train(cfg, log=lines.append).history[0]
     assert record["reward/test_constant_a"] == 0.25 and record["reward/test_constant_b"] == -2.0

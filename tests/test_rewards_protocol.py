@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from align.config import ConfigError, load_config
+from align.config_lists import RewardSpec, parse_rewards
 from align.toy.world import render_batch, sample_scenes
 from align.train_config import TrainConfig
-from rewards import RewardError, available_rewards, build_rewards, get_reward, parse_reward_specs, register_reward, score
+from rewards import (RewardError, available_rewards, build_rewards, check_reward_specs, get_reward, register_reward,
+                     score)
 
 CALLS: list[int] = []
 
@@ -112,7 +114,7 @@ def test_class_reward_kwargs_and_unknown_argument_lists_the_accepted_ones() -> N
 def test_reward_args_are_checked_when_the_config_loads(tmp_path) -> None:
     base = ["rewards=[jpeg_compressibility:1.0]", f"run_dir={tmp_path}"]
     cfg = load_config(TrainConfig, None, base + ["reward_args.jpeg_compressibility.quality=40"])
-    assert build_rewards(parse_reward_specs(cfg.rewards), cfg.reward_args)[0].quality == 40
+    assert build_rewards(cfg.reward_specs())[0].quality == 40
     with pytest.raises(ConfigError, match="reward_args.clip_score: 'clip_score' is not in rewards"):
         load_config(TrainConfig, None, base + ["reward_args.clip_score.model=x"])
     with pytest.raises(ConfigError, match="unknown argument 'qualty'"):
@@ -157,15 +159,52 @@ def test_entry_point_plugins_are_discovered_and_listed_with_their_distribution(t
     monkeypatch.syspath_prepend(str(tmp_path))
     assert available_rewards()["darkness"] == "entry point ep_plugin_mod:darkness (ep-plugin 1.2)"
     images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    scores, _ = score(build_rewards(parse_reward_specs(["darkness:0.5"]), {"darkness": {"offset": 1.0}}),
-                      images, ["a", "b", "c"])
+    scores, _ = score(build_rewards([RewardSpec("darkness", 0.5, {"offset": 1.0})]), images, ["a", "b", "c"])
     torch.testing.assert_close(scores[:, 0], 1.0 - images.mean(dim=(1, 2, 3)))
     sys.modules.pop("ep_plugin_mod", None)
 
 
 def test_remote_specs_keep_the_url_and_parse_an_optional_weight() -> None:
-    specs = parse_reward_specs(["remote:http://127.0.0.1:8123/clip_score:0.5", "remote:http://localhost:9/hpsv2"])
+    specs = parse_rewards(["remote:http://127.0.0.1:8123/clip_score:0.5", "remote:http://localhost:9/hpsv2"])
+    check_reward_specs(specs)
     assert [(s.name, s.weight) for s in specs] == [("remote:http://127.0.0.1:8123/clip_score", 0.5),
                                                    ("remote:http://localhost:9/hpsv2", 1.0)]
     with pytest.raises(ValueError, match="expected remote:http://HOST:PORT/NAME"):
-        parse_reward_specs(["remote:http://127.0.0.1/clip_score"])
+        check_reward_specs(parse_rewards(["remote:http://127.0.0.1/clip_score"]))
+
+
+def test_builtins_are_the_projects_own_entry_points_as_pyproject_declares_them() -> None:
+    """One discovery path: the built-in rewards are diffusion-align's ``align.rewards`` entry points. The
+    installed metadata must match pyproject.toml (a stale editable install fails here, naming the fix)."""
+    import tomllib
+    from importlib.metadata import entry_points
+    from pathlib import Path
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "project"]["entry-points"]["align.rewards"]
+    installed = {ep.name: ep.value for ep in entry_points(group="align.rewards")
+                 if ep.dist is not None and ep.dist.name == "diffusion-align"}
+    assert installed == declared, "installed metadata differs from pyproject.toml: reinstall (make install)"
+    found = available_rewards()
+    assert all(found[name] == "builtin" for name in declared)
+    assert get_reward("jpeg_compressibility", quality=50).quality == 50  # loaded through its entry point
+
+
+def test_a_plugin_that_fails_to_load_is_one_line_naming_it(tmp_path, monkeypatch) -> None:
+    from align.errors import one_line
+    from rewards import RewardPluginError
+    from rewards.registry import describe_reward
+    (tmp_path / "broken_plugin_mod.py").write_text("import no_such_module_here\n")
+    info = tmp_path / "broken_plugin-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[align.rewards]\nbroken = broken_plugin_mod:Broken\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert available_rewards()["broken"] == "entry point broken_plugin_mod:Broken (broken-plugin 0.3)"
+    with pytest.raises(RewardPluginError) as info_err:
+        get_reward("broken")
+    line = one_line(info_err.value)
+    assert line == ("reward plugin 'broken' (entry point broken_plugin_mod:Broken of broken-plugin 0.3) failed to "
+                    "load: ModuleNotFoundError: No module named 'no_such_module_here'")
+    assert describe_reward("broken").startswith("(fails to load: reward plugin 'broken'")
+    with pytest.raises(ConfigError, match="reward plugin 'broken' .* failed to load"):
+        load_config(TrainConfig, None, ["rewards=[{name: broken}]", f"run_dir={tmp_path}"])

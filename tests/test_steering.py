@@ -156,7 +156,7 @@ def test_steering_without_a_critic_is_a_one_line_config_error(capsys) -> None:
 
 
 def test_hooked_steering_with_sampler_modifiers_is_refused_before_loading(tmp_path, capsys) -> None:
-    assert main(["sample", "model.source=preset:tiny-unet", "sampler.modifiers=[sym_attn: {alpha: 1.05}]",
+    assert main(["sample", "model.source=preset:tiny-unet", "sampler.modifiers=[{name: sym_attn, args: {alpha: 1.05}}]",
                  "--critic", str(tmp_path), "--steer", "grad"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot be combined with sampler.modifiers" in err[0]

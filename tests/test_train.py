@@ -12,23 +12,12 @@ from align.train import build, train
 from align.train_config import TrainConfig
 from rewards import RewardError, register_reward
 
-TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
-        "critic.pretrain_iterations=0", "critic.hidden=16",
-        # in-process rollouts and rewards (same requests as the Ray actors: tests/test_distributed.py)
-        "ray.num_rollout_workers=0", "ray.num_reward_workers=0"]
-
-
-def _cfg(tmp_path, *extra: str) -> TrainConfig:
-    return load_config(TrainConfig, None, TINY + [f"run_dir={tmp_path}", *extra])
-
-
 @pytest.mark.parametrize("algo", ["ecg", "grpo", "ddpo"])
-def test_training_moves_every_trainable_parameter(tmp_path, algo: str) -> None:
+def test_training_moves_every_trainable_parameter(tmp_path, algo: str, tiny_train_cfg) -> None:
     """TRL-style guard against frozen adapters: after 2 iterations every policy (and critic) LoRA
     tensor differs from a fresh build with the same seed. The JPEG reward varies between samples
     even for the untrained tiny model, so every algorithm gets a learning signal."""
-    cfg = _cfg(tmp_path, f"algo={algo}", "trainer.iterations=2", "critic.pretrain_iterations=0",
+    cfg = tiny_train_cfg(f"algo={algo}", "trainer.iterations=2", "critic.pretrain_iterations=0",
                "trainer.timestep_fraction=1.0", "rewards=[jpeg_compressibility:1.0]")
     fresh_pipe = build(cfg)[0]
     state = train(cfg, log=lambda *_: None)
@@ -41,8 +30,8 @@ def test_training_moves_every_trainable_parameter(tmp_path, algo: str) -> None:
             assert not torch.equal(value, before), f"{name}: {key} never moved"
 
 
-def test_ecg_iteration_leaves_the_base_bit_identical(tmp_path) -> None:
-    cfg = _cfg(tmp_path, "trainer.iterations=1", "critic.pretrain_iterations=0")
+def test_ecg_iteration_leaves_the_base_bit_identical(tmp_path, tiny_train_cfg) -> None:
+    cfg = tiny_train_cfg("trainer.iterations=1", "critic.pretrain_iterations=0")
     pipe, critic, reward_fns, weights, learner, worker = build(cfg)
     base = {k: v.clone() for k, v in denoiser(pipe).state_dict().items() if "lora_" not in k}
     heads = {k: v.clone() for k, v in critic.heads.state_dict().items()}
@@ -64,23 +53,23 @@ def test_ecg_iteration_leaves_the_base_bit_identical(tmp_path) -> None:
     assert all(not torch.equal(critic.heads.state_dict()[k], v) for k, v in heads.items())
 
 
-def test_value_pretraining_does_not_move_the_policy(tmp_path) -> None:
-    cfg = _cfg(tmp_path, "trainer.iterations=1", "critic.pretrain_iterations=5", "critic.pretrain_ev_threshold=1.0")
+def test_value_pretraining_does_not_move_the_policy(tmp_path, tiny_train_cfg) -> None:
+    cfg = tiny_train_cfg("trainer.iterations=1", "critic.pretrain_iterations=5", "critic.pretrain_ev_threshold=1.0")
     state = train(cfg, stop_after=2, log=lambda *_: None)
     assert state.policy_updates == 0 and [h["phase"] for h in state.history] == ["value-pretrain"] * 2
     policy = load_tensors(tmp_path / "checkpoint" / "policy_lora.safetensors")
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in policy.items() if "lora_B" in k)
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path) -> None:
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_train_cfg) -> None:
     """Interrupted during value pretraining (its replay is part of the checkpoint) and again after the
     first policy iteration (the replay of recent batches), resumed each time: same tensors as a
     straight run (2 value-pretraining + 2 policy iterations) within 1e-6."""
     common = ["trainer.iterations=2", "critic.pretrain_iterations=2", "critic.pretrain_ev_threshold=1.0"]
-    straight = _cfg(tmp_path / "a", *common)
+    straight = tiny_train_cfg(f"run_dir={tmp_path / 'a'}", *common)
     state = train(straight, log=lambda *_: None)
     assert [h["phase"] for h in state.history] == ["value-pretrain"] * 2 + ["policy"] * 2
-    split = _cfg(tmp_path / "b", *common)
+    split = tiny_train_cfg(f"run_dir={tmp_path / 'b'}", *common)
     train(split, stop_after=1, log=lambda *_: None)
     train(split, resume=True, stop_after=3, log=lambda *_: None)
     train(split, resume=True, log=lambda *_: None)
@@ -137,16 +126,16 @@ BAD_REWARDS = {
 
 
 @pytest.mark.parametrize("bad", list(BAD_REWARDS))
-def test_bad_reward_stops_before_any_update_naming_the_reward(tmp_path, bad: str) -> None:
-    cfg = _cfg(tmp_path, "trainer.iterations=1", f"rewards=[toy_geneval:1.0,{bad}:0.5]")
+def test_bad_reward_stops_before_any_update_naming_the_reward(tmp_path, bad: str, tiny_train_cfg) -> None:
+    cfg = tiny_train_cfg("trainer.iterations=1", f"rewards=[toy_geneval:1.0,{bad}:0.5]")
     with pytest.raises(RewardError, match=f"reward '{bad}' {BAD_REWARDS[bad]}"):
         train(cfg, log=lambda *_: None)
     assert not (tmp_path / "checkpoint").exists()
 
 
-def test_multi_reward_run_has_one_value_head_per_reward(tmp_path) -> None:
+def test_multi_reward_run_has_one_value_head_per_reward(tmp_path, tiny_train_cfg) -> None:
     """rewards=[toy_geneval:1.0,jpeg_compressibility:0.2]: two heads trained, both logged, weighted sum."""
-    cfg = _cfg(tmp_path, "trainer.iterations=1", "critic.pretrain_iterations=1",
+    cfg = tiny_train_cfg("trainer.iterations=1", "critic.pretrain_iterations=1",
                "rewards=[toy_geneval:1.0,jpeg_compressibility:0.2]")
     state = train(cfg, log=lambda *_: None)
     heads = load_tensors(tmp_path / "checkpoint" / "critic_heads.safetensors")
@@ -158,12 +147,12 @@ def test_multi_reward_run_has_one_value_head_per_reward(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("algo=ppo", "config key 'algo' = 'ppo' is not valid; choose one of: ecg, grpo, ddpo"),
+    ("algo=ppo", "config key 'algo' = 'ppo' is not valid; choose one of: ddpo, ecg, grpo"),
     ("rewards=[nope:1.0]", "unknown reward 'nope'; available: "),
 ])
-def test_unknown_algorithm_or_reward_lists_the_valid_ones(tmp_path, override: str, message: str) -> None:
+def test_unknown_algorithm_or_reward_lists_the_valid_ones(tmp_path, override: str, message: str, tiny_train_cfg) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
-        _cfg(tmp_path, override)
+        tiny_train_cfg(override)
 
 
 def _held_out_explained_variance(cfg: TrainConfig, prompts_seed: int = 10_000) -> list[float]:
@@ -228,10 +217,10 @@ class _AlwaysFails:
         return torch.full((len(prompts),), float("nan"))
 
 
-def test_consecutive_skipped_batches_stop_the_run(tmp_path) -> None:
+def test_consecutive_skipped_batches_stop_the_run(tmp_path, tiny_train_cfg) -> None:
     """reward_on_error=skip_batch with a reward that always fails: the run stops with an error after
     trainer.max_consecutive_skipped batches instead of exiting 0 with an untrained policy."""
-    cfg = _cfg(tmp_path, "algo=grpo", "trainer.iterations=5", "reward_on_error=skip_batch",
+    cfg = tiny_train_cfg("algo=grpo", "trainer.iterations=5", "reward_on_error=skip_batch",
                "trainer.max_consecutive_skipped=2", "rewards=[test_always_failing_reward:1.0]")
     lines: list[str] = []
     with pytest.raises(RewardError, match="trainer.max_consecutive_skipped: 2 batches in a row were skipped"):
@@ -240,9 +229,9 @@ def test_consecutive_skipped_batches_stop_the_run(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("algo", ["ecg", "grpo", "ddpo"])
-def test_every_algorithm_makes_the_same_number_of_policy_updates(tmp_path, algo: str) -> None:
+def test_every_algorithm_makes_the_same_number_of_policy_updates(tmp_path, algo: str, tiny_train_cfg) -> None:
     """Equal budget of policy iterations: ECG's value pretraining comes on top, counted in samples_seen."""
-    cfg = _cfg(tmp_path, f"algo={algo}", "trainer.iterations=2", "critic.pretrain_iterations=1",
+    cfg = tiny_train_cfg(f"algo={algo}", "trainer.iterations=2", "critic.pretrain_iterations=1",
                "critic.pretrain_ev_threshold=1.0")
     state = train(cfg, log=lambda *_: None)
     pretrain = 1 if algo == "ecg" else 0
@@ -253,10 +242,10 @@ def test_every_algorithm_makes_the_same_number_of_policy_updates(tmp_path, algo:
         assert "value_loss" in state.history[-1] and "grad_norm_critic" in state.history[-1]
 
 
-def test_end_of_run_paired_evaluation_writes_eval_json(tmp_path) -> None:
+def test_end_of_run_paired_evaluation_writes_eval_json(tmp_path, tiny_train_cfg) -> None:
     """RUN_DIR/eval.json: base (adapters off) vs the trained policy on the same fixed toy prompts and
     noise, GenEval's overall (mean over the six tags) with the paired gain, its SE, and per-tag scores."""
-    cfg = _cfg(tmp_path, "trainer.iterations=1", "final_eval_prompts=12")
+    cfg = tiny_train_cfg("trainer.iterations=1", "final_eval_prompts=12")
     train(cfg, log=lambda *_: None)
     result = json.loads((tmp_path / "eval.json").read_text())
     assert {"base", "final", "paired_gain", "paired_se", "per_tag"} <= set(result)

@@ -63,24 +63,6 @@ class SolveConfig:
     progress: bool = field(True, help="progress bars")
 
 
-def apply_flags(cfg: SolveConfig, flags: dict, degrade: bool = False) -> None:
-    """Set the CLI's ``--flag`` values (strings, None = not given) on ``cfg`` with the field types, then
-    re-validate the choices (one-line ConfigError naming the key)."""
-    from align.config import ConfigError, validate
-    types = {f.name: f.type for f in dataclasses.fields(SolveConfig)}
-    for key, value in flags.items():
-        if value is None:
-            continue
-        kind = types[key]
-        try:
-            setattr(cfg, key, int(value) if kind in (int, "int") else float(value) if kind in (float, "float")
-                    else value)
-        except ValueError:
-            raise ConfigError(f"--{key.replace('_', '-')} {value!r}: expected a number") from None
-    cfg.degrade = cfg.degrade or degrade
-    validate(cfg)
-
-
 def parse_renoise(text: str) -> list[float]:
     """'0.3' or '0,0.1,...,1' → knob values, each checked to lie in [0, 1]."""
     try:

@@ -18,20 +18,18 @@ whether it ``changes_log_probs`` (any non-identity setting does, since π is the
 transition); at identity settings a modifier contributes no hook at all, so the sampler is
 bit-identical to the unmodified one.
 
-Config: ``modifiers`` is a list whose items are ``"name"``, ``"name:{key:value,...}"`` (quote it on
-the command line) or a one-key mapping ``{name: {key: value}}``; on the command line the mapping
-form is ``'modifiers=[stayfair: {alpha: 5}, sym_attn: {alpha: 1.05, beta: 3}]'`` (YAML flow needs
-the space after each colon).
+Config: ``modifiers`` is a list of ``{name, args}`` items, e.g. on the command line
+``'modifiers=[{name: stayfair, args: {alpha: 5}}, {name: sym_attn, args: {alpha: 1.05, beta: 3}}]'``;
+the old forms ``"name"``, ``"name:{key:value}"`` and ``{name: {key: value}}`` are still read (with a
+deprecation note) by :func:`align.config_lists.parse_modifiers`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
-import yaml
-
+from align.config_lists import parse_modifiers
 from align.sampling.hooks import ExtraBranch, GuidanceFn, SamplerHooks, StepContext, TransitionHook, cfg_combine
 
 MODIFIERS: dict[str, type["Modifier"]] = {}
@@ -79,36 +77,7 @@ class Modifier:
 
 
 # -------------------------------------------------------------------------------- parsing
-_STRING_SPEC = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?::\s*(\{.*\}))?\s*$")
-
-
-def _parse_args_text(name: str, text: str) -> dict:
-    """``{alpha:5,beta:3}`` → dict; YAML flow after inserting the space YAML needs after ':'."""
-    try:
-        args = yaml.safe_load(re.sub(r":(?=\S)", ": ", text))
-    except yaml.YAMLError:
-        raise ValueError(f"modifier {name!r}: cannot parse args {text!r}; write {{key:value,...}}") from None
-    if not isinstance(args, dict):
-        raise ValueError(f"modifier {name!r}: args must be a mapping {{key:value,...}}, got {text!r}")
-    return args
-
-
-def parse_modifier_spec(spec: Any) -> tuple[str, dict]:
-    """One config item → (name, args). Items: ``"name"``, ``"name:{k:v}"``, ``{name: {k: v}}``."""
-    if isinstance(spec, str):
-        m = _STRING_SPEC.match(spec)
-        if m is None:
-            raise ValueError(f"modifier spec {spec!r} does not read 'name' or 'name:{{key:value,...}}'")
-        name, text = m.groups()
-        args = _parse_args_text(name, text) if text else {}
-    elif isinstance(spec, dict) and len(spec) == 1:
-        name, args = next(iter(spec.items()))
-        args = {} if args is None else args
-        if not isinstance(args, dict):
-            raise ValueError(f"modifier {name!r}: args must be a mapping, got {args!r}")
-    else:
-        raise ValueError(f"modifier spec {spec!r} must be 'name', 'name:{{key:value}}' or a one-key mapping")
-    return str(name), dict(args)
+# The config items are read by the one parser, align.config_lists.parse_modifiers.
 
 
 def build_modifier(name: str, args: dict) -> Modifier:
@@ -135,11 +104,7 @@ def build_modifier(name: str, args: dict) -> Modifier:
 
 def build_modifiers(specs: Sequence[Any]) -> "ModifierStack":
     """Config list → validated :class:`ModifierStack` (raises before any model is loaded)."""
-    if specs is None:
-        specs = []
-    if isinstance(specs, (str, dict)):
-        specs = [specs]
-    return ModifierStack([build_modifier(*parse_modifier_spec(s)) for s in specs])
+    return ModifierStack([build_modifier(s.name, s.args) for s in parse_modifiers(specs)])
 
 
 def _load_builtin() -> None:
@@ -234,12 +199,8 @@ def _chain_transitions(hooks: list[TransitionHook]) -> TransitionHook:
 
 # ------------------------------------------------------------------- sampler integration
 def canonical_specs(specs: Sequence[Any]) -> list[dict]:
-    """Config items → ``[{name: args}]`` (JSON-able; what a Trajectory records)."""
-    if not specs:
-        return []
-    if isinstance(specs, (str, dict)):
-        specs = [specs]
-    return [{name: args} for name, args in map(parse_modifier_spec, specs)]
+    """Config items → ``[{name, args}]`` (JSON-able; what a Trajectory records)."""
+    return [dataclasses.asdict(s) for s in parse_modifiers(specs)]
 
 
 def stack_for(pipe, specs: Sequence[Any]) -> ModifierStack:

@@ -13,6 +13,7 @@ Ray is imported lazily: importing this module is cheap.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -38,14 +39,11 @@ class RolloutActor:
     """Body of a rollout actor: builds its own pipeline + policy adapter, samples requests."""
 
     def __init__(self, cfg, threads: float) -> None:
-        from align.backbones.lora import attach_lora
-        from align.backbones.model_config import load_model
+        from align.policy import build_policy
         from align.rollout.worker import RolloutWorker
         torch.set_num_threads(max(1, int(threads)))
         _quiet_loading_bars()  # every actor's loading bars would interleave in the driver's console
-        pipe = load_model(cfg.model)
-        attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
-        self.worker = RolloutWorker(pipe, cfg.sampler)
+        self.worker = RolloutWorker(build_policy(cfg), cfg.sampler)  # built as the learner's (align/policy.py)
         self.worker.policy_version = -1  # nothing loaded yet: the first request or sync loads weights
 
     def pid(self) -> int:
@@ -67,9 +65,11 @@ class RolloutActor:
 class RewardActor:
     """Body of a reward actor: instantiates the reward plugins by name where it runs."""
 
-    def __init__(self, specs: Sequence[str], reward_args: dict) -> None:
-        from rewards import build_rewards, parse_reward_specs
-        self.rewards = build_rewards(parse_reward_specs(specs), reward_args)
+    def __init__(self, specs: Sequence[dict]) -> None:
+        """``specs``: the run's rewards as ``{name, weight, args}`` dicts (align/config_lists.py)."""
+        from align.config_lists import parse_rewards
+        from rewards import build_rewards
+        self.rewards = build_rewards(parse_rewards(specs))
 
     def pid(self) -> int:
         return os.getpid()
@@ -277,7 +277,7 @@ class RayRewards:
         r = cfg.ray
         self.chunk_size, self.restart_timeout_s = r.chunk_size, r.restart_timeout_s
         self.reissued = 0
-        self.actors, self.pg = start_actors(RewardActor, (list(cfg.rewards), dict(cfg.reward_args)),
+        self.actors, self.pg = start_actors(RewardActor, ([dataclasses.asdict(s) for s in cfg.reward_specs()],),
                                             r.num_reward_workers, r.cpus_per_reward_worker, r.gpus_per_reward_worker,
                                             r.placement_strategy, r.max_restarts, "reward")
 

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Optional
 
 from align.config import field
+from align.config_lists import parse_modifiers
 
 #: per-step log-density reductions over latent dims (= align.sampling.transitions.LOGPROB_REDUCTIONS)
 LOGPROB_REDUCTIONS = ("mean", "sum")
@@ -31,8 +32,13 @@ class SamplerConfig:
     output_type: str = field("pt", choices=("pt", "latent"),
                              help="pt: decode x_0 to images in [0, 1]; latent: skip the VAE (images = None)")
     modifiers: list = field(default_factory=list,
-                            help="guidance/attention modifiers of the policy, e.g. [stayfair: {alpha: 5}, "
-                                 "sym_attn: {alpha: 1.05, beta: 3}] (docs/modifiers.md)")
+                            help="guidance/attention modifiers of the policy [{name, args}], e.g. [{name: stayfair, "
+                                 "args: {alpha: 5}}, {name: sym_attn, args: {alpha: 1.05, beta: 3}}] "
+                                 "(docs/modifiers.md)")
+
+    def __post_init__(self) -> None:
+        """The one reading of the modifier list (align/config_lists.py): ModifierSpecs, old forms included."""
+        self.modifiers = parse_modifiers(self.modifiers)
 
     def validate(self) -> None:
         """Cheap checks (no torch): counts, finiteness and ranges."""

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from rewards.geneval.rules import GENEVAL_COLORS, ColorClassifier, RuleConfig, Verdict, evaluate, validate_metadata
-from rewards.registry import register_reward
 
 REWARD_KEYS = ("score", "strict")
 
@@ -63,7 +62,6 @@ def resolve_records(prompts: Sequence[str], given: Optional[Sequence[Optional[di
     return out
 
 
-@register_reward("geneval")
 class GenEvalReward:
     """GenEval (Mask2Former + CLIP colours + the rule engine): partial credit or strict 0/1 per image."""
     name = "geneval"

@@ -4,7 +4,7 @@
 
 Installed with ``pip install -e examples/reward_plugin``; the entry point in pyproject.toml
 registers it as ``brightness``. Keyword arguments come from the align config:
-``reward_args: {brightness: {target: 0.3}}``.
+``rewards: [{name: brightness, args: {target: 0.3}}]``.
 """
 from __future__ import annotations
 
