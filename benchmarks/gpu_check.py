@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/gpu_check.py` from anywhere
 
-from align.backbones.presets import (SD15_SCHEDULE, clip_text_encoder, register_preset,  # noqa: E402
+from align.backbones.presets import (clip_text_encoder, register_preset,  # noqa: E402
                                      sd_pipeline, tiny_vae)
 from align.backbones.tokenizer import toy_tokenizer  # noqa: E402
 
@@ -156,7 +156,7 @@ def throughput(source: str, shape: Shape) -> dict[str, float]:
                         generator=torch.Generator().manual_seed(0), **extra)
 
     t_ours, t_raw = (_median_seconds(f, shape.device, shape.repeats) for f in (ours, raw))
-    del pipe
+    pipe = None  # noqa: F841 (frees the model before the next one loads; ours/raw are not called again)
     _free()
     n = len(prompts)
     return {"ours images/s": n / t_ours, "pipe() images/s": n / t_raw, "sampler ÷ pipe() images/s": t_raw / t_ours}

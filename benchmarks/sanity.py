@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+#: the matrix's algorithms, in its column order (every registered one must be in it: tests/test_sanity.py)
 ALGOS = ("ecg", "grpo", "ddpo")
 #: reward name → (spec name, reward_args) of the sanity rewards (rewards/sanity.py, rewards/builtin.py)
 REWARDS: dict[str, tuple[str, dict]] = {
@@ -72,23 +73,23 @@ def case_prompts(reward: str) -> list[str]:
 def case_overrides(algo: str, reward: str, sign: int, run_dir: Path, prompts_file: Path, num_prompts: int,
                    iterations: int = ITERATIONS, extra: Optional[list[str]] = None) -> list[str]:
     name, args = REWARDS[reward]
-    return [*RECIPE, f"algo={algo}", f"rewards=[{name}:{float(sign)}]", f"trainer.iterations={iterations}",
-            f"trainer.prompts={prompts_file}", f"trainer.prompts_per_iteration={num_prompts}",
-            f"run_dir={run_dir}", *[f"reward_args.{name}.{k}={v}" for k, v in args.items()], *(extra or [])]
+    reward_args = "".join(f", {k}: {v}" for k, v in args.items())
+    return [*RECIPE, f"algo={algo}", f"rewards=[{{name: {name}, weight: {float(sign)}, args: {{{reward_args[2:]}}}}}]",
+            f"trainer.iterations={iterations}", f"trainer.prompts={prompts_file}",
+            f"trainer.prompts_per_iteration={num_prompts}", f"run_dir={run_dir}", *(extra or [])]
 
 
 @torch.no_grad()
 def paired_scores(cfg, policy_lora: dict[str, torch.Tensor], prompts: list[str], seeds: int,
                   reward: str) -> tuple[np.ndarray, np.ndarray]:
     """Unsigned reward of the base policy and of ``policy_lora`` on ``prompts`` × ``seeds`` fixed noises."""
-    from align.backbones.lora import attach_lora, load_lora_state_dict
-    from align.backbones.model_config import load_model
+    from align.backbones.lora import load_lora_state_dict
+    from align.policy import build_policy
     from align.rollout import RolloutWorker
     from rewards import get_reward, score
     name, args = REWARDS[reward]
     fn = get_reward(name, **args)
-    pipe = load_model(cfg.model)
-    attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
+    pipe = build_policy(cfg)
     worker = RolloutWorker(pipe, cfg.sampler)
     batch = [p for p in prompts for _ in range(seeds)]
     base = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in policy_lora.items()}
@@ -170,9 +171,6 @@ def main() -> None:
     print_table(rows, args.min_z, args.min_gain)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def gradient_diagnosis(reward: str = "mean_brightness", sign: int = 1, samples: int = 64, seed: int = 0,
                        num_inference_steps: int = 10, eta: float = 1.0) -> list[dict]:
@@ -221,3 +219,7 @@ def gradient_diagnosis(reward: str = "mean_brightness", sign: int = 1, samples: 
         rows.append({"steps": f"{first}-{last - 1}", "grad_norm": float((a + b).norm() / 2),
                      "split_half_cos": float(torch.nn.functional.cosine_similarity(a, b, dim=0))})
     return rows
+
+
+if __name__ == "__main__":
+    main()

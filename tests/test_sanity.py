@@ -36,6 +36,11 @@ def test_color_fraction_counts_the_pixels_near_the_colour() -> None:
         get_reward("color_fraction", color="purple")
 
 
+def test_the_matrix_covers_every_registered_algorithm() -> None:
+    from align.train_config import algorithm_names
+    assert sorted(_sanity().ALGOS) == sorted(algorithm_names())
+
+
 def test_sanity_rewards_are_builtins() -> None:
     found = available_rewards()
     assert found["mean_brightness"] == "builtin" and found["color_fraction"] == "builtin"
@@ -49,8 +54,8 @@ def reinforce(reward: str, sign: int, prompts: list[str], iterations: int, sampl
     the sanity suite's fixed evaluation noise."""
     sanity = _sanity()
     from align.backbones.loading import denoiser
-    from align.backbones.lora import attach_lora, lora_state_dict, set_active_adapters
-    from align.backbones.model_config import ModelConfig, load_model
+    from align.backbones.lora import lora_state_dict, set_active_adapters
+    from align.policy import build_policy
     from align.config import load_config
     from align.rollout import RolloutWorker
     from align.sampling import recompute_log_probs
@@ -58,8 +63,7 @@ def reinforce(reward: str, sign: int, prompts: list[str], iterations: int, sampl
     from rewards import score
     torch.manual_seed(seed)
     cfg = load_config(TrainConfig, None, sanity.RECIPE)
-    pipe = load_model(ModelConfig(source="toy"))
-    attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
+    pipe = build_policy(cfg)  # the recipe's model: the shipped toy
     params = [p for n, p in denoiser(pipe).named_parameters() if ".policy." in n and "lora_" in n]
     opt = torch.optim.Adam(params, lr=lr)
     worker = RolloutWorker(pipe, cfg.sampler)
@@ -84,13 +88,12 @@ def test_paired_evaluation_uses_the_same_noise_for_both_policies(tmp_path) -> No
     """The suite's pairing: the base policy scored twice on the fixed prompts and seeds gives identical
     rewards, so a paired gain measures the policy and nothing else (no sampling noise in it)."""
     sanity = _sanity()
-    from align.backbones.lora import attach_lora, lora_state_dict
-    from align.backbones.model_config import load_model
+    from align.backbones.lora import lora_state_dict
+    from align.policy import build_policy
     from align.config import load_config
     from align.train_config import TrainConfig
     cfg = load_config(TrainConfig, None, sanity.RECIPE + [f"run_dir={tmp_path}"])
-    pipe = load_model(cfg.model)
-    attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
+    pipe = build_policy(cfg)
     zero = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in lora_state_dict(pipe, "policy").items()}
     base, again = sanity.paired_scores(cfg, zero, sanity.sanity_prompts(1), 4, "mean_brightness")
     assert base.shape == (4,) and (base == again).all() and base.std() > 0

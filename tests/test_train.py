@@ -80,15 +80,15 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_train_cfg) -> None:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
-def test_sparse_checkpoints_resume_by_replaying_the_lost_iterations(tmp_path) -> None:
+def test_sparse_checkpoints_resume_by_replaying_the_lost_iterations(tmp_path, tiny_train_cfg) -> None:
     """``trainer.checkpoint_every=2``: a run stopped after iteration 3 resumes from iteration 2's checkpoint and
     replays iteration 3 exactly (the data position is the iteration), so it ends as a straight run does; every
     iteration's record carries its per-phase seconds and samples/s."""
     common = ["trainer.iterations=4", "trainer.checkpoint_every=2"]
-    state = train(_cfg(tmp_path / "a", *common), log=lambda *_: None)
+    state = train(tiny_train_cfg(f"run_dir={tmp_path / 'a'}", *common), log=lambda *_: None)
     assert {"timing/rollout", "timing/reward", "timing/values", "timing/update", "timing/sync",
             "timing/checkpoint", "samples_per_s"} <= set(state.history[-1])
-    split = _cfg(tmp_path / "b", *common)
+    split = tiny_train_cfg(f"run_dir={tmp_path / 'b'}", *common)
     train(split, stop_after=3, log=lambda *_: None)
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["iteration"] == 2
     resumed = train(split, resume=True, log=lambda *_: None)
