@@ -5,6 +5,7 @@ A checkpoint is a directory written next to its final place and renamed into it 
 checkpoint or the new one, never a half-written one. Optimizer states and RNG states are split
 into tensors (safetensors) and plain structure (JSON).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,8 +74,11 @@ def atomic_directory(final: str | os.PathLike, complete_marker: bool = False) ->
 
 def mark_complete(directory: Path) -> None:
     """Write :data:`COMPLETE_FILE`: every file under ``directory`` with its size (checked on resume)."""
-    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
-             if p.is_file() and p.name != COMPLETE_FILE}
+    files = {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != COMPLETE_FILE
+    }
     write_json(directory / COMPLETE_FILE, {"files": files, "written_ns": time.time_ns()})
 
 
@@ -83,13 +87,18 @@ def is_complete(directory: Path) -> bool:
     markers existed counts as complete if it has a readable ``state.json``."""
     marker = directory / COMPLETE_FILE
     if not marker.is_file():
-        return directory.is_dir() and not directory.name.startswith(".") \
+        return (
+            directory.is_dir()
+            and not directory.name.startswith(".")
             and _readable_json(directory / "state.json") is not None
+        )
     info = _readable_json(marker)
     if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
         return False
-    return all((directory / name).is_file() and (directory / name).stat().st_size == size
-               for name, size in info["files"].items())
+    return all(
+        (directory / name).is_file() and (directory / name).stat().st_size == size
+        for name, size in info["files"].items()
+    )
 
 
 def _readable_json(path: Path) -> Any:
@@ -159,6 +168,7 @@ def read_json(path: str | os.PathLike) -> Any:
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors save of contiguous CPU clones (shared storage is not allowed by the format)."""
     from safetensors.torch import save_file
+
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
     _honour_umask(Path(path), 0o666)
 
@@ -167,6 +177,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file; missing, truncated or corrupt is a :class:`CheckpointError` naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
@@ -178,6 +189,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def optimizer_state_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split ``opt.state_dict()`` into ``(tensors, json_structure)`` for safetensors + JSON."""
     import torch
+
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     state_meta: dict[str, dict[str, Any]] = {}
@@ -196,23 +208,25 @@ def optimizer_state_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     """Inverse of :func:`optimizer_state_split`: a dict for ``opt.load_state_dict``."""
     state: dict[int, dict[str, Any]] = {}
     for pid, entries in meta["state"].items():
-        state[int(pid)] = {name: tensors[e["tensor"]] if "tensor" in e else e["value"]
-                           for name, e in entries.items()}
+        state[int(pid)] = {name: tensors[e["tensor"]] if "tensor" in e else e["value"] for name, e in entries.items()}
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Capture torch's global CPU RNG and named generators as tensors, plus numpy's as JSON-able."""
     import torch
+
     tensors = {"torch_cpu": torch.get_rng_state()}
     for name, gen in (generators or {}).items():
         tensors[f"gen.{name}"] = gen.get_state()
     return tensors, {"numpy_global": _np_state_to_json(np.random.get_state())}
 
 
-def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict,
-                      generators: dict[str, torch.Generator] | None = None) -> None:
+def restore_rng_state(
+    tensors: dict[str, torch.Tensor], meta: dict, generators: dict[str, torch.Generator] | None = None
+) -> None:
     import torch
+
     torch.set_rng_state(tensors["torch_cpu"])
     for name, gen in (generators or {}).items():
         gen.set_state(tensors[f"gen.{name}"])

@@ -7,6 +7,7 @@ loaded and validated, so ``align --help`` and config errors are fast. Every know
 align/errors.py) is one line on stderr with exit code 2; ``--debug`` (anywhere on the line) shows
 its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ from typing import Callable, Sequence
 from align.config import ConfigError, ConfigWarning, describe, load_config, to_yaml
 from align.errors import EXIT_BAD_INPUT, one_line
 
-DEFAULT_TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                                    "toy_ecg.yaml")
+DEFAULT_TRAIN_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy_ecg.yaml"
+)
 Handler = Callable[[argparse.Namespace], int]
 #: name -> (help, function that adds the arguments and returns the handler)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {}
@@ -28,15 +30,16 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = 
 
 def command(name: str, help: str):
     """Register a (sub)command: ``name`` may be two words, e.g. ``"toy pretrain"``."""
+
     def wrap(fn: Callable[[argparse.ArgumentParser], Handler]):
         COMMANDS[name] = (help, fn)
         return fn
+
     return wrap
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=None,
-                   help="YAML config (optional); keys not in it keep their defaults")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (optional); keys not in it keep their defaults")
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides: key.sub=value")
     p.add_argument("--show-config", action="store_true", help="print every config key, default and help")
 
@@ -61,13 +64,22 @@ def _show(schema: type) -> int:
 @command("train", "RL fine-tuning: ECG (default), GRPO or DDPO; embedded toy default")
 def _train(p: argparse.ArgumentParser) -> Handler:
     _config_args(p)
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR (its newest "
-                   "complete checkpoint; refused if the settings define another run)")
-    p.add_argument("--force", action="store_true", help="resume although run-defining settings or the base differ, "
-                   "or start over in a run_dir that holds a checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR (its newest complete checkpoint; refused if the settings define another run)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="resume although run-defining settings or the base differ, "
+        "or start over in a run_dir that holds a checkpoint",
+    )
 
     def run(ns: argparse.Namespace) -> int:
         from align.train_config import TrainConfig
+
         if ns.show_config:
             return _show(TrainConfig)
         path, overrides = _split_config(ns)
@@ -81,13 +93,16 @@ def _train(p: argparse.ArgumentParser) -> Handler:
             path = DEFAULT_TRAIN_CONFIG
         cfg = load_config(TrainConfig, path, overrides)
         from align.run_identity import check_fresh_run_dir, resolve_resume
+
         if ns.resume:
             resolve_resume(cfg.run_dir, cfg, ns.force)  # before any model loads (train() checks the base too)
         else:
             check_fresh_run_dir(cfg.run_dir, ns.force)
         from align.train import train
+
         train(cfg, resume=bool(ns.resume), force=ns.force)
         return 0
+
     return run
 
 
@@ -98,12 +113,14 @@ def _toy_pretrain(p: argparse.ArgumentParser) -> Handler:
 
     def run(ns: argparse.Namespace) -> int:
         from align.toy.pretrain import PretrainConfig, pretrain
+
         if ns.show_config:
             return _show(PretrainConfig)
         cfg = load_config(PretrainConfig, *_split_config(ns))
         print(to_yaml(cfg))
         pretrain(cfg, resume=ns.resume)
         return 0
+
     return run
 
 
@@ -125,39 +142,49 @@ def _sample(p: argparse.ArgumentParser) -> Handler:
 
     def run(ns: argparse.Namespace) -> int:
         from align.generate import SampleJobConfig, run_sample_job
+
         if ns.show_config:
             return _show(SampleJobConfig)
         path, overrides = _split_config(ns)
-        overrides += [f"steering.{key}={getattr(ns, flag)}" for flag, key in _STEER_FLAGS.items()
-                      if getattr(ns, flag) is not None]
+        overrides += [
+            f"steering.{key}={getattr(ns, flag)}" for flag, key in _STEER_FLAGS.items() if getattr(ns, flag) is not None
+        ]
         overrides += ["steering.force=true"] if ns.force else []
         overrides += [f"policy_lora={ns.policy_lora}"] if ns.policy_lora else []
-        overrides += [f"sampler.{key}={getattr(ns, key)}" for key in ("height", "width") if getattr(ns, key) is not None]
+        overrides += [
+            f"sampler.{key}={getattr(ns, key)}" for key in ("height", "width") if getattr(ns, key) is not None
+        ]
         cfg = load_config(SampleJobConfig, path, overrides)
         run_sample_job(cfg)
         return 0
+
     return run
 
 
 @command("export", "export a run: policy LoRA (diffusers format) and critic (HF-style directory)")
 def _export(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `align train` (config.json + checkpoint/)")
-    p.add_argument("--out", metavar="DIR", default=None, help="where to write policy/ and critic/ (default RUN_DIR/export)")
+    p.add_argument(
+        "--out", metavar="DIR", default=None, help="where to write policy/ and critic/ (default RUN_DIR/export)"
+    )
 
     def run(ns: argparse.Namespace) -> int:
         from critics.export import export_run
+
         try:
             out = export_run(ns.run_dir, ns.out)
         except (FileNotFoundError, FileExistsError) as err:
             raise ConfigError(str(err)) from None
         print(f"exported {ns.run_dir} to {out} (policy/: pipe.load_lora_weights; critic/: critics.load)")
         return 0
+
     return run
 
 
 def _reward_args(items: Sequence[str]) -> dict:
     """``--arg key=value`` pairs → kwargs (values parsed as YAML scalars: 16, 1e-3, true, a/path)."""
     import yaml
+
     bad = [i for i in items if "=" not in i]
     if bad:
         raise ConfigError(f"--arg {bad[0]!r} is not of the form key=value")
@@ -166,27 +193,38 @@ def _reward_args(items: Sequence[str]) -> dict:
 
 def _reward_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="reward name (see `align rewards list`) or remote:http://HOST:PORT/NAME")
-    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument of the reward (repeatable), as in the config's reward_args")
+    p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument of the reward (repeatable), as in the config's reward_args",
+    )
 
 
 @command("rewards list", "list the built-in and installed reward plugins with their source")
 def _rewards_list(p: argparse.ArgumentParser) -> Handler:
     def run(ns: argparse.Namespace) -> int:
         from rewards.registry import available_rewards, describe_reward
+
         found = available_rewards()
         width = max(map(len, found))
         for name, source in sorted(found.items()):
             print(f"  {name:<{width}}  {source:<40} {describe_reward(name)}")
         return 0
+
     return run
 
 
 @command("rewards check", "run a reward on toy renders: shape, dtype, finiteness, batch-size invariance")
 def _rewards_check(p: argparse.ArgumentParser) -> Handler:
     _reward_cli_args(p)
-    p.add_argument("--num-images", type=_positive_int, default=8, help="images in the test batch (>= 2: the "
-                   "batch-size invariance check splits it)")
+    p.add_argument(
+        "--num-images",
+        type=_positive_int,
+        default=8,
+        help="images in the test batch (>= 2: the batch-size invariance check splits it)",
+    )
     p.add_argument("--size", type=_positive_int, default=64, help="render size in pixels")
     p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the invariance checks")
     p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the invariance checks")
@@ -194,6 +232,7 @@ def _rewards_check(p: argparse.ArgumentParser) -> Handler:
     def run(ns: argparse.Namespace) -> int:
         from rewards import get_reward
         from rewards.check import check_reward
+
         try:
             reward = get_reward(ns.name, **_reward_args(ns.arg))
         except (ValueError, OSError, RuntimeError) as err:
@@ -204,6 +243,7 @@ def _rewards_check(p: argparse.ArgumentParser) -> Handler:
         ok = all(r.ok for r in results)
         print(f"{ns.name}: {'ok' if ok else 'FAILED'}")
         return 0 if ok else 1
+
     return run
 
 
@@ -218,10 +258,12 @@ def _rewards_serve(p: argparse.ArgumentParser) -> Handler:
     def run(ns: argparse.Namespace) -> int:
         from rewards import get_reward
         from rewards.server import make_server
+
         try:
             reward = get_reward(ns.name, **_reward_args(ns.arg))
-            server = make_server(reward, ns.host, ns.port, os.environ.get(ns.token_env) or None,
-                                 int(ns.max_request_mb * (1 << 20)))
+            server = make_server(
+                reward, ns.host, ns.port, os.environ.get(ns.token_env) or None, int(ns.max_request_mb * (1 << 20))
+            )
         except (ValueError, OSError, RuntimeError) as err:
             raise ConfigError(str(err)) from None
         host, port = server.server_address[:2]
@@ -231,38 +273,58 @@ def _rewards_serve(p: argparse.ArgumentParser) -> Handler:
         finally:
             server.server_close()
         return 0
+
     return run
 
 
 @command("eval", "GenEval's protocol (toy, geneval or a JSONL of records): images, results.jsonl, summary")
 def _eval(p: argparse.ArgumentParser) -> Handler:
     from align import eval_cli
+
     eval_cli.add_parser(p)
     return eval_cli.run
 
 
 #: `align solve` flags → the SolveConfig key each one overrides (``--sigma-y 0.1`` is ``sigma_y=0.1``).
-SOLVE_FLAGS = {"--task": "task", "--method": "method", "--input": "input", "--out": "out", "--mask": "mask",
-               "--box": "box", "--scale": "scale", "--kernel": "kernel", "--renoise": "renoise",
-               "--reference": "reference", "--lora": "lora", "--lpips-weights": "lpips_weights",
-               "--stage2": "stage2", "--sigma-y": "sigma_y", "--seed": "seed"}
+SOLVE_FLAGS = {
+    "--task": "task",
+    "--method": "method",
+    "--input": "input",
+    "--out": "out",
+    "--mask": "mask",
+    "--box": "box",
+    "--scale": "scale",
+    "--kernel": "kernel",
+    "--renoise": "renoise",
+    "--reference": "reference",
+    "--lora": "lora",
+    "--lpips-weights": "lpips_weights",
+    "--stage2": "stage2",
+    "--sigma-y": "sigma_y",
+    "--seed": "seed",
+}
 
 
 @command("solve", "inverse problems (inpaint, sr, deblur) with MAP-RPS, CLAMP or DPS; metrics and knob sweeps")
 def _solve(p: argparse.ArgumentParser) -> Handler:
     _config_args(p)
     for flag, key in SOLVE_FLAGS.items():
-        p.add_argument(flag, dest=f"flag_{key}", metavar=key.upper(), default=None,
-                       help=f"config key {key} (help: --show-config)")
+        p.add_argument(
+            flag, dest=f"flag_{key}", metavar=key.upper(), default=None, help=f"config key {key} (help: --show-config)"
+        )
     p.add_argument("--degrade", action="store_true", help="input is clean: simulate the measurement from it")
 
     def run(ns: argparse.Namespace) -> int:
         from align.inverse.solve import SolveConfig, run_solve
+
         if ns.show_config:
             return _show(SolveConfig)
         path, overrides = _split_config(ns)
-        overrides += [f"{key}={getattr(ns, f'flag_{key}')}" for key in SOLVE_FLAGS.values()
-                      if getattr(ns, f"flag_{key}") is not None]  # each flag is its override: typed by the config
+        overrides += [
+            f"{key}={getattr(ns, f'flag_{key}')}"
+            for key in SOLVE_FLAGS.values()
+            if getattr(ns, f"flag_{key}") is not None
+        ]  # each flag is its override: typed by the config
         overrides += ["degrade=true"] if ns.degrade else []
         cfg = load_config(SolveConfig, path, overrides)
         try:
@@ -271,6 +333,7 @@ def _solve(p: argparse.ArgumentParser) -> Handler:
             print(f"align solve: error: {err}", file=sys.stderr)
             return 2
         return 0
+
     return run
 
 

@@ -18,6 +18,7 @@ anything), then each dataclass's optional ``check_registries()`` (checks against
 signatures, modifier names, presets; these may import torch but never load a model). So a bad
 number fails in well under 2 s, before any heavy import.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,20 +45,23 @@ class ConfigDeprecation(ConfigWarning, DeprecationWarning):
     """An old config form that is still read (align/config_lists.py); shown as one line by the CLI."""
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str = "",
-          choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
-          path: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+def field(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
+    path: str | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field with help text, optional choices (values, or a function returning a registry's
     names) and an optional must-exist path kind."""
-    meta = {"help": help, "choices": choices if callable(choices) or choices is None else tuple(choices),
-            "path": path}
+    meta = {"help": help, "choices": choices if callable(choices) or choices is None else tuple(choices), "path": path}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-def load_config(schema: type[T], path: str | os.PathLike | None = None,
-                overrides: Sequence[str] = ()) -> T:
+def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Build ``schema`` from its defaults, an optional YAML file and dotted ``key=value`` overrides."""
     base = OmegaConf.structured(schema)
     layers = [base]

@@ -14,6 +14,7 @@ The old short forms are still read, here and nowhere else, with a one-line
 Torch-free (config phase 1): the names are checked against the registries by their owners
 (``rewards.registry.check_reward_specs``, ``align.modifiers.protocol.build_modifiers``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ from align.config import ConfigDeprecation, spaced_flow_colons
 @dataclasses.dataclass
 class RewardSpec:
     """One reward of the run: its registry name, weight w_k in Σ_k w_k R_k, and keyword arguments."""
+
     name: str
     weight: float = 1.0
     args: dict = dataclasses.field(default_factory=dict)
@@ -37,6 +39,7 @@ class RewardSpec:
 @dataclasses.dataclass
 class ModifierSpec:
     """One sampling-policy modifier: its registry name and the arguments of its dataclass."""
+
     name: str
     args: dict = dataclasses.field(default_factory=dict)
 
@@ -96,8 +99,9 @@ def _weight(where: str, value: Any) -> float:
     return weight
 
 
-def parse_rewards(items: Any, reward_args: Optional[Mapping] = None, where: str = "rewards",
-                  note: bool = True) -> list[RewardSpec]:
+def parse_rewards(
+    items: Any, reward_args: Optional[Mapping] = None, where: str = "rewards", note: bool = True
+) -> list[RewardSpec]:
     """Config items (typed ``{name, weight, args}``, :class:`RewardSpec`, or old ``"name:weight"``)
     plus the old ``reward_args`` mapping (merged into each named reward's args; its values win, so
     ``reward_args.NAME.KEY=VALUE`` overrides still set them) → specs. Names must be unique.
@@ -112,8 +116,11 @@ def parse_rewards(items: Any, reward_args: Optional[Mapping] = None, where: str 
             specs.append(RewardSpec(base["name"], _weight(at, item.get("weight", 1.0)), base["args"]))
         elif isinstance(item, str):
             if note:
-                _note("rewards", f"{where}: the 'name:weight' form is deprecated; write {where}: "
-                                 "[{name: NAME, weight: W, args: {...}}] (docs/config.md)")
+                _note(
+                    "rewards",
+                    f"{where}: the 'name:weight' form is deprecated; write {where}: "
+                    "[{name: NAME, weight: W, args: {...}}] (docs/config.md)",
+                )
             name, weight = split_name_weight(item)
             if not name:
                 raise ValueError(f"{at} {item!r}: the name is empty")
@@ -128,8 +135,11 @@ def parse_rewards(items: Any, reward_args: Optional[Mapping] = None, where: str 
         if not isinstance(reward_args, Mapping):
             raise ValueError(f"reward_args must be a mapping name -> arguments, got {reward_args!r}")
         if note:
-            _note("reward_args", "reward_args is deprecated; give each reward its args in "
-                                 "rewards: [{name, weight, args}] (docs/config.md)")
+            _note(
+                "reward_args",
+                "reward_args is deprecated; give each reward its args in "
+                "rewards: [{name, weight, args}] (docs/config.md)",
+            )
         for key, args in reward_args.items():
             if key not in names:
                 raise ValueError(f"reward_args.{key}: {key!r} is not in rewards {names}")
@@ -149,13 +159,19 @@ def parse_modifiers(items: Any, where: str = "sampler.modifiers") -> list[Modifi
         elif isinstance(item, Mapping) and "name" in item:
             specs.append(ModifierSpec(**_typed(at, item, MODIFIER_KEYS)))
         elif isinstance(item, Mapping) and len(item) == 1:
-            _note("modifiers", f"{where}: the {{name: {{args}}}} form is deprecated; write {where}: "
-                               "[{name: NAME, args: {...}}] (docs/modifiers.md)")
+            _note(
+                "modifiers",
+                f"{where}: the {{name: {{args}}}} form is deprecated; write {where}: "
+                "[{name: NAME, args: {...}}] (docs/modifiers.md)",
+            )
             name, args = next(iter(item.items()))
             specs.append(ModifierSpec(str(name), _args(f"{at} ({name})", args)))
         elif isinstance(item, str):
-            _note("modifiers", f"{where}: the 'name:{{key:value}}' form is deprecated; write {where}: "
-                               "[{name: NAME, args: {...}}] (docs/modifiers.md)")
+            _note(
+                "modifiers",
+                f"{where}: the 'name:{{key:value}}' form is deprecated; write {where}: "
+                "[{name: NAME, args: {...}}] (docs/modifiers.md)",
+            )
             specs.append(_modifier_string(at, item))
         else:
             raise ValueError(f"{at}: expected {{name, args}}, got {item!r}")

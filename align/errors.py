@@ -18,6 +18,7 @@ Known errors are:
 This module imports nothing heavy: a library's error class is looked up only if the library is
 already imported (an error of a library cannot be raised before it is).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,15 @@ def _class_from(module: str, name: str) -> Optional[type]:
 
 def _own(err: BaseException) -> Optional[str]:
     """The project's error classes: their messages are already one line naming the key/file."""
-    own = [ConfigError] + [c for c in (_class_from("critics.export", "CriticLoadError"),
-                                       _class_from("rewards.registry", "RewardError"),
-                                       _class_from("rewards.registry", "RewardPluginError")) if c is not None]
+    own = [ConfigError] + [
+        c
+        for c in (
+            _class_from("critics.export", "CriticLoadError"),
+            _class_from("rewards.registry", "RewardError"),
+            _class_from("rewards.registry", "RewardPluginError"),
+        )
+        if c is not None
+    ]
     return _first_line(str(err)) if isinstance(err, tuple(own)) else None
 
 
@@ -69,8 +76,11 @@ def _state_dict_mismatch(err: BaseException) -> Optional[str]:
     text = str(err)
     if not isinstance(err, RuntimeError) or ("size mismatch" not in text and "loading state_dict" not in text):
         return None
-    lines = [line.strip() for line in text.splitlines() if "size mismatch" in line or "Missing key" in line
-             or "Unexpected key" in line]
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if "size mismatch" in line or "Missing key" in line or "Unexpected key" in line
+    ]
     first = lines[0] if lines else _first_line(text)
     count = sum("size mismatch" in line for line in text.splitlines())
     more = f" (and {count - 1} more)" if count > 1 else ""
@@ -78,8 +88,9 @@ def _state_dict_mismatch(err: BaseException) -> Optional[str]:
 
 
 def _safetensors(err: BaseException) -> Optional[str]:
-    cls = _class_from("safetensors", "SafetensorError") or _class_from("safetensors._safetensors_rust",
-                                                                       "SafetensorError")
+    cls = _class_from("safetensors", "SafetensorError") or _class_from(
+        "safetensors._safetensors_rust", "SafetensorError"
+    )
     if cls is None or not isinstance(err, cls):
         return None
     return f"corrupt or truncated safetensors file: {_first_line(str(err))}"
@@ -99,8 +110,7 @@ def _os(err: BaseException) -> Optional[str]:
 
 
 #: matchers in order; the first that returns a line wins
-MATCHERS: list[Callable[[BaseException], Optional[str]]] = [_own, _yaml, _safetensors, _json,
-                                                             _state_dict_mismatch, _os]
+MATCHERS: list[Callable[[BaseException], Optional[str]]] = [_own, _yaml, _safetensors, _json, _state_dict_mismatch, _os]
 
 
 def one_line(err: BaseException) -> Optional[str]:

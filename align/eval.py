@@ -8,6 +8,7 @@ with ``OUT/<prompt:05d>/metadata.jsonl``), verdicts to ``OUT/results.jsonl`` in 
 (filename, tag, prompt, correct, reason, metadata, details; plus our partial-credit ``score``), and the
 summary of GenEval's ``summary_scores.py`` to ``OUT/summary.json`` and ``OUT/summary.txt``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,12 +33,15 @@ EVAL_STEERING = ("none", "grad", "rerank")
 @dataclasses.dataclass
 class EvalConfig:
     """Config of `align eval` (flags: --prompts, --policy-lora, --critic, --steer, --images-per-prompt, --out)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     steering: SteeringConfig = field(default_factory=SteeringConfig)
     prompts: str = field("toy", help="'toy', 'geneval' (the shipped 553 prompts) or a JSONL file with GenEval records")
     judge: str = field("", help="'toy' (toy detector) or 'geneval' (detector + CLIP); empty: toy for toy prompts")
-    geneval: dict = field(default_factory=dict, help="arguments of the geneval reward: detector_path, clip_path, device")
+    geneval: dict = field(
+        default_factory=dict, help="arguments of the geneval reward: detector_path, clip_path, device"
+    )
     policy_lora: str = field("", path="dir", help="exported policy LoRA dir (`align export` → OUT/policy); empty: base")
     images_per_prompt: int = field(4, help="images per prompt (GenEval's protocol: 4)")
     max_prompts: int = field(0, help="evaluate this many prompts, round-robin over tags; 0: all")
@@ -59,12 +63,14 @@ class EvalConfig:
         if self.sampler.output_type != "pt":
             raise ValueError(f"sampler.output_type must be 'pt' for align eval, got {self.sampler.output_type!r}")
         from align.prompts import check_prompt_source
+
         check_prompt_source(self.prompts)
 
 
 @dataclasses.dataclass(frozen=True)
 class Item:
     """One image to draw: prompt ``p`` (its index in the source) and image index ``i``."""
+
     p: int
     i: int
     prompt: str
@@ -74,12 +80,15 @@ class Item:
 def eval_items(source: str, images_per_prompt: int, max_prompts: Optional[int] = None) -> list[Item]:
     """The (prompt, image) pairs of an evaluation, prompt-major; every prompt needs a metadata record."""
     from align.prompts import prompt_metadata, source_prompts, spread_over_tags
+
     prompts = source_prompts(source)
     records = prompt_metadata(source, prompts)
     missing = next((p for p, r in zip(prompts, records) if r is None), None)
     if missing is not None:
-        raise ValueError(f"align eval: prompt source {source!r} has no metadata record for {missing!r}; "
-                         "use 'toy', 'geneval' or a JSONL file of GenEval records")
+        raise ValueError(
+            f"align eval: prompt source {source!r} has no metadata record for {missing!r}; "
+            "use 'toy', 'geneval' or a JSONL file of GenEval records"
+        )
     picked = spread_over_tags(prompts, records, max_prompts or None)
     return [Item(p, i, prompts[p], records[p]) for p in picked for i in range(images_per_prompt)]
 
@@ -94,9 +103,11 @@ def make_judge(kind: str, geneval_args: Optional[dict] = None) -> Judge:
     """``toy``: the toy detector and the rule engine; ``geneval``: the geneval reward's scorer."""
     if kind == "toy":
         from align.toy.detector import score_images
+
         return lambda images, prompts, records: score_images(images, prompts, records)
     if kind == "geneval":
         from rewards.geneval.reward import GenEvalReward
+
         args = {k: v for k, v in (geneval_args or {}).items() if k not in ("batch_size", "timeout_s")}  # scoring's
         scorer = GenEvalReward(**args).scorer
         return lambda images, prompts, records: scorer.verdicts(images, records)
@@ -107,20 +118,30 @@ def default_judge(source: str, judge: str = "") -> str:
     return judge or ("toy" if source == "toy" else "geneval")
 
 
-def evaluate_items(pipe, items: Sequence[Item], judge: Judge, sampler: SamplerConfig, seed: int = 0,
-                   batch_size: int = 8, out_dir: Optional[Path] = None, critic=None,
-                   steering: Optional[SteeringConfig] = None, progress: bool = False) -> list[dict]:
+def evaluate_items(
+    pipe,
+    items: Sequence[Item],
+    judge: Judge,
+    sampler: SamplerConfig,
+    seed: int = 0,
+    batch_size: int = 8,
+    out_dir: Optional[Path] = None,
+    critic=None,
+    steering: Optional[SteeringConfig] = None,
+    progress: bool = False,
+) -> list[dict]:
     """Draw and judge every item; returns GenEval result rows (and writes the images if ``out_dir``).
     (No outer ``no_grad``: the sampler picks its own mode, and grad steering needs autograd.)"""
     from tqdm.auto import tqdm
 
     from critics.steering import sample_steered
+
     steering = steering or SteeringConfig()
     sampler = dataclasses.replace(sampler, progress=False)
     device = str(getattr(pipe, "_execution_device", "cpu"))
     rows: list[dict] = []
     for start in tqdm(range(0, len(items), batch_size), desc="eval", unit="batch", disable=not progress):
-        chunk = list(items[start:start + batch_size])
+        chunk = list(items[start : start + batch_size])
         prompts = [it.prompt for it in chunk]
         gens = [noise_generator(seed, it, device) for it in chunk]
         candidates = torch.Generator(device).manual_seed(seed * 1_000_003 + start + 1)  # rerank's own noise
@@ -136,13 +157,21 @@ def evaluate_items(pipe, items: Sequence[Item], judge: Judge, sampler: SamplerCo
 
 def result_row(item: Item, verdict) -> dict:
     """GenEval's results.jsonl row (metadata and details as JSON strings, as its evaluate_images.py writes)."""
-    return {"filename": f"{item.p:05d}/samples/{item.i:04d}.png", "tag": item.record["tag"], "prompt": item.prompt,
-            "correct": bool(verdict.strict), "reason": verdict.reason, "metadata": json.dumps(item.record),
-            "details": json.dumps(verdict.details.get("detected", {})), "score": float(verdict.score)}
+    return {
+        "filename": f"{item.p:05d}/samples/{item.i:04d}.png",
+        "tag": item.record["tag"],
+        "prompt": item.prompt,
+        "correct": bool(verdict.strict),
+        "reason": verdict.reason,
+        "metadata": json.dumps(item.record),
+        "details": json.dumps(verdict.details.get("detected", {})),
+        "score": float(verdict.score),
+    }
 
 
 def _save(out_dir: Path, item: Item, image: torch.Tensor) -> None:
     from torchvision.utils import save_image
+
     folder = out_dir / f"{item.p:05d}"
     (folder / "samples").mkdir(parents=True, exist_ok=True)
     if item.i == 0:
@@ -160,17 +189,29 @@ def summarize(rows: Sequence[dict]) -> dict:
         by_prompt[r["metadata"]] = by_prompt.get(r["metadata"], False) or bool(r["correct"])
         by_tag.setdefault(r["tag"], []).append(bool(r["correct"]))
     tasks = {t: {"score": float(np.mean(v)), "correct": int(sum(v)), "total": len(v)} for t, v in by_tag.items()}
-    return {"total_images": len(rows), "total_prompts": len(by_prompt),
-            "correct_images": float(np.mean([bool(r["correct"]) for r in rows])) if rows else float("nan"),
-            "correct_prompts": float(np.mean(list(by_prompt.values()))) if rows else float("nan"),
-            "tasks": tasks, "overall": float(np.mean([t["score"] for t in tasks.values()])) if tasks else float("nan")}
+    return {
+        "total_images": len(rows),
+        "total_prompts": len(by_prompt),
+        "correct_images": float(np.mean([bool(r["correct"]) for r in rows])) if rows else float("nan"),
+        "correct_prompts": float(np.mean(list(by_prompt.values()))) if rows else float("nan"),
+        "tasks": tasks,
+        "overall": float(np.mean([t["score"] for t in tasks.values()])) if tasks else float("nan"),
+    }
 
 
 def format_summary(summary: dict) -> str:
     """The text summary_scores.py prints."""
-    lines = ["Summary", "=======", f"Total images: {summary['total_images']}",
-             f"Total prompts: {summary['total_prompts']}", f"% correct images: {summary['correct_images']:.2%}",
-             f"% correct prompts: {summary['correct_prompts']:.2%}", "", "Task breakdown", "=============="]
+    lines = [
+        "Summary",
+        "=======",
+        f"Total images: {summary['total_images']}",
+        f"Total prompts: {summary['total_prompts']}",
+        f"% correct images: {summary['correct_images']:.2%}",
+        f"% correct prompts: {summary['correct_prompts']:.2%}",
+        "",
+        "Task breakdown",
+        "==============",
+    ]
     lines += [f"{tag:<16} = {t['score']:.2%} ({t['correct']} / {t['total']})" for tag, t in summary["tasks"].items()]
     return "\n".join(lines + ["", f"Overall score (avg. over tasks): {summary['overall']:.5f}"]) + "\n"
 
@@ -189,8 +230,9 @@ def write_results(out_dir: Path, rows: Sequence[dict]) -> dict:
 def run_eval(cfg: EvalConfig) -> dict:
     """`align eval`: load the model (+ policy LoRA, + critic), evaluate, write; returns the summary."""
     from align.backbones.model_config import load_model
-    from align.generate import SampleJobConfig, _steering_parts
     from align.config import ConfigError
+    from align.generate import SampleJobConfig, _steering_parts
+
     try:  # bad model paths or records fail here, in one line, before the model loads
         items = eval_items(cfg.prompts, cfg.images_per_prompt, cfg.max_prompts)
         judge = make_judge(default_judge(cfg.prompts, cfg.judge), cfg.geneval)
@@ -198,28 +240,43 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise ConfigError(str(err)) from None
     pipe = load_model(cfg.model)
     from align.sampling import resolve_resolution
+
     resolve_resolution(pipe, cfg.sampler.height, cfg.sampler.width)  # before any sampling
-    critic, _ = _steering_parts(pipe, SampleJobConfig(policy_lora=cfg.policy_lora, steering=dataclasses.replace(
-        cfg.steering, score_rewards=False)))
+    critic, _ = _steering_parts(
+        pipe,
+        SampleJobConfig(policy_lora=cfg.policy_lora, steering=dataclasses.replace(cfg.steering, score_rewards=False)),
+    )
     out = Path(cfg.out_dir)
-    rows = evaluate_items(pipe, items, judge, cfg.sampler, cfg.seed, cfg.batch_size, out, critic, cfg.steering,
-                          cfg.progress)
+    rows = evaluate_items(
+        pipe, items, judge, cfg.sampler, cfg.seed, cfg.batch_size, out, critic, cfg.steering, cfg.progress
+    )
     summary = write_results(out, rows)
     print(format_summary(summary), end="")
     print(f"wrote {len(rows)} images, results.jsonl and summary.{{json,txt}} to {out}")
     return summary
 
 
-def paired_evaluation(pipe, source: str, sampler: SamplerConfig, *, judge: Optional[Judge] = None,
-                      geneval_args: Optional[dict] = None, num_prompts: Optional[int] = None,
-                      images_per_prompt: int = 4, seed: int = 0, batch_size: int = 8,
-                      out_dir: Optional[str] = None, items: Optional[Sequence[Item]] = None) -> dict:
+def paired_evaluation(
+    pipe,
+    source: str,
+    sampler: SamplerConfig,
+    *,
+    judge: Optional[Judge] = None,
+    geneval_args: Optional[dict] = None,
+    num_prompts: Optional[int] = None,
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    batch_size: int = 8,
+    out_dir: Optional[str] = None,
+    items: Optional[Sequence[Item]] = None,
+) -> dict:
     """Base (every adapter disabled) vs trained (the pipe as given) on the same prompts and noise.
 
     ``items`` (e.g. :func:`balanced_items`), else ``eval_items(source, images_per_prompt, num_prompts)``.
     Returns ``{base, final, paired_gain, paired_se, per_tag: {tag: {base, final, images}}, ...}`` as
     :func:`paired_summary` computes them."""
     from align.backbones.lora import adapters_disabled
+
     items = list(items) if items is not None else eval_items(source, images_per_prompt, num_prompts)
     judge = judge or make_judge(default_judge(source), geneval_args)
     with adapters_disabled(pipe):
@@ -237,6 +294,7 @@ def balanced_items(source: str, num_images: int) -> list[Item]:
     order; a tag with fewer prompts than its share repeats them, each time with a new image index, i.e.
     new fixed noise (the toy world has 3 single-object scenes but 72 colour-attribute ones)."""
     from align.prompts import prompt_metadata, source_prompts
+
     prompts = source_prompts(source)
     records = prompt_metadata(source, prompts)
     if any(r is None for r in records):
@@ -265,8 +323,15 @@ def paired_summary(items: Sequence[Item], base: Sequence[dict], final: Sequence[
     for rb, rf in zip(base, final, strict=True):
         diffs.setdefault(rb["tag"], []).append(float(rf["correct"]) - float(rb["correct"]))
     var = [np.var(d, ddof=1) / len(d) if len(d) > 1 else float("nan") for d in diffs.values()]
-    return {"base": sb["overall"], "final": sf["overall"], "paired_gain": sf["overall"] - sb["overall"],
-            "paired_se": float(np.sqrt(np.sum(var)) / len(var)) if var else float("nan"),
-            "per_tag": {t: {"base": sb["tasks"][t]["score"], "final": sf["tasks"][t]["score"],
-                            "images": len(diffs[t])} for t in sb["tasks"]},
-            "num_prompts": len({it.p for it in items}), "num_images": len(items)}
+    return {
+        "base": sb["overall"],
+        "final": sf["overall"],
+        "paired_gain": sf["overall"] - sb["overall"],
+        "paired_se": float(np.sqrt(np.sum(var)) / len(var)) if var else float("nan"),
+        "per_tag": {
+            t: {"base": sb["tasks"][t]["score"], "final": sf["tasks"][t]["score"], "images": len(diffs[t])}
+            for t in sb["tasks"]
+        },
+        "num_prompts": len({it.p for it in items}),
+        "num_images": len(items),
+    }

@@ -1,13 +1,25 @@
 """`align eval` arguments and handler (align/cli.py registers them; the work is in align/eval.py)."""
+
 from __future__ import annotations
 
 import argparse
 
 #: `align eval` flags → EvalConfig keys (the rest via dotted overrides, e.g. sampler.num_inference_steps=40)
-FLAGS = {"prompts": "prompts", "policy_lora": "policy_lora", "critic": "steering.critic", "steer": "steering.steer",
-         "scale": "steering.scale", "candidates": "steering.candidates", "images_per_prompt": "images_per_prompt",
-         "max_prompts": "max_prompts", "judge": "judge", "out": "out_dir", "seed": "seed",
-         "height": "sampler.height", "width": "sampler.width"}
+FLAGS = {
+    "prompts": "prompts",
+    "policy_lora": "policy_lora",
+    "critic": "steering.critic",
+    "steer": "steering.steer",
+    "scale": "steering.scale",
+    "candidates": "steering.candidates",
+    "images_per_prompt": "images_per_prompt",
+    "max_prompts": "max_prompts",
+    "judge": "judge",
+    "out": "out_dir",
+    "seed": "seed",
+    "height": "sampler.height",
+    "width": "sampler.width",
+}
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -33,6 +45,7 @@ def run(ns: argparse.Namespace) -> int:
     from align.cli import _show, _split_config
     from align.config import load_config
     from align.eval import EvalConfig, run_eval
+
     if ns.show_config:
         return _show(EvalConfig)
     path, overrides = _split_config(ns)

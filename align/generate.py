@@ -1,9 +1,10 @@
 """`align sample`: draw images with the log-prob sampler and write PNGs, a grid and a JSON record.
 
 Prompts that belong to the toy world are also scored by toy-GenEval (toy detector + GenEval rule
-engine: strict and partial score), and the mean is printed; that makes the default invocation (shipped toy model, fixed toy prompts) a
-quick end-to-end check of the whole generation stack.
+engine: strict and partial score), and the mean is printed; that makes the default invocation (shipped toy
+model, fixed toy prompts) a quick end-to-end check of the whole generation stack.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,9 +17,9 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from align.backbones.model_config import load_model
-from align.model_source import ModelConfig
 from align.checkpoint import write_json
 from align.config import ConfigError, field
+from align.model_source import ModelConfig
 from align.sampling import SamplerConfig, resolve_resolution
 from critics.steering import HOOKED_MODES, SteeringConfig, sample_steered
 
@@ -26,6 +27,7 @@ from critics.steering import HOOKED_MODES, SteeringConfig, sample_steered
 @dataclasses.dataclass
 class SampleJobConfig:
     """Config of `align sample`."""
+
     #: short top-level keys (``modifiers=[...]``) and their dotted home (align.config.load_config)
     ALIASES: ClassVar[dict[str, str]] = {"modifiers": "sampler.modifiers"}
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -46,18 +48,22 @@ class SampleJobConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.sampler.output_type != "pt":
-            raise ValueError(f"sampler.output_type must be 'pt' for align sample (it writes PNGs), "
-                             f"got {self.sampler.output_type!r}")
+            raise ValueError(
+                f"sampler.output_type must be 'pt' for align sample (it writes PNGs), got {self.sampler.output_type!r}"
+            )
         bad = [p for p in self.prompts if not isinstance(p, str) or not p.strip()]
         if bad:
             raise ValueError(f"prompts must be non-empty strings, got {bad[0]!r}")
         if self.steering.steer in HOOKED_MODES and self.sampler.modifiers:
-            raise ValueError(f"steering.steer={self.steering.steer} hooks the sampler's transition and cannot be "
-                             "combined with sampler.modifiers yet; use one or the other")
+            raise ValueError(
+                f"steering.steer={self.steering.steer} hooks the sampler's transition and cannot be "
+                "combined with sampler.modifiers yet; use one or the other"
+            )
 
 
 def job_prompts(cfg: SampleJobConfig) -> list[str]:
     from align.toy.evaluate import eval_prompts
+
     base = list(cfg.prompts) if cfg.prompts else eval_prompts(cfg.num_images, cfg.eval_seed)
     return [p for p in base for _ in range(cfg.repeats)]
 
@@ -67,6 +73,7 @@ def toy_scores(images: torch.Tensor, prompts: list[str]) -> list[Optional[dict[s
     ``None`` for any other prompt."""
     from align.toy.detector import score_image
     from align.toy.world import parse_prompt
+
     out: list[Optional[dict[str, float]]] = []
     for img, prompt in zip(images, prompts):
         try:
@@ -93,7 +100,7 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
     sampler_cfg = dataclasses.replace(cfg.sampler, progress=False)  # one bar over batches instead
     batches = range(0, len(prompts), cfg.batch_size)
     for start in tqdm(batches, desc="sample", unit="batch", disable=not cfg.progress):
-        chunk = prompts[start:start + cfg.batch_size]
+        chunk = prompts[start : start + cfg.batch_size]
         batch = sample_steered(pipe, chunk, sampler_cfg, gen, critic, cfg.steering, candidate_gen)
         traj = batch.traj
         images = traj.images.float().clamp(0, 1).cpu()
@@ -101,24 +108,39 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
         for j, (img, score) in enumerate(zip(images, toy_scores(images, chunk))):
             idx = start + j
             save_image(img, out / "images" / f"{idx:04d}.png")
-            records.append({"index": idx, "prompt": chunk[j], "file": f"images/{idx:04d}.png",
-                            "log_prob_mean": float(traj.log_probs[j].mean()), "toy_checker": score, **extra[j]})
+            records.append(
+                {
+                    "index": idx,
+                    "prompt": chunk[j],
+                    "file": f"images/{idx:04d}.png",
+                    "log_prob_mean": float(traj.log_probs[j].mean()),
+                    "toy_checker": score,
+                    **extra[j],
+                }
+            )
         all_images.append(images)
     grid = make_grid(torch.cat(all_images), nrow=min(8, len(prompts)), padding=2, pad_value=0.5)
     save_image(grid, out / "grid.png")
     summary = _summarise([r["toy_checker"] for r in records])
     result = {"config": dataclasses.asdict(cfg), "summary": summary, "samples": records}
     if critic is not None:
-        result["steering"] = {"steer": cfg.steering.steer, **_summarise([r["rewards"] for r in records
-                                                                         if r.get("rewards")], prefix="reward/"),
-                              "critic_rows_per_image": sum(r["critic_rows"] for r in records) / len(records)}
+        result["steering"] = {
+            "steer": cfg.steering.steer,
+            **_summarise([r["rewards"] for r in records if r.get("rewards")], prefix="reward/"),
+            "critic_rows_per_image": sum(r["critic_rows"] for r in records) / len(records),
+        }
     write_json(out / "samples.json", result)
     print(f"wrote {len(records)} images, grid.png and samples.json to {out}")
     if summary:
-        print("toy checker accuracy (toy-GenEval strict, partial score): " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
+        print(
+            "toy checker accuracy (toy-GenEval strict, partial score): "
+            + json.dumps({k: round(v, 3) for k, v in summary.items()})
+        )
     if "steering" in result:
-        print("steering: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                         for k, v in result["steering"].items()}))
+        print(
+            "steering: "
+            + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result["steering"].items()})
+        )
     return result
 
 
@@ -138,6 +160,7 @@ def _steering_parts(pipe, cfg: SampleJobConfig):
         return None, []
     import critics
     from rewards import get_reward
+
     critic = critics.load(cfg.steering.critic, pipe, force=cfg.steering.force)
     critic.weights_with(cfg.steering.weights)  # a bad override fails here, before sampling
     return critic, [get_reward(n) for n in critic.reward_names] if cfg.steering.score_rewards else []
@@ -153,6 +176,7 @@ def check_policy_lora(pipe, directory: str) -> None:
     from safetensors import safe_open
 
     from align.backbones.loading import DENOISER_ATTR, backbone_kind, denoiser
+
     path = Path(directory) / LORA_FILE
     if not path.is_file():
         raise ConfigError(f"policy_lora {directory}: no {LORA_FILE} (an `align export` OUT/policy directory)")
@@ -160,25 +184,29 @@ def check_policy_lora(pipe, directory: str) -> None:
         with safe_open(str(path), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # safetensors' SafetensorError on a cut-off header or data
-        raise ConfigError(f"policy_lora {directory}: {path} is truncated or corrupt ({str(err).splitlines()[0]})") \
-            from None
+        raise ConfigError(
+            f"policy_lora {directory}: {path} is truncated or corrupt ({str(err).splitlines()[0]})"
+        ) from None
     net = denoiser(pipe)
     prefix = DENOISER_ATTR[backbone_kind(pipe)] + "."
     modules = dict(net.named_modules())
     for key, shape in shapes.items():
-        name, sep, rest = key[len(prefix):].partition(".lora_")
+        name, sep, rest = key[len(prefix) :].partition(".lora_")
         if not key.startswith(prefix) or not sep or len(shape) < 2:
             continue
         layer = modules.get(name)
         if layer is None:
-            raise ConfigError(f"policy_lora {directory} was made for another base: this {type(net).__name__} has "
-                              f"no layer {name!r}")
+            raise ConfigError(
+                f"policy_lora {directory} was made for another base: this {type(net).__name__} has no layer {name!r}"
+            )
         base = getattr(layer, "base_layer", layer)
         want = getattr(base, "in_features", None) if rest.startswith("A") else getattr(base, "out_features", None)
         got = shape[1] if rest.startswith("A") else shape[0]
         if want is not None and want != got:
-            raise ConfigError(f"policy_lora {directory} was made for another base: {key} has {got} features, "
-                              f"this {type(net).__name__}'s {name} has {want}")
+            raise ConfigError(
+                f"policy_lora {directory} was made for another base: {key} has {got} features, "
+                f"this {type(net).__name__}'s {name} has {want}"
+            )
 
 
 def _critic_records(critic, reward_fns, batch, images: torch.Tensor, prompts: list[str]) -> list[dict]:
@@ -186,10 +214,16 @@ def _critic_records(critic, reward_fns, batch, images: torch.Tensor, prompts: li
     if critic is None:
         return [{} for _ in prompts]
     from rewards import score
+
     predicted = critic.predicted_rewards(batch.values)
     rewards = score(reward_fns, images, prompts)[0] if reward_fns else None
     names = critic.reward_names
-    return [{"critic_values": dict(zip(names, batch.values[j].tolist())),
-             "predicted_rewards": dict(zip(names, predicted[j].tolist())),
-             "rewards": dict(zip(names, rewards[j].tolist())) if rewards is not None else None,
-             "critic_rows": batch.critic_rows / len(prompts)} for j in range(len(prompts))]
+    return [
+        {
+            "critic_values": dict(zip(names, batch.values[j].tolist())),
+            "predicted_rewards": dict(zip(names, predicted[j].tolist())),
+            "rewards": dict(zip(names, rewards[j].tolist())) if rewards is not None else None,
+            "critic_rows": batch.critic_rows / len(prompts),
+        }
+        for j in range(len(prompts))
+    ]

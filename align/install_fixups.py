@@ -4,6 +4,7 @@ hpsv2 1.2.0 on PyPI lacks ``hpsv2/src/open_clip/bpe_simple_vocab_16e6.txt.gz``; 
 then fails when first used. open_clip ships the identical BPE vocabulary, so copy it across.
 Idempotent; prints what it did.
 """
+
 from __future__ import annotations
 
 import importlib.util

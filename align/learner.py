@@ -10,6 +10,7 @@ accumulate, then one clipped optimiser step. Under DeepSpeed one engine holds bo
 a pass zeroes the other group's gradients and learning rate and sets ZeRO's clip to its own.
 Checkpoints are atomic safetensors + JSON.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,14 @@ from align import checkpoint as ckpt
 from align.algos.core import kl_to_reference, ppo_clip_loss, value_loss
 from align.backbones.loading import denoiser
 from align.backbones.lora import adapters_disabled, load_lora_state_dict, lora_state_dict, set_active_adapters
-from align.distributed import (is_deepspeed, load_zero_partition, policy_step_window, prepare_deepspeed,
-                               steps_per_update, zero_partition_state)
+from align.distributed import (
+    is_deepspeed,
+    load_zero_partition,
+    policy_step_window,
+    prepare_deepspeed,
+    steps_per_update,
+    zero_partition_state,
+)
 from align.sampling import Trajectory, recompute_log_probs
 from align.train_config import TrainConfig
 from critics.value_model import LatentCritic
@@ -45,8 +52,11 @@ class Learner:
         self.policy_params = [p for n, p in net.named_parameters() if ".policy." in n and "lora_" in n]
         self.critic_params: list[torch.nn.Parameter] = []
         if critic is not None:
-            lora = [p for n, p in net.named_parameters() if f".{critic.adapter}." in n and "lora_" in n] \
-                if critic.adapter != "policy" else []
+            lora = (
+                [p for n, p in net.named_parameters() if f".{critic.adapter}." in n and "lora_" in n]
+                if critic.adapter != "policy"
+                else []
+            )
             self.critic_params = lora + list(critic.heads.parameters())
         for p in self.policy_params + self.critic_params:
             p.requires_grad_(True)
@@ -57,17 +67,20 @@ class Learner:
         if is_deepspeed(accelerator):
             groups = [{"params": self.params[g], "lr": self.lrs[g], "name": g} for g in GROUPS if self.params[g]]
             modules = {"denoiser": net, **({"heads": critic.heads} if critic is not None else {})}
-            self.engine, optimizer = prepare_deepspeed(accelerator, cfg, modules,
-                                                       torch.optim.AdamW(groups, weight_decay=0.0))
+            self.engine, optimizer = prepare_deepspeed(
+                accelerator, cfg, modules, torch.optim.AdamW(groups, weight_decay=0.0)
+            )
             self.optimizers = {g: optimizer for g in GROUPS}
             self._grad_scale = {g: torch.ones(()) for g in GROUPS}  # 0 while the other group's pass runs
             for g in GROUPS:
                 for p in self.params[g]:
                     p.register_hook(lambda grad, g=g: grad * self._grad_scale[g])
         else:
-            self.optimizers = {g: accelerator.prepare(torch.optim.AdamW(self.params[g], lr=self.lrs[g],
-                                                                        weight_decay=0.0))
-                               for g in GROUPS if self.params[g]}
+            self.optimizers = {
+                g: accelerator.prepare(torch.optim.AdamW(self.params[g], lr=self.lrs[g], weight_decay=0.0))
+                for g in GROUPS
+                if self.params[g]
+            }
         self.step_generator = torch.Generator().manual_seed(cfg.trainer.seed + 7)
         self.version = 0  # policy version: the number of policy updates so far
 
@@ -75,10 +88,12 @@ class Learner:
         """Refuse rollouts sampled more than ``learner.max_policy_lag`` versions ago (or by a future one)."""
         lag = self.version - traj.policy_version
         if not 0 <= lag <= self.cfg.learner.max_policy_lag:
-            raise RuntimeError(f"learner: rollouts from policy version {traj.policy_version} while the learner is at "
-                               f"version {self.version} (lag {lag}); learner.max_policy_lag = "
-                               f"{self.cfg.learner.max_policy_lag}. Stale data would bias the PPO ratio: sync the "
-                               "rollout workers after each update or raise learner.max_policy_lag")
+            raise RuntimeError(
+                f"learner: rollouts from policy version {traj.policy_version} while the learner is at "
+                f"version {self.version} (lag {lag}); learner.max_policy_lag = "
+                f"{self.cfg.learner.max_policy_lag}. Stale data would bias the PPO ratio: sync the "
+                "rollout workers after each update or raise learner.max_policy_lag"
+            )
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """The policy LoRA tensors for weight sync (CPU copies; whole on every rank, ZeRO-3 being refused)."""
@@ -88,17 +103,22 @@ class Learner:
     def values(self, traj: Trajectory) -> torch.Tensor:
         """V_k at every state of the chain: (B, T, K) (rollout-time values for GAE)."""
         embeds = embeds_of(traj)
-        return torch.stack([self.critic(traj.latents[:, i], traj.timesteps[i], embeds)
-                            for i in range(traj.num_steps)], dim=1)
+        return torch.stack(
+            [self.critic(traj.latents[:, i], traj.timesteps[i], embeds) for i in range(traj.num_steps)], dim=1
+        )
 
     def policy_update(self, traj: Trajectory, advantages: torch.Tensor) -> dict[str, float]:
         """PPO on the policy LoRA: ``trainer.epochs`` over ``traj`` with ``advantages`` (B_r, T), clipped to
         ±``trainer.adv_clip``; bumps the policy version."""
         self.check_fresh(traj)
         adv = advantages.clamp(-self.cfg.trainer.adv_clip, self.cfg.trainer.adv_clip)
-        stats = self._pass("policy", traj, self.cfg.trainer.epochs,
-                           lambda mb, idx, i: self._policy_loss(mb, adv[idx], i),
-                           window=min(traj.num_steps, policy_step_window(self.cfg)))
+        stats = self._pass(
+            "policy",
+            traj,
+            self.cfg.trainer.epochs,
+            lambda mb, idx, i: self._policy_loss(mb, adv[idx], i),
+            window=min(traj.num_steps, policy_step_window(self.cfg)),
+        )
         self.version += 1
         return stats
 
@@ -106,11 +126,22 @@ class Learner:
         """Regress every head V_k(s_i) on its return G_k (``targets`` (B_r, K)) for ``epochs``; value clipping
         (``critic.value_clip``) is around the predictions before this update."""
         old = self.values(traj) if self.cfg.critic.value_clip is not None else None
-        return self._pass("critic", traj, epochs, lambda mb, idx, i: self._value_loss(
-            mb, targets[idx], None if old is None else old[idx, i], i), window=traj.num_steps)
+        return self._pass(
+            "critic",
+            traj,
+            epochs,
+            lambda mb, idx, i: self._value_loss(mb, targets[idx], None if old is None else old[idx, i], i),
+            window=traj.num_steps,
+        )
 
-    def update(self, traj: Trajectory, advantages: torch.Tensor, value_targets: Optional[torch.Tensor],
-               old_values: Optional[torch.Tensor], train_policy: bool) -> dict[str, float]:
+    def update(
+        self,
+        traj: Trajectory,
+        advantages: torch.Tensor,
+        value_targets: Optional[torch.Tensor],
+        old_values: Optional[torch.Tensor],
+        train_policy: bool,
+    ) -> dict[str, float]:
         """A policy pass (if ``train_policy``) then a value pass over the same batch (if targets are given);
         ``old_values`` is unused (value clipping recomputes them). Kept for callers outside the driver."""
         stats = self.policy_update(traj, advantages) if train_policy else {}
@@ -130,7 +161,7 @@ class Learner:
         for _ in range(epochs):
             order = torch.randperm(n, generator=self.step_generator)
             for start in range(0, n, mb_size):
-                idx = order[start:start + mb_size]
+                idx = order[start : start + mb_size]
                 step_ids = torch.randperm(steps, generator=self.step_generator)[:k_steps].sort().values.tolist()
                 stats = self._optimiser_step(group, traj.select(idx), idx, step_ids, step_loss)
                 for key, val in stats.items():
@@ -138,8 +169,9 @@ class Learner:
                 count += 1
         return {k: v / count for k, v in totals.items()}
 
-    def _optimiser_step(self, group: str, mb: Trajectory, idx: torch.Tensor, step_ids: list[int],
-                        step_loss: StepLoss) -> dict[str, float]:
+    def _optimiser_step(
+        self, group: str, mb: Trajectory, idx: torch.Tensor, step_ids: list[int], step_loss: StepLoss
+    ) -> dict[str, float]:
         stats: dict[str, float] = {}
         optimizer = self.optimizers[group]
         optimizer.zero_grad(set_to_none=True)
@@ -189,8 +221,9 @@ class Learner:
             stats["kl_ref"] = kl.item()
         return loss, stats
 
-    def _value_loss(self, mb: Trajectory, targets: torch.Tensor, old: Optional[torch.Tensor], i: int
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def _value_loss(
+        self, mb: Trajectory, targets: torch.Tensor, old: Optional[torch.Tensor], i: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """0.5 (V_k(s_i) − G_k)² averaged over heads, optionally clipped around ``old`` (B, K)."""
         v = self.critic(mb.latents[:, i], mb.timesteps[i], embeds_of(mb))
         vl = value_loss(v, targets, old, self.cfg.critic.value_clip)
@@ -202,11 +235,20 @@ class Learner:
         ckpt.save_tensors(directory / "policy_lora.safetensors", lora_state_dict(self.pipe, "policy"))
         if self.critic is not None:
             if self.critic.adapter != "policy":
-                ckpt.save_tensors(directory / "critic_lora.safetensors", lora_state_dict(self.pipe, self.critic.adapter))
+                ckpt.save_tensors(
+                    directory / "critic_lora.safetensors", lora_state_dict(self.pipe, self.critic.adapter)
+                )
             ckpt.save_tensors(directory / "critic_heads.safetensors", self.critic.heads.state_dict())
         if self.engine is not None:  # each rank saves its own partition (save_partition)
-            ckpt.write_json(directory / "optimizer.json", {"deepspeed": {
-                "zero_stage": self.engine.zero_optimization_stage(), "num_processes": self.accelerator.num_processes}})
+            ckpt.write_json(
+                directory / "optimizer.json",
+                {
+                    "deepspeed": {
+                        "zero_stage": self.engine.zero_optimization_stage(),
+                        "num_processes": self.accelerator.num_processes,
+                    }
+                },
+            )
         else:
             metas = {}
             for g, opt in self.optimizers.items():
@@ -240,23 +282,31 @@ class Learner:
         if (self.engine is None) != (ds is None) or (ds and ds["num_processes"] != now):
             written = f"by {ds['num_processes']} DeepSpeed processes" if ds else "without DeepSpeed"
             current = f"{now} process(es), DeepSpeed {'on' if self.engine is not None else 'off'}"
-            raise RuntimeError(f"--resume {directory}: the checkpoint was written {written}; resume with the same "
-                               f"launch (now: {current})")
+            raise RuntimeError(
+                f"--resume {directory}: the checkpoint was written {written}; resume with the same "
+                f"launch (now: {current})"
+            )
         load_lora_state_dict(self.pipe, ckpt.load_tensors(directory / "policy_lora.safetensors"), "policy")
         if self.critic is not None:
             if self.critic.adapter != "policy":
-                load_lora_state_dict(self.pipe, ckpt.load_tensors(directory / "critic_lora.safetensors"),
-                                     self.critic.adapter)
+                load_lora_state_dict(
+                    self.pipe, ckpt.load_tensors(directory / "critic_lora.safetensors"), self.critic.adapter
+                )
             self.critic.heads.load_state_dict(ckpt.load_tensors(directory / "critic_heads.safetensors"))
         if self.engine is not None:
             rank = self.accelerator.process_index
-            load_zero_partition(self.optimizers["policy"],
-                                ckpt.load_tensors(directory / f"optimizer_rank{rank}.safetensors"),
-                                ckpt.read_json(directory / f"optimizer_rank{rank}.json"))
+            load_zero_partition(
+                self.optimizers["policy"],
+                ckpt.load_tensors(directory / f"optimizer_rank{rank}.safetensors"),
+                ckpt.read_json(directory / f"optimizer_rank{rank}.json"),
+            )
         else:
             for g, opt in self.optimizers.items():
-                _torch_optimizer(opt).load_state_dict(ckpt.optimizer_state_join(
-                    ckpt.load_tensors(directory / f"optimizer_{g}.safetensors"), saved["optimizers"][g]))
+                _torch_optimizer(opt).load_state_dict(
+                    ckpt.optimizer_state_join(
+                        ckpt.load_tensors(directory / f"optimizer_{g}.safetensors"), saved["optimizers"][g]
+                    )
+                )
         self.step_generator.set_state(ckpt.load_tensors(directory / "learner_rng.safetensors")["steps"])
 
 

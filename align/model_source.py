@@ -8,6 +8,7 @@ noise parameter of the backbone that will actually load (``sampler.eta`` on a UN
 ``sampler.noise_level`` on a DiT). :mod:`align.backbones.model_config` re-exports
 :class:`ModelConfig` and holds ``load_model``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,10 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 @dataclasses.dataclass
 class ModelConfig:
     """Which backbone to load."""
-    source: str = field("toy", help="'toy' (the shipped toy model), 'preset:<name>', a save_pretrained dir, or a hub id")
+
+    source: str = field(
+        "toy", help="'toy' (the shipped toy model), 'preset:<name>', a save_pretrained dir, or a hub id"
+    )
     kind: Optional[str] = field(None, choices=[None, *BACKBONE_KINDS], help="expected backbone kind (checked)")
     dtype: str = field("float32", choices=list(DTYPE_NAMES), help="weights dtype (bfloat16 on GPUs)")
     device: str = field("cpu", help="torch device")
@@ -47,15 +51,16 @@ class ModelConfig:
         """A ``preset:<name>`` must name a registered preset (imports the preset registry, builds nothing)."""
         if self.source.startswith(PRESET_PREFIX):
             try:
-                preset_kind(self.source[len(PRESET_PREFIX):])
+                preset_kind(self.source[len(PRESET_PREFIX) :])
             except ValueError as err:
                 raise ValueError(f"source {self.source!r}: {err}") from None
 
 
 def looks_like_path(source: str) -> bool:
     """Existing paths, and anything that is not of the hub-id form ``org/name``."""
-    return os.path.exists(os.path.expanduser(source)) or source.startswith((os.sep, ".", "~")) \
-        or not _HUB_ID.match(source)
+    return (
+        os.path.exists(os.path.expanduser(source)) or source.startswith((os.sep, ".", "~")) or not _HUB_ID.match(source)
+    )
 
 
 def source_kind(source: str, allow_download: bool = False) -> Optional[str]:
@@ -63,11 +68,13 @@ def source_kind(source: str, allow_download: bool = False) -> Optional[str]:
     preset registry (:func:`preset_kind`) or a download. A source that cannot load is a ValueError
     naming it (``model.source ...``)."""
     from align.toy import SHIPPED_PIPELINE_DIR, TOY_SOURCE_ALIAS
+
     if not source or not source.strip():
         raise ValueError("source is empty; use 'toy', 'preset:<name>', a save_pretrained directory or a hub id")
     if source == TOY_SOURCE_ALIAS:
-        return _index_kind(str(SHIPPED_PIPELINE_DIR), "the shipped toy model (regenerate it with "
-                                                      "`align toy pretrain ship=true`)")
+        return _index_kind(
+            str(SHIPPED_PIPELINE_DIR), "the shipped toy model (regenerate it with `align toy pretrain ship=true`)"
+        )
     if source.startswith(PRESET_PREFIX):
         return None
     if looks_like_path(source):
@@ -81,6 +88,7 @@ def source_kind(source: str, allow_download: bool = False) -> Optional[str]:
 def preset_kind(name: str) -> Optional[str]:
     """A registered preset's kind from its builder's return annotation; unknown names list the valid ones."""
     from align.backbones.presets import PRESETS
+
     if name not in PRESETS:
         raise ValueError(f"unknown backbone preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
     returns = getattr(PRESETS[name], "__annotations__", {}).get("return")
@@ -90,8 +98,9 @@ def preset_kind(name: str) -> Optional[str]:
 def _index_kind(directory: str, what: str) -> Optional[str]:
     index = os.path.join(directory, "model_index.json")
     if not os.path.isfile(index):
-        raise ValueError(f"source {what}: {directory} has no model_index.json (not a save_pretrained pipeline "
-                         "directory)")
+        raise ValueError(
+            f"source {what}: {directory} has no model_index.json (not a save_pretrained pipeline directory)"
+        )
     return _kind_of_index(index, what)
 
 
@@ -105,18 +114,23 @@ def _kind_of_index(index: str, what: str) -> Optional[str]:
         raise ValueError(f"source {what}: {index} has no _class_name (not a diffusers model_index.json)")
     name = data["_class_name"]
     if name not in PIPELINE_KINDS:
-        raise ValueError(f"source {what}: pipeline class {name!r} is not supported; supported: "
-                         + ", ".join(f"{k} ({c})" for c, k in PIPELINE_KINDS.items()))
+        raise ValueError(
+            f"source {what}: pipeline class {name!r} is not supported; supported: "
+            + ", ".join(f"{k} ({c})" for c, k in PIPELINE_KINDS.items())
+        )
     return PIPELINE_KINDS[name]
 
 
 def _hub_kind(repo_id: str, allow_download: bool) -> Optional[str]:
     """A hub id's kind from its cached model_index.json; uncached is an error unless downloads are allowed."""
     from huggingface_hub import try_to_load_from_cache
+
     cached = try_to_load_from_cache(repo_id, "model_index.json")
     if isinstance(cached, str) and os.path.isfile(cached):
         return _kind_of_index(cached, repr(repo_id))
     if allow_download:
         return None
-    raise ValueError(f"source {repo_id!r}: not a local directory and not in the local HF cache; download it "
-                     "first, or set model.allow_download=true")
+    raise ValueError(
+        f"source {repo_id!r}: not a local directory and not in the local HF cache; download it "
+        "first, or set model.allow_download=true"
+    )

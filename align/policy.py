@@ -3,6 +3,7 @@ loaded from its directory. Training (align/train.py ``build``), the rollout acto
 (align/rollout/ray_group.py), export (critics/export.py) and the benchmarks all call these, so an
 adapter setting cannot differ between the learner, the actors and an export.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ def build_policy(cfg) -> Any:
     samples as the base until trained). ``cfg``: a TrainConfig."""
     from align.backbones.lora import attach_lora
     from align.backbones.model_config import load_model
+
     pipe = load_model(cfg.model)
     attach_lora(pipe, "policy", rank=cfg.lora.rank, alpha=cfg.lora.alpha)
     return pipe
@@ -25,6 +27,7 @@ def build_policy(cfg) -> Any:
 def needs_critic(cfg) -> bool:
     """Whether ``cfg.algo`` trains a value model (the algorithm registry says)."""
     from align.algos.registry import make_algorithm
+
     return make_algorithm(cfg).needs_critic
 
 
@@ -34,6 +37,7 @@ def build_critic(pipe, cfg, reward_names: list[str]):
     (``shared``), and one head per reward."""
     from align.backbones.lora import attach_lora
     from critics.value_model import LatentCritic, critic_target_modules
+
     c = cfg.critic
     adapter = "policy" if c.adapter == "shared" else "critic"
     if adapter == "critic":
@@ -45,6 +49,7 @@ def build_critic(pipe, cfg, reward_names: list[str]):
 class LoadedRun:
     """A trained run: its config, its checkpoint's ``state.json``, and the pipeline with the
     checkpoint's policy (and critic) weights loaded."""
+
     cfg: Any
     state: dict
     pipe: Any
@@ -56,6 +61,7 @@ def run_config(run_dir: str | Path):
     """``RUN_DIR/config.json`` as a TrainConfig; a one-line FileNotFoundError if it is not a run directory."""
     from align.config import load_config
     from align.train_config import TrainConfig
+
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; {run_dir} is not a run directory of `align train`")
@@ -66,6 +72,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     """The run in ``run_dir`` built as it trained (:func:`build_policy`, :func:`build_critic`) with the
     weights of ``RUN_DIR/checkpoint`` (policy LoRA, critic LoRA and heads) loaded."""
     from align.backbones.lora import load_lora_state_dict
+
     run = Path(run_dir)
     ck = run / "checkpoint"
     for need in (run / "config.json", ck / "state.json"):

@@ -11,6 +11,7 @@ grid, and each prompt's metadata record (what GenEval-style rewards score agains
 Draws are seeded by (seed, iteration), so the data position of a run is its iteration index and a
 resumed run sees the same prompts.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,11 @@ def read_prompt_file(path: str) -> tuple[str, ...]:
     if path.endswith(".jsonl"):
         return tuple(read_jsonl_records(path))
     file = _existing(path)
-    prompts = tuple(line.strip() for line in file.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and not line.lstrip().startswith("#"))
+    prompts = tuple(
+        line.strip()
+        for line in file.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
     if not prompts:
         raise ValueError(f"trainer.prompts: {path!r} holds no prompts")
     return prompts
@@ -40,8 +44,10 @@ def read_prompt_file(path: str) -> tuple[str, ...]:
 def _existing(path: str) -> Path:
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"trainer.prompts: no prompt file at {path!r} (use 'toy', 'geneval', a text file with one "
-                         "prompt per line, or a .jsonl file with a 'prompt' field per line)")
+        raise ValueError(
+            f"trainer.prompts: no prompt file at {path!r} (use 'toy', 'geneval', a text file with one "
+            "prompt per line, or a .jsonl file with a 'prompt' field per line)"
+        )
     return file
 
 
@@ -71,6 +77,7 @@ def read_jsonl_records(path: str) -> dict[str, dict]:
 @functools.lru_cache(maxsize=1)
 def _geneval_records() -> dict[str, dict]:
     from rewards.geneval.data import load_metadata
+
     return {r["prompt"]: r for r in load_metadata()}
 
 
@@ -78,6 +85,7 @@ def source_prompts(source: str) -> tuple[str, ...]:
     """Every prompt of a finite source in its order (the toy source: every scene of the grammar)."""
     if source == TOY:
         from align.toy.world import all_scenes
+
         return tuple(s.prompt for s in all_scenes())
     if source == GENEVAL:
         return tuple(_geneval_records())
@@ -95,6 +103,7 @@ def draw_prompts(source: str, n: int, rng: np.random.Generator) -> list[str]:
     (without replacement while the source has at least ``n``)."""
     if source == TOY:
         from align.toy.world import sample_scenes
+
         return [s.prompt for s in sample_scenes(n, rng)]
     pool = source_prompts(source)
     return [pool[i] for i in rng.choice(len(pool), size=n, replace=len(pool) < n)]
@@ -110,6 +119,7 @@ def prompt_metadata(source: str, prompts: Sequence[str]) -> list[Optional[dict]]
     that the source does not hold is a one-line error naming it and the source."""
     if source == TOY:
         from align.toy.world import parse_prompt
+
         return [parse_prompt(p) for p in prompts]
     if source == GENEVAL or source.endswith(".jsonl"):
         table = _geneval_records() if source == GENEVAL else read_jsonl_records(source)

@@ -17,6 +17,7 @@ the denoiser's base weights, ``critics.export.base_fingerprint``).
    appends one JSON line (checkpoint, iteration, every changed key old → new, forced or not) to
    ``resume_log.jsonl``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,19 @@ from align.checkpoint import latest_complete
 from align.errors import CheckpointError, RunMismatchError
 
 #: settings that define a run: a resume that changes one continues another run
-RUN_KEYS = ("lora.rank", "lora.alpha", "algo", "critic.adapter", "critic.feature_layer", "critic.rank",
-            "critic.hidden", "rewards", "sampler.num_inference_steps", "sampler.eta", "sampler.noise_level")
+RUN_KEYS = (
+    "lora.rank",
+    "lora.alpha",
+    "algo",
+    "critic.adapter",
+    "critic.feature_layer",
+    "critic.rank",
+    "critic.hidden",
+    "rewards",
+    "sampler.num_inference_steps",
+    "sampler.eta",
+    "sampler.noise_level",
+)
 #: of those, the ones that only matter when the algorithm trains a critic
 CRITIC_KEYS = ("critic.adapter", "critic.feature_layer", "critic.rank", "critic.hidden")
 RESUME_LOG = "resume_log.jsonl"
@@ -54,6 +66,7 @@ def run_settings(cfg: Any) -> dict[str, Any]:
     """The :data:`RUN_KEYS` of a TrainConfig (or its ``config.json`` dict); critic keys only for ECG."""
     from align.config_checks import CRITIC_ALGOS
     from align.config_lists import parse_rewards
+
     tree = _as_dict(cfg)
     keys = [k for k in RUN_KEYS if k not in CRITIC_KEYS or tree.get("algo") in CRITIC_ALGOS]
     settings = {k: _get(tree, k) for k in keys}
@@ -64,8 +77,10 @@ def run_settings(cfg: Any) -> dict[str, Any]:
 
 def run_identity(cfg: Any, fingerprint: Optional[str]) -> dict:
     """What ``RunState.identity`` stores: the settings and the base (source and fingerprint)."""
-    return {"settings": run_settings(cfg), "base": {"source": _as_dict(cfg)["model"]["source"],
-                                                     "fingerprint": fingerprint}}
+    return {
+        "settings": run_settings(cfg),
+        "base": {"source": _as_dict(cfg)["model"]["source"], "fingerprint": fingerprint},
+    }
 
 
 def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
@@ -96,19 +111,26 @@ def resolve_resume(run_dir: str | Path, cfg: Any, force: bool = False) -> Path:
     run = Path(run_dir)
     found = latest_complete(run / CHECKPOINT_DIR)
     if found is None:
-        what = ("does not exist" if not run.exists() else
-                "has no checkpoint/" if not (run / CHECKPOINT_DIR).exists() else
-                "has no complete checkpoint (checkpoint/ is empty or was cut off while written)")
-        raise CheckpointError(f"--resume {run}: {what}; nothing to resume (start a new run with another "
-                              "run_dir, or remove this one)")
+        what = (
+            "does not exist"
+            if not run.exists()
+            else "has no checkpoint/"
+            if not (run / CHECKPOINT_DIR).exists()
+            else "has no complete checkpoint (checkpoint/ is empty or was cut off while written)"
+        )
+        raise CheckpointError(
+            f"--resume {run}: {what}; nothing to resume (start a new run with another run_dir, or remove this one)"
+        )
     identity = stored_identity(found)
     old = identity.get("settings")
     if old is None and (run / "config.json").is_file():  # a checkpoint from before identities: its config
         old = run_settings(json.loads((run / "config.json").read_text()))
     diffs = differences(old, run_settings(cfg)) if old is not None else []
     if diffs and not force:
-        raise RunMismatchError(f"--resume {run}: the checkpoint is another run's: {_describe(diffs)}; resume "
-                               "with the run's own settings, or pass --force to continue it with these")
+        raise RunMismatchError(
+            f"--resume {run}: the checkpoint is another run's: {_describe(diffs)}; resume "
+            "with the run's own settings, or pass --force to continue it with these"
+        )
     return found
 
 
@@ -119,7 +141,8 @@ def check_same_base(stored: dict, current: dict, run_dir: str | Path, force: boo
         raise RunMismatchError(
             f"--resume {run_dir}: the checkpoint was trained on another base: model.source {old.get('source')!r} "
             f"({old['fingerprint'][:23]}…) → {new.get('source')!r} ({new['fingerprint'][:23]}…); resume on the "
-            "same base weights, or pass --force to continue on this one")
+            "same base weights, or pass --force to continue on this one"
+        )
 
 
 def check_fresh_run_dir(run_dir: str | Path, force: bool = False) -> None:
@@ -127,9 +150,11 @@ def check_fresh_run_dir(run_dir: str | Path, force: bool = False) -> None:
     found = latest_complete(Path(run_dir) / CHECKPOINT_DIR)
     if found is not None and not force:
         state = json.loads((found / "state.json").read_text()) if (found / "state.json").is_file() else {}
-        raise CheckpointError(f"run_dir {run_dir} already holds a checkpoint (iteration {state.get('iteration', '?')}); "
-                              f"pass --resume {run_dir} to continue it, --force to start over in it, or choose "
-                              "another run_dir")
+        raise CheckpointError(
+            f"run_dir {run_dir} already holds a checkpoint (iteration {state.get('iteration', '?')}); "
+            f"pass --resume {run_dir} to continue it, --force to start over in it, or choose "
+            "another run_dir"
+        )
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -148,9 +173,13 @@ def append_resume_log(run_dir: str | Path, cfg: Any, checkpoint: Path, iteration
     saved = run / "config.json"
     before = _flatten(json.loads(saved.read_text())) if saved.is_file() else {}
     after = _flatten(json.loads(json.dumps(_as_dict(cfg), default=str)))
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": Path(checkpoint).name,
-             "iteration": iteration, "force": bool(force),
-             "changed": {k: [a, b] for k, a, b in differences(before, after)}}
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "checkpoint": Path(checkpoint).name,
+        "iteration": iteration,
+        "force": bool(force),
+        "changed": {k: [a, b] for k, a, b in differences(before, after)},
+    }
     with open(run / RESUME_LOG, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
     return entry

@@ -14,6 +14,7 @@ The algorithm (align/algos/registry.py) decides each iteration's phase (ECG: val
 policy); every algorithm runs ``trainer.iterations`` policy iterations. At the end: reward-curve plot
 and exports (policy LoRA in diffusers format, critic).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,7 @@ from align import checkpoint as ckpt
 from align.algos.batch import Batch
 from align.algos.core import RunningMeanStd, explained_variance
 from align.algos.registry import POLICY, VALUE_PRETRAIN, Algorithm, make_algorithm
-from align.distributed import assert_ranks_agree, make_accelerator, share_batch, share_path, shard_slice
+from align.distributed import assert_ranks_agree, make_accelerator, shard_slice, share_batch, share_path
 from align.learner import Learner
 from align.policy import build_critic, build_policy
 from align.prompts import draw_prompts, evaluation_prompts, has_records, prompt_metadata
@@ -51,14 +52,16 @@ def chain_explained_variance(values: torch.Tensor, targets: torch.Tensor, first_
     Early states carry irreducible noise (the rest of the chain is still random), so the late half
     of the chain (``first_step = T // 2``) is where a critic can and must explain most variance."""
     values = values[:, first_step:]
-    evs = [explained_variance(values[..., k].flatten(), targets[:, k, None].expand_as(values[..., k]).flatten())
-           for k in range(targets.shape[1])]
+    evs = [
+        explained_variance(values[..., k].flatten(), targets[:, k, None].expand_as(values[..., k]).flatten())
+        for k in range(targets.shape[1])
+    ]
     return float(np.nanmean(evs)) if not all(np.isnan(evs)) else float("nan")
 
 
 def per_step_explained_variance(values: torch.Tensor, targets: torch.Tensor) -> list[float]:
     """EV of V_k(s_i) against G_k at each step i (averaged over heads): values (B, T, K), targets (B, K) → T."""
-    return [chain_explained_variance(values[:, i:i + 1], targets) for i in range(values.shape[1])]
+    return [chain_explained_variance(values[:, i : i + 1], targets) for i in range(values.shape[1])]
 
 
 def iteration_prompts(cfg: TrainConfig, iteration: int) -> list[str]:
@@ -72,10 +75,11 @@ def iteration_prompts(cfg: TrainConfig, iteration: int) -> list[str]:
 @dataclasses.dataclass
 class RunState:
     """Everything besides tensors that a resume needs (JSON)."""
-    iteration: int = 0          # iterations done (the data position), value pretraining included
+
+    iteration: int = 0  # iterations done (the data position), value pretraining included
     policy_started: bool = False
     policy_updates: int = 0
-    value_iterations: int = 0   # iterations spent in value pretraining (ECG)
+    value_iterations: int = 0  # iterations spent in value pretraining (ECG)
     normalisers: dict = dataclasses.field(default_factory=dict)
     algorithm: dict = dataclasses.field(default_factory=dict)  # the algorithm's JSON state (DDPO's tracker)
     history: list = dataclasses.field(default_factory=list)
@@ -98,8 +102,9 @@ def build(cfg: TrainConfig):
     return pipe, critic, reward_fns, weights, learner, worker
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = None, log=print,
-          force: bool = False) -> RunState:
+def train(
+    cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = None, log=print, force: bool = False
+) -> RunState:
     """Run the recipe; ``stop_after`` ends after that many iterations as an interruption would.
     ``resume``: continue from the newest complete checkpoint, refused if it is another run's unless
     ``force`` (align/run_identity.py)."""
@@ -132,9 +137,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
     with start_workers(cfg, worker, reward_fns) if driver else contextlib.nullcontext() as workers:
         first = _sync(learner, workers)
         if driver and cfg.ray.num_rollout_workers:
-            log(f"ray: {cfg.ray.num_rollout_workers} rollout actor(s), {cfg.ray.num_reward_workers} reward actor(s); "
+            log(
+                f"ray: {cfg.ray.num_rollout_workers} rollout actor(s), {cfg.ray.num_reward_workers} reward actor(s); "
                 f"weight sync: {int(first['sync_bytes']):,} bytes (policy LoRA) "
-                f"in {1000 * first['sync_seconds']:.1f} ms")
+                f"in {1000 * first['sync_seconds']:.1f} ms"
+            )
         state = _loop(cfg, state, algo, learner, workers, norms, weights, names, writer, log, stop_after, run)
         if stop_after is not None and state.iteration >= stop_after:
             return state
@@ -144,8 +151,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: Optional[int] = No
         _final_evaluation(pipe, cfg, run, log)
     if accelerator.num_processes > 1:
         n = assert_ranks_agree(accelerator, learner.policy_params + learner.critic_params)
-        log(f"ranks agree: {accelerator.num_processes} learner processes hold bit-identical trainable weights "
-            f"({n} values)")
+        log(
+            f"ranks agree: {accelerator.num_processes} learner processes hold bit-identical trainable weights "
+            f"({n} values)"
+        )
     if driver:
         _plot_rewards(state.history, names, run / "reward_curve.png")
         _export(pipe, critic, cfg, state, run / "export")
@@ -162,19 +171,33 @@ def _finished(cfg: TrainConfig, state: RunState) -> bool:
     return state.policy_started and state.iteration - state.value_iterations >= cfg.trainer.iterations
 
 
-def _loop(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Learner, workers, norms: dict,
-          weights: torch.Tensor, names: list[str], writer, log, stop_after: Optional[int], run: Path) -> RunState:
+def _loop(
+    cfg: TrainConfig,
+    state: RunState,
+    algo: Algorithm,
+    learner: Learner,
+    workers,
+    norms: dict,
+    weights: torch.Tensor,
+    names: list[str],
+    writer,
+    log,
+    stop_after: Optional[int],
+    run: Path,
+) -> RunState:
     """Iterations from ``state.iteration`` until :func:`_finished` (or ``stop_after``), as in the module docstring."""
     accelerator, driver = learner.accelerator, learner.accelerator.is_main_process
-    planned = cfg.trainer.iterations + (state.value_iterations if state.policy_started else
-                                        max(cfg.critic.pretrain_iterations, state.value_iterations))
-    bar = tqdm(desc=f"train {cfg.algo}", unit="it", initial=state.iteration, total=planned, file=sys.stderr,
-               disable=not driver)
+    planned = cfg.trainer.iterations + (
+        state.value_iterations if state.policy_started else max(cfg.critic.pretrain_iterations, state.value_iterations)
+    )
+    bar = tqdm(
+        desc=f"train {cfg.algo}", unit="it", initial=state.iteration, total=planned, file=sys.stderr, disable=not driver
+    )
     normalise = functools.partial(_normalised, norms, names)  # raw (B, K) → value targets (B, K)
     while not _finished(cfg, state) and (stop_after is None or state.iteration < stop_after):
         t0, it, phase, timing = time.time(), state.iteration, algo.phase(state), {}
         prompts = iteration_prompts(cfg, it)
-        traj, raw, error = _collect(cfg, workers, accelerator, prompts, it, timing)   # 1-2. rollouts, rewards
+        traj, raw, error = _collect(cfg, workers, accelerator, prompts, it, timing)  # 1-2. rollouts, rewards
         if traj is None:
             _skip_batch(cfg, state, algo, learner, norms, phase, error, writer, log, run)
             bar.update(1)
@@ -182,19 +205,25 @@ def _loop(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Learner, 
         for k, n in enumerate(names):
             norms[n].update(raw[:, k])
         groups = torch.arange(len(prompts)) // cfg.trainer.samples_per_prompt
-        batch = Batch(traj=traj, prompts=prompts, group_ids=groups, raw=raw, targets=normalise(raw),
-                      shard=shard_slice(accelerator, len(prompts)))
-        with _timed(timing, "values"):                                               # 3. estimate
+        batch = Batch(
+            traj=traj,
+            prompts=prompts,
+            group_ids=groups,
+            raw=raw,
+            targets=normalise(raw),
+            shard=shard_slice(accelerator, len(prompts)),
+        )
+        with _timed(timing, "values"):  # 3. estimate
             if algo.needs_critic:
                 batch.values = accelerator.gather(learner.values(traj))  # (B, T, K), all ranks
             batch.advantages = algo.advantages(batch, weights)
-        with _timed(timing, "update"):                                               # 4. update
+        with _timed(timing, "update"):  # 4. update
             stats = algo.update(learner, batch, phase, normalise)
-        with _timed(timing, "sync"):                                                 # 5. sync
+        with _timed(timing, "sync"):  # 5. sync
             if phase == POLICY:
                 state.policy_updates += 1
                 stats.update(_sync(learner, workers))
-        state.iteration, state.consecutive_skipped = it + 1, 0                      # 6. log, checkpoint
+        state.iteration, state.consecutive_skipped = it + 1, 0  # 6. log, checkpoint
         state.value_iterations += phase == VALUE_PRETRAIN
         with _timed(timing, "eval"):
             if driver and cfg.eval_every and state.iteration % cfg.eval_every == 0:
@@ -223,8 +252,9 @@ def _timed(timing: dict[str, float], phase: str):
         timing[phase] = timing.get(phase, 0.0) + time.perf_counter() - t0
 
 
-def _collect(cfg: TrainConfig, workers, accelerator, prompts: list[str], it: int, timing: dict[str, float]
-             ) -> tuple[Optional[Trajectory], Optional[torch.Tensor], Optional[RewardError]]:
+def _collect(
+    cfg: TrainConfig, workers, accelerator, prompts: list[str], it: int, timing: dict[str, float]
+) -> tuple[Optional[Trajectory], Optional[torch.Tensor], Optional[RewardError]]:
     """Rollouts and raw rewards (B, K) on the driver, then this rank's shard of the trajectory and all
     the scores; ``(None, None, error)`` when a reward failed and ``reward_on_error=skip_batch``."""
     traj = raw = err = None
@@ -245,8 +275,18 @@ def _collect(cfg: TrainConfig, workers, accelerator, prompts: list[str], it: int
     return traj, raw, err
 
 
-def _skip_batch(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Learner, norms: dict, phase: str,
-                error: Optional[RewardError], writer, log, run: Path) -> None:
+def _skip_batch(
+    cfg: TrainConfig,
+    state: RunState,
+    algo: Algorithm,
+    learner: Learner,
+    norms: dict,
+    phase: str,
+    error: Optional[RewardError],
+    writer,
+    log,
+    run: Path,
+) -> None:
     """No update on a batch whose reward failed; it still uses its iteration. ``max_consecutive_skipped``
     skipped in a row stop the run (a reward that always fails would otherwise train nothing and exit 0)."""
     state.skipped_batches, state.consecutive_skipped = state.skipped_batches + 1, state.consecutive_skipped + 1
@@ -258,29 +298,49 @@ def _skip_batch(cfg: TrainConfig, state: RunState, algo: Algorithm, learner: Lea
     algo.end_iteration(state, {"explained_variance_late": float("nan")}, log)
     _save(run / "checkpoint", learner, state, norms, algo)
     if state.consecutive_skipped >= cfg.trainer.max_consecutive_skipped:
-        raise RewardError(f"trainer.max_consecutive_skipped: {state.consecutive_skipped} batches in a row were skipped "
-                          f"(reward_on_error=skip_batch); the last error: {error}")
+        raise RewardError(
+            f"trainer.max_consecutive_skipped: {state.consecutive_skipped} batches in a row were skipped "
+            f"(reward_on_error=skip_batch); the last error: {error}"
+        )
 
 
-def _record(batch: Batch, weights: torch.Tensor, names: list[str], phase: str, it: int, t0: float,
-            timing: dict[str, float], stats: dict) -> dict:
+def _record(
+    batch: Batch,
+    weights: torch.Tensor,
+    names: list[str],
+    phase: str,
+    it: int,
+    t0: float,
+    timing: dict[str, float],
+    stats: dict,
+) -> dict:
     """The iteration's history entry: rewards, critic EV (overall, late half, per step), per-step advantage
     variance, the learner's statistics, per-phase seconds (``timing/<phase>``) and samples/s."""
     raw, values, targets = batch.raw, batch.values, batch.targets
     seconds = time.time() - t0
     critic = {}
     if values is not None:
-        critic = {"explained_variance": chain_explained_variance(values, targets),
-                  "explained_variance_late": chain_explained_variance(values, targets, batch.num_steps // 2),
-                  "explained_variance_per_step": per_step_explained_variance(values, targets)}
-    return {"iteration": it + 1, "phase": phase, "samples_seen": (it + 1) * len(batch.prompts),
-            "explained_variance": float("nan"), "explained_variance_late": float("nan"), **critic,
-            "advantage_var_per_step": [float(v) for v in batch.advantages.var(dim=0, unbiased=False)],
-            "advantage_mean_per_step": [float(v) for v in batch.advantages.mean(dim=0)],
-            "seconds": seconds, "samples_per_s": len(batch.prompts) / seconds,
-            **{f"timing/{k}": v for k, v in timing.items()},
-            **{f"reward/{n}": float(raw[:, k].mean()) for k, n in enumerate(names)},
-            "reward/weighted": float((raw @ weights).mean()), **stats}
+        critic = {
+            "explained_variance": chain_explained_variance(values, targets),
+            "explained_variance_late": chain_explained_variance(values, targets, batch.num_steps // 2),
+            "explained_variance_per_step": per_step_explained_variance(values, targets),
+        }
+    return {
+        "iteration": it + 1,
+        "phase": phase,
+        "samples_seen": (it + 1) * len(batch.prompts),
+        "explained_variance": float("nan"),
+        "explained_variance_late": float("nan"),
+        **critic,
+        "advantage_var_per_step": [float(v) for v in batch.advantages.var(dim=0, unbiased=False)],
+        "advantage_mean_per_step": [float(v) for v in batch.advantages.mean(dim=0)],
+        "seconds": seconds,
+        "samples_per_s": len(batch.prompts) / seconds,
+        **{f"timing/{k}": v for k, v in timing.items()},
+        **{f"reward/{n}": float(raw[:, k].mean()) for k, n in enumerate(names)},
+        "reward/weighted": float((raw @ weights).mean()),
+        **stats,
+    }
 
 
 def _sync(learner: Learner, workers) -> dict[str, float]:
@@ -305,14 +365,23 @@ def _normalised(norms: dict, names: list[str], raw: torch.Tensor) -> torch.Tenso
 def _log_iteration(log, writer, record: dict) -> None:
     parts = [f"it {record['iteration']:>3} [{record['phase']}]"]
     parts += [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in record.items() if k.startswith("reward/")]
-    for key, label in (("value_loss", "vloss"), ("explained_variance", "EV"), ("explained_variance_late", "EV-late"),
-                       ("approx_kl", "kl"), ("clip_frac", "clip"), ("policy_loss", "pg"),
-                       ("grad_norm_policy", "|g|pi"), ("grad_norm_critic", "|g|V")):
+    for key, label in (
+        ("value_loss", "vloss"),
+        ("explained_variance", "EV"),
+        ("explained_variance_late", "EV-late"),
+        ("approx_kl", "kl"),
+        ("clip_frac", "clip"),
+        ("policy_loss", "pg"),
+        ("grad_norm_policy", "|g|pi"),
+        ("grad_norm_critic", "|g|V"),
+    ):
         if key in record and record[key] == record[key]:
             parts.append(f"{label} {record[key]:.4f}")
     if "explained_variance_per_step" in record:
         parts.append("EV/step " + ",".join(f"{e:.2f}" for e in record["explained_variance_per_step"]))
-    timing = " ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in record.items() if k.startswith("timing/") and v >= 0.05)
+    timing = " ".join(
+        f"{k.split('/', 1)[1]} {v:.1f}" for k, v in record.items() if k.startswith("timing/") and v >= 0.05
+    )
     parts.append(f"{record['seconds']:.1f}s ({timing}) {record['samples_per_s']:.1f} samples/s")
     log(" | ".join(parts))
     for key, val in record.items():
@@ -322,6 +391,7 @@ def _log_iteration(log, writer, record: dict) -> None:
 
 def _tensorboard(run: Path):
     from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=str(run / "tensorboard"))
 
 
@@ -340,21 +410,32 @@ def _final_evaluation(pipe, cfg: TrainConfig, run: Path, log) -> dict:
     and noise, scored GenEval's way (align/eval.py ``paired_evaluation``: strict accuracy, mean over tags,
     paired gain with its standard error, per tag; ``final_eval_prompts`` tag-balanced (prompt, noise) pairs)."""
     from align.eval import balanced_items, paired_evaluation
+
     items = balanced_items(cfg.trainer.prompts, cfg.final_eval_prompts)
-    result = paired_evaluation(pipe, cfg.trainer.prompts, cfg.sampler, geneval_args=cfg.reward_args_of("geneval"),
-                               items=items, seed=cfg.trainer.seed)
+    result = paired_evaluation(
+        pipe,
+        cfg.trainer.prompts,
+        cfg.sampler,
+        geneval_args=cfg.reward_args_of("geneval"),
+        items=items,
+        seed=cfg.trainer.seed,
+    )
     ckpt.write_json(run / "eval.json", result)
-    log(f"eval ({result['num_images']} images of {result['num_prompts']} prompts, fixed noise): base "
+    log(
+        f"eval ({result['num_images']} images of {result['num_prompts']} prompts, fixed noise): base "
         f"{result['base']:.3f} -> final {result['final']:.3f}, paired gain {result['paired_gain']:+.3f} "
-        f"± {result['paired_se']:.3f} | per tag: " + ", ".join(
-            f"{t} {v['base']:.2f}->{v['final']:.2f}" for t, v in result["per_tag"].items()))
+        f"± {result['paired_se']:.3f} | per tag: "
+        + ", ".join(f"{t} {v['base']:.2f}->{v['final']:.2f}" for t, v in result["per_tag"].items())
+    )
     return result
 
 
 def _plot_rewards(history: list[dict], names: list[str], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = [h["samples_seen"] for h in history]
     for n in names + ["weighted"]:
@@ -407,6 +488,7 @@ def _export(pipe, critic: Optional[LatentCritic], cfg: TrainConfig, state: RunSt
     """Policy LoRA in diffusers' format and the critic as an HF-style directory (critics/export.py;
     ``state.normalisers`` is current: every iteration's checkpoint refreshes it)."""
     from critics.export import export_pipeline, run_export_kwargs
+
     export_pipeline(pipe, critic, out, **run_export_kwargs(cfg, dataclasses.asdict(state)))
 
 
@@ -414,6 +496,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``python -m align.train [CONFIG] [key=value ...] [--resume RUN_DIR]``: ``align train``, in the form
     that ``accelerate launch -m align.train ...`` starts on every learner process."""
     from align.cli import main as cli_main
+
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -1,4 +1,5 @@
 """Config of `align train` (ECG, GRPO, DDPO on the same sampler, rewards and learner)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ def algorithm_names() -> tuple[str, ...]:
 
     import align.algos
     from align.algos.registry import ALGORITHMS
+
     for module in pkgutil.iter_modules(align.algos.__path__):
         importlib.import_module(f"align.algos.{module.name}")
     return tuple(sorted(ALGORITHMS))
@@ -32,68 +34,109 @@ class LoRAConfig:
 @dataclasses.dataclass
 class CriticConfig:
     """ECG's value model (ecg_spec.md §Our design 1–4)."""
-    adapter: str = field("separate", choices=["separate", "shared"],
-                         help="separate: own 'critic' LoRA on the frozen base; shared: the policy's adapter + heads")
+
+    adapter: str = field(
+        "separate",
+        choices=["separate", "shared"],
+        help="separate: own 'critic' LoRA on the frozen base; shared: the policy's adapter + heads",
+    )
     rank: int = field(8, help="LoRA rank of the critic adapter")
     hidden: int = field(128, help="width of each reward head's MLP")
-    feature_layer: Optional[str] = field(None, help="UNet module whose output the critic reads: mid_block (the "
-                                         "spec's), up_blocks.N; None: up_blocks.1 (critics/value_model.py says why); "
-                                         "DiT: norm_out only")
+    feature_layer: Optional[str] = field(
+        None,
+        help="UNet module whose output the critic reads: mid_block (the "
+        "spec's), up_blocks.N; None: up_blocks.1 (critics/value_model.py says why); "
+        "DiT: norm_out only",
+    )
     lr: float = field(1e-3, help="critic learning rate (adapter and heads)")
     gae_lambda: float = field(0.95, help="λ of GAE along the chain (1 = Monte Carlo with value baseline)")
-    advantage_norm: str = field("step", choices=["step", "batch"],
-                                help="normalise each head's GAE advantages per denoising step over the batch "
-                                     "(removes a critic bias per step) or over all (sample, step) pairs")
+    advantage_norm: str = field(
+        "step",
+        choices=["step", "batch"],
+        help="normalise each head's GAE advantages per denoising step over the batch "
+        "(removes a critic bias per step) or over all (sample, step) pairs",
+    )
     value_clip: Optional[float] = field(None, help="PPO-style value clipping range (None: off)")
-    max_grad_norm: float = field(1.0, help="gradient-norm clip of the critic's own optimiser step (the policy has "
-                                           "trainer.max_grad_norm)")
-    pretrain_iterations: int = field(4, help="N_v: at most this many iterations train only the critic before the "
-                                             "trainer.iterations policy iterations (extra samples, counted in "
-                                             "samples_seen; docs/algorithms.md)")
-    pretrain_ev_threshold: float = field(0.5, help="start policy updates early once the held-out explained variance "
-                                                   "on the late half of the chain reaches this")
-    pretrain_epochs: int = field(4, help="epochs over each batch while only the critic trains (value-only passes are cheap)")
-    pretrain_replay: int = field(8, help="value pretraining refits the critic on the last N pretraining batches "
-                                         "(the policy is fixed, so they stay on-policy); 0: the newest batch only")
-    value_epochs: int = field(4, help="policy phase: epochs of the critic's own update over the replay of recent "
-                                      "batches after each policy update (more than trainer.epochs: it is cheap and "
-                                      "the critic must track the moving policy)")
+    max_grad_norm: float = field(
+        1.0, help="gradient-norm clip of the critic's own optimiser step (the policy has trainer.max_grad_norm)"
+    )
+    pretrain_iterations: int = field(
+        4,
+        help="N_v: at most this many iterations train only the critic before the "
+        "trainer.iterations policy iterations (extra samples, counted in "
+        "samples_seen; docs/algorithms.md)",
+    )
+    pretrain_ev_threshold: float = field(
+        0.5,
+        help="start policy updates early once the held-out explained variance "
+        "on the late half of the chain reaches this",
+    )
+    pretrain_epochs: int = field(
+        4, help="epochs over each batch while only the critic trains (value-only passes are cheap)"
+    )
+    pretrain_replay: int = field(
+        8,
+        help="value pretraining refits the critic on the last N pretraining batches "
+        "(the policy is fixed, so they stay on-policy); 0: the newest batch only",
+    )
+    value_epochs: int = field(
+        4,
+        help="policy phase: epochs of the critic's own update over the replay of recent "
+        "batches after each policy update (more than trainer.epochs: it is cheap and "
+        "the critic must track the moving policy)",
+    )
     replay_batches: int = field(2, help="policy phase: the critic refits on the last N batches (the newest on-policy)")
     value_coef: float = field(1.0, help="weight of the value loss")
 
 
 @dataclasses.dataclass
 class TrainerConfig:
-    iterations: int = field(16, help="policy iterations (each: rollouts, rewards, update); the same for every "
-                                     "algorithm (ECG's value pretraining runs before them)")
-    prompts: str = field("toy", help="prompt source: 'toy' (the toy world's grammar) or a text file, one prompt per "
-                                     "line (align/prompts.py)")
+    iterations: int = field(
+        16,
+        help="policy iterations (each: rollouts, rewards, update); the same for every "
+        "algorithm (ECG's value pretraining runs before them)",
+    )
+    prompts: str = field(
+        "toy",
+        help="prompt source: 'toy' (the toy world's grammar) or a text file, one prompt per line (align/prompts.py)",
+    )
     prompts_per_iteration: int = field(8, help="distinct prompts per iteration")
     samples_per_prompt: int = field(4, help="G: images per prompt (GRPO's group size)")
     epochs: int = field(1, help="PPO epochs over each batch")
     minibatch_size: int = field(8, help="samples per optimiser step")
     timestep_fraction: float = field(0.5, help="fraction of denoising steps trained per sample (random subset)")
-    step_window: float = field(1.0, help="the policy trains only the first step_window of the chain (the steps whose "
-                                         "noise still decides the image; later steps' score gradients scale as 1/σ_t "
-                                         "and are mostly noise: docs/algorithms.md); the critic trains every step")
+    step_window: float = field(
+        1.0,
+        help="the policy trains only the first step_window of the chain (the steps whose "
+        "noise still decides the image; later steps' score gradients scale as 1/σ_t "
+        "and are mostly noise: docs/algorithms.md); the critic trains every step",
+    )
     lr: float = field(5e-4, help="policy LoRA learning rate")
     clip_range: float = field(0.2, help="PPO clip ε (DDPO uses 1e-4)")
     adv_clip: float = field(5.0, help="advantages are clipped to ±adv_clip (DDPO)")
     kl_coef: float = field(0.0, help="weight of the KL to the reference policy (adapters disabled); 0 = off")
     max_grad_norm: float = field(1.0, help="gradient clipping")
     seed: int = field(0, help="seed of prompts, sampling noise and initialisation")
-    checkpoint_every: int = field(1, help="iterations between atomic checkpoints (the last one is always saved); a "
-                                          "resume replays the iterations after the newest checkpoint exactly")
-    max_consecutive_skipped: int = field(3, help="with reward_on_error=skip_batch, this many skipped batches in a row "
-                                                 "stop the run with an error")
-    num_threads: int = field(1, help="torch CPU threads of the training process (0: torch's default; tiny models "
-                                     "gain nothing from more, and OpenMP spinning oversubscribes a small CPU)")
+    checkpoint_every: int = field(
+        1,
+        help="iterations between atomic checkpoints (the last one is always saved); a "
+        "resume replays the iterations after the newest checkpoint exactly",
+    )
+    max_consecutive_skipped: int = field(
+        3, help="with reward_on_error=skip_batch, this many skipped batches in a row stop the run with an error"
+    )
+    num_threads: int = field(
+        1,
+        help="torch CPU threads of the training process (0: torch's default; tiny models "
+        "gain nothing from more, and OpenMP spinning oversubscribes a small CPU)",
+    )
 
 
 @dataclasses.dataclass
 class RayConfig:
     """Rollout and reward actors (align/rollout/ray_group.py). Requests are seeded per chunk, so the
     result does not depend on how many actors serve them or which one does."""
+
     address: Optional[str] = field(None, help="Ray cluster address ('auto': the running cluster); None: local Ray")
     num_rollout_workers: int = field(2, help="rollout actors, each with its own policy copy (0: in-process, no Ray)")
     num_reward_workers: int = field(1, help="reward actors, separate from the rollout actors (0: score in the driver)")
@@ -102,54 +145,74 @@ class RayConfig:
     gpus_per_rollout_worker: float = field(0.0, help="GPUs per rollout actor")
     cpus_per_reward_worker: float = field(1.0, help="CPU slots per reward actor")
     gpus_per_reward_worker: float = field(0.0, help="GPUs per reward actor (heavy reward models on their own GPUs)")
-    placement_strategy: str = field("PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
-                                    help="placement-group strategy of each actor group")
+    placement_strategy: str = field(
+        "PACK",
+        choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+        help="placement-group strategy of each actor group",
+    )
     max_restarts: int = field(3, help="restarts of a dead actor; its lost requests are re-issued")
-    restart_timeout_s: float = field(300.0, help="seconds to wait for a restarting actor (its constructor, model "
-                                                 "load included) before the run fails; waiting costs no retry")
+    restart_timeout_s: float = field(
+        300.0,
+        help="seconds to wait for a restarting actor (its constructor, model "
+        "load included) before the run fails; waiting costs no retry",
+    )
 
     def validate(self) -> None:
         if not 0 < self.restart_timeout_s < float("inf"):
-            raise ValueError(f"ray.restart_timeout_s must be a finite number of seconds > 0, "
-                             f"got {self.restart_timeout_s}")
+            raise ValueError(
+                f"ray.restart_timeout_s must be a finite number of seconds > 0, got {self.restart_timeout_s}"
+            )
 
 
 @dataclasses.dataclass
 class LearnerConfig:
-    deepspeed: Optional[str] = field(None, path="file",
-                                     help="DeepSpeed JSON (launch/deepspeed/zero2.json); None: the accelerate "
-                                          "config decides")
-    max_policy_lag: int = field(0, help="refuse rollouts sampled more than this many policy versions ago "
-                                        "(0: fully on-policy)")
+    deepspeed: Optional[str] = field(
+        None, path="file", help="DeepSpeed JSON (launch/deepspeed/zero2.json); None: the accelerate config decides"
+    )
+    max_policy_lag: int = field(
+        0, help="refuse rollouts sampled more than this many policy versions ago (0: fully on-policy)"
+    )
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """`align train`: ECG by default on the embedded toy world."""
+
     #: short top-level keys (``modifiers=[...]``) and their dotted home (align.config.load_config)
     ALIASES: ClassVar[dict[str, str]] = {"modifiers": "sampler.modifiers"}
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_inference_steps=10, logprob_reduce="sum"))
     algo: str = field("ecg", choices=algorithm_names, help="the RL algorithm (align/algos/registry.py)")
-    rewards: list = field(default_factory=lambda: [RewardSpec("toy_geneval")],
-                          help="rewards [{name, weight, args}], e.g. [{name: clip_score, weight: 0.5, args: {checkpoint: "
-                               "/w/clip.pt, batch_size: 16, device: cuda, timeout_s: 60}}] (docs/rewards.md); the old "
-                               "'name:weight' strings are still read")
-    reward_args: dict = field(default_factory=dict, help="deprecated: args per reward name (now rewards[].args); merged "
-                              "into rewards when the config loads, so reward_args.NAME.KEY=VALUE overrides still work")
-    reward_on_error: str = field("raise", choices=["raise", "skip_batch"],
-                                 help="a reward that fails (raises, NaN/inf, wrong shape, timeout): stop, or drop the "
-                                      "whole batch from the update and count it in the log")
+    rewards: list = field(
+        default_factory=lambda: [RewardSpec("toy_geneval")],
+        help="rewards [{name, weight, args}], e.g. [{name: clip_score, weight: 0.5, args: {checkpoint: "
+        "/w/clip.pt, batch_size: 16, device: cuda, timeout_s: 60}}] (docs/rewards.md); the old "
+        "'name:weight' strings are still read",
+    )
+    reward_args: dict = field(
+        default_factory=dict,
+        help="deprecated: args per reward name (now rewards[].args); merged "
+        "into rewards when the config loads, so reward_args.NAME.KEY=VALUE overrides still work",
+    )
+    reward_on_error: str = field(
+        "raise",
+        choices=["raise", "skip_batch"],
+        help="a reward that fails (raises, NaN/inf, wrong shape, timeout): stop, or drop the "
+        "whole batch from the update and count it in the log",
+    )
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval_every: int = field(4, help="iterations between evaluation grids (0: only at the end)")
-    final_eval_prompts: int = field(256, help="(prompt, noise) pairs of the paired end-of-run evaluation written to "
-                                    "RUN_DIR/eval.json, spread evenly over the tags (a tag with fewer prompts repeats "
-                                    "them with new noise; align/eval.py balanced_items); base vs trained policy, "
-                                    "GenEval's scoring; 0: off; needs a prompt source with records: toy, geneval or JSONL")
+    final_eval_prompts: int = field(
+        256,
+        help="(prompt, noise) pairs of the paired end-of-run evaluation written to "
+        "RUN_DIR/eval.json, spread evenly over the tags (a tag with fewer prompts repeats "
+        "them with new noise; align/eval.py balanced_items); base vs trained policy, "
+        "GenEval's scoring; 0: off; needs a prompt source with records: toy, geneval or JSONL",
+    )
     eval_prompts: int = field(16, help="fixed evaluation prompts")
     run_dir: str = field("runs/toy_ecg", help="checkpoints, logs, grids and exports")
 
@@ -172,13 +235,17 @@ class TrainConfig:
         the prompt source, and the noise parameter of the backbone family that will load."""
         from align.config_checks import check_stochastic, check_values
         from align.model_source import source_kind
+
         check_values(self)
-        check_stochastic(source_kind(self.model.source, self.model.allow_download), self.sampler.eta,
-                         self.sampler.noise_level)
+        check_stochastic(
+            source_kind(self.model.source, self.model.allow_download), self.sampler.eta, self.sampler.noise_level
+        )
         from align.prompts import check_prompt_source
+
         check_prompt_source(self.trainer.prompts)
 
     def check_registries(self) -> None:
         """Against the reward and preset registries (imports torch, loads no model)."""
         from align.config_checks import check_with_registries
+
         check_with_registries(self)

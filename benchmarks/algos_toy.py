@@ -11,6 +11,7 @@ A finished run directory is reused (``--reuse``), so an interrupted benchmark co
 
     python benchmarks/algos_toy.py [--seeds 0 1 2] [--iterations 16] [--out runs/bench_algos] [--plot PNG] [--eval 256]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ ALGOS = algorithm_names()  # the algorithm registry's names
 IN_PROCESS = ["ray.num_rollout_workers=0", "ray.num_reward_workers=0"]  # one process: honest RSS
 
 
-def run_one(algo: str, seed: int, iterations: int, out: Path, extra: list[str],
-            reuse: bool) -> tuple[list[dict], float]:
+def run_one(
+    algo: str, seed: int, iterations: int, out: Path, extra: list[str], reuse: bool
+) -> tuple[list[dict], float]:
     """History and peak RSS (MiB) of one training subprocess."""
     run_dir = out / f"{algo}_s{seed}"
     state, rss_file = run_dir / "checkpoint" / "state.json", run_dir / "peak_rss_mib.json"
@@ -38,8 +40,21 @@ def run_one(algo: str, seed: int, iterations: int, out: Path, extra: list[str],
         history = json.loads(state.read_text())["history"]
         if json.loads(state.read_text())["policy_updates"] == iterations:
             return history, json.loads(rss_file.read_text())["peak_rss_mib"]
-    cmd = [sys.executable, "-m", "align.cli", "train", "--force", f"algo={algo}", f"trainer.seed={seed}",
-           f"trainer.iterations={iterations}", f"run_dir={run_dir}", "eval_every=0", "final_eval_prompts=0", *IN_PROCESS, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "align.cli",
+        "train",
+        "--force",
+        f"algo={algo}",
+        f"trainer.seed={seed}",
+        f"trainer.iterations={iterations}",
+        f"run_dir={run_dir}",
+        "eval_every=0",
+        "final_eval_prompts=0",
+        *IN_PROCESS,
+        *extra,
+    ]
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "w") as log:  # a file, not a pipe: wait4 below reaps the child itself
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -71,20 +86,23 @@ def evaluate_policies(runs: dict[str, list[Path]], n: int, batch: int = 32) -> d
     from align.rollout import RolloutWorker
     from align.toy.evaluate import eval_prompts
     from rewards import get_reward, score
+
     torch.set_num_threads(1)
     first = run_config(next(iter(runs.values()))[0])
     pipe = build_policy(first)
     worker = RolloutWorker(pipe, first.sampler)
-    base = {k: v.clone() for k, v in load_tensors(next(iter(runs.values()))[0] / "checkpoint" /
-                                                  "policy_lora.safetensors").items()}
+    base = {
+        k: v.clone()
+        for k, v in load_tensors(next(iter(runs.values()))[0] / "checkpoint" / "policy_lora.safetensors").items()
+    }
     base = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in base.items()}  # B = 0: the base model
     prompts, reward = eval_prompts(n, seed=99), get_reward("toy_geneval")
 
     def scores() -> np.ndarray:
         out = []
         for i in range(0, n, batch):
-            traj = worker.rollout(prompts[i:i + batch], seed=777 + i)
-            out.append(score([reward], traj.images, prompts[i:i + batch])[0][:, 0].numpy())
+            traj = worker.rollout(prompts[i : i + batch], seed=777 + i)
+            out.append(score([reward], traj.images, prompts[i : i + batch])[0][:, 0].numpy())
         return np.concatenate(out)
 
     load_lora_state_dict(pipe, base, "policy")
@@ -101,9 +119,11 @@ def evaluate_policies(runs: dict[str, list[Path]], n: int, batch: int = 32) -> d
 def print_step_diagnosis(results: dict[str, list[list[dict]]]) -> None:
     """Per denoising step, averaged over policy iterations and seeds: ECG's critic EV, and each algorithm's
     advantage variance over the batch (GRPO's and DDPO's are the same at every step)."""
+
     def per_step(algo: str, key: str) -> Optional[np.ndarray]:
         rows = [h[key] for run in results[algo] for h in run if h.get("phase") == "policy" and key in h]
         return np.array(rows).mean(0) if rows else None
+
     ev = per_step("ecg", "explained_variance_per_step")
     var = {a: per_step(a, "advantage_var_per_step") for a in ALGOS}
     if ev is None or any(v is None for v in var.values()):
@@ -116,8 +136,10 @@ def print_step_diagnosis(results: dict[str, list[list[dict]]]) -> None:
 
 def plot(samples: dict[str, list[int]], curves: dict[str, np.ndarray], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for algo, c in curves.items():
         mean, std = c.mean(0), c.std(0)
@@ -150,28 +172,37 @@ def main() -> None:
             hist, peak = run_one(algo, seed, args.iterations, out, args.overrides, args.reuse)
             results[algo].append(hist)
             rss[algo].append(peak)
-            print(f"  done {algo} seed {seed}: final reward {hist[-1]['reward/weighted']:.3f}, peak RSS {peak:.0f} MiB",
-                  flush=True)
+            print(
+                f"  done {algo} seed {seed}: final reward {hist[-1]['reward/weighted']:.3f}, peak RSS {peak:.0f} MiB",
+                flush=True,
+            )
 
     # every algorithm runs the same policy iterations; ECG's value pretraining comes first (extra samples)
     samples = {a: [h["samples_seen"] for h in results[a][0]] for a in ALGOS}
     curves = {a: np.array([[h["reward/weighted"] for h in run] for run in results[a]]) for a in ALGOS}
-    print(f"\nmean toy-GenEval reward vs samples seen (mean ± std over seeds {args.seeds}; "
-          f"ECG's first {_pretrain(results['ecg'][0])} iterations are value pretraining, on top of the "
-          f"{args.iterations} policy iterations of every algorithm)")
+    print(
+        f"\nmean toy-GenEval reward vs samples seen (mean ± std over seeds {args.seeds}; "
+        f"ECG's first {_pretrain(results['ecg'][0])} iterations are value pretraining, on top of the "
+        f"{args.iterations} policy iterations of every algorithm)"
+    )
     print(f"{'samples':>8} " + " ".join(f"{a:>15}" for a in ALGOS))
     for n in sorted(set().union(*samples.values())):
         cells = []
         for a in ALGOS:
             i = samples[a].index(n) if n in samples[a] else None
-            cells.append(f"{curves[a][:, i].mean():>8.3f} ± {curves[a][:, i].std():.3f}" if i is not None
-                         else f"{'—':>15}")
+            cells.append(
+                f"{curves[a][:, i].mean():>8.3f} ± {curves[a][:, i].std():.3f}" if i is not None else f"{'—':>15}"
+            )
         print(f"{n:>8} " + " ".join(cells))
     last = max(1, args.iterations // 4)  # policy iterations (the same count for every algorithm)
-    print(f"\nmean over the last {last} iterations: " + "  ".join(
-        f"{a} {curves[a][:, -last:].mean():.3f} ± {curves[a][:, -last:].mean(1).std():.3f}" for a in ALGOS))
-    print(f"gain (last {last} − first {last} iterations): " + "  ".join(
-        f"{a} {curves[a][:, -last:].mean() - curves[a][:, :last].mean():+.3f}" for a in ALGOS))
+    print(
+        f"\nmean over the last {last} iterations: "
+        + "  ".join(f"{a} {curves[a][:, -last:].mean():.3f} ± {curves[a][:, -last:].mean(1).std():.3f}" for a in ALGOS)
+    )
+    print(
+        f"gain (last {last} − first {last} iterations): "
+        + "  ".join(f"{a} {curves[a][:, -last:].mean() - curves[a][:, :last].mean():+.3f}" for a in ALGOS)
+    )
     target = curves["grpo"][:, -1].mean()
     print(f"\nsamples to reach GRPO's final mean reward {target:.3f} (mean over seeds; nan = never)")
     for a in ALGOS:
@@ -179,8 +210,10 @@ def main() -> None:
         print(f"  {a:<5} {np.nanmean(reach) if not all(np.isnan(reach)) else float('nan'):>8.0f}   per seed {reach}")
     ev = [[h["explained_variance_late"] for h in run if "explained_variance_late" in h] for run in results["ecg"]]
     if ev and ev[0]:
-        print(f"\nECG critic: held-out explained variance on the late half of the chain, last iteration: "
-              f"{np.mean([e[-1] for e in ev]):.3f} (per seed {[round(e[-1], 3) for e in ev]})")
+        print(
+            f"\nECG critic: held-out explained variance on the late half of the chain, last iteration: "
+            f"{np.mean([e[-1] for e in ev]):.3f} (per seed {[round(e[-1], 3) for e in ev]})"
+        )
     print_step_diagnosis(results)
     print("\npeak RSS per training process (MiB), same samples per update")
     for a in ALGOS:
@@ -188,15 +221,19 @@ def main() -> None:
     print(f"  ratio GRPO/ECG: {np.mean(rss['grpo']) / np.mean(rss['ecg']):.2f}")
     if args.eval:
         ev_scores = evaluate_policies({a: [out / f"{a}_s{s}" for s in args.seeds] for a in ALGOS}, args.eval)
-        print(f"\nfinal policies on {args.eval} fixed prompts with fixed noise (toy-GenEval; ± = std over seeds; "
-              "paired gain vs the base model ± its standard error over prompts, seeds pooled)")
+        print(
+            f"\nfinal policies on {args.eval} fixed prompts with fixed noise (toy-GenEval; ± = std over seeds; "
+            "paired gain vs the base model ± its standard error over prompts, seeds pooled)"
+        )
         base = ev_scores["base"][0]
         print(f"  base   {base.mean():.4f}")
         for a in ALGOS:
             per_seed = ev_scores[a].mean(1)
             gain = (ev_scores[a] - base).mean(0)  # per prompt, averaged over seeds
-            print(f"  {a:<5}  {per_seed.mean():.4f} ± {per_seed.std():.4f}   gain {gain.mean():+.4f} ± "
-                  f"{gain.std(ddof=1) / np.sqrt(len(gain)):.4f}   per seed {np.round(per_seed, 4).tolist()}")
+            print(
+                f"  {a:<5}  {per_seed.mean():.4f} ± {per_seed.std():.4f}   gain {gain.mean():+.4f} ± "
+                f"{gain.std(ddof=1) / np.sqrt(len(gain)):.4f}   per seed {np.round(per_seed, 4).tolist()}"
+            )
     path = Path(args.plot) if args.plot else out / "reward_vs_samples.png"
     plot(samples, curves, path)
     print(f"\nplot: {path}")

@@ -12,6 +12,7 @@ images of one prompt (RGB in [0, 1], per pixel RMS), averaged over prompts.
 
     python benchmarks/attention_toy.py [--batch 8] [--repeats 31] [--prompts 16] [--seeds 4] [--cost-only]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,18 @@ from align.sampling import SamplerConfig, encode_prompts, sample_trajectory
 from align.toy.detector import score_batch
 from align.toy.evaluate import eval_prompts
 
-SETTINGS = [("α=1", {"alpha": 1.0, "beta": 3.0}), ("α=1.05", {"alpha": 1.05, "beta": 3.0}),
-            ("α=1.2", {"alpha": 1.2, "beta": 3.0}), ("α=1.2 exact", {"alpha": 1.2, "beta": 3.0, "variant": "exact"})]
+SETTINGS = [
+    ("α=1", {"alpha": 1.0, "beta": 3.0}),
+    ("α=1.05", {"alpha": 1.05, "beta": 3.0}),
+    ("α=1.2", {"alpha": 1.2, "beta": 3.0}),
+    ("α=1.2 exact", {"alpha": 1.2, "beta": 3.0, "variant": "exact"}),
+]
 #: the fidelity–diversity sweep goes further than the operating points, to show the trend on a small model
-FIDELITY = SETTINGS[1:] + [("α=1.5", {"alpha": 1.5, "beta": 3.0}), ("α=2", {"alpha": 2.0, "beta": 3.0}),
-                           ("α=0 (symmetric)", {"alpha": 0.0, "beta": 1.0})]
+FIDELITY = SETTINGS[1:] + [
+    ("α=1.5", {"alpha": 1.5, "beta": 3.0}),
+    ("α=2", {"alpha": 2.0, "beta": 3.0}),
+    ("α=0 (symmetric)", {"alpha": 0.0, "beta": 1.0}),
+]
 
 
 def step_time(pipe, x, t, embeds, stack, repeats: int) -> list[float]:
@@ -48,8 +56,13 @@ def step_time(pipe, x, t, embeds, stack, repeats: int) -> list[float]:
 def cost_table(pipe, args) -> None:
     prompts = eval_prompts(args.batch, seed=0)
     embeds = encode_prompts(pipe, prompts, "", guidance_scale=4.5)
-    x = torch.randn(args.batch, 4, pipe.unet.config.sample_size, pipe.unet.config.sample_size,
-                    generator=torch.Generator().manual_seed(0))
+    x = torch.randn(
+        args.batch,
+        4,
+        pipe.unet.config.sample_size,
+        pipe.unet.config.sample_size,
+        generator=torch.Generator().manual_seed(0),
+    )
     t = torch.tensor(500)
     stock = build_modifiers([])
     print(f"### Cost per step (toy UNet, CFG batch {2 * args.batch}, median of {args.repeats} interleaved rounds)\n")
@@ -78,8 +91,10 @@ def diversity(images: torch.Tensor, seeds: int) -> float:
 def fidelity_diversity(pipe, args) -> None:
     base = eval_prompts(args.prompts, seed=11)
     prompts = [p for p in base for _ in range(args.seeds)]
-    print(f"\n### Fidelity–diversity ({args.prompts} prompts × {args.seeds} seeds, {args.steps} steps, CFG 4.5, "
-          f"DDIM η={args.eta})\n")
+    print(
+        f"\n### Fidelity–diversity ({args.prompts} prompts × {args.seeds} seeds, {args.steps} steps, CFG 4.5, "
+        f"DDIM η={args.eta})\n"
+    )
     print("| setting | toy-GenEval score | pairwise diversity |\n|---|---|---|")
     for label, spec in [("stock", None)] + FIDELITY:
         mods = [{"name": "sym_attn", "args": spec}] if spec else []

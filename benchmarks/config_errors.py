@@ -10,6 +10,7 @@ into a temp dir), side by side.
 
     python benchmarks/config_errors.py [--repeats 3] [--rev d95855b]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,22 +24,45 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BAD = ["trainer.lr=-1", "trainer.clip_range=-1", "trainer.epochs=0", "critic.pretrain_epochs=0",
-       "trainer.minibatch_size=0", "lora.rank=0", "critic.rank=0", "rewards=[{name: toy_geneval, weight: nan}]", "sampler.eta=0",
-       "trainer.iterations=0", "model.source=/no/such/dir"]
-PROBE = ("import sys, runpy\nsys.argv = ['align', 'train', *sys.argv[1:]]\n"
-         "try:\n    runpy.run_module('align.cli', run_name='__main__')\n"
-         "except SystemExit as e:\n    print('torch' in sys.modules, file=sys.stderr); raise\n")
+BAD = [
+    "trainer.lr=-1",
+    "trainer.clip_range=-1",
+    "trainer.epochs=0",
+    "critic.pretrain_epochs=0",
+    "trainer.minibatch_size=0",
+    "lora.rank=0",
+    "critic.rank=0",
+    "rewards=[{name: toy_geneval, weight: nan}]",
+    "sampler.eta=0",
+    "trainer.iterations=0",
+    "model.source=/no/such/dir",
+]
+PROBE = (
+    "import sys, runpy\nsys.argv = ['align', 'train', *sys.argv[1:]]\n"
+    "try:\n    runpy.run_module('align.cli', run_name='__main__')\n"
+    "except SystemExit as e:\n    print('torch' in sys.modules, file=sys.stderr); raise\n"
+)
 
 
 def run_once(root: Path, override: str, cwd: Path, limit_s: float) -> tuple[float, object, int, str]:
     """(seconds, exit code or 'accepted' if it ran past ``limit_s``, stderr lines, torch imported)."""
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
-           "RAY_ADDRESS": "", "RAY_DISABLE_USAGE_STATS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "OMP_NUM_THREADS": "1",
+        "RAY_ADDRESS": "",
+        "RAY_DISABLE_USAGE_STATS": "1",
+    }
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", PROBE, override, "ray.num_rollout_workers=0",
-                             "ray.num_reward_workers=0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=cwd, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PROBE, override, "ray.num_rollout_workers=0", "ray.num_reward_workers=0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
     try:
         _, err = proc.communicate(timeout=limit_s)
     except subprocess.TimeoutExpired:  # the value was accepted and training started: end it (its whole group)

@@ -9,6 +9,7 @@ Prints one table per reward with a column per feature layer.
 
     python benchmarks/critic_toy.py [--train 512] [--test 192] [--epochs 15]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,9 @@ def oracle_correlation(pipe, traj: Trajectory, reward: torch.Tensor, guidance: f
 
 @torch.no_grad()
 def features(critic: LatentCritic, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
-    toks, tembs = zip(*[critic.features(traj.latents[:, i], traj.timesteps[i], embeds_of(traj))
-                        for i in range(traj.num_steps)])
+    toks, tembs = zip(
+        *[critic.features(traj.latents[:, i], traj.timesteps[i], embeds_of(traj)) for i in range(traj.num_steps)]
+    )
     return torch.stack(toks, 1), torch.stack(tembs, 1)  # (B, T, N, C), (B, T, D)
 
 
@@ -72,7 +74,7 @@ def fit_heads(train: tuple, g_train: torch.Tensor, test: tuple, g_test: torch.Te
     for _ in range(epochs):
         perm = torch.randperm(b * steps)
         for s in range(0, b * steps, 32):
-            idx = perm[s:s + 32]
+            idx = perm[s : s + 32]
             v = heads(x[idx // steps, idx % steps], temb[idx // steps, idx % steps])[:, 0]
             loss = 0.5 * ((v - g_train[idx // steps]) ** 2).mean()
             opt.zero_grad()
@@ -102,19 +104,30 @@ def main() -> None:
         for k, name in enumerate(REWARDS):
             mu, sd = train_raw[:, k].mean(), train_raw[:, k].std()
             evs[name, layer] = fit_heads(tr, (train_raw[:, k] - mu) / sd, te, (test_raw[:, k] - mu) / sd, args.epochs)
-    print(f"{args.train} training / {args.test} held-out rollouts of the initial policy, "
-          f"{cfg.sampler.num_inference_steps} steps; held-out EV of heads on frozen features")
+    print(
+        f"{args.train} training / {args.test} held-out rollouts of the initial policy, "
+        f"{cfg.sampler.num_inference_steps} steps; held-out EV of heads on frozen features"
+    )
     for name in REWARDS:
-        print(f"\nreward {name}" + ("  (oracle: corr(R, checker(x̂0_i)); its mean row is mean corr²)"
-                                    if name == "toy_geneval" else ""))
+        print(
+            f"\nreward {name}"
+            + ("  (oracle: corr(R, checker(x̂0_i)); its mean row is mean corr²)" if name == "toy_geneval" else "")
+        )
         cols = (["oracle corr"] if name == "toy_geneval" else []) + list(LAYERS)
         print(f"{'step':>4} {'t':>5} " + " ".join(f"{c:>12}" for c in cols))
         for i in range(test_traj.num_steps):
             row = ([oracle[i]] if name == "toy_geneval" else []) + [evs[name, layer][i] for layer in LAYERS]
             print(f"{i:>4} {int(test_traj.timesteps[i]):>5} " + " ".join(f"{v:>12.3f}" for v in row))
-        print(f"{'mean':>10} " + " ".join(f"{v:>12.3f}" for v in (
-            ([float(np.mean(np.square(oracle)))] if name == "toy_geneval" else [])
-            + [float(np.mean(evs[name, layer])) for layer in LAYERS])))
+        print(
+            f"{'mean':>10} "
+            + " ".join(
+                f"{v:>12.3f}"
+                for v in (
+                    ([float(np.mean(np.square(oracle)))] if name == "toy_geneval" else [])
+                    + [float(np.mean(evs[name, layer])) for layer in LAYERS]
+                )
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 
     python benchmarks/distributed.py [--batch 32] [--repeats 3] [--iterations 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,17 @@ import torch
 from align.config import load_config
 from align.train_config import TrainConfig
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
-                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    cross_attention_dim=768,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
 
 
 def rollout_throughput(cfg: TrainConfig, prompts: list[str], repeats: int) -> dict[str, float]:
@@ -80,8 +88,10 @@ def sync_bytes(cfg: TrainConfig) -> list[tuple[str, int, int]]:
     rows = [("toy UNet", lora_num_bytes(pipe, "policy"), full)]
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15_UNET)
-        unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=list(DEFAULT_TARGETS)),
-                         adapter_name="policy")
+        unet.add_adapter(
+            LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=list(DEFAULT_TARGETS)),
+            adapter_name="policy",
+        )
     rows.append(("SD1.5 UNet (architecture)", nbytes(unet, True), nbytes(unet, False)))
     return rows
 
@@ -89,13 +99,26 @@ def sync_bytes(cfg: TrainConfig) -> list[tuple[str, int, int]]:
 def sync_share(iterations: int) -> tuple[float, float, float]:
     """Median sync seconds, median iteration seconds and sync bytes over policy iterations of the toy default."""
     from align.train import train
+
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(TrainConfig, "configs/toy_ecg.yaml", [f"trainer.iterations={iterations}", "eval_every=0", "final_eval_prompts=0",
-                                                                "critic.pretrain_iterations=0", f"run_dir={tmp}"])
+        cfg = load_config(
+            TrainConfig,
+            "configs/toy_ecg.yaml",
+            [
+                f"trainer.iterations={iterations}",
+                "eval_every=0",
+                "final_eval_prompts=0",
+                "critic.pretrain_iterations=0",
+                f"run_dir={tmp}",
+            ],
+        )
         state = train(cfg, log=lambda *_: None)
     hist = [h for h in state.history if "sync_seconds" in h][1:]  # the first carries one-off warm-up
-    return (statistics.median(h["sync_seconds"] for h in hist), statistics.median(h["seconds"] for h in hist),
-            hist[0]["sync_bytes"])
+    return (
+        statistics.median(h["sync_seconds"] for h in hist),
+        statistics.median(h["seconds"] for h in hist),
+        hist[0]["sync_bytes"],
+    )
 
 
 def main() -> None:
@@ -104,9 +127,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=4)
     args = parser.parse_args()
-    import ray
-    from align.toy.world import sample_scenes
     import numpy as np
+    import ray
+
+    from align.toy.world import sample_scenes
+
     cfg = load_config(TrainConfig, "configs/toy_ecg.yaml", [])
     prompts = [s.prompt for s in sample_scenes(args.batch, np.random.default_rng(0))]
     # Ray starts its workers at niceness 15 (raylet's worker_niceness); on a machine shared with other
@@ -116,15 +141,19 @@ def main() -> None:
     try:
         rates = rollout_throughput(cfg, prompts, args.repeats)
         base = rates["1 Ray actor (1 CPU each)"]
-        print(f"\nRollout throughput, toy model, batch {args.batch}, {cfg.sampler.num_inference_steps} steps, "
-              f"chunk {cfg.ray.chunk_size}, {os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f} "
-              "(other processes compete for the cores: read the ratio against the load)")
+        print(
+            f"\nRollout throughput, toy model, batch {args.batch}, {cfg.sampler.num_inference_steps} steps, "
+            f"chunk {cfg.ray.chunk_size}, {os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f} "
+            "(other processes compete for the cores: read the ratio against the load)"
+        )
         print(f"| {'workers':<32} | samples/s | vs 1 actor |\n|{'-' * 34}|-----------|------------|")
         for name, r in rates.items():
             print(f"| {name:<32} | {r:9.2f} | {r / base:9.2f}x |", flush=True)
         print(f"\nWeight sync size (policy LoRA rank {cfg.lora.rank} on to_q/k/v/out, fp32)")
-        print(f"| {'denoiser':<26} | LoRA bytes | full state bytes | ratio |\n|{'-' * 28}|------------|"
-              "------------------|-------|")
+        print(
+            f"| {'denoiser':<26} | LoRA bytes | full state bytes | ratio |\n|{'-' * 28}|------------|"
+            "------------------|-------|"
+        )
         for name, lora, full in sync_bytes(cfg):
             print(f"| {name:<26} | {lora:>10,} | {full:>16,} | {100 * lora / full:.3f}% |", flush=True)
         sync_s, iter_s, sync_b = sync_share(args.iterations)
@@ -133,6 +162,7 @@ def main() -> None:
         print(f"| {int(sync_b):>10,} | {sync_s:.4f} | {iter_s:11.3f} | {100 * sync_s / iter_s:9.2f}% |")
     finally:
         ray.shutdown()
+
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ the median α of the search, i.e. what the offset costs on ordinary prompts.
 
     python benchmarks/fairness_toy.py [--images 64] [--probe 24] [--steps 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,7 +85,10 @@ def main() -> None:
         rows.append((prompt, get_group_classifier("toy_color")[1][group], alpha, cfg_r, fair_r))
         print(f"[{time.time() - start:.0f}s] {prompt}: α = {alpha:+.1f}", flush=True)
     n = args.images
-    print(f"\n### Group ratio across guidance scales ({n} images per prompt and w, {args.steps} steps, DDIM η={args.eta})\n")
+    print(
+        f"\n### Group ratio across guidance scales ({n} images per prompt and w, {args.steps} steps, "
+        f"DDIM η={args.eta})\n"
+    )
     head = " | ".join(f"w={w}" for w in SWEEP)
     print(f"| prompt (group) | method | {head} | bias range (pp) | FD |")
     print("|---|---|" + "---|" * len(SWEEP) + "---|---|")
@@ -94,11 +98,15 @@ def main() -> None:
             print(f"| {prompt} ({colour}) | {name} | {vals} | {bias_range(r['ratios']):.1f} | {r['fd']:.3f} |")
     cfg_mean = statistics.mean(bias_range(r[3]["ratios"]) for r in rows)
     fair_mean = statistics.mean(bias_range(r[4]["ratios"]) for r in rows)
-    print(f"\nmean bias range: CFG {cfg_mean:.1f} pp, StayFair {fair_mean:.1f} pp, ratio {fair_mean / cfg_mean:.2f}; "
-          f"binomial s.e. of one ratio ≤ {100 * 0.5 / np.sqrt(n):.1f} pp")
+    print(
+        f"\nmean bias range: CFG {cfg_mean:.1f} pp, StayFair {fair_mean:.1f} pp, ratio {fair_mean / cfg_mean:.2f}; "
+        f"binomial s.e. of one ratio ≤ {100 * 0.5 / np.sqrt(n):.1f} pp"
+    )
     alpha_q = float(np.median(alphas))
     prompts = eval_prompts(args.quality_prompts, seed=7)
-    print(f"\n### Toy-GenEval score per w ({len(prompts)} fixed prompts naming a colour; StayFair α = {alpha_q:+.1f})\n")
+    print(
+        f"\n### Toy-GenEval score per w ({len(prompts)} fixed prompts naming a colour; StayFair α = {alpha_q:+.1f})\n"
+    )
     print("| w | CFG | StayFair | ratio |\n|---|---|---|---|")
     for w in SWEEP:
         q_cfg, q_fair = quality(pipe, w, 0.0, prompts, args), quality(pipe, w, alpha_q, prompts, args)

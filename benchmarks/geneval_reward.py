@@ -11,6 +11,7 @@ detector's class head always says "dog", so every image has detections and the c
     python benchmarks/geneval_reward.py                                  # tiny, CPU, 64 px
     python benchmarks/geneval_reward.py --models full --device cuda --size 512 --batches 1 8 16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,9 @@ def _records(tag: str, color: bool, n: int) -> list[dict]:
     return [{"tag": tag, "prompt": f"a photo of a {'red ' if color else ''}dog", "include": [clause]}] * n
 
 
-def measure(models: str = "tiny", device: str = "cpu", size: int = 64, batches=(1, 4, 16), repeats: int = 5) -> list[dict]:
+def measure(
+    models: str = "tiny", device: str = "cpu", size: int = 64, batches=(1, 4, 16), repeats: int = 5
+) -> list[dict]:
     """images/s per batch size: ``rules``, ``toy``, ``geneval_plain`` (no colour clause), ``geneval_color``.
     benchmarks/gpu_check.py can add the real sizes as ``measure("full", "cuda", 512, (1, 8, 16))``."""
     import numpy as np
@@ -51,6 +54,7 @@ def measure(models: str = "tiny", device: str = "cpu", size: int = 64, batches=(
     from align.toy.detector import score_images
     from align.toy.render import render_batch
     from align.toy.world import sample_scenes
+
     root = Path(tempfile.mkdtemp(prefix="geneval_bench_"))
     save_mask2former(root / "m2f", models, favour=object_names().index("dog"), image_size=size)
     save_open_clip(root / "clip", models)
@@ -63,14 +67,19 @@ def measure(models: str = "tiny", device: str = "cpu", size: int = 64, batches=(
         scenes = sample_scenes(b, np.random.default_rng(b))
         toy_images, toy_prompts = render_batch(scenes, seed=b), [s.prompt for s in scenes]
         reward.batch_size = b
-        rows.append({
-            "batch": b,
-            "rules": _rate(lambda: [evaluate(r, dets) for r in plain], b, repeats),
-            "toy": _rate(lambda: score_images(toy_images, toy_prompts), b, repeats),
-            "geneval_plain": _rate(lambda: score([reward], images, [r["prompt"] for r in plain],
-                                                 prompt_metadata=plain), b, repeats),
-            "geneval_color": _rate(lambda: score([reward], images, [r["prompt"] for r in colored],
-                                                 prompt_metadata=colored), b, repeats)})
+        rows.append(
+            {
+                "batch": b,
+                "rules": _rate(lambda: [evaluate(r, dets) for r in plain], b, repeats),
+                "toy": _rate(lambda: score_images(toy_images, toy_prompts), b, repeats),
+                "geneval_plain": _rate(
+                    lambda: score([reward], images, [r["prompt"] for r in plain], prompt_metadata=plain), b, repeats
+                ),
+                "geneval_color": _rate(
+                    lambda: score([reward], images, [r["prompt"] for r in colored], prompt_metadata=colored), b, repeats
+                ),
+            }
+        )
     return rows
 
 
@@ -85,12 +94,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = measure(args.models, args.device, args.size, args.batches, args.repeats)
-    print(f"geneval reward throughput, models {args.models}, {args.device}, {args.size} px, torch threads "
-          f"{args.threads}, median of {args.repeats} (images/s)")
-    print(f"{'batch':>5} | {'rules only':>10} | {'toy judge':>9} | {'geneval, no colour':>18} | {'geneval, colour':>15}")
+    print(
+        f"geneval reward throughput, models {args.models}, {args.device}, {args.size} px, torch threads "
+        f"{args.threads}, median of {args.repeats} (images/s)"
+    )
+    print(
+        f"{'batch':>5} | {'rules only':>10} | {'toy judge':>9} | {'geneval, no colour':>18} | {'geneval, colour':>15}"
+    )
     for r in rows:
-        print(f"{r['batch']:>5} | {r['rules']:>10.0f} | {r['toy']:>9.1f} | {r['geneval_plain']:>18.1f} | "
-              f"{r['geneval_color']:>15.1f}")
+        print(
+            f"{r['batch']:>5} | {r['rules']:>10.0f} | {r['toy']:>9.1f} | {r['geneval_plain']:>18.1f} | "
+            f"{r['geneval_color']:>15.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ plus the geneval reward's throughput at its real sizes (``benchmarks/geneval_rew
     python benchmarks/gpu_check.py                # one GPU, bf16, 512 px; under 8 minutes on an H200
     python benchmarks/gpu_check.py --tiny         # tiny presets on CPU (seconds): the same code path
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,32 +40,66 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/gpu_check.py` from anywhere
 
-from align.backbones.presets import (clip_text_encoder, register_preset,  # noqa: E402
-                                     sd_pipeline, tiny_vae)
+from align.backbones.presets import (
+    clip_text_encoder,
+    register_preset,  # noqa: E402
+    sd_pipeline,
+    tiny_vae,
+)
 from align.backbones.tokenizer import toy_tokenizer  # noqa: E402
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
-                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD35M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-                         qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    cross_attention_dim=768,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+SD35M_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    qk_norm="rms_norm",
+    dual_attention_layers=tuple(range(13)),
+)
 #: where the presets initialise their weights (set in main: the GPU, so 2.5 B parameters init in seconds)
 BUILD_DEVICE = {"device": "cpu"}
 #: (backbone, quantity) rows of the table, in order (tests/test_gpu_check.py checks them)
-QUANTITIES = ("sampler ÷ pipe() images/s", "ours images/s", "pipe() images/s",
-              "PPO update s, ECG", "PPO update s, GRPO", "update time GRPO/ECG",
-              "peak GiB, ECG", "peak GiB, GRPO", "peak memory GRPO/ECG",
-              "update GiB above start, ECG", "update GiB above start, GRPO", "above-start GRPO/ECG",
-              "max abs(ratio−1) bf16", "max abs(ratio−1) fp32")
+QUANTITIES = (
+    "sampler ÷ pipe() images/s",
+    "ours images/s",
+    "pipe() images/s",
+    "PPO update s, ECG",
+    "PPO update s, GRPO",
+    "update time GRPO/ECG",
+    "peak GiB, ECG",
+    "peak GiB, GRPO",
+    "peak memory GRPO/ECG",
+    "update GiB above start, ECG",
+    "update GiB above start, GRPO",
+    "above-start GRPO/ECG",
+    "max abs(ratio−1) bf16",
+    "max abs(ratio−1) fp32",
+)
 
 
 @register_preset("gpu-check-sd15")
 def sd15_shape(seed: int = 0):
     """SD1.5's UNet (random), a 1-layer 768-wide CLIP, a tiny factor-8 VAE; DDIM with SD1.5's schedule."""
     from diffusers import UNet2DConditionModel
+
     torch.manual_seed(seed)
     tokenizer = toy_tokenizer()
     with torch.device(BUILD_DEVICE["device"]):  # the networks only: schedulers keep their tensors on the CPU
@@ -78,28 +113,45 @@ def sd15_shape(seed: int = 0):
 def sd35m_shape(seed: int = 0):
     """SD3.5-Medium's transformer (random), CLIP-L/G-wide 1-layer encoders (pooled 768 + 1280), no T5, tiny VAE."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
     torch.manual_seed(seed)
     tokenizer = toy_tokenizer()
     with torch.device(BUILD_DEVICE["device"]):
         transformer = SD3Transformer2DModel(**SD35M_TRANSFORMER)
-        vae = tiny_vae((32, 32, 64, 64), latent_channels=16, sample_size=512, shift_factor=0.0609,
-                       scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
+        vae = tiny_vae(
+            (32, 32, 64, 64),
+            latent_channels=16,
+            sample_size=512,
+            shift_factor=0.0609,
+            scaling_factor=1.5305,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
         te1 = clip_text_encoder(tokenizer, 768, layers=1, heads=12, projection_dim=768)
         te2 = clip_text_encoder(tokenizer, 1280, layers=1, heads=20, projection_dim=1280)
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    vae=vae, text_encoder=te1, tokenizer=tokenizer, text_encoder_2=te2,
-                                    tokenizer_2=toy_tokenizer(), text_encoder_3=None, tokenizer_3=None)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=tokenizer,
+        text_encoder_2=te2,
+        tokenizer_2=toy_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
 
 
 @dataclasses.dataclass
 class Shape:
     """What every measurement of a run shares."""
+
     device: str
     dtype: str
     resolution: int
     steps: int
-    prompts: int           # prompts per update
-    group: int             # samples per prompt (GRPO's group; ECG gets the same samples)
+    prompts: int  # prompts per update
+    group: int  # samples per prompt (GRPO's group; ECG gets the same samples)
     minibatch: int
     timestep_fraction: float
     repeats: int
@@ -134,6 +186,7 @@ def _free() -> None:
 
 def _prompts(n: int) -> list[str]:
     from align.toy.evaluate import eval_prompts
+
     return eval_prompts(n, 0)
 
 
@@ -141,6 +194,7 @@ def throughput(source: str, shape: Shape) -> dict[str, float]:
     """(a): images/s of ``sample_trajectory`` and of ``pipe()`` on the same batch and settings."""
     from align.backbones.model_config import ModelConfig, load_model
     from align.sampling import SamplerConfig, sample_trajectory
+
     pipe = load_model(ModelConfig(source=source, dtype=shape.dtype, device=shape.device))
     prompts, res = _prompts(shape.samples), shape.resolution
     cfg = SamplerConfig(num_inference_steps=shape.steps, height=res, width=res)
@@ -151,9 +205,16 @@ def throughput(source: str, shape: Shape) -> dict[str, float]:
 
     def raw():
         with torch.inference_mode():
-            return pipe(prompt=prompts, height=res, width=res, num_inference_steps=shape.steps,
-                        guidance_scale=cfg.guidance_scale, output_type="pt",
-                        generator=torch.Generator().manual_seed(0), **extra)
+            return pipe(
+                prompt=prompts,
+                height=res,
+                width=res,
+                num_inference_steps=shape.steps,
+                guidance_scale=cfg.guidance_scale,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+                **extra,
+            )
 
     t_ours, t_raw = (_median_seconds(f, shape.device, shape.repeats) for f in (ours, raw))
     pipe = None  # noqa: F841 (frees the model before the next one loads; ours/raw are not called again)
@@ -165,15 +226,32 @@ def throughput(source: str, shape: Shape) -> dict[str, float]:
 def _train_config(source: str, algo: str, shape: Shape, run_dir: str):
     from align.config import load_config
     from align.train_config import TrainConfig
+
     critic = ["critic.pretrain_iterations=0"] if algo == "ecg" else []
-    return load_config(TrainConfig, None, [
-        f"model.source={source}", f"model.dtype={shape.dtype}", f"model.device={shape.device}", f"algo={algo}",
-        f"sampler.num_inference_steps={shape.steps}", f"sampler.height={shape.resolution}",
-        f"sampler.width={shape.resolution}", f"trainer.prompts_per_iteration={shape.prompts}",
-        f"trainer.samples_per_prompt={shape.group}", f"trainer.minibatch_size={shape.minibatch}",
-        f"trainer.timestep_fraction={shape.timestep_fraction}", "rewards=[{name: jpeg_compressibility}]",
-        "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0", "final_eval_prompts=0",
-        f"run_dir={run_dir}", *critic])
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            f"model.source={source}",
+            f"model.dtype={shape.dtype}",
+            f"model.device={shape.device}",
+            f"algo={algo}",
+            f"sampler.num_inference_steps={shape.steps}",
+            f"sampler.height={shape.resolution}",
+            f"sampler.width={shape.resolution}",
+            f"trainer.prompts_per_iteration={shape.prompts}",
+            f"trainer.samples_per_prompt={shape.group}",
+            f"trainer.minibatch_size={shape.minibatch}",
+            f"trainer.timestep_fraction={shape.timestep_fraction}",
+            "rewards=[{name: jpeg_compressibility}]",
+            "ray.num_rollout_workers=0",
+            "ray.num_reward_workers=0",
+            "eval_every=0",
+            "final_eval_prompts=0",
+            f"run_dir={run_dir}",
+            *critic,
+        ],
+    )
 
 
 def _one_update(cfg, parts, algo, it: int) -> tuple[float, float, float]:
@@ -183,6 +261,7 @@ def _one_update(cfg, parts, algo, it: int) -> tuple[float, float, float]:
     from align.algos.registry import POLICY
     from align.train import iteration_prompts
     from rewards import score
+
     pipe, critic, reward_fns, weights, learner, worker, norm = parts
     worker.set_policy(None, learner.version)
     prompts = iteration_prompts(cfg, it)
@@ -193,8 +272,15 @@ def _one_update(cfg, parts, algo, it: int) -> tuple[float, float, float]:
 
     def normalise(r: torch.Tensor) -> torch.Tensor:
         return norm.normalise(r[:, 0])[:, None].float()
-    batch = Batch(traj=traj, prompts=prompts, group_ids=torch.arange(len(prompts)) // cfg.trainer.samples_per_prompt,
-                  raw=raw, targets=normalise(raw), shard=slice(0, len(prompts)))
+
+    batch = Batch(
+        traj=traj,
+        prompts=prompts,
+        group_ids=torch.arange(len(prompts)) // cfg.trainer.samples_per_prompt,
+        raw=raw,
+        targets=normalise(raw),
+        shard=slice(0, len(prompts)),
+    )
     device = cfg.model.device
     _sync(device)
     if device.startswith("cuda"):
@@ -216,6 +302,7 @@ def ratio_deviation(parts, cfg, seed: int = 99) -> float:
     from align.backbones.lora import set_active_adapters
     from align.sampling import recompute_log_probs
     from align.train import iteration_prompts
+
     pipe, worker = parts[0], parts[5]
     traj = dataclasses.replace(worker.rollout(iteration_prompts(cfg, seed), seed=seed), images=None)
     set_active_adapters(pipe, ["policy"])
@@ -223,7 +310,7 @@ def ratio_deviation(parts, cfg, seed: int = 99) -> float:
     worst = 0.0
     with torch.no_grad():
         for start in range(0, traj.batch_size, cfg.trainer.minibatch_size):
-            idx = order[start:start + cfg.trainer.minibatch_size]
+            idx = order[start : start + cfg.trainer.minibatch_size]
             mb = traj.select(idx)
             for i in range(traj.num_steps):
                 logp = recompute_log_probs(pipe, mb, [i])[:, 0]
@@ -237,6 +324,7 @@ def updates(source: str, shape: Shape) -> dict[str, float]:
     from align.algos.core import RunningMeanStd
     from align.algos.registry import make_algorithm
     from align.train import build
+
     out: dict[str, float] = {}
     for name in ("ecg", "grpo"):
         with tempfile.TemporaryDirectory(prefix="gpu_check_") as run_dir:
@@ -247,8 +335,8 @@ def updates(source: str, shape: Shape) -> dict[str, float]:
             seconds, peak, before = _one_update(cfg, parts, algo, 1)
             label = name.upper()
             out[f"PPO update s, {label}"] = seconds
-            out[f"peak GiB, {label}"] = peak / 2 ** 30
-            out[f"update GiB above start, {label}"] = (peak - before) / 2 ** 30
+            out[f"peak GiB, {label}"] = peak / 2**30
+            out[f"update GiB above start, {label}"] = (peak - before) / 2**30
             if name == "grpo":  # (c) on this build: as loaded, then cast to fp32 (a fresh rollout in fp32)
                 bf16 = shape.dtype == "bfloat16"
                 out["max abs(ratio−1) bf16" if bf16 else "max abs(ratio−1) fp32"] = ratio_deviation(parts, cfg)
@@ -267,6 +355,7 @@ def geneval_rows(tiny: bool, device: str) -> list[dict]:
     """The geneval reward's images/s (benchmarks/geneval_reward.measure; random weights, no download)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from geneval_reward import measure
+
     if tiny:
         return measure("tiny", "cpu", 64, (2,), repeats=1)
     return measure("full", device, 512, (1, 8), repeats=3)
@@ -279,9 +368,11 @@ def _fmt(value: float) -> str:
 
 
 def print_table(results: dict[str, dict[str, float]], geneval: list[dict], shape: Shape, elapsed: dict) -> None:
-    print(f"\ngpu_check: {shape.device}, {shape.dtype}, {shape.resolution} px, {shape.steps} steps, CFG 4.5, "
-          f"{shape.samples} samples/update ({shape.prompts} prompts × {shape.group}), minibatch {shape.minibatch}, "
-          f"timestep_fraction {shape.timestep_fraction}; text encoders and VAE are tiny (the denoisers are full size)")
+    print(
+        f"\ngpu_check: {shape.device}, {shape.dtype}, {shape.resolution} px, {shape.steps} steps, CFG 4.5, "
+        f"{shape.samples} samples/update ({shape.prompts} prompts × {shape.group}), minibatch {shape.minibatch}, "
+        f"timestep_fraction {shape.timestep_fraction}; text encoders and VAE are tiny (the denoisers are full size)"
+    )
     print(f"| {'backbone':<16} | {'quantity':<28} | {'value':>10} |")
     print(f"|{'-' * 18}|{'-' * 30}|{'-' * 12}|")
     for backbone, row in results.items():
@@ -313,10 +404,22 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("no CUDA device: run with --tiny (CPU) or on a GPU")
     BUILD_DEVICE["device"] = device
-    shape = Shape(device, args.dtype, args.resolution or (32 if args.tiny else 512), args.steps or (3 if args.tiny else 10),
-                  args.prompts, args.group, args.minibatch, args.timestep_fraction, args.repeats)
-    sources = {"tiny-unet": "preset:tiny-unet", "tiny-dit": "preset:tiny-dit"} if args.tiny else \
-        {"sd15-shape": "preset:gpu-check-sd15", "sd35m-shape": "preset:gpu-check-sd35m"}
+    shape = Shape(
+        device,
+        args.dtype,
+        args.resolution or (32 if args.tiny else 512),
+        args.steps or (3 if args.tiny else 10),
+        args.prompts,
+        args.group,
+        args.minibatch,
+        args.timestep_fraction,
+        args.repeats,
+    )
+    sources = (
+        {"tiny-unet": "preset:tiny-unet", "tiny-dit": "preset:tiny-dit"}
+        if args.tiny
+        else {"sd15-shape": "preset:gpu-check-sd15", "sd35m-shape": "preset:gpu-check-sd35m"}
+    )
     unknown = sorted(set(args.backbones or sources) - set(sources))
     if unknown:
         ap.error(f"--backbones: unknown {', '.join(unknown)}; choose from {', '.join(sources)}")

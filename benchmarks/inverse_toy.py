@@ -8,6 +8,7 @@ CLAMP and DPS as reference points).
 
     python benchmarks/inverse_toy.py [--images 8] [--out runs/bench_inverse] [--lpips-weights FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,18 @@ SIGMA_Y = 0.05
 
 
 def tasks():
-    return {"inpaint (16×16 centre box)": Inpaint(box_mask(RESOLUTION, (8, 8, 16, 16))),
-            "sr ×2 (bicubic)": Downsample(2, "bicubic")}
+    return {
+        "inpaint (16×16 centre box)": Inpaint(box_mask(RESOLUTION, (8, 8, 16, 16))),
+        "sr ×2 (bicubic)": Downsample(2, "bicubic"),
+    }
 
 
 def methods(args):
     """name → factory(pipe, op, y) returning a solver with problem + sample; MAP-RPS rows share stage 1."""
-    out = {"DPS": lambda p, op, y: DPS(p, op, y, None, steps=args.dps_steps, scale=args.dps_scale),
-           "CLAMP": lambda p, op, y: CLAMP(p, op, y, SIGMA_Y)}
+    out = {
+        "DPS": lambda p, op, y: DPS(p, op, y, None, steps=args.dps_steps, scale=args.dps_scale),
+        "CLAMP": lambda p, op, y: CLAMP(p, op, y, SIGMA_Y),
+    }
     for r in KNOBS:
         out[f"MAP-RPS r={r:g}"] = (lambda r: lambda p, op, y: MapRPS(p, op, y, SIGMA_Y, renoise=r))(r)
     return out
@@ -65,7 +70,7 @@ def run_task(pipe, op, clean, prompts, args, lpips):
         img = (solver.problem.output(state).clamp(-1, 1) + 1) / 2
         wall = time.perf_counter() - t0
         row = image_metrics(img, clean, lpips)
-        per_image = [image_metrics(img[i:i + 1], clean[i:i + 1])["psnr"] for i in range(len(img))]
+        per_image = [image_metrics(img[i : i + 1], clean[i : i + 1])["psnr"] for i in range(len(img))]
         row["psnr_se"] = float(np.std(per_image, ddof=1) / np.sqrt(len(per_image))) if len(img) > 1 else 0.0
         row["toy_score"] = float(score_batch(img, prompts)["score"].mean())
         row.update(solver.problem.denoiser.calls, wall=wall)
@@ -75,22 +80,29 @@ def run_task(pipe, op, clean, prompts, args, lpips):
 
 
 def table(results: dict) -> str:
-    lines = ["| task | method | PSNR (dB) | SSIM | LPIPS | toy score | denoiser fwd | denoiser VJP | wall (s) "
-             "| wall / DPS |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | method | PSNR (dB) | SSIM | LPIPS | toy score | denoiser fwd | denoiser VJP | wall (s) "
+        "| wall / DPS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for task, rows in results.items():
         base = rows["DPS"]["wall"]
         for name, r in rows.items():
             lp = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
-            lines.append(f"| {task} | {name} | {r['psnr']:.2f} ± {r['psnr_se']:.2f} | {r['ssim']:.4f} | {lp} | "
-                         f"{r['toy_score']:.3f} | "
-                         f"{r['forward']} | {r['vjp']} | {r['wall']:.1f} | {r['wall'] / base:.2f} |")
+            lines.append(
+                f"| {task} | {name} | {r['psnr']:.2f} ± {r['psnr_se']:.2f} | {r['ssim']:.4f} | {lp} | "
+                f"{r['toy_score']:.3f} | "
+                f"{r['forward']} | {r['vjp']} | {r['wall']:.1f} | {r['wall'] / base:.2f} |"
+            )
     return "\n".join(lines)
 
 
 def plot(results: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8))
     for ax, (task, rows) in zip(np.atleast_1d(axes), results.items()):
         have_lpips = all(r["lpips"] is not None for r in rows.values())
@@ -132,8 +144,10 @@ def main() -> None:
     for task, op in tasks().items():
         print(task, flush=True)
         results[task] = run_task(pipe, op, clean, prompts, args, lpips)
-    print(f"\n{args.images} toy images (batch), σ_y = {SIGMA_Y}, seed {args.seed}, torch threads {args.threads}; "
-          f"toy checker on the clean images: {float(score_batch(clean, prompts)['score'].mean()):.3f}")
+    print(
+        f"\n{args.images} toy images (batch), σ_y = {SIGMA_Y}, seed {args.seed}, torch threads {args.threads}; "
+        f"toy checker on the clean images: {float(score_batch(clean, prompts)['score'].mean()):.3f}"
+    )
     print(table(results))
     plot(results, os.path.join(args.out, "dp_curve.png"))
     with open(os.path.join(args.out, "results.json"), "w") as fh:

@@ -9,6 +9,7 @@ size of each wire dtype.
     python benchmarks/reward_remote_overhead.py [--reward jpeg_compressibility] [--sizes 64 256 512]
     python benchmarks/reward_remote_overhead.py --reward hpsv2 --arg checkpoint=/w/HPS_v2.1_compressed.pt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,11 +50,15 @@ def main() -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host, port = server.server_address[:2]
-    rewards = {"local": local, **{w: get_reward(f"remote:http://{host}:{port}/{local.name}", wire_dtype=w)
-                                  for w in WIRES}}
+    rewards = {
+        "local": local,
+        **{w: get_reward(f"remote:http://{host}:{port}/{local.name}", wire_dtype=w) for w in WIRES},
+    }
     print(f"reward {args.reward}, batch {args.batch}, median of {args.repeats}, torch threads {args.threads}")
-    print(f"{'size':>5} {'local s':>8} | {'f32 MB':>7} {'f32 s':>7} {'f32/local':>9} | {'u8 MB':>6} {'u8 s':>7} "
-          f"{'u8/local':>8}")
+    print(
+        f"{'size':>5} {'local s':>8} | {'f32 MB':>7} {'f32 s':>7} {'f32/local':>9} | {'u8 MB':>6} {'u8 s':>7} "
+        f"{'u8/local':>8}"
+    )
     try:
         for size in args.sizes:
             images = torch.rand(args.batch, 3, size, size, generator=torch.Generator().manual_seed(size))
@@ -67,9 +72,11 @@ def main() -> None:
                     times[key].append(_time(lambda: score_one(reward, images, prompts, {})))
             t = {k: statistics.median(v) for k, v in times.items()}
             mb = {w: len(encode_request(images, prompts, w)) / 1e6 for w in WIRES}
-            print(f"{size:>5} {t['local']:>8.4f} | {mb['float32']:>7.2f} {t['float32']:>7.4f} "
-                  f"{t['float32'] / t['local']:>9.2f} | {mb['uint8']:>6.2f} {t['uint8']:>7.4f} "
-                  f"{t['uint8'] / t['local']:>8.2f}")
+            print(
+                f"{size:>5} {t['local']:>8.4f} | {mb['float32']:>7.2f} {t['float32']:>7.4f} "
+                f"{t['float32'] / t['local']:>9.2f} | {mb['uint8']:>6.2f} {t['uint8']:>7.4f} "
+                f"{t['uint8'] / t['local']:>8.2f}"
+            )
     finally:
         server.shutdown()
         server.server_close()

@@ -7,6 +7,7 @@ embeddings and the per-step log-probs must cost almost nothing).
 
     python benchmarks/sampler_overhead.py [--source preset:tiny-unet|toy|preset:tiny-dit|DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,14 +45,21 @@ def main() -> None:
     pipe = load_model(ModelConfig(source=args.source))
     pipe.set_progress_bar_config(disable=True)
     prompts = eval_prompts(args.batch, seed=0)
-    cfg = SamplerConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
-                        noise_level=args.eta)
+    cfg = SamplerConfig(
+        num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta, noise_level=args.eta
+    )
     is_ddim = transition_for(pipe.scheduler) == "ddim"
     extra = {"eta": args.eta} if is_ddim else {}
 
     def raw() -> None:
-        pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt",
-             generator=torch.Generator().manual_seed(0), **extra)
+        pipe(
+            prompts,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+            **extra,
+        )
 
     def ours() -> None:
         sample_trajectory(pipe, prompts, cfg, torch.Generator().manual_seed(0))
@@ -63,12 +71,16 @@ def main() -> None:
         t_ours.append(_time(ours))
     med_raw, med_ours = statistics.median(t_raw), statistics.median(t_ours)
     noise = f"η {args.eta}" if is_ddim else f"flow-SDE a {args.eta} (raw pipe: ODE Euler)"
-    print(f"pipeline: {type(pipe).__name__} ({args.source}); batch {args.batch}, {args.steps} steps, CFG "
-          f"{args.guidance}, {noise}; torch threads {torch.get_num_threads()}; median of {args.repeats} interleaved")
+    print(
+        f"pipeline: {type(pipe).__name__} ({args.source}); batch {args.batch}, {args.steps} steps, CFG "
+        f"{args.guidance}, {noise}; torch threads {torch.get_num_threads()}; median of {args.repeats} interleaved"
+    )
     print(f"{'sampler':<38}{'images/s':>10}{'s/batch':>10}{'min s':>10}")
     print(f"{'raw diffusers pipe(...)':<38}{args.batch / med_raw:>10.2f}{med_raw:>10.3f}{min(t_raw):>10.3f}")
-    print(f"{'align sample_trajectory (log-probs)':<38}{args.batch / med_ours:>10.2f}{med_ours:>10.3f}"
-          f"{min(t_ours):>10.3f}")
+    print(
+        f"{'align sample_trajectory (log-probs)':<38}{args.batch / med_ours:>10.2f}{med_ours:>10.3f}"
+        f"{min(t_ours):>10.3f}"
+    )
     ratio = med_raw / med_ours
     print(f"throughput ratio ours/raw: {ratio:.3f}  (target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'})")
 

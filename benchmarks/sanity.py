@@ -13,6 +13,7 @@ is the sample std of the paired differences / √n. A case passes when gain / SE
 
 Runs in-process (Ray off) so that one case is one function call; prints one row per case.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,22 @@ REWARDS: dict[str, tuple[str, dict]] = {
 #: step per iteration on the whole batch (as the REINFORCE reference in tests/test_sanity.py), the small-σ last
 #: two of the 10 denoising steps left out of the policy update (their gradient is mostly noise: gradient_diagnosis),
 #: mean log-probs with a clip range that acts at that scale
-RECIPE = ["model.source=toy", "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0", "final_eval_prompts=0",
-          "trainer.prompts_per_iteration=1", "trainer.samples_per_prompt=32", "trainer.minibatch_size=32",
-          "trainer.timestep_fraction=1.0", "trainer.step_window=0.8", "trainer.epochs=1", "trainer.lr=3e-3",
-          "sampler.logprob_reduce=mean", "trainer.clip_range=0.2"]
+RECIPE = [
+    "model.source=toy",
+    "ray.num_rollout_workers=0",
+    "ray.num_reward_workers=0",
+    "eval_every=0",
+    "final_eval_prompts=0",
+    "trainer.prompts_per_iteration=1",
+    "trainer.samples_per_prompt=32",
+    "trainer.minibatch_size=32",
+    "trainer.timestep_fraction=1.0",
+    "trainer.step_window=0.8",
+    "trainer.epochs=1",
+    "trainer.lr=3e-3",
+    "sampler.logprob_reduce=mean",
+    "trainer.clip_range=0.2",
+]
 ITERATIONS = 12
 NUM_PROMPTS = 1
 #: the fixed prompt of the brightness and JPEG cases: bright objects on the black background, so both directions
@@ -54,6 +67,7 @@ def sanity_prompts(n: int = NUM_PROMPTS, seed: int = 5, containing: Optional[str
     first ``n`` drawn that contain that word (``color_fraction`` needs prompts of its colour: on the others
     the base model draws none of it, the reward has zero variance and every advantage is 0)."""
     from align.prompts import draw_prompts
+
     if containing is None:
         return draw_prompts("toy", n, np.random.default_rng(seed))
     pool = [p for p in draw_prompts("toy", 400, np.random.default_rng(seed)) if containing in p.split()]
@@ -70,23 +84,40 @@ def case_prompts(reward: str) -> list[str]:
     return sanity_prompts(containing=color) if color else [BRIGHT_PROMPT] * NUM_PROMPTS
 
 
-def case_overrides(algo: str, reward: str, sign: int, run_dir: Path, prompts_file: Path, num_prompts: int,
-                   iterations: int = ITERATIONS, extra: Optional[list[str]] = None) -> list[str]:
+def case_overrides(
+    algo: str,
+    reward: str,
+    sign: int,
+    run_dir: Path,
+    prompts_file: Path,
+    num_prompts: int,
+    iterations: int = ITERATIONS,
+    extra: Optional[list[str]] = None,
+) -> list[str]:
     name, args = REWARDS[reward]
     reward_args = "".join(f", {k}: {v}" for k, v in args.items())
-    return [*RECIPE, f"algo={algo}", f"rewards=[{{name: {name}, weight: {float(sign)}, args: {{{reward_args[2:]}}}}}]",
-            f"trainer.iterations={iterations}", f"trainer.prompts={prompts_file}",
-            f"trainer.prompts_per_iteration={num_prompts}", f"run_dir={run_dir}", *(extra or [])]
+    return [
+        *RECIPE,
+        f"algo={algo}",
+        f"rewards=[{{name: {name}, weight: {float(sign)}, args: {{{reward_args[2:]}}}}}]",
+        f"trainer.iterations={iterations}",
+        f"trainer.prompts={prompts_file}",
+        f"trainer.prompts_per_iteration={num_prompts}",
+        f"run_dir={run_dir}",
+        *(extra or []),
+    ]
 
 
 @torch.no_grad()
-def paired_scores(cfg, policy_lora: dict[str, torch.Tensor], prompts: list[str], seeds: int,
-                  reward: str) -> tuple[np.ndarray, np.ndarray]:
+def paired_scores(
+    cfg, policy_lora: dict[str, torch.Tensor], prompts: list[str], seeds: int, reward: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Unsigned reward of the base policy and of ``policy_lora`` on ``prompts`` × ``seeds`` fixed noises."""
     from align.backbones.lora import load_lora_state_dict
     from align.policy import build_policy
     from align.rollout import RolloutWorker
     from rewards import get_reward, score
+
     name, args = REWARDS[reward]
     fn = get_reward(name, **args)
     pipe = build_policy(cfg)
@@ -101,32 +132,52 @@ def paired_scores(cfg, policy_lora: dict[str, torch.Tensor], prompts: list[str],
     return out[0], out[1]
 
 
-def run_case(algo: str, reward: str, sign: int, out: Path, iterations: int = ITERATIONS,
-             extra: Optional[list[str]] = None, log=None, prompts: Optional[list[str]] = None) -> dict:
+def run_case(
+    algo: str,
+    reward: str,
+    sign: int,
+    out: Path,
+    iterations: int = ITERATIONS,
+    extra: Optional[list[str]] = None,
+    log=None,
+    prompts: Optional[list[str]] = None,
+) -> dict:
     """Train one case and evaluate it paired; returns the row of the table."""
-    from align.config import load_config
     from align.checkpoint import load_tensors
+    from align.config import load_config
     from align.train import train
     from align.train_config import TrainConfig
+
     run_dir = out / f"{algo}_{reward}_{'plus' if sign > 0 else 'minus'}"
     run_dir.mkdir(parents=True, exist_ok=True)
     prompts = prompts or case_prompts(reward)
     prompts_file = run_dir / "prompts.txt"
     prompts_file.write_text("\n".join(prompts) + "\n")
-    cfg = load_config(TrainConfig, None, case_overrides(algo, reward, sign, run_dir, prompts_file, len(prompts),
-                                                        iterations, extra))
+    cfg = load_config(
+        TrainConfig, None, case_overrides(algo, reward, sign, run_dir, prompts_file, len(prompts), iterations, extra)
+    )
     t0 = time.time()
     state = train(cfg, log=log or (lambda *_: None))
     seconds = time.time() - t0
-    base, final = paired_scores(cfg, load_tensors(run_dir / "checkpoint" / "policy_lora.safetensors"), prompts,
-                                EVAL_SEEDS, reward)
+    base, final = paired_scores(
+        cfg, load_tensors(run_dir / "checkpoint" / "policy_lora.safetensors"), prompts, EVAL_SEEDS, reward
+    )
     diff = sign * (final - base)
     se = diff.std(ddof=1) / np.sqrt(len(diff))
-    row = {"algo": algo, "reward": reward, "sign": sign, "base": float(base.mean()), "final": float(final.mean()),
-           "base_std": float(base.std(ddof=1)), "gain": float(diff.mean()), "se": float(se),
-           "z": float(diff.mean() / se) if se > 0 else float("nan"), "seconds": seconds,
-           "policy_updates": state.policy_updates,
-           "history": [{k: v for k, v in h.items() if isinstance(v, (int, float, str))} for h in state.history]}
+    row = {
+        "algo": algo,
+        "reward": reward,
+        "sign": sign,
+        "base": float(base.mean()),
+        "final": float(final.mean()),
+        "base_std": float(base.std(ddof=1)),
+        "gain": float(diff.mean()),
+        "se": float(se),
+        "z": float(diff.mean() / se) if se > 0 else float("nan"),
+        "seconds": seconds,
+        "policy_updates": state.policy_updates,
+        "history": [{k: v for k, v in h.items() if isinstance(v, (int, float, str))} for h in state.history],
+    }
     (run_dir / "sanity.json").write_text(json.dumps(row, indent=1))
     return row
 
@@ -136,12 +187,17 @@ def passed(row: dict, min_z: float, min_gain: float) -> bool:
 
 
 def print_table(rows: list[dict], min_z: float, min_gain: float) -> None:
-    print(f"{'algo':<5} {'reward':<21} {'w':>3} {'base':>8} {'final':>8} {'gain':>8} {'SE':>7} {'gain/SE':>8} "
-          f"{'gain/std':>8} {'s/case':>7}  ok")
+    print(
+        f"{'algo':<5} {'reward':<21} {'w':>3} {'base':>8} {'final':>8} {'gain':>8} {'SE':>7} {'gain/SE':>8} "
+        f"{'gain/std':>8} {'s/case':>7}  ok"
+    )
     for r in rows:
-        print(f"{r['algo']:<5} {r['reward']:<21} {r['sign']:>+3d} {r['base']:>8.4f} {r['final']:>8.4f} "
-              f"{r['gain']:>+8.4f} {r['se']:>7.4f} {r['z']:>8.1f} {r['gain'] / max(r['base_std'], 1e-12):>8.2f} "
-              f"{r['seconds']:>7.0f}  {'yes' if passed(r, min_z, min_gain) else 'NO'}", flush=True)
+        print(
+            f"{r['algo']:<5} {r['reward']:<21} {r['sign']:>+3d} {r['base']:>8.4f} {r['final']:>8.4f} "
+            f"{r['gain']:>+8.4f} {r['se']:>7.4f} {r['z']:>8.1f} {r['gain'] / max(r['base_std'], 1e-12):>8.2f} "
+            f"{r['seconds']:>7.0f}  {'yes' if passed(r, min_z, min_gain) else 'NO'}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -153,8 +209,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/sanity")
     ap.add_argument("--min-z", type=float, default=5.0)
     ap.add_argument("--min-gain", type=float, default=0.5, help="gain must exceed this × the base reward's std")
-    ap.add_argument("--prompt", action="append", default=None, dest="prompts",
-                    help="a fixed prompt (repeat for several; default: case_prompts(reward))")
+    ap.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        dest="prompts",
+        help="a fixed prompt (repeat for several; default: case_prompts(reward))",
+    )
     ap.add_argument("--verbose", action="store_true", help="print each training iteration's log line")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every case")
     args = ap.parse_args()
@@ -163,17 +224,34 @@ def main() -> None:
     for reward in args.rewards:
         for algo in args.algos:
             for sign in args.signs:
-                rows.append(run_case(algo, reward, sign, Path(args.out), args.iterations, args.overrides,
-                                     log=print if args.verbose else None, prompts=args.prompts))
+                rows.append(
+                    run_case(
+                        algo,
+                        reward,
+                        sign,
+                        Path(args.out),
+                        args.iterations,
+                        args.overrides,
+                        log=print if args.verbose else None,
+                        prompts=args.prompts,
+                    )
+                )
                 print_table(rows[-1:], args.min_z, args.min_gain)
-    print(f"\nsanity matrix ({args.iterations} iterations; paired on {NUM_PROMPTS} prompts × {EVAL_SEEDS} seeds; "
-          f"pass: gain/SE > {args.min_z} and gain > {args.min_gain} × base std)")
+    print(
+        f"\nsanity matrix ({args.iterations} iterations; paired on {NUM_PROMPTS} prompts × {EVAL_SEEDS} seeds; "
+        f"pass: gain/SE > {args.min_z} and gain > {args.min_gain} × base std)"
+    )
     print_table(rows, args.min_z, args.min_gain)
 
 
-
-def gradient_diagnosis(reward: str = "mean_brightness", sign: int = 1, samples: int = 64, seed: int = 0,
-                       num_inference_steps: int = 10, eta: float = 1.0) -> list[dict]:
+def gradient_diagnosis(
+    reward: str = "mean_brightness",
+    sign: int = 1,
+    samples: int = 64,
+    seed: int = 0,
+    num_inference_steps: int = 10,
+    eta: float = 1.0,
+) -> list[dict]:
     """Per denoising step i of the base policy: the norm of the policy gradient g_i = ∇_θ mean_j A_j log π_θ(step i
     of sample j) (GRPO advantages on one fixed prompt), and the cosine between g_i of two independent halves of
     the batch: ≈ 0 means step i's gradient is noise at this batch size, > 0 means it carries a direction."""
@@ -184,6 +262,7 @@ def gradient_diagnosis(reward: str = "mean_brightness", sign: int = 1, samples: 
     from align.rollout import RolloutWorker
     from align.sampling import SamplerConfig, recompute_log_probs
     from rewards import get_reward, score
+
     name, args = REWARDS[reward]
     pipe = load_model(ModelConfig(source="toy"))
     attach_lora(pipe, "policy", rank=8, alpha=8.0)
@@ -210,14 +289,30 @@ def gradient_diagnosis(reward: str = "mean_brightness", sign: int = 1, samples: 
         per_step.append(grads)
         cos = float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
         score_cos = float(torch.nn.functional.cosine_similarity(scores[0], scores[1], dim=0))
-        rows.append({"step": i, "timestep": int(traj.timesteps[i]), "grad_norm": float((grads[0] + grads[1]).norm() / 2),
-                     "split_half_cos": cos, "mean_score_norm": float((scores[0] + scores[1]).norm() / 2),
-                     "mean_score_split_half_cos": score_cos})
-    for first, last in ((0, traj.num_steps), (0, traj.num_steps // 2), (0, traj.num_steps - 2),
-                        (traj.num_steps // 2, traj.num_steps)):
+        rows.append(
+            {
+                "step": i,
+                "timestep": int(traj.timesteps[i]),
+                "grad_norm": float((grads[0] + grads[1]).norm() / 2),
+                "split_half_cos": cos,
+                "mean_score_norm": float((scores[0] + scores[1]).norm() / 2),
+                "mean_score_split_half_cos": score_cos,
+            }
+        )
+    for first, last in (
+        (0, traj.num_steps),
+        (0, traj.num_steps // 2),
+        (0, traj.num_steps - 2),
+        (traj.num_steps // 2, traj.num_steps),
+    ):
         a, b = (sum(per_step[i][h] for i in range(first, last)) for h in (0, 1))
-        rows.append({"steps": f"{first}-{last - 1}", "grad_norm": float((a + b).norm() / 2),
-                     "split_half_cos": float(torch.nn.functional.cosine_similarity(a, b, dim=0))})
+        rows.append(
+            {
+                "steps": f"{first}-{last - 1}",
+                "grad_norm": float((a + b).norm() / 2),
+                "split_half_cos": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+            }
+        )
     return rows
 
 

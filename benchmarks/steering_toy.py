@@ -13,6 +13,7 @@ forward up to the feature layer; grad adds a backward), and seconds.
 
     python benchmarks/steering_toy.py [--run-dir runs/toy_ecg] [--seeds 0 1 2] [--images 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,8 @@ def count_rows(pipe):
     counter = {"rows": 0}
     handle = denoiser(pipe).register_forward_pre_hook(
         lambda module, args, kwargs: counter.__setitem__("rows", counter["rows"] + _batch(args, kwargs)),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     try:
         yield counter
     finally:
@@ -61,8 +63,16 @@ def ensure_run(run_dir: Path) -> None:
     subprocess.run([sys.executable, "-m", "align.cli", "train", "--force", f"run_dir={run_dir}"], check=True)
 
 
-def run_mode(pipe, critic, reward_fns, prompts: list[str], sampler: SamplerConfig, steer: SteeringConfig, seed: int,
-             batch_size: int) -> dict:
+def run_mode(
+    pipe,
+    critic,
+    reward_fns,
+    prompts: list[str],
+    sampler: SamplerConfig,
+    steer: SteeringConfig,
+    seed: int,
+    batch_size: int,
+) -> dict:
     gen = torch.Generator().manual_seed(seed)
     cand = torch.Generator().manual_seed(seed + 10_000)
     rewards, toy, values, critic_rows = [], [], [], 0
@@ -70,18 +80,24 @@ def run_mode(pipe, critic, reward_fns, prompts: list[str], sampler: SamplerConfi
     t0 = time.perf_counter()
     with count_rows(pipe) as rows:
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+            chunk = prompts[start : start + batch_size]
             out = sample_steered(pipe, chunk, sampler, gen, critic, steer, cand)
             critic_rows += out.critic_rows
             raw = score(reward_fns, out.traj.images.float().clamp(0, 1), chunk)[0]  # (B, K [+ toy])
-            rewards.append(raw[:, :len(weights)] @ weights)                         # Σ_k w_k R_k
+            rewards.append(raw[:, : len(weights)] @ weights)  # Σ_k w_k R_k
             toy.append(raw[:, [r.name for r in reward_fns].index("toy_geneval")])
             values.append((out.values * critic.weights).sum(-1))
             rows["rows"] -= len(chunk)  # final_values' record call is bookkeeping, not steering
     seconds = time.perf_counter() - t0
     n = len(prompts)
-    return {"rewards": torch.cat(rewards).numpy(), "toy": torch.cat(toy).numpy(), "values": torch.cat(values).numpy(), "denoiser_rows": (rows["rows"] - critic_rows) / n,
-            "critic_rows": critic_rows / n, "seconds": seconds / n}
+    return {
+        "rewards": torch.cat(rewards).numpy(),
+        "toy": torch.cat(toy).numpy(),
+        "values": torch.cat(values).numpy(),
+        "denoiser_rows": (rows["rows"] - critic_rows) / n,
+        "critic_rows": critic_rows / n,
+        "seconds": seconds / n,
+    }
 
 
 def main() -> None:
@@ -89,8 +105,13 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/toy_ecg")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images", type=int, default=32, help="output images per seed and mode")
-    ap.add_argument("--scales", type=float, nargs="+", default=[10.0, 100.0, 1000.0],
-                    help="grad steering scales s (on the toy, ∇V has an RMS of 1e-3..3e-3 per latent element)")
+    ap.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[10.0, 100.0, 1000.0],
+        help="grad steering scales s (on the toy, ∇V has an RMS of 1e-3..3e-3 per latent element)",
+    )
     ap.add_argument("--candidates", type=int, default=4, help="M for rerank and N for best-of-N")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
@@ -115,28 +136,39 @@ def main() -> None:
         for name, steer in modes.items():
             results[name].append(run_mode(pipe, critic, reward_fns, prompts, sampler, steer, seed, args.batch_size))
             r = results[name][-1]
-            print(f"  seed {seed} {name:<16} reward {r['rewards'].mean():.4f} toy {r['toy'].mean():.4f} "
-                  f"{r['seconds']:.3f} s/image", flush=True)
+            print(
+                f"  seed {seed} {name:<16} reward {r['rewards'].mean():.4f} toy {r['toy'].mean():.4f} "
+                f"{r['seconds']:.3f} s/image",
+                flush=True,
+            )
     base = np.concatenate([r["rewards"] for r in results["none"]])
     base_time = np.mean([r["seconds"] for r in results["none"]])
     metrics = critic.config.get("metrics", {})
-    print(f"\ncritic: {c} (explained variance at the end of training: {metrics.get('explained_variance', 'n/a')}); "
-          f"{len(args.seeds)} seeds × {args.images} images, {sampler.num_inference_steps} steps, CFG "
-          f"{sampler.guidance_scale}, η {sampler.eta}\n")
+    print(
+        f"\ncritic: {c} (explained variance at the end of training: {metrics.get('explained_variance', 'n/a')}); "
+        f"{len(args.seeds)} seeds × {args.images} images, {sampler.num_inference_steps} steps, CFG "
+        f"{sampler.guidance_scale}, η {sampler.eta}\n"
+    )
     objective = " + ".join(f"{w:g}·{n}" for w, n in zip(critic.weights.tolist(), critic.reward_names))
-    print(f"| mode | reward {objective} (mean ± std over seeds) | Δ vs none (paired, ± s.e.) | toy reward | "
-          "corr(V, reward) | denoiser rows/image | critic rows/image | s/image | time ratio vs none |")
+    print(
+        f"| mode | reward {objective} (mean ± std over seeds) | Δ vs none (paired, ± s.e.) | toy reward | "
+        "corr(V, reward) | denoiser rows/image | critic rows/image | s/image | time ratio vs none |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, per_seed in results.items():
         means = [r["rewards"].mean() for r in per_seed]
         diff = np.concatenate([r["rewards"] for r in per_seed]) - base
         secs = np.mean([r["seconds"] for r in per_seed])
-        corr = np.corrcoef(np.concatenate([r["values"] for r in per_seed]),
-                           np.concatenate([r["rewards"] for r in per_seed]))[0, 1]
+        corr = np.corrcoef(
+            np.concatenate([r["values"] for r in per_seed]), np.concatenate([r["rewards"] for r in per_seed])
+        )[0, 1]
         toy = np.mean([r["toy"].mean() for r in per_seed])
-        print(f"| {name} | {np.mean(means):.4f} ± {np.std(means):.4f} | {diff.mean():+.4f} ± "
-              f"{diff.std(ddof=1) / np.sqrt(len(diff)):.4f} | {toy:.4f} | {corr:+.3f} | {per_seed[0]['denoiser_rows']:.0f} | "
-              f"{per_seed[0]['critic_rows']:.0f} | {secs:.3f} | {secs / base_time:.2f} |")
+        print(
+            f"| {name} | {np.mean(means):.4f} ± {np.std(means):.4f} | {diff.mean():+.4f} ± "
+            f"{diff.std(ddof=1) / np.sqrt(len(diff)):.4f} | {toy:.4f} | {corr:+.3f} | "
+            f"{per_seed[0]['denoiser_rows']:.0f} | "
+            f"{per_seed[0]['critic_rows']:.0f} | {secs:.3f} | {secs / base_time:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,21 @@
 """The state-aligned latent critic: value model, export/load (docs/critic_format.md), steering."""
-from critics.export import (CriticLoadError, LoadedCritic, base_fingerprint, export_pipeline, export_policy,
-                            export_run, load)
 
-__all__ = ["CriticLoadError", "LoadedCritic", "base_fingerprint", "export_pipeline", "export_policy", "export_run",
-           "load"]
+from critics.export import (
+    CriticLoadError,
+    LoadedCritic,
+    base_fingerprint,
+    export_pipeline,
+    export_policy,
+    export_run,
+    load,
+)
+
+__all__ = [
+    "CriticLoadError",
+    "LoadedCritic",
+    "base_fingerprint",
+    "export_pipeline",
+    "export_policy",
+    "export_run",
+    "load",
+]

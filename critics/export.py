@@ -12,6 +12,7 @@ a standalone model but heads plus a LoRA adapter on someone else's frozen base (
 ``adapter_config.json`` + ``adapter_model.safetensors``), and the config must carry more than
 constructor arguments (base identity, normalisation, metrics).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,14 @@ from safetensors.torch import save_file
 
 from align import checkpoint as ckpt
 from align.backbones.loading import DENOISER_ATTR, backbone_kind, denoiser
-from align.backbones.lora import (active_adapters, adapter_names, attach_lora, load_lora_state_dict,
-                                  lora_state_dict, set_active_adapters)
+from align.backbones.lora import (
+    active_adapters,
+    adapter_names,
+    attach_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    set_active_adapters,
+)
 from critics.card import model_card
 from critics.value_model import LatentCritic
 
@@ -51,8 +58,9 @@ def base_fingerprint(pipe) -> str:
     wrapper removed, in sorted order; per tensor the hash takes the key, dtype, shape and the raw
     bytes (CPU, contiguous). So the same weights in another dtype give another fingerprint.
     """
-    state = {key.replace(".base_layer.", "."): t for key, t in denoiser(pipe).state_dict().items()
-             if ".lora_" not in key}
+    state = {
+        key.replace(".base_layer.", "."): t for key, t in denoiser(pipe).state_dict().items() if ".lora_" not in key
+    }
     digest = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach().to("cpu").contiguous()
@@ -91,8 +99,12 @@ def feature_layer(critic: LatentCritic) -> str:
 def _adapter_config(pipe, adapter: str) -> dict:
     cfg = denoiser(pipe).peft_config[adapter]
     targets = cfg.target_modules
-    return {"rank": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-            "target_modules": targets if isinstance(targets, str) else sorted(targets)}
+    return {
+        "rank": cfg.r,
+        "alpha": cfg.lora_alpha,
+        "dropout": cfg.lora_dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+    }
 
 
 def _head_hidden(critic: LatentCritic) -> int:
@@ -106,9 +118,15 @@ def _head_dims(critic: LatentCritic) -> tuple[int, int]:
     return c, critic.heads.norm.normalized_shape[0] - 2 * c
 
 
-def critic_config(pipe, critic: LatentCritic, base_model: str, reward_weights: dict[str, float],
-                  normalisers: dict[str, dict], metrics: Optional[dict] = None,
-                  adapter_source: str = "separate") -> dict:
+def critic_config(
+    pipe,
+    critic: LatentCritic,
+    base_model: str,
+    reward_weights: dict[str, float],
+    normalisers: dict[str, dict],
+    metrics: Optional[dict] = None,
+    adapter_source: str = "separate",
+) -> dict:
     """The ``config.json`` of an exported critic (schema: docs/critic_format.md)."""
     missing = [n for n in critic.reward_names if n not in reward_weights or n not in normalisers]
     if missing:
@@ -117,18 +135,40 @@ def critic_config(pipe, critic: LatentCritic, base_model: str, reward_weights: d
     rewards = []
     for name in critic.reward_names:
         norm = normalisers[name]
-        rewards.append({"name": name, "weight": float(reward_weights[name]),
-                        "norm": {"mean": float(norm["mean"]), "var": float(norm["var"]), "count": float(norm["count"]),
-                                 "std": math.sqrt(float(norm["var"])), "eps": NORM_EPS}})
+        rewards.append(
+            {
+                "name": name,
+                "weight": float(reward_weights[name]),
+                "norm": {
+                    "mean": float(norm["mean"]),
+                    "var": float(norm["var"]),
+                    "count": float(norm["count"]),
+                    "std": math.sqrt(float(norm["var"])),
+                    "eps": NORM_EPS,
+                },
+            }
+        )
     return {
-        "format": FORMAT, "schema_version": SCHEMA_VERSION,
-        "base_model": {"id": base_model, "kind": backbone_kind(pipe), "pipeline_class": type(pipe).__name__,
-                       "denoiser_class": type(denoiser(pipe)).__name__, "dtype": str(denoiser(pipe).dtype),
-                       "fingerprint": base_fingerprint(pipe), "fingerprint_method": FINGERPRINT_METHOD},
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "base_model": {
+            "id": base_model,
+            "kind": backbone_kind(pipe),
+            "pipeline_class": type(pipe).__name__,
+            "denoiser_class": type(denoiser(pipe)).__name__,
+            "dtype": str(denoiser(pipe).dtype),
+            "fingerprint": base_fingerprint(pipe),
+            "fingerprint_method": FINGERPRINT_METHOD,
+        },
         "adapter": {"source": adapter_source, **_adapter_config(pipe, critic.adapter)},
         "feature_layer": feature_layer(critic),
-        "heads": {"class": type(critic.heads).__name__, "names": list(critic.reward_names), "feature_dim": feat,
-                  "temb_dim": temb, "hidden": _head_hidden(critic)},
+        "heads": {
+            "class": type(critic.heads).__name__,
+            "names": list(critic.reward_names),
+            "feature_dim": feat,
+            "temb_dim": temb,
+            "hidden": _head_hidden(critic),
+        },
         "value_units": "normalised return: V_k ≈ (R_k − norm.mean) / (norm.std + norm.eps)",
         "rewards": rewards,
         "metrics": metrics or {},
@@ -141,8 +181,11 @@ def export_critic(pipe, critic: LatentCritic, out: Path, **config_kwargs) -> dic
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"heads.{k}": v for k, v in critic.heads.state_dict().items()}
     tensors.update({f"lora.{k}": v for k, v in lora_state_dict(pipe, critic.adapter).items()})
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt", "critic_format": FORMAT, "schema_version": str(SCHEMA_VERSION)})
+    save_file(
+        {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt", "critic_format": FORMAT, "schema_version": str(SCHEMA_VERSION)},
+    )
     ckpt.write_json(out / "config.json", config)
     (out / "README.md").write_text(model_card(config))
     return config
@@ -151,9 +194,18 @@ def export_critic(pipe, critic: LatentCritic, out: Path, **config_kwargs) -> dic
 _EXPORT_ENTRIES = {"policy", "critic", "export.json"}
 
 
-def export_pipeline(pipe, critic: Optional[LatentCritic], out: str | Path, *, base_model: str,
-                    reward_weights: dict[str, float], normalisers: dict[str, dict], metrics: Optional[dict] = None,
-                    adapter_source: str = "separate", policy_adapter: str = "policy") -> Path:
+def export_pipeline(
+    pipe,
+    critic: Optional[LatentCritic],
+    out: str | Path,
+    *,
+    base_model: str,
+    reward_weights: dict[str, float],
+    normalisers: dict[str, dict],
+    metrics: Optional[dict] = None,
+    adapter_source: str = "separate",
+    policy_adapter: str = "policy",
+) -> Path:
     """Write ``out/policy`` (diffusers LoRA) and, given a critic, ``out/critic``; atomically.
 
     An existing ``out`` is replaced only if it holds nothing but a previous export.
@@ -163,15 +215,32 @@ def export_pipeline(pipe, critic: Optional[LatentCritic], out: str | Path, *, ba
         foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
         foreign = [n for n in foreign if n not in _EXPORT_ENTRIES]
         if foreign:
-            raise FileExistsError(f"export: {out} exists and holds {foreign[:3]}, not a previous export; "
-                                  "choose an empty or new --out directory")
+            raise FileExistsError(
+                f"export: {out} exists and holds {foreign[:3]}, not a previous export; "
+                "choose an empty or new --out directory"
+            )
     with ckpt.atomic_directory(out) as tmp:
         export_policy(pipe, tmp / "policy", policy_adapter)
         if critic is not None:
-            export_critic(pipe, critic, tmp / "critic", base_model=base_model, reward_weights=reward_weights,
-                          normalisers=normalisers, metrics=metrics, adapter_source=adapter_source)
-        ckpt.write_json(tmp / "export.json", {"format": "diffusion-align/export", "schema_version": SCHEMA_VERSION,
-                                              "policy": "policy", "critic": "critic" if critic is not None else None})
+            export_critic(
+                pipe,
+                critic,
+                tmp / "critic",
+                base_model=base_model,
+                reward_weights=reward_weights,
+                normalisers=normalisers,
+                metrics=metrics,
+                adapter_source=adapter_source,
+            )
+        ckpt.write_json(
+            tmp / "export.json",
+            {
+                "format": "diffusion-align/export",
+                "schema_version": SCHEMA_VERSION,
+                "policy": "policy",
+                "critic": "critic" if critic is not None else None,
+            },
+        )
     return out
 
 
@@ -179,18 +248,26 @@ def export_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
     """Rebuild a run's pipeline from ``run_dir/config.json`` + its last checkpoint
     (:func:`align.policy.load_run`) and export it (default ``run_dir/export``)."""
     from align.policy import load_run
+
     run = load_run(run_dir)
-    return export_pipeline(run.pipe, run.critic, out if out is not None else run.directory / "export",
-                           **run_export_kwargs(run.cfg, run.state))
+    return export_pipeline(
+        run.pipe,
+        run.critic,
+        out if out is not None else run.directory / "export",
+        **run_export_kwargs(run.cfg, run.state),
+    )
 
 
 def run_export_kwargs(cfg, state: dict) -> dict:
     """Base id, reward weights, normalisation stats and final metrics of a run, for :func:`export_pipeline`."""
     history = state.get("history") or []
-    return {"base_model": cfg.model.source, "reward_weights": {s.name: s.weight for s in cfg.reward_specs()},
-            "normalisers": state.get("normalisers") or {},
-            "metrics": {"algo": cfg.algo, "iterations": state.get("iteration", 0), **(history[-1] if history else {})},
-            "adapter_source": cfg.critic.adapter}
+    return {
+        "base_model": cfg.model.source,
+        "reward_weights": {s.name: s.weight for s in cfg.reward_specs()},
+        "normalisers": state.get("normalisers") or {},
+        "metrics": {"algo": cfg.algo, "iterations": state.get("iteration", 0), **(history[-1] if history else {})},
+        "adapter_source": cfg.critic.adapter,
+    }
 
 
 # ------------------------------------------------------------------------------------ load
@@ -198,13 +275,14 @@ def run_export_kwargs(cfg, state: dict) -> dict:
 class LoadedCritic:
     """An exported critic attached to a pipeline: V_k(x_t, t, c) in normalised units, the run's
     reward weights w_k and normalisation stats, and a count of evaluated rows (for cost reports)."""
+
     module: LatentCritic
-    weights: torch.Tensor     # (K,) w_k from the run (overridable per call)
-    norm_mean: torch.Tensor   # (K,)
-    norm_std: torch.Tensor    # (K,) sqrt(var) + eps
+    weights: torch.Tensor  # (K,) w_k from the run (overridable per call)
+    norm_mean: torch.Tensor  # (K,)
+    norm_std: torch.Tensor  # (K,) sqrt(var) + eps
     config: dict
     directory: str
-    rows: int = 0             # x_t rows evaluated so far
+    rows: int = 0  # x_t rows evaluated so far
 
     @property
     def reward_names(self) -> list[str]:
@@ -223,11 +301,14 @@ class LoadedCritic:
         """w_k with overrides ``[{name, weight}]`` (or the old ``name:weight``; align/config_lists.py reads
         both); an unknown name lists the critic's heads."""
         from align.config_lists import parse_rewards
+
         w = self.weights.clone()
         for spec in parse_rewards(overrides, where="steering.weights"):
             if spec.name not in self.reward_names:
-                raise ValueError(f"steering.weights: {spec.name!r} is not a head of the critic {self.directory}; "
-                                 f"heads: {self.reward_names}")
+                raise ValueError(
+                    f"steering.weights: {spec.name!r} is not a head of the critic {self.directory}; "
+                    f"heads: {self.reward_names}"
+                )
             w[self.reward_names.index(spec.name)] = spec.weight
         return w
 
@@ -236,19 +317,24 @@ def read_config(directory: str | Path) -> dict:
     """``config.json`` of an exported critic, checked for format and schema version."""
     path = Path(directory) / "config.json"
     if not path.is_file() or not (Path(directory) / "model.safetensors").is_file():
-        raise CriticLoadError(f"critic {directory}: needs config.json and model.safetensors (an `align export` "
-                              "critic directory)")
+        raise CriticLoadError(
+            f"critic {directory}: needs config.json and model.safetensors (an `align export` critic directory)"
+        )
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CriticLoadError(f"critic {directory}: {path} is truncated or not valid JSON ({err})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         config = config if isinstance(config, dict) else {}
-        raise CriticLoadError(f"critic {directory}: config.json format is {config.get('format')!r}, expected {FORMAT!r}")
+        raise CriticLoadError(
+            f"critic {directory}: config.json format is {config.get('format')!r}, expected {FORMAT!r}"
+        )
     version = config.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise CriticLoadError(f"critic {directory}: schema_version {version!r} is not supported by this code "
-                              f"(supports <= {SCHEMA_VERSION}); upgrade diffusion-align")
+        raise CriticLoadError(
+            f"critic {directory}: schema_version {version!r} is not supported by this code "
+            f"(supports <= {SCHEMA_VERSION}); upgrade diffusion-align"
+        )
     return config
 
 
@@ -260,14 +346,18 @@ def check_base(config: dict, pipe, directory: str | Path, force: bool = False) -
         raise CriticLoadError(f"critic {directory}: config.json has no complete base_model (kind, id, fingerprint)")
     kind = backbone_kind(pipe)
     if base["kind"] != kind:
-        raise CriticLoadError(f"critic {directory} was trained on a {base['kind']} backbone ({base['id']}); "
-                              f"this pipeline is a {kind} ({type(pipe).__name__}): cannot load it, even with force")
+        raise CriticLoadError(
+            f"critic {directory} was trained on a {base['kind']} backbone ({base['id']}); "
+            f"this pipeline is a {kind} ({type(pipe).__name__}): cannot load it, even with force"
+        )
     actual = base_fingerprint(pipe)
     if actual != base["fingerprint"] and not force:
-        raise CriticLoadError(f"critic {directory} was trained on base {base['id']!r} with fingerprint "
-                              f"{base['fingerprint']}, but this pipeline's {type(denoiser(pipe)).__name__} has "
-                              f"fingerprint {actual}; load it onto the same base weights, or pass force=True "
-                              "(--force) for a deliberate transfer")
+        raise CriticLoadError(
+            f"critic {directory} was trained on base {base['id']!r} with fingerprint "
+            f"{base['fingerprint']}, but this pipeline's {type(denoiser(pipe)).__name__} has "
+            f"fingerprint {actual}; load it onto the same base weights, or pass force=True "
+            "(--force) for a deliberate transfer"
+        )
     return actual
 
 
@@ -278,27 +368,43 @@ def load(directory: str | Path, pipe, force: bool = False, adapter_name: str = "
     check_base(config, pipe, directory, force)
     heads_cfg, adapter_cfg = config["heads"], config["adapter"]
     if adapter_name in adapter_names(pipe):
-        raise CriticLoadError(f"critic {directory}: the pipeline already has a LoRA adapter {adapter_name!r}; "
-                              "pass another adapter_name")
+        raise CriticLoadError(
+            f"critic {directory}: the pipeline already has a LoRA adapter {adapter_name!r}; pass another adapter_name"
+        )
     weights = Path(directory) / "model.safetensors"
     try:
         with safe_open(str(weights), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own SafetensorError (or OSError) on a cut-off file
-        raise CriticLoadError(f"critic {directory}: {weights} is truncated or corrupt "
-                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    heads = {k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")}
-    lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+        raise CriticLoadError(
+            f"critic {directory}: {weights} is truncated or corrupt "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from None
+    heads = {k[len("heads.") :]: v for k, v in tensors.items() if k.startswith("heads.")}
+    lora = {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")}
     try:
-        module = LatentCritic(pipe, heads_cfg["names"], adapter=adapter_name, hidden=heads_cfg["hidden"],
-                              feature_layer=config["feature_layer"])
+        module = LatentCritic(
+            pipe,
+            heads_cfg["names"],
+            adapter=adapter_name,
+            hidden=heads_cfg["hidden"],
+            feature_layer=config["feature_layer"],
+        )
         module.heads.load_state_dict(heads)
     except (RuntimeError, ValueError, TypeError) as err:
-        raise CriticLoadError(f"critic {directory}: its heads (feature layer {config['feature_layer']!r}) do not fit "
-                              f"this backbone: {str(err).splitlines()[0]}") from None
+        raise CriticLoadError(
+            f"critic {directory}: its heads (feature layer {config['feature_layer']!r}) do not fit "
+            f"this backbone: {str(err).splitlines()[0]}"
+        ) from None
     previous = active_adapters(pipe)
-    attach_lora(pipe, adapter_name, rank=adapter_cfg["rank"], alpha=adapter_cfg["alpha"],
-                target_modules=adapter_cfg["target_modules"], dropout=adapter_cfg.get("dropout", 0.0))
+    attach_lora(
+        pipe,
+        adapter_name,
+        rank=adapter_cfg["rank"],
+        alpha=adapter_cfg["alpha"],
+        target_modules=adapter_cfg["target_modules"],
+        dropout=adapter_cfg.get("dropout", 0.0),
+    )
     try:
         set_active_adapters(pipe, previous)  # attaching the first adapter would make it the sampling one
         load_lora_state_dict(pipe, lora, adapter_name)
@@ -309,8 +415,13 @@ def load(directory: str | Path, pipe, force: bool = False, adapter_name: str = "
     # with frozen weights take another kernel path whose results differ in the last bit.
     module.eval()
     rewards = config["rewards"]
-    return LoadedCritic(module=module, weights=torch.tensor([r["weight"] for r in rewards], dtype=torch.float32),
-                        norm_mean=torch.tensor([r["norm"]["mean"] for r in rewards], dtype=torch.float32),
-                        norm_std=torch.tensor([r["norm"]["std"] + r["norm"].get("eps", NORM_EPS) for r in rewards],
-                                              dtype=torch.float32),
-                        config=config, directory=str(directory))
+    return LoadedCritic(
+        module=module,
+        weights=torch.tensor([r["weight"] for r in rewards], dtype=torch.float32),
+        norm_mean=torch.tensor([r["norm"]["mean"] for r in rewards], dtype=torch.float32),
+        norm_std=torch.tensor(
+            [r["norm"]["std"] + r["norm"].get("eps", NORM_EPS) for r in rewards], dtype=torch.float32
+        ),
+        config=config,
+        directory=str(directory),
+    )

@@ -19,6 +19,7 @@ Every mode samples with the project's log-prob sampler and differs only in its h
 Cost: ``grad`` adds one critic forward + backward per steered step, ``rerank`` M critic forwards
 per chosen step (no extra denoiser calls), ``best_of_n`` N× the denoiser calls + N critic rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,9 @@ COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 @dataclasses.dataclass
 class SteerContext:
     """What a steering mode needs besides the pipeline and prompts."""
+
     critic: Optional[LoadedCritic]
-    weights: Optional[torch.Tensor]      # (K,) w_k
+    weights: Optional[torch.Tensor]  # (K,) w_k
     cfg: SteeringConfig
     candidate_generator: torch.Generator  # rerank's candidate noise (keeps the sampler's stream intact)
 
@@ -53,6 +55,7 @@ def register_steering(name: str) -> Callable[[SteerFn], SteerFn]:
     def wrap(fn: SteerFn) -> SteerFn:
         STEERING[name] = fn
         return fn
+
     return wrap
 
 
@@ -71,8 +74,15 @@ def _active(step: int, cfg: SteeringConfig) -> bool:
     return not cfg.steps or step in cfg.steps
 
 
-def grad_step(critic: LoadedCritic, weights: torch.Tensor, scale: float, mean: torch.Tensor, x_t: torch.Tensor,
-              t: torch.Tensor, cond: dict) -> torch.Tensor:
+def grad_step(
+    critic: LoadedCritic,
+    weights: torch.Tensor,
+    scale: float,
+    mean: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict,
+) -> torch.Tensor:
     """μ + s · ∇_{x_t} Σ_k w_k V_k(x_t, t, c) (module docstring)."""
     with torch.enable_grad():
         x = x_t.detach().clone().requires_grad_(True)
@@ -82,27 +92,31 @@ def grad_step(critic: LoadedCritic, weights: torch.Tensor, scale: float, mean: t
 
 
 @register_steering("none")
-def steer_none(pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator,
-               ctx: SteerContext) -> Trajectory:
+def steer_none(
+    pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator, ctx: SteerContext
+) -> Trajectory:
     return sample_trajectory(pipe, prompts, config, generator)
 
 
 @register_steering("grad")
-def steer_grad(pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator,
-               ctx: SteerContext) -> Trajectory:
+def steer_grad(
+    pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator, ctx: SteerContext
+) -> Trajectory:
     embeds = _Embeds()
 
     def transition(mean: torch.Tensor, std: torch.Tensor, step: StepContext):
         if not _active(step.step_index, ctx.cfg):
             return mean, std
         return grad_step(ctx.critic, ctx.weights, ctx.cfg.scale, mean, step.sample, step.timestep, embeds.cond), std
+
     hooks = SamplerHooks(prompt_embeds=embeds, transition=transition, needs_grad=True)
     return sample_trajectory(pipe, prompts, config, generator, hooks=hooks)
 
 
 @register_steering("rerank")
-def steer_rerank(pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator,
-                 ctx: SteerContext) -> Trajectory:
+def steer_rerank(
+    pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator, ctx: SteerContext
+) -> Trajectory:
     embeds = _Embeds()
     m = ctx.cfg.candidates
 
@@ -112,19 +126,21 @@ def steer_rerank(pipe, prompts: list[str], config: SamplerConfig, generator: tor
         if i + 1 >= len(timesteps) or not _active(i, ctx.cfg):
             return mean, std
         noise = randn_tensor((m, *mean.shape), generator=ctx.candidate_generator, device=mean.device, dtype=mean.dtype)
-        cands = mean[None] + std * noise                                    # (M, B, C, h, w)
+        cands = mean[None] + std * noise  # (M, B, C, h, w)
         cond = {k: None if v is None else v.repeat(m, *[1] * (v.ndim - 1)) for k, v in embeds.cond.items()}
-        values = ctx.critic.values(cands.flatten(0, 1), timesteps[i + 1], cond)    # (M·B, K), candidate-major
-        score = (values * ctx.weights.to(values)).sum(-1).view(m, -1)        # (M, B)
+        values = ctx.critic.values(cands.flatten(0, 1), timesteps[i + 1], cond)  # (M·B, K), candidate-major
+        score = (values * ctx.weights.to(values)).sum(-1).view(m, -1)  # (M, B)
         best = cands[score.argmax(0), torch.arange(mean.shape[0], device=mean.device)]
         return best, torch.zeros_like(torch.as_tensor(std))
+
     hooks = SamplerHooks(prompt_embeds=embeds, transition=transition)
     return sample_trajectory(pipe, prompts, config, generator, hooks=hooks)
 
 
 @register_steering("best_of_n")
-def steer_best_of_n(pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator,
-                    ctx: SteerContext) -> Trajectory:
+def steer_best_of_n(
+    pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator, ctx: SteerContext
+) -> Trajectory:
     n = ctx.cfg.candidates
     traj = sample_trajectory(pipe, [p for p in prompts for _ in range(n)], config, generator)
     values = final_values(ctx.critic, traj)
@@ -142,15 +158,24 @@ def final_values(critic: LoadedCritic, traj: Trajectory) -> torch.Tensor:
 @dataclasses.dataclass
 class SteeringConfig:
     """``steering:`` section of `align sample` (CLI: --critic, --steer, --scale, --candidates, --force)."""
-    critic: str = field("", path="dir", help="exported critic directory (`align export` → OUT/critic); empty: no critic")
-    steer: str = field("none", choices=tuple(STEERING),
-                       help="none | grad (∇V on the step mean) | rerank (best of M candidate steps) | "
-                            "best_of_n (best of N chains by V at the last state)")
+
+    critic: str = field(
+        "", path="dir", help="exported critic directory (`align export` → OUT/critic); empty: no critic"
+    )
+    steer: str = field(
+        "none",
+        choices=tuple(STEERING),
+        help="none | grad (∇V on the step mean) | rerank (best of M candidate steps) | "
+        "best_of_n (best of N chains by V at the last state)",
+    )
     scale: float = field(1.0, help="grad: s in μ ← μ + s ∇_{x_t} Σ_k w_k V_k")
     candidates: int = field(4, help="rerank: M candidates per chosen step; best_of_n: N chains per image")
     steps: list = field(default_factory=list, help="step indices 0..T-1 where grad/rerank act; empty: all")
-    weights: list = field(default_factory=list, help="per-reward weight overrides [{name, weight}] (default: the "
-                          "run's; the old name:weight strings are still read)")
+    weights: list = field(
+        default_factory=list,
+        help="per-reward weight overrides [{name, weight}] (default: the "
+        "run's; the old name:weight strings are still read)",
+    )
     force: bool = field(False, help="load the critic onto a base whose fingerprint differs (deliberate transfer)")
     score_rewards: bool = field(True, help="score each image with the critic's reward plugins (JSON: rewards)")
 
@@ -170,13 +195,19 @@ class SteeringConfig:
 class SteeredBatch:
     traj: Trajectory
     values: Optional[torch.Tensor]  # (B, K) final_values, None without a critic
-    critic_rows: int                # critic rows evaluated by the steering itself (not by final_values)
+    critic_rows: int  # critic rows evaluated by the steering itself (not by final_values)
 
 
-def sample_steered(pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator,
-                   critic: Optional[LoadedCritic], cfg: SteeringConfig,
-                   candidate_generator: Optional[torch.Generator] = None,
-                   weights: Optional[Sequence[str]] = None) -> SteeredBatch:
+def sample_steered(
+    pipe,
+    prompts: list[str],
+    config: SamplerConfig,
+    generator: torch.Generator,
+    critic: Optional[LoadedCritic],
+    cfg: SteeringConfig,
+    candidate_generator: Optional[torch.Generator] = None,
+    weights: Optional[Sequence[str]] = None,
+) -> SteeredBatch:
     """Sample ``prompts`` with steering mode ``cfg.steer``; values of the results if there is a critic."""
     if cfg.steer not in STEERING:
         raise ValueError(f"unknown steering mode {cfg.steer!r}; available: {', '.join(STEERING)}")

@@ -12,6 +12,7 @@ the smoother JPEG reward (``benchmarks/critic_toy.py``, docs/benchmarks.md "ECG 
 Features are pooled (mean + a learned attention pool), concatenated with the backbone's own
 timestep embedding, and fed to one small MLP head per reward → values (B, K).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,9 @@ def resolve_feature_layer(pipe, feature_layer: Optional[str]) -> str:
     n_up = len(denoiser(pipe).up_blocks)
     valid = [name for name in UNET_FEATURE_LAYERS if name == "mid_block" or int(name.rsplit(".", 1)[1]) < n_up]
     if layer not in valid:
-        raise ValueError(f"critic.feature_layer {layer!r} is not valid for this UNet; "
-                         f"choose one of: {', '.join(valid)}")
+        raise ValueError(
+            f"critic.feature_layer {layer!r} is not valid for this UNet; choose one of: {', '.join(valid)}"
+        )
     return layer
 
 
@@ -123,8 +125,12 @@ class ValueHeads(nn.Module):
         self.reward_names = list(reward_names)
         self.query = nn.Parameter(torch.zeros(feature_dim))
         self.norm = nn.LayerNorm(2 * feature_dim + temb_dim)
-        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Linear(2 * feature_dim + temb_dim, hidden), nn.SiLU(),
-                                                        nn.Linear(hidden, 1)) for name in self.reward_names})
+        self.heads = nn.ModuleDict(
+            {
+                name: nn.Sequential(nn.Linear(2 * feature_dim + temb_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+                for name in self.reward_names
+            }
+        )
 
     def forward(self, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         weights = torch.softmax(tokens @ self.query / math.sqrt(tokens.shape[-1]), dim=1)  # (B, N)
@@ -136,8 +142,14 @@ class ValueHeads(nn.Module):
 class LatentCritic(nn.Module):
     """V(x_t, t, c) → (B, K) on the pipeline's denoiser with a LoRA adapter active (see module doc)."""
 
-    def __init__(self, pipe, reward_names: Sequence[str], adapter: str = "critic", hidden: int = 128,
-                 feature_layer: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        pipe,
+        reward_names: Sequence[str],
+        adapter: str = "critic",
+        hidden: int = 128,
+        feature_layer: Optional[str] = None,
+    ) -> None:
         super().__init__()
         self.pipe = pipe
         self.adapter = adapter
@@ -161,8 +173,13 @@ class LatentCritic(nn.Module):
                 if tap.kind == "unet":
                     net(x_t, t, encoder_hidden_states=embeds["prompt_embeds"], return_dict=False)
                 else:
-                    net(hidden_states=x_t, timestep=t, encoder_hidden_states=embeds["prompt_embeds"],
-                        pooled_projections=embeds["pooled_prompt_embeds"], return_dict=False)
+                    net(
+                        hidden_states=x_t,
+                        timestep=t,
+                        encoder_hidden_states=embeds["prompt_embeds"],
+                        pooled_projections=embeds["pooled_prompt_embeds"],
+                        return_dict=False,
+                    )
         except _FeaturesReady:
             pass
         finally:

@@ -1,4 +1,5 @@
 """Built-in rewards that need no model weights: toy-GenEval (toy detector + rule engine) and DDPO's JPEG rewards."""
+
 from __future__ import annotations
 
 import io
@@ -16,9 +17,11 @@ class ToyGenEval:
 
     Each prompt's record is ``metadata["prompt_metadata"][i]`` when given, else parsed from the toy
     prompt (``align.toy.world.parse_prompt``). ``metadata["toy_geneval"]`` receives (B,) float
-    tensors: ``strict``, ``score``, ``tag_<tag>`` (1 where the sample has that tag; no "/" so the remote wire keeps it), and per check
+    tensors: ``strict``, ``score``, ``tag_<tag>`` (1 where the sample has that tag; no "/" so the remote wire
+    keeps it), and per check
     kind (``count``, ``color``, ``position``, ``exclude``) ``<kind>_ok`` / ``<kind>_checks``: the
     satisfied and total checks of that kind."""
+
     name = "toy_geneval"
     device = "cpu"
     batch_size = None
@@ -31,14 +34,18 @@ class ToyGenEval:
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
         from align.toy.detector import score_batch
         from align.toy.world import TAGS
+
         result = score_batch(images.float().clamp(0, 1).cpu(), prompts, metadata.get("prompt_metadata"))
         out = {"strict": result["strict"], "score": result["score"]}
         out.update({f"tag_{t}": torch.tensor([float(x == t) for x in result["tag"]]) for t in TAGS})
         for kind in CHECK_KINDS:
             for suffix, keep in (("ok", True), ("checks", False)):
                 out[f"{kind}_{suffix}"] = torch.tensor(
-                    [float(sum(_kind(c) == kind and (c["ok"] or not keep) for c in v.details["checks"]))
-                     for v in result["verdicts"]])
+                    [
+                        float(sum(_kind(c) == kind and (c["ok"] or not keep) for c in v.details["checks"]))
+                        for v in result["verdicts"]
+                    ]
+                )
         metadata[self.name] = out
         return result["strict"] if self.strict else result["score"]
 
@@ -65,6 +72,7 @@ def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
 class JpegSize:
     """DDPO's JPEG rewards: ``sign`` × (JPEG size in kB). −1: compressibility (smaller files score
     higher); +1: incompressibility."""
+
     name = "jpeg_size"
     sign = 1.0
     device = "cpu"
@@ -79,9 +87,11 @@ class JpegSize:
 
 class JpegCompressibility(JpegSize):
     """DDPO's compressibility: −(JPEG size in kB) at the given quality (real PIL encoding)."""
+
     name, sign = "jpeg_compressibility", -1.0
 
 
 class JpegIncompressibility(JpegSize):
     """DDPO's incompressibility: +(JPEG size in kB) at the given quality (real PIL encoding)."""
+
     name, sign = "jpeg_incompressibility", 1.0

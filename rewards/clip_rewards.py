@@ -2,6 +2,7 @@
 LAION aesthetic MLP on CLIP image embeddings). Weights are local only: a checkpoint path, or a
 pretrained tag that is already in the local cache — never a silent download.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
-def resolve_open_clip_weights(model: str, pretrained: Optional[str], checkpoint: Optional[str],
-                              reward: str) -> Optional[str]:
+def resolve_open_clip_weights(
+    model: str, pretrained: Optional[str], checkpoint: Optional[str], reward: str
+) -> Optional[str]:
     """A local file for open_clip's ``pretrained=``: ``checkpoint`` if it exists, else the cached
     file of the tag ``pretrained`` (HF cache with ``local_files_only``, or open_clip's URL cache)."""
     if checkpoint:
@@ -31,16 +33,22 @@ def resolve_open_clip_weights(model: str, pretrained: Optional[str], checkpoint:
             raise WeightsNotLocalError(f"reward {reward!r}: checkpoint not found: {checkpoint}")
         return checkpoint
     if not pretrained:
-        raise WeightsNotLocalError(f"reward {reward!r}: give checkpoint=<local file> or pretrained=<tag in the local "
-                                   "cache>; weights are never downloaded silently")
+        raise WeightsNotLocalError(
+            f"reward {reward!r}: give checkpoint=<local file> or pretrained=<tag in the local "
+            "cache>; weights are never downloaded silently"
+        )
     import open_clip
     from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives, get_pretrained_cfg
+
     cfg = get_pretrained_cfg(model, pretrained)
     if not cfg:
-        raise WeightsNotLocalError(f"reward {reward!r}: open_clip knows no tag {pretrained!r} for {model!r}; tags: "
-                                   f"{', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'}")
+        raise WeightsNotLocalError(
+            f"reward {reward!r}: open_clip knows no tag {pretrained!r} for {model!r}; tags: "
+            f"{', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'}"
+        )
     if cfg.get("hf_hub"):
         from huggingface_hub import hf_hub_download
+
         repo, filename = os.path.split(cfg["hf_hub"])  # 'org/repo/' or 'org/repo/file.bin'
         for name in [*_get_safe_alternatives(filename or HF_WEIGHTS_NAME), filename or HF_WEIGHTS_NAME]:
             try:
@@ -53,15 +61,24 @@ def resolve_open_clip_weights(model: str, pretrained: Optional[str], checkpoint:
         if cfg.get("url") and os.path.isfile(path):
             return path
         where = path
-    raise WeightsNotLocalError(f"reward {reward!r}: weights for {model} / {pretrained} are not in {where}; download "
-                               "them yourself (e.g. huggingface-cli download) or pass checkpoint=<file>")
+    raise WeightsNotLocalError(
+        f"reward {reward!r}: weights for {model} / {pretrained} are not in {where}; download "
+        "them yourself (e.g. huggingface-cli download) or pass checkpoint=<file>"
+    )
 
 
-def load_open_clip(model: str, pretrained: Optional[str], checkpoint: Optional[str], model_config: Optional[str],
-                   device: str, reward: str):
+def load_open_clip(
+    model: str,
+    pretrained: Optional[str],
+    checkpoint: Optional[str],
+    model_config: Optional[str],
+    device: str,
+    reward: str,
+):
     """open_clip model (eval, on ``device``), its eval transform and tokenizer, from local weights.
     ``model_config``: a JSON architecture file (registered under its file stem, which must equal ``model``)."""
     import open_clip
+
     if model_config:
         if not os.path.isfile(model_config):
             raise FileNotFoundError(f"reward {reward!r}: model_config not found: {model_config}")
@@ -75,13 +92,22 @@ def load_open_clip(model: str, pretrained: Optional[str], checkpoint: Optional[s
 
 class ClipScore:
     """open_clip image–text cosine similarity, raw in [−1, 1] (torchmetrics' CLIPScore = 100·max(cos, 0))."""
+
     name = "clip_score"
 
-    def __init__(self, model: str = "ViT-L-14", pretrained: Optional[str] = None, checkpoint: Optional[str] = None,
-                 model_config: Optional[str] = None, device: str = "cpu", batch_size: Optional[int] = 32) -> None:
+    def __init__(
+        self,
+        model: str = "ViT-L-14",
+        pretrained: Optional[str] = None,
+        checkpoint: Optional[str] = None,
+        model_config: Optional[str] = None,
+        device: str = "cpu",
+        batch_size: Optional[int] = 32,
+    ) -> None:
         self.device, self.batch_size = device, batch_size
-        self.model, self.preprocess, self.tokenizer = load_open_clip(model, pretrained, checkpoint, model_config,
-                                                                     device, self.name)
+        self.model, self.preprocess, self.tokenizer = load_open_clip(
+            model, pretrained, checkpoint, model_config, device, self.name
+        )
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
@@ -98,8 +124,15 @@ class AestheticMLP(torch.nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.layers = torch.nn.Sequential(
-            torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+            torch.nn.Linear(dim, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.layers(embeddings).squeeze(-1)
@@ -111,6 +144,7 @@ def load_state(path: str, reward: str) -> dict[str, torch.Tensor]:
         raise WeightsNotLocalError(f"reward {reward!r}: checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state) if isinstance(state, dict) else state
@@ -118,14 +152,23 @@ def load_state(path: str, reward: str) -> dict[str, torch.Tensor]:
 
 class Aesthetic:
     """LAION aesthetic score: MLP(CLIP image embedding / its norm), about 1–10 with the released head."""
+
     name = "aesthetic"
 
-    def __init__(self, head: Optional[str] = None, model: str = "ViT-L-14", pretrained: Optional[str] = None,
-                 checkpoint: Optional[str] = None, model_config: Optional[str] = None, device: str = "cpu",
-                 batch_size: Optional[int] = 32) -> None:
+    def __init__(
+        self,
+        head: Optional[str] = None,
+        model: str = "ViT-L-14",
+        pretrained: Optional[str] = None,
+        checkpoint: Optional[str] = None,
+        model_config: Optional[str] = None,
+        device: str = "cpu",
+        batch_size: Optional[int] = 32,
+    ) -> None:
         if not head:
-            raise WeightsNotLocalError("reward 'aesthetic': give head=<local MLP checkpoint> "
-                                       "(e.g. sac+logos+ava1-l14-linearMSE.pth)")
+            raise WeightsNotLocalError(
+                "reward 'aesthetic': give head=<local MLP checkpoint> (e.g. sac+logos+ava1-l14-linearMSE.pth)"
+            )
         self.device, self.batch_size = device, batch_size
         self.model, self.preprocess, _ = load_open_clip(model, pretrained, checkpoint, model_config, device, self.name)
         state = load_state(head, self.name)

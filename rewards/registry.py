@@ -8,6 +8,7 @@ It is a class (instantiated with the keyword arguments of its config entry, ``re
 plain function (those keyword arguments are bound to it). Scoring, chunking and validation live
 in :mod:`rewards.scoring`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,7 @@ class RewardError(RuntimeError):
 @dataclasses.dataclass
 class FunctionReward:
     """A plain scoring function as a Reward; ``kwargs`` (``rewards[].args``) are passed on each call."""
+
     fn: Callable[..., torch.Tensor]
     name: str
     device: str = "cpu"
@@ -64,12 +66,14 @@ def register_reward(name: str, *, device: str = "cpu", batch_size: Optional[int]
     """Register a reward class, or a scoring function ``f(images, prompts, metadata, **kw)``, under ``name``
     in this process. ``device`` / ``batch_size`` become a function's attributes, as an entry-point
     function declares them (classes declare them as attributes themselves)."""
+
     def wrap(obj):
         if not inspect.isclass(obj):
             obj.device = getattr(obj, "device", device)
             obj.batch_size = getattr(obj, "batch_size", batch_size)
         _REGISTERED[name] = obj
         return obj
+
     return wrap
 
 
@@ -78,9 +82,11 @@ def _entry_points() -> dict[str, Any]:
     installed plugin's; the one discovery path. Metadata without the built-ins is a stale install."""
     found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if not any(_is_own(ep) for ep in found.values()):
-        raise RewardPluginError(f"the built-in rewards are {OWN_DISTRIBUTION}'s own {ENTRY_POINT_GROUP!r} entry points "
-                                "(pyproject.toml), and the installed metadata has none: reinstall the project "
-                                "(make install, or pip install -e .)")
+        raise RewardPluginError(
+            f"the built-in rewards are {OWN_DISTRIBUTION}'s own {ENTRY_POINT_GROUP!r} entry points "
+            "(pyproject.toml), and the installed metadata has none: reinstall the project "
+            "(make install, or pip install -e .)"
+        )
     return found
 
 
@@ -115,8 +121,9 @@ def reward_object(name: str) -> Callable[..., Any]:
     except Exception as err:  # noqa: BLE001 (any import-time failure of a plugin: name it, in one line)
         dist = f" of {ep.dist.name} {ep.dist.version}" if getattr(ep, "dist", None) else ""
         detail = str(err).splitlines()[0] if str(err) else ""
-        raise RewardPluginError(f"reward plugin {name!r} (entry point {ep.value}{dist}) failed to load: "
-                                f"{type(err).__name__}: {detail}") from err
+        raise RewardPluginError(
+            f"reward plugin {name!r} (entry point {ep.value}{dist}) failed to load: {type(err).__name__}: {detail}"
+        ) from err
 
 
 def describe_reward(name: str) -> str:
@@ -134,6 +141,7 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
     unknown arguments list the accepted ones."""
     if name.startswith(REMOTE_PREFIX):
         from rewards.remote import RemoteReward
+
         return _with_protocol_args(RemoteReward(name, **_plugin_args(RemoteReward, name, kwargs, skip=1)), kwargs)
     obj = reward_object(name)
     if inspect.isclass(obj):
@@ -142,8 +150,13 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
             reward.name = name
     elif callable(obj):
         params = _plugin_args(obj, name, kwargs, skip=3)
-        reward = FunctionReward(obj, getattr(obj, "reward_name", name), kwargs=params,
-                                device=getattr(obj, "device", "cpu"), batch_size=getattr(obj, "batch_size", None))
+        reward = FunctionReward(
+            obj,
+            getattr(obj, "reward_name", name),
+            kwargs=params,
+            device=getattr(obj, "device", "cpu"),
+            batch_size=getattr(obj, "batch_size", None),
+        )
     else:
         raise ValueError(f"reward {name!r}: {obj!r} is neither a class nor a function")
     return _with_protocol_args(reward, kwargs)
@@ -159,8 +172,10 @@ def _plugin_args(obj: Callable, name: str, kwargs: dict, skip: int = 0) -> dict:
         return args
     unknown = sorted(set(args) - set(accepted))
     if unknown:
-        raise ValueError(f"reward {name!r}: unknown argument {unknown[0]!r}; accepted: "
-                         f"{', '.join(dict.fromkeys(accepted + list(PROTOCOL_ARGS)))}")
+        raise ValueError(
+            f"reward {name!r}: unknown argument {unknown[0]!r}; accepted: "
+            f"{', '.join(dict.fromkeys(accepted + list(PROTOCOL_ARGS)))}"
+        )
     return args
 
 
@@ -181,6 +196,7 @@ def check_reward_specs(specs: Sequence[RewardSpec]) -> None:
     for s in specs:
         if s.name.startswith(REMOTE_PREFIX):
             from rewards.remote import parse_url
+
             parse_url(s.name)
         elif s.name not in known:
             raise ValueError(f"unknown reward {s.name!r}; available: {', '.join(sorted(known))}")

@@ -8,6 +8,7 @@ answer is safetensors bytes holding ``scores`` (B,) and the per-sample tensors t
 its metadata (``meta/<key>`` or ``meta/<key>/<sub>``). Errors come back as JSON ``{"error": ...}``
 with a 4xx/5xx status. A bearer token (env ``ALIGN_REWARD_TOKEN``) goes in ``Authorization``.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ RETRY_STATUS = (502, 503, 504)
 
 def parse_url(spec: str) -> tuple[str, str]:
     """``remote:http://host:port/NAME`` → (endpoint URL, NAME); a one-line error otherwise."""
-    url = spec[len(REMOTE_PREFIX):] if spec.startswith(REMOTE_PREFIX) else spec
+    url = spec[len(REMOTE_PREFIX) :] if spec.startswith(REMOTE_PREFIX) else spec
     parts = urllib.parse.urlsplit(url)
     name = parts.path.strip("/")
     if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port or not name or "/" in name:
@@ -52,8 +53,12 @@ def decode_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
     tensors = st_load(body)  # safetensors parses untrusted bytes without executing anything
     meta = _metadata(body)
     images = tensors.get("images")
-    if images is None or images.ndim != 4 or images.shape[1] != 3 or not (
-            images.dtype.is_floating_point or images.dtype == torch.uint8):
+    if (
+        images is None
+        or images.ndim != 4
+        or images.shape[1] != 3
+        or not (images.dtype.is_floating_point or images.dtype == torch.uint8)
+    ):
         raise ValueError("request needs 'images': a float or uint8 tensor (B,3,H,W)")
     images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
     prompts = json.loads(meta.get("prompts", "null"))
@@ -87,7 +92,7 @@ def decode_response(body: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
 def _metadata(body: bytes) -> dict[str, str]:
     """The ``__metadata__`` of safetensors bytes (8-byte little-endian header length, JSON header)."""
     n = int.from_bytes(body[:8], "little")
-    return json.loads(body[8:8 + n]).get("__metadata__") or {}
+    return json.loads(body[8 : 8 + n]).get("__metadata__") or {}
 
 
 class RemoteReward:
@@ -95,12 +100,14 @@ class RemoteReward:
     ``retries`` retries on connection errors, timeouts and 502/503/504. The retries are urllib3's
     :class:`Retry` on a ``requests`` session: the first retry is immediate, retry k ≥ 2 waits
     ``backoff_s · 2^(k-1)`` s (or the server's ``Retry-After``)."""
+
     device = "cpu"
     batch_size: Optional[int] = None
     handles_timeout = True  # the HTTP timeout is real; scoring need not wrap the call in a thread
 
-    def __init__(self, spec: str, retries: int = 2, backoff_s: float = 0.5, wire_dtype: str = "float32",
-                 timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, spec: str, retries: int = 2, backoff_s: float = 0.5, wire_dtype: str = "float32", timeout_s: float = 60.0
+    ) -> None:
         self.url, self.remote_name = parse_url(spec)
         self.timeout_s = float(timeout_s)
         if wire_dtype not in ("float32", "uint8"):
@@ -118,8 +125,10 @@ class RemoteReward:
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, Any]) -> torch.Tensor:
         body, limit = encode_request(images, prompts, self.wire_dtype), self.server_info.get("max_request_bytes")
         if limit is not None and len(body) > limit:
-            raise RewardError(f"reward {self.name!r}: a batch of {len(prompts)} is {len(body)} bytes, over the "
-                              f"server's limit of {limit}; set reward_args batch_size smaller")
+            raise RewardError(
+                f"reward {self.name!r}: a batch of {len(prompts)} is {len(body)} bytes, over the "
+                f"server's limit of {limit}; set reward_args batch_size smaller"
+            )
         scores, extra = decode_response(self._request(body, what=f"a batch of {len(prompts)}"))
         metadata.update(extra)
         return scores
@@ -130,11 +139,14 @@ class RemoteReward:
         headers = {"Content-Type": "application/octet-stream"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        gave_up = (f"reward {self.name!r} on {what}: no answer after {self.retries + 1} attempts "
-                   f"(timeout {self.timeout_s:g} s); last error: ")
+        gave_up = (
+            f"reward {self.name!r} on {what}: no answer after {self.retries + 1} attempts "
+            f"(timeout {self.timeout_s:g} s); last error: "
+        )
         try:
-            resp = self.session.request("POST" if body else "GET", self.url, data=body, headers=headers,
-                                        timeout=self.timeout_s)
+            resp = self.session.request(
+                "POST" if body else "GET", self.url, data=body, headers=headers, timeout=self.timeout_s
+            )
         except requests.RequestException as err:
             raise RewardError(gave_up + _reason(err)) from None
         if resp.ok:
@@ -148,8 +160,13 @@ class RemoteReward:
 def _session(retries: int, backoff_s: float) -> requests.Session:
     """A session whose adapter retries connection errors, read timeouts and 502/503/504 ``retries`` times,
     POST included (scoring is idempotent); after the last 50x it returns that answer instead of raising."""
-    retry = Retry(total=retries, backoff_factor=backoff_s, status_forcelist=RETRY_STATUS,
-                  allowed_methods=frozenset({"GET", "POST"}), raise_on_status=False)
+    retry = Retry(
+        total=retries,
+        backoff_factor=backoff_s,
+        status_forcelist=RETRY_STATUS,
+        allowed_methods=frozenset({"GET", "POST"}),
+        raise_on_status=False,
+    )
     session = requests.Session()
     adapter = HTTPAdapter(max_retries=retry)
     session.mount("http://", adapter)

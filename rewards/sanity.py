@@ -3,21 +3,27 @@
 Each is a plain image statistic that a LoRA can move in either direction; trained with weight +1
 or −1 it must rise or fall. They need no model weights.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-
 #: RGB in [0, 1] of the colours that ``color_fraction`` knows (the toy world's palette, black and white)
 COLORS: dict[str, tuple[float, float, float]] = {
-    "black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0),
-    "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
+    "black": (0.0, 0.0, 0.0),
+    "white": (1.0, 1.0, 1.0),
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+}
 
 
 class MeanBrightness:
     """Mean pixel value over the image and its channels, in [0, 1]."""
+
     name = "mean_brightness"
     device = "cpu"
     batch_size = None
@@ -28,6 +34,7 @@ class MeanBrightness:
 
 class ColorFraction:
     """Fraction of pixels within ``tolerance`` (Euclidean RGB distance, on [0, 1]) of ``color``."""
+
     name = "color_fraction"
     device = "cpu"
     batch_size = None
@@ -35,7 +42,7 @@ class ColorFraction:
     def __init__(self, color: str = "red", tolerance: float = 0.5) -> None:
         if color not in COLORS:
             raise ValueError(f"color_fraction: unknown color {color!r}; choose one of: {', '.join(COLORS)}")
-        if not 0 < tolerance <= 3 ** 0.5:
+        if not 0 < tolerance <= 3**0.5:
             raise ValueError(f"color_fraction: tolerance must be in (0, √3], got {tolerance}")
         self.color, self.tolerance = color, float(tolerance)
 

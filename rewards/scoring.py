@@ -5,6 +5,7 @@ optionally under a ``timeout_s`` per call. A plugin that raises, times out, or r
 shape, a non-float dtype or non-finite values stops scoring with a :class:`RewardError` naming it,
 its input batch size and the bad values — so no update can ever see a partial or NaN batch.
 """
+
 from __future__ import annotations
 
 import threading
@@ -14,14 +15,18 @@ import torch
 
 from rewards.registry import Reward, RewardError
 
-
 #: metadata key of the per-sample prompt records (list[dict | None], one per image; GenEval's format)
 PROMPT_METADATA = "prompt_metadata"
 
 
-def score(rewards: Sequence[Reward], images: torch.Tensor, prompts: list[str],
-          metadata: Optional[dict[str, Any]] = None, *,
-          prompt_metadata: Optional[Sequence[Optional[dict]]] = None) -> tuple[torch.Tensor, dict[str, Any]]:
+def score(
+    rewards: Sequence[Reward],
+    images: torch.Tensor,
+    prompts: list[str],
+    metadata: Optional[dict[str, Any]] = None,
+    *,
+    prompt_metadata: Optional[Sequence[Optional[dict]]] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run every reward; returns scores (B, K) (float32, CPU) and the metadata the rewards added.
     ``prompt_metadata`` (one record per image) reaches each reward as ``metadata["prompt_metadata"]``,
     cut to the reward's chunk; a batch whose size differs from its prompts or records is refused here."""
@@ -60,8 +65,13 @@ def score_one(reward: Reward, images: torch.Tensor, prompts: list[str], metadata
             chunk_meta[PROMPT_METADATA] = metadata[PROMPT_METADATA][start:stop]
         values = _call(reward, images[start:stop].to(device), prompts[start:stop], chunk_meta)
         parts.append(validate_scores(reward.name, values, stop - start))
-        added.append({k: v for k, v in chunk_meta.items()
-                      if k != PROMPT_METADATA and (k not in metadata or chunk_meta[k] is not metadata[k])})
+        added.append(
+            {
+                k: v
+                for k, v in chunk_meta.items()
+                if k != PROMPT_METADATA and (k not in metadata or chunk_meta[k] is not metadata[k])
+            }
+        )
     for key in added[0]:
         metadata[key] = _concat([a[key] for a in added])
     return torch.cat(parts)
@@ -86,8 +96,9 @@ def _call(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: di
     except RewardError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the plugin's name
-        raise RewardError(f"reward {reward.name!r} raised on a batch of {len(prompts)}: "
-                          f"{type(err).__name__}: {err}") from err
+        raise RewardError(
+            f"reward {reward.name!r} raised on a batch of {len(prompts)}: {type(err).__name__}: {err}"
+        ) from err
 
 
 def _call_with_timeout(reward: Reward, images, prompts, metadata, timeout: float) -> Any:
@@ -116,17 +127,25 @@ def validate_scores(name: str, values: Any, batch_size: int) -> torch.Tensor:
     """A float Tensor of shape (batch_size,) with finite values, returned as a float32 CPU copy (a reward may
     return the very tensor it stored in the metadata; the remote wire refuses shared memory)."""
     if not torch.is_tensor(values):
-        raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected a Tensor of shape ({batch_size},)")
+        raise RewardError(
+            f"reward {name!r} returned {type(values).__name__}, expected a Tensor of shape ({batch_size},)"
+        )
     if tuple(values.shape) != (batch_size,):
-        raise RewardError(f"reward {name!r} returned shape {tuple(values.shape)} for a batch of {batch_size}; "
-                          f"expected ({batch_size},)")
+        raise RewardError(
+            f"reward {name!r} returned shape {tuple(values.shape)} for a batch of {batch_size}; "
+            f"expected ({batch_size},)"
+        )
     if not values.dtype.is_floating_point:
-        raise RewardError(f"reward {name!r} returned dtype {values.dtype} for a batch of {batch_size}; "
-                          "expected a floating-point tensor")
+        raise RewardError(
+            f"reward {name!r} returned dtype {values.dtype} for a batch of {batch_size}; "
+            "expected a floating-point tensor"
+        )
     values = values.detach().float().cpu().clone()  # never an alias of a tensor the plugin put in its metadata
     bad = ~torch.isfinite(values)
     if bad.any():
         idx = bad.nonzero().flatten().tolist()
-        raise RewardError(f"reward {name!r} returned non-finite values on a batch of {batch_size}: "
-                          f"{values[bad].tolist()[:5]} at indices {idx[:5]}")
+        raise RewardError(
+            f"reward {name!r} returned non-finite values on a batch of {batch_size}: "
+            f"{values[bad].tolist()[:5]} at indices {idx[:5]}"
+        )
     return values

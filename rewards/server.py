@@ -8,6 +8,7 @@ timeout on the socket, so idle or stalled clients cannot hold handler threads fo
 the reward are serialised by a lock (one model, one device). The reward runs through the same
 validated scoring as in training, so a bad plugin answers 422 naming itself.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -33,9 +34,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_server(reward: Reward, host: str = "127.0.0.1", port: int = 0, token: Optional[str] = None,
-                max_request_bytes: int = 64 << 20, quiet: bool = False,
-                read_timeout_s: float = 60.0) -> ThreadingHTTPServer:
+def make_server(
+    reward: Reward,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: Optional[str] = None,
+    max_request_bytes: int = 64 << 20,
+    quiet: bool = False,
+    read_timeout_s: float = 60.0,
+) -> ThreadingHTTPServer:
     """A server for ``reward`` at ``http://host:port/<reward.name>`` (port 0: a free one, see
     ``server.server_address``). Call ``serve_forever()``; ``shutdown()`` + ``server_close()`` stop it.
     ``read_timeout_s``: a socket read (request line, headers or body) that waits longer closes the
@@ -43,11 +50,22 @@ def make_server(reward: Reward, host: str = "127.0.0.1", port: int = 0, token: O
     if not read_timeout_s > 0:
         raise ValueError(f"align rewards serve: read_timeout_s must be > 0, got {read_timeout_s}")
     if not is_loopback(host) and not token:
-        raise ValueError(f"align rewards serve: binding {host} (not loopback) needs a token; "
-                         "set ALIGN_REWARD_TOKEN (clients send it as a bearer token)")
-    handler = type("RewardHandler", (_Handler,), {
-        "reward": reward, "token": token, "max_request_bytes": int(max_request_bytes), "lock": threading.Lock(),
-        "quiet": quiet, "timeout": float(read_timeout_s)})
+        raise ValueError(
+            f"align rewards serve: binding {host} (not loopback) needs a token; "
+            "set ALIGN_REWARD_TOKEN (clients send it as a bearer token)"
+        )
+    handler = type(
+        "RewardHandler",
+        (_Handler,),
+        {
+            "reward": reward,
+            "token": token,
+            "max_request_bytes": int(max_request_bytes),
+            "lock": threading.Lock(),
+            "quiet": quiet,
+            "timeout": float(read_timeout_s),
+        },
+    )
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
@@ -77,8 +95,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self._authorised() and self._known_path():
             r = self.reward
-            self._json(200, {"name": r.name, "device": str(getattr(r, "device", "cpu")),
-                             "batch_size": getattr(r, "batch_size", None), "max_request_bytes": self.max_request_bytes})
+            self._json(
+                200,
+                {
+                    "name": r.name,
+                    "device": str(getattr(r, "device", "cpu")),
+                    "batch_size": getattr(r, "batch_size", None),
+                    "max_request_bytes": self.max_request_bytes,
+                },
+            )
 
     def do_POST(self) -> None:  # noqa: N802
         if not (self._authorised() and self._known_path()):
@@ -89,8 +114,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(411, {"error": "Content-Length required"})
         if int(length) > self.max_request_bytes:
             self.close_connection = True  # never read an oversized body
-            return self._json(413, {"error": f"request of {int(length)} bytes exceeds the limit of "
-                                             f"{self.max_request_bytes} bytes (align rewards serve --max-request-mb)"})
+            return self._json(
+                413,
+                {
+                    "error": f"request of {int(length)} bytes exceeds the limit of "
+                    f"{self.max_request_bytes} bytes (align rewards serve --max-request-mb)"
+                },
+            )
         try:
             images, prompts = decode_request(self.rfile.read(int(length)))
         except Exception as err:  # noqa: BLE001 - any malformed body is the client's fault

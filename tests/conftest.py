@@ -1,4 +1,5 @@
 """Shared fixtures: tiny real pipelines built from configs (seeded, fp32, CPU), never from a hub."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,14 @@ def _hog_count(text: str) -> int:
 
 
 def pytest_addoption(parser) -> None:
-    parser.addoption("--cpu-hog", type=_hog_count, default=0, metavar="N",
-                     help="run N busy-loop processes beside the tests (ended by PID at the end) to expose "
-                          "tests that need an idle CPU")
+    parser.addoption(
+        "--cpu-hog",
+        type=_hog_count,
+        default=0,
+        metavar="N",
+        help="run N busy-loop processes beside the tests (ended by PID at the end) to expose "
+        "tests that need an idle CPU",
+    )
 
 
 def pytest_report_header(config) -> str:
@@ -57,6 +63,7 @@ def _lowest_priority_dying_with_parent() -> None:
     """As :func:`_lowest_priority`, and SIGKILL when pytest dies (Linux PR_SET_PDEATHSIG): no orphans."""
     import ctypes
     import signal
+
     _lowest_priority()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
@@ -101,10 +108,20 @@ def gen():
 #: the smallest real `align train` run: tiny UNet, 3 steps, 2 prompts × 2 samples in one minibatch of
 #: 4, no evaluation, no value pretraining, in-process rollouts and rewards. A test adds what it is
 #: about (a later override wins: "critic.pretrain_iterations=1", "ray.num_rollout_workers=2", ...).
-TINY_TRAIN = ("model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-              "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0",
-              "eval_prompts=2", "critic.pretrain_iterations=0", "critic.hidden=16",
-              "ray.num_rollout_workers=0", "ray.num_reward_workers=0")
+TINY_TRAIN = (
+    "model.source=preset:tiny-unet",
+    "sampler.num_inference_steps=3",
+    "trainer.prompts_per_iteration=2",
+    "trainer.samples_per_prompt=2",
+    "trainer.minibatch_size=4",
+    "eval_every=0",
+    "final_eval_prompts=0",
+    "eval_prompts=2",
+    "critic.pretrain_iterations=0",
+    "critic.hidden=16",
+    "ray.num_rollout_workers=0",
+    "ray.num_reward_workers=0",
+)
 
 
 @pytest.fixture
@@ -122,6 +139,7 @@ def tiny_train_cfg(tmp_path):
 
     def make(*overrides: str) -> TrainConfig:
         return load_config(TrainConfig, None, [*TINY_TRAIN, f"run_dir={tmp_path}", *overrides])
+
     return make
 
 
@@ -130,6 +148,7 @@ def reward_registry():
     """Rewards a test registers (``register_reward``) are gone after it: the in-process registry is
     restored to what it held before the test."""
     from rewards import registry
+
     saved = dict(registry._REGISTERED)
     try:
         yield registry

@@ -1,11 +1,19 @@
 """Advantage estimators and losses against hand computations (ecg_spec.md)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from align.algos.core import (PerPromptStatTracker, RunningMeanStd, explained_variance, gae_along_chain,
-                              grpo_advantages, ppo_clip_loss, value_loss)
+from align.algos.core import (
+    PerPromptStatTracker,
+    RunningMeanStd,
+    explained_variance,
+    gae_along_chain,
+    grpo_advantages,
+    ppo_clip_loss,
+    value_loss,
+)
 
 
 def test_gae_matches_hand_computation_on_a_four_step_chain() -> None:
@@ -89,8 +97,16 @@ def test_value_replay_keeps_the_last_batches_renormalised_and_round_trips(tmp_pa
     """Replayed targets are the stored raw rewards normalised with the statistics given *now*."""
     from align.algos.value_replay import ValueReplay
     from align.sampling import SamplerConfig, sample_trajectory
-    trajs = [sample_trajectory(tiny_unet_pipe, ["two red circles on the left"] * 2,
-                               SamplerConfig(num_inference_steps=2), torch.Generator().manual_seed(s)) for s in range(3)]
+
+    trajs = [
+        sample_trajectory(
+            tiny_unet_pipe,
+            ["two red circles on the left"] * 2,
+            SamplerConfig(num_inference_steps=2),
+            torch.Generator().manual_seed(s),
+        )
+        for s in range(3)
+    ]
     raws = [torch.tensor([[1.0], [2.0]]) * (s + 1) for s in range(3)]
     replay = ValueReplay(capacity=2)
     for t, r in zip(trajs, raws):
@@ -112,6 +128,7 @@ def test_value_replay_keeps_the_last_batches_renormalised_and_round_trips(tmp_pa
 def test_the_registry_holds_the_three_algorithms_and_only_ecg_needs_a_critic() -> None:
     from align.algos.registry import ALGORITHMS, make_algorithm
     from align.train_config import TrainConfig
+
     assert make_algorithm(TrainConfig(algo="grpo")).name == "grpo"
     assert {name: cls.needs_critic for name, cls in ALGORITHMS.items()} == {"ecg": True, "grpo": False, "ddpo": False}
     with pytest.raises(ValueError, match="algo: unknown algorithm 'ppo'; choose one of: "):
@@ -120,6 +137,7 @@ def test_the_registry_holds_the_three_algorithms_and_only_ecg_needs_a_critic() -
 
 def test_grpo_step_advantages_are_group_normalised_and_the_same_at_every_step() -> None:
     from align.algos.grpo import grpo_step_advantages
+
     targets = torch.tensor([[1.0], [3.0], [10.0], [30.0]])
     adv = grpo_step_advantages(targets, torch.tensor([1.0]), torch.tensor([0, 0, 1, 1]), num_steps=3)
     assert adv.shape == (4, 3) and torch.equal(adv[:, 0:1].expand(-1, 3), adv)
@@ -130,6 +148,7 @@ def test_ddpo_tracker_sees_raw_weighted_rewards() -> None:
     """The tracker's window holds R = Σ_k w_k R_k as scored, not scores normalised with drifting statistics."""
     from align.algos.core import PerPromptStatTracker
     from align.algos.ddpo import ddpo_step_advantages
+
     tracker = PerPromptStatTracker(buffer_size=8, min_count=2)
     raw = torch.tensor([[0.2, 1.0], [0.4, 3.0]])
     ddpo_step_advantages(raw, torch.tensor([1.0, -0.5]), ["p", "p"], tracker, num_steps=2)
@@ -138,6 +157,7 @@ def test_ddpo_tracker_sees_raw_weighted_rewards() -> None:
 
 def test_ecg_advantages_at_lambda_one_are_the_normalised_return_minus_value() -> None:
     from align.algos.ecg import ecg_step_advantages
+
     g = torch.Generator().manual_seed(0)
     values, targets = torch.randn(6, 4, 1, generator=g), torch.randn(6, 1, generator=g)
     adv = ecg_step_advantages(targets, torch.tensor([1.0]), values, gae_lambda=1.0, norm="batch")
@@ -149,6 +169,7 @@ def test_ecg_per_step_normalisation_centres_every_step() -> None:
     """A critic biased at one step (V too low by 3 at step 1) shifts only that step's raw advantages;
     per-step normalisation leaves each step with mean 0 and variance 1 over the batch."""
     from align.algos.ecg import ecg_step_advantages
+
     g = torch.Generator().manual_seed(1)
     values, targets = torch.randn(8, 3, 1, generator=g), torch.randn(8, 1, generator=g)
     values[:, 1] -= 3.0

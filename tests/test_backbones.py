@@ -1,4 +1,5 @@
 """Backbones: presets, the real save/load path, the toy tokenizer, and named LoRA adapters."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,9 +7,22 @@ import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from align.backbones import (active_adapters, adapters_active, adapters_disabled, attach_lora, backbone_kind,
-                             build_pipeline, denoiser, load_lora_state_dict, lora_num_bytes, lora_state_dict,
-                             set_active_adapters, set_trainable, toy_tokenizer, write_clip_tokenizer)
+from align.backbones import (
+    active_adapters,
+    adapters_active,
+    adapters_disabled,
+    attach_lora,
+    backbone_kind,
+    build_pipeline,
+    denoiser,
+    load_lora_state_dict,
+    lora_num_bytes,
+    lora_state_dict,
+    set_active_adapters,
+    set_trainable,
+    toy_tokenizer,
+    write_clip_tokenizer,
+)
 from align.toy.world import vocabulary
 
 PROMPTS = ["two red circles on the left", "one blue square on the top"]
@@ -25,11 +39,16 @@ def _trainable(pipe) -> list[str]:
 
 # ---- presets and loading -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture, cls, kind", [("tiny_unet_pipe", StableDiffusionPipeline, "unet"),
-                                                ("tiny_unet_vpred_pipe", StableDiffusionPipeline, "unet"),
-                                                ("tiny_dit_pipe", StableDiffusion3Pipeline, "dit")])
-def test_tiny_presets_are_real_pipelines_that_sample_16px_images(fixture: str, cls: type, kind: str,
-                                                                  request) -> None:
+
+@pytest.mark.parametrize(
+    "fixture, cls, kind",
+    [
+        ("tiny_unet_pipe", StableDiffusionPipeline, "unet"),
+        ("tiny_unet_vpred_pipe", StableDiffusionPipeline, "unet"),
+        ("tiny_dit_pipe", StableDiffusion3Pipeline, "dit"),
+    ],
+)
+def test_tiny_presets_are_real_pipelines_that_sample_16px_images(fixture: str, cls: type, kind: str, request) -> None:
     pipe = request.getfixturevalue(fixture)
     assert isinstance(pipe, cls) and backbone_kind(pipe) == kind
     images = _images(pipe)
@@ -96,6 +115,7 @@ def test_bad_sources_give_one_line_errors_naming_the_problem(tmp_path) -> None:
 
 # ---- tokenizer -----------------------------------------------------------------------------------
 
+
 def test_written_tokenizer_has_one_token_per_word_and_round_trips(tmp_path) -> None:
     tok = write_clip_tokenizer(tmp_path / "tok", vocabulary(), model_max_length=16)
     for word in vocabulary():
@@ -117,6 +137,7 @@ def test_committed_toy_tokenizer_covers_the_toy_vocabulary() -> None:
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------
+
 
 def _perturb(pipe, adapter: str, seed: int) -> None:
     """Random LoRA B so the adapter is not a no-op (peft's default init has B = 0)."""

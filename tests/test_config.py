@@ -1,4 +1,5 @@
 """Config loading: YAML + dotted overrides, and one-line errors that name the key."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,15 +33,18 @@ def test_yaml_then_overrides_are_merged_in_order(tmp_path) -> None:
     assert cfg.trainer.rewards == ["toy_geneval:1.0", "jpeg:0.2"]
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("trainer.lrr=1", "unknown config key 'trainer.lrr'; valid keys under 'trainer': lr, algo, init, rewards"),
-    ("bogus=1", "unknown config key 'bogus'; valid keys: trainer, seed"),
-    ("trainer.lr=abc", "config key 'trainer.lr'"),
-    ("seed=1.5", "config key 'seed'"),
-    ("trainer.algo=ppo", "config key 'trainer.algo' = 'ppo' is not valid; choose one of: ecg, grpo, ddpo"),
-    ("trainer.init=/does/not/exist", "config key 'trainer.init': dir not found: /does/not/exist"),
-    ("trainer", "override 'trainer' is not of the form key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trainer.lrr=1", "unknown config key 'trainer.lrr'; valid keys under 'trainer': lr, algo, init, rewards"),
+        ("bogus=1", "unknown config key 'bogus'; valid keys: trainer, seed"),
+        ("trainer.lr=abc", "config key 'trainer.lr'"),
+        ("seed=1.5", "config key 'seed'"),
+        ("trainer.algo=ppo", "config key 'trainer.algo' = 'ppo' is not valid; choose one of: ecg, grpo, ddpo"),
+        ("trainer.init=/does/not/exist", "config key 'trainer.init': dir not found: /does/not/exist"),
+        ("trainer", "override 'trainer' is not of the form key.sub=value"),
+    ],
+)
 def test_bad_input_gives_one_line_error_naming_the_key(override: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(_Root, None, [override])
@@ -63,6 +67,7 @@ def test_describe_lists_every_leaf_with_help_and_choices() -> None:
 def test_top_level_modifiers_key_is_an_alias_of_sampler_modifiers(tmp_path) -> None:
     from align.generate import SampleJobConfig
     from align.train_config import TrainConfig
+
     compact = ["modifiers=[stayfair:{alpha:5},sym_attn:{alpha:1.05,beta:3}]"]
     expected = [ModifierSpec("stayfair", {"alpha": 5}), ModifierSpec("sym_attn", {"alpha": 1.05, "beta": 3})]
     assert load_config(TrainConfig, None, compact).sampler.modifiers == expected
@@ -90,6 +95,7 @@ def test_yaml_that_is_not_a_mapping_or_not_yaml_is_named(tmp_path) -> None:
 @dataclasses.dataclass
 class _Phased:
     """Records the order in which the validation hooks run."""
+
     calls: list = field(default_factory=list)
     fail_value: bool = False
 
@@ -110,6 +116,7 @@ class _PhasedRoot:
 
 def test_every_cheap_check_runs_before_any_registry_check() -> None:
     from align.config import validate
+
     cfg = _PhasedRoot()
     validate(cfg)
     assert cfg.a.calls == cfg.b.calls == ["validate", "registries"]
@@ -123,29 +130,33 @@ def test_every_cheap_check_runs_before_any_registry_check() -> None:
 TINY = ["model.source=preset:tiny-unet", "ray.num_rollout_workers=0", "ray.num_reward_workers=0"]
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("trainer.clip_range=-1", "trainer.clip_range must be > 0"),
-    ("trainer.clip_range=0", "trainer.clip_range must be > 0"),
-    ("trainer.lr=-1", "trainer.lr must be a finite number > 0"),
-    ("trainer.lr=0", "trainer.lr must be a finite number > 0"),
-    ("trainer.lr=nan", "trainer.lr must be a finite number > 0"),
-    ("trainer.epochs=0", "trainer.epochs must be >= 1 (0 makes no update)"),
-    ("critic.pretrain_epochs=0", "critic.pretrain_epochs must be >= 1"),
-    ("trainer.minibatch_size=0", "trainer.minibatch_size must be >= 1"),
-    ("lora.rank=0", "lora.rank must be >= 1"),
-    ("critic.rank=0", "critic.rank must be >= 1"),
-    ("rewards=[{name: toy_geneval, weight: nan}]", "rewards[0]: the weight must be finite"),
-    ("rewards=[{name: toy_geneval, weight: inf}]", "rewards[0]: the weight must be finite"),
-    ("rewards=[{name: toy_geneval, weight: -inf}]", "rewards[0]: the weight must be finite"),
-    ("rewards=[]", "rewards must list at least one reward"),
-    ("critic.pretrain_ev_threshold=1.5", "critic.pretrain_ev_threshold must be <= 1"),
-    ("critic.gae_lambda=1.5", "critic.gae_lambda must be in [0, 1]"),
-    ("sampler.eta=0", "sampler.eta must be > 0 on a UNet backbone"),
-    ("sampler.eta=inf", "eta must be finite"),
-    ("eval_prompts=0", "eval_prompts >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trainer.clip_range=-1", "trainer.clip_range must be > 0"),
+        ("trainer.clip_range=0", "trainer.clip_range must be > 0"),
+        ("trainer.lr=-1", "trainer.lr must be a finite number > 0"),
+        ("trainer.lr=0", "trainer.lr must be a finite number > 0"),
+        ("trainer.lr=nan", "trainer.lr must be a finite number > 0"),
+        ("trainer.epochs=0", "trainer.epochs must be >= 1 (0 makes no update)"),
+        ("critic.pretrain_epochs=0", "critic.pretrain_epochs must be >= 1"),
+        ("trainer.minibatch_size=0", "trainer.minibatch_size must be >= 1"),
+        ("lora.rank=0", "lora.rank must be >= 1"),
+        ("critic.rank=0", "critic.rank must be >= 1"),
+        ("rewards=[{name: toy_geneval, weight: nan}]", "rewards[0]: the weight must be finite"),
+        ("rewards=[{name: toy_geneval, weight: inf}]", "rewards[0]: the weight must be finite"),
+        ("rewards=[{name: toy_geneval, weight: -inf}]", "rewards[0]: the weight must be finite"),
+        ("rewards=[]", "rewards must list at least one reward"),
+        ("critic.pretrain_ev_threshold=1.5", "critic.pretrain_ev_threshold must be <= 1"),
+        ("critic.gae_lambda=1.5", "critic.gae_lambda must be in [0, 1]"),
+        ("sampler.eta=0", "sampler.eta must be > 0 on a UNet backbone"),
+        ("sampler.eta=inf", "eta must be finite"),
+        ("eval_prompts=0", "eval_prompts >= 1"),
+    ],
+)
 def test_values_that_would_train_wrong_are_one_line_errors(override: str, expected: str) -> None:
     from align.train_config import TrainConfig
+
     with pytest.raises(ConfigError) as info:
         load_config(TrainConfig, None, [*TINY, override])
     assert expected in str(info.value) and "\n" not in str(info.value)
@@ -155,6 +166,7 @@ def test_the_noise_check_reads_the_backbone_family_of_the_source(tmp_path) -> No
     """eta=0 is refused on a UNet even with noise_level > 0; on a DiT only noise_level counts. The kind
     comes from model_index.json (a directory, the shipped toy) or the preset, without loading weights."""
     from align.train_config import TrainConfig
+
     with pytest.raises(ConfigError, match="sampler.eta must be > 0 on a UNet"):
         load_config(TrainConfig, None, ["model.source=toy", "sampler.eta=0", "sampler.noise_level=0.7"])
     index = tmp_path / "dit"
@@ -170,13 +182,17 @@ def test_the_noise_check_reads_the_backbone_family_of_the_source(tmp_path) -> No
         load_config(TrainConfig, None, [f"model.source={index}", "model.kind=unet"])
 
 
-@pytest.mark.parametrize("args, expected", [
-    ("{quality: notanint}", "reward 'jpeg_compressibility': args.quality = 'notanint' is not an int"),
-    ("{quality: 1.5}", "reward 'jpeg_compressibility': args.quality = 1.5 is not an int"),
-    ("{qualty: 5}", "unknown argument 'qualty'"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ("{quality: notanint}", "reward 'jpeg_compressibility': args.quality = 'notanint' is not an int"),
+        ("{quality: 1.5}", "reward 'jpeg_compressibility': args.quality = 1.5 is not an int"),
+        ("{qualty: 5}", "unknown argument 'qualty'"),
+    ],
+)
 def test_reward_arguments_are_type_checked_against_the_signature(args: str, expected: str) -> None:
     from align.train_config import TrainConfig
+
     with pytest.raises(ConfigError) as info:
         load_config(TrainConfig, None, [*TINY, f"rewards=[{{name: jpeg_compressibility, args: {args}}}]"])
     assert expected in str(info.value)
@@ -189,6 +205,7 @@ def test_optional_and_union_annotations_accept_each_member() -> None:
 
     def reward(images, prompts, metadata, path: Optional[str] = None, scale: float = 1.0, flag: bool = False):
         return images
+
     check_reward_arg_types("r", reward, {"path": None, "scale": 2, "flag": True}, skip=3)
     check_reward_arg_types("r", reward, {"path": "/w"}, skip=3)
     with pytest.raises(ValueError, match="reward 'r': args.flag = 1 is not a bool"):
@@ -200,6 +217,7 @@ def test_optional_and_union_annotations_accept_each_member() -> None:
 def test_critic_settings_with_a_critic_free_algorithm_warn_and_are_not_errors() -> None:
     from align.config import ConfigWarning
     from align.train_config import TrainConfig
+
     with pytest.warns(ConfigWarning, match="algo=grpo trains no critic: critic.rank, critic.lr are ignored"):
         cfg = load_config(TrainConfig, None, [*TINY, "algo=grpo", "critic.rank=0", "critic.lr=0.5"])
     assert cfg.critic.rank == 0  # unused, so not validated either
@@ -214,27 +232,45 @@ def test_torch_free_config_modules_agree_with_the_torch_side() -> None:
     from align.sampling.config import LOGPROB_REDUCTIONS
     from align.sampling.config import SamplerConfig as TorchFreeSamplerConfig
     from align.sampling.transitions import LOGPROB_REDUCTIONS as TRANSITION_REDUCTIONS
+
     assert ModelConfig is TorchFreeModelConfig and SamplerConfig is TorchFreeSamplerConfig
     assert tuple(BACKBONES) == BACKBONE_KINDS and tuple(DTYPES) == DTYPE_NAMES
     assert {cls.__name__: kind for kind, cls in BACKBONES.items()} == PIPELINE_KINDS
     assert LOGPROB_REDUCTIONS == TRANSITION_REDUCTIONS
 
 
-@pytest.mark.parametrize("override", ["trainer.lr=-1", "lora.rank=0", "rewards=[{name: toy_geneval, weight: nan}]",
-                                      "sampler.eta=0", "model.source=/no/such/dir", "critic.pretrain_epochs=0"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.lr=-1",
+        "lora.rank=0",
+        "rewards=[{name: toy_geneval, weight: nan}]",
+        "sampler.eta=0",
+        "model.source=/no/such/dir",
+        "critic.pretrain_epochs=0",
+    ],
+)
 def test_a_value_error_is_raised_before_torch_is_imported(override: str) -> None:
     """Registry checks (rewards, presets) may import torch; they run only after every cheap check passed."""
     import os
     import subprocess
     import sys
     from pathlib import Path
-    code = ("import sys\nfrom align.config import ConfigError, load_config\nfrom align.train_config import TrainConfig\n"
-            f"try:\n    load_config(TrainConfig, None, ['model.source=toy', {override!r}])\n"
-            "except ConfigError:\n    print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') "
-            "if m in sys.modules))")
+
+    code = (
+        "import sys\nfrom align.config import ConfigError, load_config\nfrom align.train_config import TrainConfig\n"
+        f"try:\n    load_config(TrainConfig, None, ['model.source=toy', {override!r}])\n"
+        "except ConfigError:\n    print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') "
+        "if m in sys.modules))"
+    )
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                          env={**os.environ, "PYTHONPATH": str(root)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
@@ -247,21 +283,27 @@ def test_torch_free_algorithm_facts_agree_with_the_algorithm_registry() -> None:
     from align.algos.registry import ALGORITHMS
     from align.config_checks import CRITIC_ALGOS
     from align.train_config import TrainConfig
+
     assert set(CRITIC_ALGOS) == {name for name, cls in ALGORITHMS.items() if cls.needs_critic}
-    with pytest.raises(ConfigError, match="config key 'algo' = 'ppo' is not valid; choose one of: " +
-                       ", ".join(sorted(ALGORITHMS))):
+    with pytest.raises(
+        ConfigError, match="config key 'algo' = 'ppo' is not valid; choose one of: " + ", ".join(sorted(ALGORITHMS))
+    ):
         load_config(TrainConfig, None, ["algo=ppo"])
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("trainer.step_window=0", "trainer.step_window must be in (0, 1]"),
-    ("trainer.max_consecutive_skipped=0", "trainer.max_consecutive_skipped must be >= 1"),
-    ("critic.value_epochs=0", "critic.value_epochs must be >= 1"),
-    ("critic.replay_batches=0", "critic.replay_batches must be >= 1"),
-    ("critic.max_grad_norm=0", "critic.max_grad_norm must be > 0"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trainer.step_window=0", "trainer.step_window must be in (0, 1]"),
+        ("trainer.max_consecutive_skipped=0", "trainer.max_consecutive_skipped must be >= 1"),
+        ("critic.value_epochs=0", "critic.value_epochs must be >= 1"),
+        ("critic.replay_batches=0", "critic.replay_batches must be >= 1"),
+        ("critic.max_grad_norm=0", "critic.max_grad_norm must be > 0"),
+    ],
+)
 def test_rl_loop_settings_that_would_train_nothing_are_one_line_errors(override: str, expected: str) -> None:
     from align.train_config import TrainConfig
+
     with pytest.raises(ConfigError) as info:
         load_config(TrainConfig, None, [*TINY, override])
     assert expected in str(info.value) and "\n" not in str(info.value)

@@ -1,5 +1,6 @@
 """The typed config lists (align/config_lists.py): typed items, the old short forms read by the one
 parser with one deprecation note, and one-line errors naming the item."""
+
 from __future__ import annotations
 
 import warnings
@@ -21,19 +22,32 @@ def fresh_notes(monkeypatch):
 
 
 def test_typed_and_old_reward_forms_give_the_same_specs(fresh_notes) -> None:
-    typed = load_config(TrainConfig, None, [*TINY, "rewards=[{name: jpeg_compressibility, weight: 0.5, "
-                                                   "args: {quality: 40}}, {name: toy_geneval}]"])
+    typed = load_config(
+        TrainConfig,
+        None,
+        [*TINY, "rewards=[{name: jpeg_compressibility, weight: 0.5, args: {quality: 40}}, {name: toy_geneval}]"],
+    )
     with pytest.warns(ConfigDeprecation):
-        old = load_config(TrainConfig, None, [*TINY, "rewards=[jpeg_compressibility:0.5,toy_geneval]",
-                                              "reward_args.jpeg_compressibility.quality=40"])
+        old = load_config(
+            TrainConfig,
+            None,
+            [*TINY, "rewards=[jpeg_compressibility:0.5,toy_geneval]", "reward_args.jpeg_compressibility.quality=40"],
+        )
     expected = [RewardSpec("jpeg_compressibility", 0.5, {"quality": 40}), RewardSpec("toy_geneval", 1.0, {})]
     assert typed.rewards == old.rewards == expected
     assert old.reward_args == {} and old.reward_args_of("jpeg_compressibility") == {"quality": 40}
 
 
 def test_reward_args_override_the_args_of_a_typed_item() -> None:
-    cfg = load_config(TrainConfig, None, [*TINY, "rewards=[{name: jpeg_compressibility, args: {quality: 40}}]",
-                                          "reward_args.jpeg_compressibility.quality=60"])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            *TINY,
+            "rewards=[{name: jpeg_compressibility, args: {quality: 40}}]",
+            "reward_args.jpeg_compressibility.quality=60",
+        ],
+    )
     assert cfg.reward_specs() == [RewardSpec("jpeg_compressibility", 1.0, {"quality": 60})]
 
 
@@ -58,25 +72,36 @@ def test_typed_items_need_no_note(fresh_notes) -> None:
 
 
 def test_remote_urls_keep_their_colons_and_an_optional_weight() -> None:
-    specs = parse_rewards(["remote:http://127.0.0.1:8123/clip_score:0.5", "remote:http://localhost:9/hpsv2"],
-                          note=False)
-    assert [(s.name, s.weight) for s in specs] == [("remote:http://127.0.0.1:8123/clip_score", 0.5),
-                                                   ("remote:http://localhost:9/hpsv2", 1.0)]
+    specs = parse_rewards(
+        ["remote:http://127.0.0.1:8123/clip_score:0.5", "remote:http://localhost:9/hpsv2"], note=False
+    )
+    assert [(s.name, s.weight) for s in specs] == [
+        ("remote:http://127.0.0.1:8123/clip_score", 0.5),
+        ("remote:http://localhost:9/hpsv2", 1.0),
+    ]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("rewards=[{name: toy_geneval, wieght: 2}]", "rewards[0]: unknown key 'wieght'; valid keys: name, weight, args"),
-    ("rewards=[{weight: 2}]", "rewards[0]: 'name' must be a non-empty string"),
-    ("rewards=[{name: toy_geneval, weight: nan}]", "rewards[0]: the weight must be finite"),
-    ("rewards=[{name: toy_geneval, weight: heavy}]", "rewards[0]: weight 'heavy' is not a number"),
-    ("rewards=[{name: toy_geneval, args: 3}]", "rewards[0].args must be a mapping"),
-    ("rewards=[toy_geneval, {name: toy_geneval}]", "reward 'toy_geneval' is listed twice"),
-    ("reward_args.clip_score.model=x", "reward_args.clip_score: 'clip_score' is not in rewards"),
-    ("rewards=[{name: nope}]", "unknown reward 'nope'; available: "),
-    ("sampler.modifiers=[{name: sym_attn, alpha: 1}]",
-     "sampler.modifiers[0]: unknown key 'alpha'; valid keys: name, args"),
-    ("sampler.modifiers=[{name: fairness}]", "unknown modifier 'fairness'; valid modifiers: "),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "rewards=[{name: toy_geneval, wieght: 2}]",
+            "rewards[0]: unknown key 'wieght'; valid keys: name, weight, args",
+        ),
+        ("rewards=[{weight: 2}]", "rewards[0]: 'name' must be a non-empty string"),
+        ("rewards=[{name: toy_geneval, weight: nan}]", "rewards[0]: the weight must be finite"),
+        ("rewards=[{name: toy_geneval, weight: heavy}]", "rewards[0]: weight 'heavy' is not a number"),
+        ("rewards=[{name: toy_geneval, args: 3}]", "rewards[0].args must be a mapping"),
+        ("rewards=[toy_geneval, {name: toy_geneval}]", "reward 'toy_geneval' is listed twice"),
+        ("reward_args.clip_score.model=x", "reward_args.clip_score: 'clip_score' is not in rewards"),
+        ("rewards=[{name: nope}]", "unknown reward 'nope'; available: "),
+        (
+            "sampler.modifiers=[{name: sym_attn, alpha: 1}]",
+            "sampler.modifiers[0]: unknown key 'alpha'; valid keys: name, args",
+        ),
+        ("sampler.modifiers=[{name: fairness}]", "unknown modifier 'fairness'; valid modifiers: "),
+    ],
+)
 def test_bad_items_fail_in_one_line_naming_the_item(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(TrainConfig, None, [*TINY, override])
@@ -87,8 +112,16 @@ def test_a_saved_config_reloads_in_the_typed_form(tmp_path) -> None:
     """config.json of a run holds the parsed list: it reloads without a note and equals the original."""
     import dataclasses
     import json
-    cfg = load_config(TrainConfig, None, [*TINY, "rewards=[{name: jpeg_compressibility, weight: 0.5}]",
-                                          "modifiers=[{name: sym_attn, args: {alpha: 1.05}}]"])
+
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            *TINY,
+            "rewards=[{name: jpeg_compressibility, weight: 0.5}]",
+            "modifiers=[{name: sym_attn, args: {alpha: 1.05}}]",
+        ],
+    )
     path = tmp_path / "config.json"
     path.write_text(json.dumps(dataclasses.asdict(cfg)))
     with warnings.catch_warnings():

@@ -1,4 +1,5 @@
 """Every shipped YAML in configs/ loads against its schema (torchtune-style guard)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,14 @@ from align.toy.pretrain import PretrainConfig
 from align.train_config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SCHEMAS = {"toy_sample.yaml": SampleJobConfig, "toy_pretrain.yaml": PretrainConfig, "toy_ecg.yaml": TrainConfig,
-           "sd15_ecg_multi.yaml": TrainConfig, "sd35m_ecg_geneval.yaml": TrainConfig, "sd15_ecg_geneval.yaml": TrainConfig}
+SCHEMAS = {
+    "toy_sample.yaml": SampleJobConfig,
+    "toy_pretrain.yaml": PretrainConfig,
+    "toy_ecg.yaml": TrainConfig,
+    "sd15_ecg_multi.yaml": TrainConfig,
+    "sd35m_ecg_geneval.yaml": TrainConfig,
+    "sd15_ecg_geneval.yaml": TrainConfig,
+}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))

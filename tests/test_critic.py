@@ -1,4 +1,5 @@
 """The state-aligned latent critic: features from the shared backbone, per-reward heads, adapters."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,12 @@ REWARDS = ["toy_geneval", "jpeg_compressibility"]
 def _setup(pipe):
     attach_lora(pipe, "policy", rank=2)
     attach_lora(pipe, "critic", rank=2)
-    traj = sample_trajectory(pipe, ["two red circles on the left", "one blue square on the top"],
-                             SamplerConfig(num_inference_steps=3), torch.Generator().manual_seed(0))
+    traj = sample_trajectory(
+        pipe,
+        ["two red circles on the left", "one blue square on the top"],
+        SamplerConfig(num_inference_steps=3),
+        torch.Generator().manual_seed(0),
+    )
     embeds = {k: getattr(traj, k) for k in ("prompt_embeds", "pooled_prompt_embeds")}
     return traj, embeds
 
@@ -47,6 +52,7 @@ def test_unet_features_are_the_mid_block_output(tiny_unet_pipe) -> None:
     captured = {}
     hook = pipe.unet.mid_block.register_forward_hook(lambda m, a, out: captured.setdefault("mid", out))
     from align.backbones import set_active_adapters
+
     set_active_adapters(pipe, ["critic"])
     with torch.no_grad():
         pipe.unet(traj.latents[:, 0], traj.timesteps[0].expand(2), encoder_hidden_states=embeds["prompt_embeds"])
@@ -74,6 +80,7 @@ def test_unet_features_can_come_from_an_up_block(tiny_unet_pipe) -> None:
     """``feature_layer="up_blocks.N"`` reads that block's output; the critic adapter then covers
     the up-blocks up to N (and no later ones), since its pass stops there."""
     from critics.value_model import critic_target_modules, feature_dims
+
     pipe = tiny_unet_pipe
     traj, embeds = _setup(pipe)
     critic = LatentCritic(pipe, REWARDS, adapter="critic", feature_layer="up_blocks.0")
@@ -81,6 +88,7 @@ def test_unet_features_can_come_from_an_up_block(tiny_unet_pipe) -> None:
     captured = {}
     hook = pipe.unet.up_blocks[0].register_forward_hook(lambda m, a, out: captured.setdefault("up", out))
     from align.backbones import set_active_adapters
+
     set_active_adapters(pipe, ["critic"])
     with torch.no_grad():
         pipe.unet(traj.latents[:, 0], traj.timesteps[0].expand(2), encoder_hidden_states=embeds["prompt_embeds"])
@@ -90,6 +98,7 @@ def test_unet_features_can_come_from_an_up_block(tiny_unet_pipe) -> None:
     assert tokens.shape[-1] == feature_dims(pipe, "up_blocks.0")[0]
     assert critic(traj.latents[:, 0], traj.timesteps[0], embeds).shape == (2, len(REWARDS))
     import re
+
     names = [n for n, _ in pipe.unet.named_modules()]  # tiny-unet: up_blocks.1 is the one with attention
     assert not any(re.match(critic_target_modules(pipe, "up_blocks.0"), n) for n in names if n.startswith("up_blocks."))
     assert any(re.match(critic_target_modules(pipe, "up_blocks.1"), n) for n in names if n.startswith("up_blocks.1."))

@@ -7,6 +7,7 @@ and evaluates the heads with torch.nn.functional. Its values must equal ``critic
 (float32 round-off of the same operations), for the UNet and the DiT, for both adapter sources.
 The base fingerprint is recomputed the same way, from the document's string forms.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-_FROM_THE_DOC = r'''
+_FROM_THE_DOC = r"""
 import hashlib, json, math, os, sys
 ROOT = {root!r}
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
@@ -120,21 +121,23 @@ def recompute(critic_dir, base_dir, inputs_path, out_path):
 
 for job in json.load(open(sys.argv[1])):
     recompute(*job)
-'''
+"""
 
 
 def _trained_like(preset: str, adapter: str):
     """A tiny pipeline with non-trivial policy and critic adapters and random heads (as after training)."""
     from align.backbones import attach_lora, build_pipeline
     from critics.value_model import LatentCritic, critic_target_modules
+
     pipe = build_pipeline(f"preset:{preset}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(11)
         attach_lora(pipe, "policy", rank=4, alpha=2.0, init_lora_weights=False)
         name = "policy"
         if adapter == "separate":
-            attach_lora(pipe, "critic", rank=2, alpha=3.0, target_modules=critic_target_modules(pipe),
-                        init_lora_weights=False)
+            attach_lora(
+                pipe, "critic", rank=2, alpha=3.0, target_modules=critic_target_modules(pipe), init_lora_weights=False
+            )
             name = "critic"
         critic = LatentCritic(pipe, ["toy_geneval", "jpeg_compressibility"], adapter=name, hidden=16)
         with torch.no_grad():
@@ -152,17 +155,28 @@ def _export_case(root: Path, preset: str, adapter: str) -> dict:
     import critics
     from align.backbones import build_pipeline, denoiser
     from align.sampling import encode_prompts
+
     case = root / f"{preset}-{adapter}"
     base = build_pipeline(f"preset:{preset}")
     base.save_pretrained(case / "base")
     pipe, critic = _trained_like(preset, adapter)
-    out = critics.export_pipeline(pipe, critic, case / "export", base_model=f"preset:{preset}",
-                                  reward_weights={"toy_geneval": 1.0, "jpeg_compressibility": 0.5},
-                                  normalisers={n: {"mean": 0.0, "var": 1.0, "count": 1.0} for n in critic.reward_names},
-                                  adapter_source=adapter)
+    out = critics.export_pipeline(
+        pipe,
+        critic,
+        case / "export",
+        base_model=f"preset:{preset}",
+        reward_weights={"toy_geneval": 1.0, "jpeg_compressibility": 0.5},
+        normalisers={n: {"mean": 0.0, "var": 1.0, "count": 1.0} for n in critic.reward_names},
+        adapter_source=adapter,
+    )
     net = denoiser(base)
-    x_t = torch.randn(3, net.config.in_channels, net.config.sample_size, net.config.sample_size,
-                      generator=torch.Generator().manual_seed(2))
+    x_t = torch.randn(
+        3,
+        net.config.in_channels,
+        net.config.sample_size,
+        net.config.sample_size,
+        generator=torch.Generator().manual_seed(2),
+    )
     with torch.no_grad():
         embeds = encode_prompts(base, ["two red circles", "a blue square", "three green triangles"])
     t = torch.tensor(601) if preset == "tiny-unet" else torch.tensor(687.5)  # a DDIM step / 1000·σ of a flow step
@@ -173,8 +187,15 @@ def _export_case(root: Path, preset: str, adapter: str) -> dict:
     loaded = critics.load(out / "critic", build_pipeline(f"preset:{preset}"))
     with torch.no_grad():
         ours = loaded.values(x_t, t, {k: v for k, v in inputs.items() if k not in ("x_t", "t")})
-    return {"dirs": [str(out / "critic"), str(case / "base"), str(case / "inputs.safetensors"),
-                     str(case / "values.safetensors")], "ours": ours}
+    return {
+        "dirs": [
+            str(out / "critic"),
+            str(case / "base"),
+            str(case / "inputs.safetensors"),
+            str(case / "values.safetensors"),
+        ],
+        "ours": ours,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +205,14 @@ def recomputed(tmp_path_factory):
     cases = {case: _export_case(root, *case) for case in CASES}
     (root / "jobs.json").write_text(json.dumps([c["dirs"] for c in cases.values()]))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", _FROM_THE_DOC.format(root=str(PROJECT_ROOT)), str(root / "jobs.json")],
-                          cwd=root, env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FROM_THE_DOC.format(root=str(PROJECT_ROOT)), str(root / "jobs.json")],
+        cwd=root,
+        env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cases
 
@@ -194,6 +220,7 @@ def recomputed(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
 def test_values_recomputed_from_the_documented_format_equal_critics_load(case, recomputed):
     from safetensors import safe_open
+
     critic_dir, _, _, values_path = recomputed[case]["dirs"]
     with safe_open(values_path, framework="pt") as f:
         fingerprint = f.metadata()["fingerprint"]

@@ -1,5 +1,6 @@
 """The embedded default run (`align train` with no arguments) is configs/toy_ecg.yaml, and the
 dataclass defaults say the same, so an install without the repo's configs/ behaves identically."""
+
 from __future__ import annotations
 
 import dataclasses

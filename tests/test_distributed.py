@@ -1,5 +1,6 @@
 """Ray rollout and reward actors (local Ray, CPU): seeded requests, weight sync, a killed actor,
 a reward actor that raises, stale data refused."""
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,27 @@ from align.rollout import LocalRollouts, RolloutWorker, chunk_seed, make_request
 from align.train_config import TrainConfig
 
 pytestmark = pytest.mark.distributed
-TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
-        "critic.pretrain_iterations=1", "critic.hidden=16", "ray.chunk_size=2"]
-PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle", "a red square",
-           "a blue circle on the left", "a green square on the right"]
+TINY = [
+    "model.source=preset:tiny-unet",
+    "sampler.num_inference_steps=3",
+    "trainer.prompts_per_iteration=2",
+    "trainer.samples_per_prompt=2",
+    "trainer.minibatch_size=4",
+    "eval_every=0",
+    "final_eval_prompts=0",
+    "eval_prompts=2",
+    "critic.pretrain_iterations=1",
+    "critic.hidden=16",
+    "ray.chunk_size=2",
+]
+PROMPTS = [
+    "a red circle on the left",
+    "a blue square on the right",
+    "a green triangle",
+    "a red square",
+    "a blue circle on the left",
+    "a green square on the right",
+]
 
 
 def _cfg(tmp_path, *extra: str) -> TrainConfig:
@@ -33,9 +50,14 @@ def ray_session():
     """Local Ray whose workers also register tests/distributed_plugins.py; shut down after the module."""
     ray = pytest.importorskip("ray")
     tests_dir = str(Path(__file__).parent)
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={
-        "env_vars": {"PYTHONPATH": tests_dir, "OMP_NUM_THREADS": "1"},
-        "worker_process_setup_hook": "distributed_plugins.register"})
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        runtime_env={
+            "env_vars": {"PYTHONPATH": tests_dir, "OMP_NUM_THREADS": "1"},
+            "worker_process_setup_hook": "distributed_plugins.register",
+        },
+    )
     yield ray
     ray.shutdown()
 
@@ -52,9 +74,10 @@ def local_pipe():
 
 @pytest.fixture(scope="module")
 def group(ray_session, local_pipe, tmp_path_factory):
-    from align.learner import Learner  # noqa: F401  (same imports as the trainer)
     from align.backbones.lora import lora_state_dict
+    from align.learner import Learner  # noqa: F401  (same imports as the trainer)
     from align.rollout.ray_group import RayRollouts
+
     rollouts = RayRollouts(_cfg(tmp_path_factory.mktemp("g")))
     rollouts.set_policy(lora_state_dict(local_pipe, "policy"), version=5)
     yield rollouts
@@ -87,8 +110,9 @@ def group_cfg_sampler():
 
 
 def test_sync_bytes_equal_the_lora_parameter_bytes(group, local_pipe) -> None:
-    from align.backbones.lora import lora_state_dict
     from align.backbones.loading import denoiser
+    from align.backbones.lora import lora_state_dict
+
     state = lora_state_dict(local_pipe, "policy")
     stats = group.set_policy(state, version=5)
     lora_params = [p for n, p in denoiser(local_pipe).named_parameters() if ".policy." in n and "lora_" in n]
@@ -115,6 +139,7 @@ def test_killed_reward_actor_mid_scoring_still_scores_every_sample_once(ray_sess
     """SIGKILL to the (only) reward actor while it scores: Ray restarts it, the lost request is
     re-issued, and the scores equal an undisturbed scoring of the same images."""
     from align.rollout.ray_group import RayRewards
+
     rewards = RayRewards(_cfg(tmp_path, "rewards=[jpeg_compressibility:1.0]", "ray.num_reward_workers=1"))
     try:
         images = torch.rand(len(PROMPTS), 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -128,14 +153,15 @@ def test_killed_reward_actor_mid_scoring_still_scores_every_sample_once(ray_sess
         rewards.close()
 
 
-def test_reward_actor_dead_for_good_gets_no_more_work_and_the_survivor_scores_the_batch(ray_session,
-                                                                                       tmp_path) -> None:
+def test_reward_actor_dead_for_good_gets_no_more_work_and_the_survivor_scores_the_batch(ray_session, tmp_path) -> None:
     """With ``max_restarts=0`` a killed actor is dead for good (ActorDiedError): its request goes to
     the other actor and the scores equal an undisturbed scoring; with every actor dead, scoring
     fails in one line instead of retrying."""
     from align.rollout.ray_group import RayRewards
-    rewards = RayRewards(_cfg(tmp_path, "rewards=[jpeg_compressibility:1.0]", "ray.num_reward_workers=2",
-                              "ray.max_restarts=0"))
+
+    rewards = RayRewards(
+        _cfg(tmp_path, "rewards=[jpeg_compressibility:1.0]", "ray.num_reward_workers=2", "ray.max_restarts=0")
+    )
     try:
         images = torch.rand(len(PROMPTS), 3, 32, 32, generator=torch.Generator().manual_seed(1))
         reference = rewards.score(images, PROMPTS)
@@ -154,7 +180,9 @@ class SlowToRestart:
 
     def __init__(self) -> None:
         import time
+
         import ray
+
         if ray.get_runtime_context().was_current_actor_reconstructed:
             time.sleep(600)
 
@@ -168,32 +196,42 @@ class SlowToRestart:
 def test_actor_that_does_not_come_back_within_restart_timeout_fails_the_call_in_one_line(ray_session) -> None:
     """The driver waits for a restarting actor, but only up to ``ray.restart_timeout_s``."""
     from align.rollout.ray_group import run_requests
+
     actor = ray_session.remote(max_restarts=1, max_task_retries=0)(SlowToRestart).remote()
     try:
         victim = ray_session.get(actor.pid.remote())
         echo = lambda a, x: a.echo.remote(x)  # noqa: E731
         assert run_requests([actor], echo, [1, 2], restart_timeout_s=3.0, what="test") == ([1, 2], 0)
         with pytest.raises(RuntimeError, match=r"ray: test actor 0 .* 3 s .*\(ray\.restart_timeout_s\)"):
-            run_requests([actor], echo, [1, 2], lambda: os.kill(victim, signal.SIGKILL), restart_timeout_s=3.0,
-                         what="test")
+            run_requests(
+                [actor], echo, [1, 2], lambda: os.kill(victim, signal.SIGKILL), restart_timeout_s=3.0, what="test"
+            )
     finally:
         ray_session.kill(actor, no_restart=True)
 
 
 def test_reward_actor_that_raises_names_the_reward_and_no_update_happens(ray_session, tmp_path) -> None:
+    import distributed_plugins  # noqa: F401  (registers the plugin here too: the config validates names)
+
     from align.train import train
     from rewards import RewardError
-    import distributed_plugins  # noqa: F401  (registers the plugin here too: the config validates names)
-    cfg = _cfg(tmp_path, "trainer.iterations=1", "ray.num_rollout_workers=1",
-               "rewards=[toy_geneval:1.0,test_raising_reward:0.5]")
-    with pytest.raises(RewardError, match="reward 'test_raising_reward' raised on a batch of 2: RuntimeError: "
-                                          "reward model crashed"):
+
+    cfg = _cfg(
+        tmp_path,
+        "trainer.iterations=1",
+        "ray.num_rollout_workers=1",
+        "rewards=[toy_geneval:1.0,test_raising_reward:0.5]",
+    )
+    with pytest.raises(
+        RewardError, match="reward 'test_raising_reward' raised on a batch of 2: RuntimeError: reward model crashed"
+    ):
         train(cfg, log=lambda *_: None)
     assert not (tmp_path / "checkpoint").exists()
 
 
 def test_learner_refuses_rollouts_staler_than_max_policy_lag(tmp_path) -> None:
     from align.train import build
+
     cfg = _cfg(tmp_path, "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "learner.max_policy_lag=1")
     pipe, critic, _, _, learner, worker = build(cfg)
     worker.set_policy(None, 0)
@@ -201,8 +239,11 @@ def test_learner_refuses_rollouts_staler_than_max_policy_lag(tmp_path) -> None:
     learner.version = 1
     learner.check_fresh(traj)  # lag 1 is allowed
     learner.version = 2
-    with pytest.raises(RuntimeError, match=r"rollouts from policy version 0 while the learner is at version 2 "
-                                           r"\(lag 2\); learner.max_policy_lag = 1"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"rollouts from policy version 0 while the learner is at version 2 "
+        r"\(lag 2\); learner.max_policy_lag = 1",
+    ):
         learner.update(traj, torch.zeros(4, 3), None, None, train_policy=True)
 
 
@@ -211,12 +252,14 @@ def test_learner_never_imports_ray_and_the_worker_never_imports_deepspeed(module
     """Ray is imported lazily where actors start; align.train imports the learner and the driver."""
     import subprocess
     import sys
+
     code = f"import sys, {module}; sys.exit(int({banned!r} in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, f"importing {module} imported {banned}"
 
 
 def test_missing_deepspeed_json_is_a_one_line_config_error(tmp_path) -> None:
     from align.config import ConfigError
+
     with pytest.raises(ConfigError, match="learner.deepspeed"):
         _cfg(tmp_path, "learner.deepspeed=launch/deepspeed/zero4.json")
 
@@ -226,6 +269,7 @@ def test_zero3_is_refused_before_any_model_loads(tmp_path) -> None:
     accelerator, the first thing it does, not an iteration in. In a subprocess: a DeepSpeed accelerator
     sets process-wide state (AcceleratorState, ACCELERATE_* variables) that would leak into other tests."""
     import sys
+
     code = (
         "import sys, align.train as recipe\n"
         "from align.config import load_config\n"
@@ -237,8 +281,14 @@ def test_zero3_is_refused_before_any_model_loads(tmp_path) -> None:
         "try:\n"
         "    recipe.train(cfg, log=lambda *_: None)\n"
         "except ValueError as err:\n"
-        "    print(err); sys.exit(3)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+        "    print(err); sys.exit(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert done.returncode == 3, done.stdout + done.stderr[-3000:]
     assert "ZeRO-3 is not supported" in done.stdout and "zero2.json" in done.stdout

@@ -1,5 +1,6 @@
 """Whole-trainer distributed runs in subprocesses: 2 learner processes (accelerate + DeepSpeed
 ZeRO-2 over gloo) with 2 Ray rollout actors; SIGKILL of the trainer then ``--resume``."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,18 @@ from align.train_config import TrainConfig
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.source=preset:tiny-unet", "sampler.num_inference_steps=3", "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2", "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
-        "critic.hidden=16", "ray.chunk_size=2"]
+TINY = [
+    "model.source=preset:tiny-unet",
+    "sampler.num_inference_steps=3",
+    "trainer.prompts_per_iteration=2",
+    "trainer.samples_per_prompt=2",
+    "trainer.minibatch_size=4",
+    "eval_every=0",
+    "final_eval_prompts=0",
+    "eval_prompts=2",
+    "critic.hidden=16",
+    "ray.chunk_size=2",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -87,9 +97,25 @@ def test_two_deepspeed_zero2_learners_with_two_rollout_actors_end_with_identical
     gloo, 2 Ray rollout actors + 1 reward actor, 2 iterations of policy updates; the trainer checks
     at the end that both ranks hold bit-identical LoRA weights and fails otherwise."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/multi_gpu.yaml",
-           "--num_processes", "2", "--mixed_precision", "no", "-m", "align", "train", *TINY, "trainer.iterations=2",
-           "critic.pretrain_iterations=0", "ray.num_rollout_workers=2", f"run_dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "launch/accelerate/multi_gpu.yaml",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "-m",
+        "align",
+        "train",
+        *TINY,
+        "trainer.iterations=2",
+        "critic.pretrain_iterations=0",
+        "ray.num_rollout_workers=2",
+        f"run_dir={run}",
+    ]
     job = Reaper(cmd, tmp_path / "log.txt")
     try:
         rc = job.wait(540)
@@ -112,13 +138,31 @@ def test_sigkill_after_iteration_k_then_resume_matches_an_uninterrupted_run(tmp_
     checkpointed; ``--resume`` finishes the run. The final weights equal an uninterrupted run's
     (in-process workers: the seeded requests make both paths give the same rollouts)."""
     iterations = 4
-    straight = load_config(TrainConfig, None, TINY + [
-        f"trainer.iterations={iterations}", "critic.pretrain_iterations=1", "ray.num_rollout_workers=0",
-        "ray.num_reward_workers=0", f"run_dir={tmp_path / 'a'}"])
+    straight = load_config(
+        TrainConfig,
+        None,
+        TINY
+        + [
+            f"trainer.iterations={iterations}",
+            "critic.pretrain_iterations=1",
+            "ray.num_rollout_workers=0",
+            "ray.num_reward_workers=0",
+            f"run_dir={tmp_path / 'a'}",
+        ],
+    )
     train(straight, log=lambda *_: None)
     run = tmp_path / "b"
-    cmd = [sys.executable, "-m", "align", "train", *TINY, f"trainer.iterations={iterations}",
-           "critic.pretrain_iterations=1", "ray.num_rollout_workers=2", f"run_dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "align",
+        "train",
+        *TINY,
+        f"trainer.iterations={iterations}",
+        "critic.pretrain_iterations=1",
+        "ray.num_rollout_workers=2",
+        f"run_dir={run}",
+    ]
     first = Reaper(cmd, tmp_path / "log1.txt")
     try:
         rc = first.wait(300, until=lambda: (_state(run) or {}).get("iteration", 0) >= 1)
@@ -143,8 +187,21 @@ def test_sigkill_after_iteration_k_then_resume_matches_an_uninterrupted_run(tmp_
 
 
 def _launch(tmp_path: Path, name: str, args: list[str]) -> str:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/multi_gpu.yaml",
-           "--num_processes", "2", "--mixed_precision", "no", "-m", "align", "train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "launch/accelerate/multi_gpu.yaml",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "-m",
+        "align",
+        "train",
+        *args,
+    ]
     job = Reaper(cmd, tmp_path / f"{name}.txt")
     try:
         rc = job.wait(540)
@@ -163,7 +220,9 @@ def test_deepspeed_resume_restores_each_ranks_optimizer_partition(tmp_path) -> N
     _launch(tmp_path, "straight", [*common, "trainer.iterations=3", f"run_dir={tmp_path / 'a'}"])
     _launch(tmp_path, "first", [*common, "trainer.iterations=2", f"run_dir={tmp_path / 'b'}"])
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoint").glob("optimizer_rank*.safetensors")) == [
-        "optimizer_rank0.safetensors", "optimizer_rank1.safetensors"]
+        "optimizer_rank0.safetensors",
+        "optimizer_rank1.safetensors",
+    ]
     out = _launch(tmp_path, "resumed", ["--resume", str(tmp_path / "b"), "trainer.iterations=3"])
     assert "at iteration 3" in out and "ranks agree" in out
     for name in ("policy_lora", "critic_lora", "critic_heads"):

@@ -1,4 +1,5 @@
 """Exports: the critic round trip (bit for bit), the policy LoRA in plain diffusers, base checks, `align export`."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ from critics.value_model import LatentCritic, critic_target_modules
 
 PROMPTS = ["two red circles on the left", "one blue square on the top"]
 REWARDS = {"toy_geneval": 1.0, "jpeg_compressibility": 0.25}
-NORMS = {"toy_geneval": {"mean": 0.6, "var": 0.04, "count": 64.0},
-         "jpeg_compressibility": {"mean": -3.0, "var": 0.25, "count": 64.0}}
+NORMS = {
+    "toy_geneval": {"mean": 0.6, "var": 0.04, "count": 64.0},
+    "jpeg_compressibility": {"mean": -3.0, "var": 0.25, "count": 64.0},
+}
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,8 +45,16 @@ def trained_like(preset: str, adapter: str = "separate", seed: int = 0):
 
 
 def export(pipe, critic, out: Path, preset: str, adapter: str = "separate") -> Path:
-    return critics.export_pipeline(pipe, critic, out, base_model=f"preset:{preset}", reward_weights=REWARDS,
-                                   normalisers=NORMS, metrics={"explained_variance": 0.5}, adapter_source=adapter)
+    return critics.export_pipeline(
+        pipe,
+        critic,
+        out,
+        base_model=f"preset:{preset}",
+        reward_weights=REWARDS,
+        normalisers=NORMS,
+        metrics={"explained_variance": 0.5},
+        adapter_source=adapter,
+    )
 
 
 def fixed_inputs(pipe, batch: int = 2):
@@ -55,8 +66,9 @@ def fixed_inputs(pipe, batch: int = 2):
     return x, torch.tensor(601), {k: embeds[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
 
 
-@pytest.mark.parametrize("preset,adapter", [("tiny-unet", "separate"), ("tiny-unet", "shared"),
-                                            ("tiny-dit", "separate")])
+@pytest.mark.parametrize(
+    "preset,adapter", [("tiny-unet", "separate"), ("tiny-unet", "shared"), ("tiny-dit", "separate")]
+)
 def test_export_then_load_gives_identical_values_bit_for_bit(preset: str, adapter: str, tmp_path) -> None:
     pipe, critic = trained_like(preset, adapter)
     out = export(pipe, critic, tmp_path / "export", preset, adapter)
@@ -71,8 +83,12 @@ def test_export_then_load_gives_identical_values_bit_for_bit(preset: str, adapte
     assert torch.equal(got, expected) and got.shape == (2, 2)
     assert loaded.rows == 2 and loaded.reward_names == list(REWARDS)
     assert loaded.weights.tolist() == list(REWARDS.values())
-    torch.testing.assert_close(loaded.predicted_rewards(torch.ones(1, 2)),
-                               torch.tensor([[0.6 + 0.2 + 1e-8, -3.0 + 0.5 + 1e-8]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        loaded.predicted_rewards(torch.ones(1, 2)),
+        torch.tensor([[0.6 + 0.2 + 1e-8, -3.0 + 0.5 + 1e-8]]),
+        rtol=0,
+        atol=1e-6,
+    )
     config = json.loads((out / "critic" / "config.json").read_text())
     assert config["schema_version"] == 1 and config["adapter"]["source"] == adapter
     assert config["base_model"]["fingerprint"] == critics.base_fingerprint(fresh)
@@ -84,8 +100,9 @@ def test_a_critic_on_another_feature_layer_round_trips(tmp_path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         attach_lora(pipe, "policy", rank=2)
-        attach_lora(pipe, "critic", rank=2, target_modules=critic_target_modules(pipe, "up_blocks.0"),
-                    init_lora_weights=False)
+        attach_lora(
+            pipe, "critic", rank=2, target_modules=critic_target_modules(pipe, "up_blocks.0"), init_lora_weights=False
+        )
         critic = LatentCritic(pipe, list(REWARDS), adapter="critic", hidden=16, feature_layer="up_blocks.0")
     out = export(pipe, critic, tmp_path / "e", "tiny-unet")
     assert json.loads((out / "critic" / "config.json").read_text())["feature_layer"] == "up_blocks.0"
@@ -176,36 +193,66 @@ def test_exported_policy_lora_gives_the_same_images_in_plain_diffusers(preset: s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
         attach_lora(pipe, "policy", rank=4, alpha=2.0, init_lora_weights=False)  # alpha ≠ rank: scale must survive
-    out = critics.export_pipeline(pipe, None, tmp_path / "export", base_model="local", reward_weights={},
-                                  normalisers={})
-    ours = sample_trajectory(pipe, PROMPTS, SamplerConfig(num_inference_steps=4, eta=1.0, noise_level=0.0),
-                             torch.Generator().manual_seed(0)).images
+    out = critics.export_pipeline(
+        pipe, None, tmp_path / "export", base_model="local", reward_weights={}, normalisers={}
+    )
+    ours = sample_trajectory(
+        pipe, PROMPTS, SamplerConfig(num_inference_steps=4, eta=1.0, noise_level=0.0), torch.Generator().manual_seed(0)
+    ).images
     is_unet = preset == "tiny-unet"
     script = _PLAIN_DIFFUSERS.format(
-        root=str(PROJECT_ROOT), cls=type(pipe).__name__, base=str(tmp_path / "base"), lora=str(out / "policy"),
-        extra="" if is_unet else ", text_encoder_3=None, tokenizer_3=None", prompts=PROMPTS,
-        eta=", eta=1.0" if is_unet else "", out=str(tmp_path / "images.safetensors"))
+        root=str(PROJECT_ROOT),
+        cls=type(pipe).__name__,
+        base=str(tmp_path / "base"),
+        lora=str(out / "policy"),
+        extra="" if is_unet else ", text_encoder_3=None, tokenizer_3=None",
+        prompts=PROMPTS,
+        eta=", eta=1.0" if is_unet else "",
+        out=str(tmp_path / "images.safetensors"),
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1",
-                          "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = load_file(str(tmp_path / "images.safetensors"))["images"]
-    assert not torch.allclose(ours, sample_trajectory(build_pipeline(f"preset:{preset}"), PROMPTS,
-                                                      SamplerConfig(num_inference_steps=4, eta=1.0, noise_level=0.0),
-                                                      torch.Generator().manual_seed(0)).images, atol=1e-3)
+    assert not torch.allclose(
+        ours,
+        sample_trajectory(
+            build_pipeline(f"preset:{preset}"),
+            PROMPTS,
+            SamplerConfig(num_inference_steps=4, eta=1.0, noise_level=0.0),
+            torch.Generator().manual_seed(0),
+        ).images,
+        atol=1e-3,
+    )
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)  # fp32 round-off, as tests/test_sampling.py
 
 
 def test_align_train_exports_and_align_export_rebuilds_the_same_files(tmp_path, capsys, tiny_train_cfg) -> None:
     from align.cli import main
     from align.train import train
+
     run = tmp_path / "run"
-    cfg = tiny_train_cfg(f"run_dir={run}", "trainer.iterations=1",
-                         "rewards=[{name: toy_geneval}, {name: jpeg_compressibility, weight: 0.5}]")
+    cfg = tiny_train_cfg(
+        f"run_dir={run}",
+        "trainer.iterations=1",
+        "rewards=[{name: toy_geneval}, {name: jpeg_compressibility, weight: 0.5}]",
+    )
     state = train(cfg, log=lambda *_: None)
     config = json.loads((run / "export" / "critic" / "config.json").read_text())
-    assert [(r["name"], r["weight"]) for r in config["rewards"]] == [("toy_geneval", 1.0), ("jpeg_compressibility", 0.5)]
-    assert {r["name"]: r["norm"]["mean"] for r in config["rewards"]} == {n: s["mean"] for n, s in state.normalisers.items()}
+    assert [(r["name"], r["weight"]) for r in config["rewards"]] == [
+        ("toy_geneval", 1.0),
+        ("jpeg_compressibility", 0.5),
+    ]
+    assert {r["name"]: r["norm"]["mean"] for r in config["rewards"]} == {
+        n: s["mean"] for n, s in state.normalisers.items()
+    }
     assert config["metrics"]["iterations"] == 1 and config["base_model"]["id"] == "preset:tiny-unet"
     assert main(["export", str(run), "--out", str(tmp_path / "again")]) == 0
     assert "exported" in capsys.readouterr().out
@@ -219,6 +266,7 @@ def test_align_train_exports_and_align_export_rebuilds_the_same_files(tmp_path, 
 
 def test_export_of_a_run_without_critic_writes_only_the_policy(tmp_path, tiny_train_cfg) -> None:
     from align.train import train
+
     run = tmp_path / "run"
     train(tiny_train_cfg(f"run_dir={run}", "trainer.iterations=1", "algo=grpo"), log=lambda *_: None)
     out = critics.export_run(run, tmp_path / "out")

@@ -1,7 +1,7 @@
 """The real `geneval` reward: tiny random Mask2Former and open_clip models built from configs, saved to a
 temp dir and loaded through the reward's own loading path (rewards/geneval/{detector,colors,reward}.py)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -41,10 +41,13 @@ def _record(tag: str, include: list, prompt: str) -> dict:
 def test_reward_scores_a_batch_end_to_end_with_known_answers(reward) -> None:
     """The detector sees a dog in every image (its class head is fixed): the dog prompts hold, the cat
     prompt fails with GenEval's reason, in chunks of the reward's batch size."""
-    records = [_record("single_object", [{"class": "dog", "count": 1}], "a photo of a dog"),
-               _record("single_object", [{"class": "cat", "count": 1}], "a photo of a cat"),
-               _record("two_object", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
-                       "a photo of a dog and a cat")] * 2
+    records = [
+        _record("single_object", [{"class": "dog", "count": 1}], "a photo of a dog"),
+        _record("single_object", [{"class": "cat", "count": 1}], "a photo of a cat"),
+        _record(
+            "two_object", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}], "a photo of a dog and a cat"
+        ),
+    ] * 2
     reward.batch_size = 4
     scores, meta = score([reward], _images(6), [r["prompt"] for r in records], prompt_metadata=records)
     assert scores[:, 0].tolist() == [1.0, 0.0, 0.5] * 2
@@ -62,8 +65,9 @@ def test_colour_clause_uses_the_clip_classifier_on_the_most_confident_dog(reward
     arr = ((image[0].permute(1, 2, 0) * 255).round() / 255).numpy()
     read = reward.scorer.classify_colors(arr, [top], GENEVAL_COLORS)[0]
     for color in ("red", "blue", read):
-        v = reward.scorer.verdicts(image, [_record("colors", [{"class": "dog", "count": 1, "color": color}],
-                                                   f"a photo of a {color} dog")])[0]
+        v = reward.scorer.verdicts(
+            image, [_record("colors", [{"class": "dog", "count": 1, "color": color}], f"a photo of a {color} dog")]
+        )[0]
         assert v.strict == float(color == read)
 
 
@@ -101,8 +105,10 @@ def test_clip_colour_classifier_matches_an_independent_zero_shot_computation(mod
 
     model, tok = clf.model, clf.tokenizer
     with torch.no_grad():
-        text = [model.encode_text(tok([t.format(cls="dog").format(c) for t in TEMPLATES]), normalize=True)
-                for c in GENEVAL_COLORS]
+        text = [
+            model.encode_text(tok([t.format(cls="dog").format(c) for t in TEMPLATES]), normalize=True)
+            for c in GENEVAL_COLORS
+        ]
         weights = torch.stack([e.mean(0) / e.mean(0).norm() for e in text], dim=1)
         expected = []
         for d in dets:
@@ -111,6 +117,7 @@ def test_clip_colour_classifier_matches_an_independent_zero_shot_computation(mod
                 crop = np.where(d.mask[..., None], crop, np.uint8(0x99))
             x0, y0, x1, y1 = map(int, d.box)
             from PIL import Image
+
             pixels = clf.preprocess(Image.fromarray(crop[y0:y1, x0:x1]))[None]
             expected.append(GENEVAL_COLORS[int((model.encode_image(pixels, normalize=True) @ weights).argmax())])
     assert got == expected
@@ -149,8 +156,10 @@ def test_a_missing_model_path_is_a_one_line_error_saying_what_and_where(model_di
 def test_serve_geneval_answers_like_the_local_reward(reward) -> None:
     """`align rewards serve geneval` is this reward behind rewards.server; the client gets the same scores."""
     import threading
+
     from rewards.remote import RemoteReward
     from rewards.server import make_server
+
     server = make_server(reward, port=0, quiet=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -168,12 +177,14 @@ def test_serve_geneval_answers_like_the_local_reward(reward) -> None:
 
 def test_geneval_is_registered_and_listed() -> None:
     from rewards.registry import available_rewards, describe_reward
+
     assert available_rewards()["geneval"] == "builtin" and describe_reward("geneval").startswith("GenEval")
     assert PROMPT_METADATA == "prompt_metadata"
 
 
 def test_detector_input_size_can_be_overridden_and_masks_come_back_at_image_size(model_dirs) -> None:
     from rewards.geneval.detector import Mask2FormerDetector
+
     detector = Mask2FormerDetector(model_dirs["detector_path"], object_names(), shortest_edge=96)
     seen = []
     forward = detector.model.forward
@@ -188,6 +199,7 @@ def test_throughput_benchmark_runs_at_tiny_size() -> None:
     """benchmarks/geneval_reward.py's measure() (what the GPU check calls at the real sizes) runs on CPU."""
     import importlib.util
     from pathlib import Path
+
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "geneval_reward.py"
     spec = importlib.util.spec_from_file_location("geneval_reward_benchmark", path)
     module = importlib.util.module_from_spec(spec)

@@ -1,4 +1,5 @@
 """Known answers of the GenEval rule engine (rewards/geneval/rules.py) on synthetic detections."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from rewards.geneval.rules import (GENEVAL_COLORS, Detection, RuleConfig, evaluate, keep_detections,
-                                   relative_position, validate_metadata)
+from rewards.geneval.rules import (
+    GENEVAL_COLORS,
+    Detection,
+    RuleConfig,
+    evaluate,
+    keep_detections,
+    relative_position,
+    validate_metadata,
+)
 
 CLASSES = ("dog", "cat", "clock", "kite", "teddy bear")
 
@@ -86,8 +94,7 @@ def test_two_clocks_fail_on_three_and_pass_on_two() -> None:
 
 
 def test_exclude_clauses_are_ored() -> None:
-    m = meta("counting", [{"class": "dog", "count": 1}],
-             [{"class": "cat", "count": 1}, {"class": "kite", "count": 2}])
+    m = meta("counting", [{"class": "dog", "count": 1}], [{"class": "cat", "count": 1}, {"class": "kite", "count": 2}])
     dog = det("dog", 0, 0, 9, 9)
     assert evaluate(m, [dog, det("kite", 30, 0, 39, 9)]).strict == 1.0  # one kite is allowed
     v = evaluate(m, [dog, det("cat", 30, 0, 39, 9)])
@@ -136,21 +143,25 @@ def box_at(cx: float, cy: float, w: float, h: float) -> tuple[float, float, floa
     return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
 
 
-@pytest.mark.parametrize("relation, sign, axis", [("right of", 1, 0), ("left of", -1, 0), ("below", 1, 1),
-                                                  ("above", -1, 1)])
+@pytest.mark.parametrize(
+    "relation, sign, axis", [("right of", 1, 0), ("left of", -1, 0), ("below", 1, 1), ("above", -1, 1)]
+)
 def test_direction_test_just_around_its_threshold_with_the_0_1_shrink(relation, sign, axis) -> None:
     """Boxes 10×10 shrink the offset by 0.1·(10+10) = 2 per axis. Along one axis d = (|o| − 2)/|o|,
     which exceeds 0.5 iff |o| > 4: |o| = 3.99 gives no relation, 4.01 gives exactly ``relation``."""
+
     def rel(d: float) -> set:
         center = [50.0, 50.0]
         center[axis] += sign * d
         return relative_position(box_at(*center, 10, 10), box_at(50, 50, 10, 10))
+
     assert rel(1.0) == set() and rel(3.99) == set()
     assert rel(4.01) == {relation} and rel(30.0) == {relation}
 
 
-@pytest.mark.parametrize("relation, sign, axis", [("right of", 1, 0), ("left of", -1, 0), ("below", 1, 1),
-                                                  ("above", -1, 1)])
+@pytest.mark.parametrize(
+    "relation, sign, axis", [("right of", 1, 0), ("left of", -1, 0), ("below", 1, 1), ("above", -1, 1)]
+)
 def test_direction_test_at_its_threshold_is_strict(relation, sign, axis) -> None:
     """Exact arithmetic (dyadic numbers, shrink factor 0.25): boxes 8×8 shrink by 0.25·16 = 4, so at
     |o| = 8 the normalised offset is exactly 0.5 (no relation) and at 8.5 it is 0.529... (relation)."""
@@ -160,6 +171,7 @@ def test_direction_test_at_its_threshold_is_strict(relation, sign, axis) -> None
         center = [64.0, 64.0]
         center[axis] += sign * d
         return relative_position(box_at(*center, 8, 8), box_at(64, 64, 8, 8), config)
+
     assert rel(8.0) == set()
     assert rel(8.5) == {relation}
 
@@ -174,14 +186,17 @@ def test_shrink_to_zero_and_overlapping_boxes_give_no_relation() -> None:
 
 def test_diagonal_offsets_give_both_relations_or_one() -> None:
     point = lambda x, y: (x, y, x, y)  # zero-size boxes: no shrink, d = offset / |offset|
-    assert relative_position(point(3, 4), point(0, 0)) == {"right of", "below"}      # d = (0.6, 0.8)
-    assert relative_position(point(-4, -3), point(0, 0)) == {"left of", "above"}     # d = (-0.8, -0.6)
-    assert relative_position(point(1, 3), point(0, 0)) == {"below"}                  # d_x = 0.316
+    assert relative_position(point(3, 4), point(0, 0)) == {"right of", "below"}  # d = (0.6, 0.8)
+    assert relative_position(point(-4, -3), point(0, 0)) == {"left of", "above"}  # d = (-0.8, -0.6)
+    assert relative_position(point(1, 3), point(0, 0)) == {"below"}  # d_x = 0.316
 
 
 def test_position_clause_holds_only_for_every_object_target_pair() -> None:
-    m = meta("position", [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
-             prompt="a photo of a dog right of a teddy bear")
+    m = meta(
+        "position",
+        [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
+        prompt="a photo of a dog right of a teddy bear",
+    )
     bear = det("teddy bear", 0, 0, 10, 10)
     right = evaluate(m, [bear, det("dog", 40, 0, 50, 10)])
     assert (right.strict, right.score, right.reason) == (1.0, 1.0, "")
@@ -193,7 +208,7 @@ def test_position_clause_holds_only_for_every_object_target_pair() -> None:
     two = meta("position", [{"class": "kite", "count": 2}, {"class": "dog", "count": 1, "position": ["above", 0]}])
     kites = [det("kite", 0, 50, 10, 60), det("kite", 50, 50, 60, 60)]
     assert evaluate(two, kites + [det("dog", 25, 35, 35, 45)]).strict == 0.0  # diagonal to both: not "above"
-    assert evaluate(two, kites + [det("dog", 0, 0, 60, 10)]).strict == 1.0   # wide dog above both kites
+    assert evaluate(two, kites + [det("dog", 0, 0, 60, 10)]).strict == 1.0  # wide dog above both kites
 
 
 def test_position_without_a_matched_target_fails_with_geneval_reason() -> None:
@@ -210,14 +225,18 @@ def test_details_are_json_with_the_kept_boxes_and_every_check() -> None:
     v = evaluate(m, [det("dog", 0, 0, 9, 9, 0.8, color="red"), det("cat", 20, 0, 29, 9, 0.1)])
     assert json.loads(json.dumps(v.details)) == v.details
     assert v.details["detected"] == {"dog": [[0.0, 0.0, 9.0, 9.0, 0.8]]}
-    assert [(c["class"], c["check"], c["ok"]) for c in v.details["checks"]] == \
-        [("dog", "count", True), ("dog", "color", True), ("cat", "count", False)]
+    assert [(c["class"], c["check"], c["ok"]) for c in v.details["checks"]] == [
+        ("dog", "count", True),
+        ("dog", "color", True),
+        ("cat", "count", False),
+    ]
 
 
 # --- every shipped record, and bad records ---------------------------------------------------------------
 def test_every_shipped_record_validates_and_scores_correct_on_its_own_ideal_scene() -> None:
     """For each of the 553 prompts build the detections it asks for (coloured, placed per its relation)."""
     from rewards.geneval.data import load_metadata, object_names
+
     records = load_metadata()
     offsets = {"left of": (-60, 0), "right of": (60, 0), "above": (0, -60), "below": (0, 60)}
     for record in records:
@@ -229,26 +248,34 @@ def test_every_shipped_record_validates_and_scores_correct_on_its_own_ideal_scen
                 rel, target = req["position"]
                 cx, cy = centres[target][0] + offsets[rel][0], centres[target][1] + offsets[rel][1]
             centres.append((cx, cy))
-            dets += [Detection(req["class"], box_at(cx + 3 * k, cy, 10, 10), 0.95, color=req.get("color"))
-                     for k in range(req["count"])]
+            dets += [
+                Detection(req["class"], box_at(cx + 3 * k, cy, 10, 10), 0.95, color=req.get("color"))
+                for k in range(req["count"])
+            ]
         v = evaluate(record, dets)
         assert (v.strict, v.score) == (1.0, 1.0), (record["prompt"], v.reason)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["include"][0].update({"class": "unicorn"}), "unknown class 'unicorn'"),
-    (lambda m: m["include"][0].update({"color": "teal"}), "unknown colour 'teal'"),
-    (lambda m: m["include"][1].update({"position": ["behind", 0]}), "unknown relation 'behind'"),
-    (lambda m: m["include"][1].update({"position": ["above", 1]}), "earlier include clause"),
-    (lambda m: m["include"][0].update({"position": ["above", 0]}), "earlier include clause"),
-    (lambda m: m["include"][0].update({"count": 0}), "'count' must be an int >= 1"),
-    (lambda m: m["include"][0].update({"colour": "red"}), "unknown key 'colour'"),
-    (lambda m: m.update({"exclude": [{"class": "cat", "count": 1, "color": "red"}]}), "unknown key 'color'"),
-    (lambda m: m.update({"include": []}), "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["include"][0].update({"class": "unicorn"}), "unknown class 'unicorn'"),
+        (lambda m: m["include"][0].update({"color": "teal"}), "unknown colour 'teal'"),
+        (lambda m: m["include"][1].update({"position": ["behind", 0]}), "unknown relation 'behind'"),
+        (lambda m: m["include"][1].update({"position": ["above", 1]}), "earlier include clause"),
+        (lambda m: m["include"][0].update({"position": ["above", 0]}), "earlier include clause"),
+        (lambda m: m["include"][0].update({"count": 0}), "'count' must be an int >= 1"),
+        (lambda m: m["include"][0].update({"colour": "red"}), "unknown key 'colour'"),
+        (lambda m: m.update({"exclude": [{"class": "cat", "count": 1, "color": "red"}]}), "unknown key 'color'"),
+        (lambda m: m.update({"include": []}), "non-empty list"),
+    ],
+)
 def test_bad_metadata_is_a_one_line_error_naming_the_prompt(change, message) -> None:
-    m = meta("position", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left of", 0]}],
-             prompt="a photo of a cat left of a dog")
+    m = meta(
+        "position",
+        [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left of", 0]}],
+        prompt="a photo of a cat left of a dog",
+    )
     validate_metadata(m, CLASSES)
     change(m)
     with pytest.raises(ValueError, match=message) as err:

@@ -1,4 +1,5 @@
 """Per-sample prompt metadata reaches rewards (rewards/scoring.py, the in-process and Ray reward groups)."""
+
 from __future__ import annotations
 
 import pytest
@@ -48,9 +49,11 @@ def test_local_reward_group_and_ray_reward_actor_body_carry_the_records(reward_r
     """The in-process group and the body of the Ray reward actor (a plain class) pass records on."""
     from align.rollout.groups import LocalRewards
     from align.rollout.ray_group import RewardActor
+
     images, prompts, records = _batch(3)
-    assert torch.equal(LocalRewards([Recorder()]).score(images, prompts, prompt_metadata=records)[:, 0],
-                       torch.arange(3.0))
+    assert torch.equal(
+        LocalRewards([Recorder()]).score(images, prompts, prompt_metadata=records)[:, 0], torch.arange(3.0)
+    )
     reward_registry.register_reward("test_prompt_record_index")(Recorder)
     actor = RewardActor([{"name": "test_prompt_record_index"}])
     assert torch.equal(actor.score(images, prompts, records)[:, 0], torch.arange(3.0))

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py: `--tiny` runs the whole GPU check's code path on CPU and prints every row; the
 full-size backbones have SD1.5's and SD3.5-Medium's denoiser sizes (counted on the meta device)."""
+
 from __future__ import annotations
 
 import math
@@ -27,9 +28,27 @@ def _rows(stdout: str) -> dict[tuple[str, str], str]:
 
 def test_tiny_gpu_check_prints_every_row_with_a_number() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--steps", "2",
-                           "--prompts", "2", "--group", "2", "--minibatch", "2", "--repeats", "1"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "--tiny",
+            "--steps",
+            "2",
+            "--prompts",
+            "2",
+            "--group",
+            "2",
+            "--minibatch",
+            "2",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(proc.stdout)
     for backbone in ("tiny-unet", "tiny-dit"):
@@ -48,6 +67,7 @@ def test_tiny_gpu_check_prints_every_row_with_a_number() -> None:
 def test_full_size_backbones_have_sd15_and_sd35_medium_denoiser_sizes() -> None:
     from accelerate import init_empty_weights
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
     with init_empty_weights():
         unet = UNet2DConditionModel(**gpu_check.SD15_UNET)
         transformer = SD3Transformer2DModel(**gpu_check.SD35M_TRANSFORMER)

@@ -1,4 +1,5 @@
 """Install-level guards: the hpsv2 / protobuf / Ray conflict must not come back silently."""
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -13,14 +14,14 @@ def test_protobuf_is_modern_enough_for_ray() -> None:
 
 
 def test_ray_starts_and_hpsv2_imports_in_one_environment() -> None:
-    import ray
-
     import hpsv2  # noqa: F401  (the import itself is the check)
+    import ray
     from hpsv2.src.open_clip import tokenizer as hps_tokenizer
 
     assert hps_tokenizer.tokenize(["a red circle"]).shape == (1, 77)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
+
         @ray.remote
         def square(x: int) -> int:
             return x * x

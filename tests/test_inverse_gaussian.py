@@ -1,5 +1,6 @@
 """Known-answer tests of DPS, CLAMP and MAP-RPS on a Gaussian prior with an exact denoiser
 (modifiers_spec.md §1 F1–F4, §2.5, §4.6, §6.1). Closed forms are re-derived here in torch."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,9 +26,9 @@ def _fixture(n: int = 6, m: int = 3, batch: int = 4, seed: int = 0, sy: float = 
 
 def _posterior(sig, mu, a, y, sy, s_smooth: float = 0.0):
     """F2 with the prior smoothed to N(μ, Σ + s² I): covariance C and mean m(y) (= MAP = MMSE)."""
-    sig_s = sig + s_smooth ** 2 * torch.eye(sig.shape[0], dtype=DT)
-    cov = torch.linalg.inv(torch.linalg.inv(sig_s) + a.T @ a / sy ** 2)
-    return cov, (torch.linalg.solve(sig_s, mu) + y @ a / sy ** 2) @ cov
+    sig_s = sig + s_smooth**2 * torch.eye(sig.shape[0], dtype=DT)
+    cov = torch.linalg.inv(torch.linalg.inv(sig_s) + a.T @ a / sy**2)
+    return cov, (torch.linalg.solve(sig_s, mu) + y @ a / sy**2) @ cov
 
 
 def _sqrtm(c: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ def test_gmres_of_a_zero_right_hand_side_is_zero():
 @pytest.mark.parametrize("s,s_next", [(80.0, 60.0), (1.0, 0.5), (0.3, 0.0), (2.0, 1.999)])
 def test_clamp_noise_split_preserves_variance(s, s_next):
     down, up = sigma_split(s, s_next)
-    assert down ** 2 + up ** 2 == pytest.approx(s_next ** 2, rel=1e-12, abs=1e-12)
+    assert down**2 + up**2 == pytest.approx(s_next**2, rel=1e-12, abs=1e-12)
     if s_next == 0.0:
         assert down == 0.0 and up == 0.0  # the last step is deterministic: x = x̂0 + Δ
 
@@ -87,10 +88,10 @@ def test_clamp_step_equals_the_dense_damped_gauss_newton_solve():
     for i in range(2):
         pull = k @ a.T @ (a @ x0[i] - y[i])
         g = x[i] - x0[i]
-        alpha = g.norm() / (s_prior ** 2 * pull.norm())
+        alpha = g.norm() / (s_prior**2 * pull.norm())
         gh = g / g.norm()
-        mat = k @ a.T @ a / c.sigma_n ** 2 + alpha * (c.lam_id * torch.eye(6, dtype=DT) + torch.outer(gh, gh))
-        delta = -torch.linalg.solve(mat, pull / c.sigma_n ** 2)
+        mat = k @ a.T @ a / c.sigma_n**2 + alpha * (c.lam_id * torch.eye(6, dtype=DT) + torch.outer(gh, gh))
+        delta = -torch.linalg.solve(mat, pull / c.sigma_n**2)
         torch.testing.assert_close(out[i], x0[i] + delta, atol=1e-8, rtol=1e-8)
 
 
@@ -110,7 +111,7 @@ def _prior_recursion(lam: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     v = torch.full_like(lam, float(grid[0]) ** 2)
     for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
         down, up = sigma_split(s, s_next)
-        v = ((lam + s * down) / (lam + s * s)) ** 2 * v + up ** 2
+        v = ((lam + s * down) / (lam + s * s)) ** 2 * v + up**2
     return v
 
 
@@ -120,8 +121,15 @@ def test_clamp_prior_only_variance_follows_the_split_recursion_not_the_prior(pri
     batch, steps = 20000, 25
     a = torch.zeros(1, 3, dtype=DT) if prior_only == "A0" else torch.tensor([[1.0, -2.0, 0.5]], dtype=DT)
     y = torch.full((batch, 1), 3.0, dtype=DT)
-    clamp = CLAMP(GaussianDenoiser(torch.zeros(3, dtype=DT), torch.diag(lam)), MatrixOperator(a), y, 0.1,
-                  steps=steps, gmres_iters=1, beta=0.0 if prior_only == "beta0" else 1.0)
+    clamp = CLAMP(
+        GaussianDenoiser(torch.zeros(3, dtype=DT), torch.diag(lam)),
+        MatrixOperator(a),
+        y,
+        0.1,
+        steps=steps,
+        gmres_iters=1,
+        beta=0.0 if prior_only == "beta0" else 1.0,
+    )
     out = clamp.sample(torch.Generator().manual_seed(0))
     want = _prior_recursion(lam, clamp.grid)
     se = want * (2.0 / batch) ** 0.5  # std of a sample variance of N Gaussian draws
@@ -152,8 +160,15 @@ def test_map_stage_converges_to_the_smoothed_map_and_its_error_to_the_mmse_is_or
     _, mmse = _posterior(sig, mu, a, y, sy)
     errors = []
     for s_s in (0.02, 0.04, 0.08):
-        rps = MapRPS(den, MatrixOperator(a), y, sy, renoise=0.0, stage2="dps",
-                     stage1=Stage1Config(anneal_iters=20, final_iters=30, s_smooth=s_s, anderson_memory=8, tol=1e-9))
+        rps = MapRPS(
+            den,
+            MatrixOperator(a),
+            y,
+            sy,
+            renoise=0.0,
+            stage2="dps",
+            stage1=Stage1Config(anneal_iters=20, final_iters=30, s_smooth=s_s, anderson_memory=8, tol=1e-9),
+        )
         x_hat = rps.stage1()
         assert rps.stage1_result.converged
         _, map_s = _posterior(sig, mu, a, y, sy, s_smooth=s_s)
@@ -206,17 +221,18 @@ def test_map_rps_distortion_perception_curve_matches_the_gaussian_closed_forms()
         sq = (out - x).pow(2).sum(1)
         add = c_eig * s * s * (2 * c_eig + s * s) / (c_eig + s * s) ** 2
         mse_pred = float(torch.trace(cov) + add.sum())
-        assert abs(float(sq.mean()) - mse_pred) < 4 * float(sq.std()) / n_mc ** 0.5, (r, float(sq.mean()), mse_pred)
+        assert abs(float(sq.mean()) - mse_pred) < 4 * float(sq.std()) / n_mc**0.5, (r, float(sq.mean()), mse_pred)
         out_cov = sig - cov + u @ torch.diag(add) @ u.T
         w2_pred = _gaussian_w2(mu, out_cov, mu, sig)
         w2_mc = _gaussian_w2(out.mean(0), torch.cov(out.T), mu, sig)
         # Monte Carlo tolerance of the plug-in W2: its spread and bias over exact draws of the same size
-        ref = [_gaussian_w2(d.mean(0), torch.cov(d.T), mu, sig) for d in
-               (mu + torch.randn(n_mc, 6, generator=gen, dtype=DT) @ _sqrtm(out_cov)
-                for _ in range(6))]
+        ref = [
+            _gaussian_w2(d.mean(0), torch.cov(d.T), mu, sig)
+            for d in (mu + torch.randn(n_mc, 6, generator=gen, dtype=DT) @ _sqrtm(out_cov) for _ in range(6))
+        ]
         tol = abs(sum(ref) / len(ref) - w2_pred) + 4 * float(torch.tensor(ref).std()) + 1e-3
         assert abs(w2_mc - w2_pred) < tol, (r, w2_mc, w2_pred, tol)
-        mses.append((float(sq.mean()), float(sq.std()) / n_mc ** 0.5))
+        mses.append((float(sq.mean()), float(sq.std()) / n_mc**0.5))
         w2s.append(w2_mc)
     assert all(m1 >= m0 - 3 * (e0 + e1) for (m0, e0), (m1, e1) in zip(mses, mses[1:]))
     assert all(p1 <= p0 + 0.02 for p0, p1 in zip(w2s, w2s[1:]))

@@ -1,6 +1,7 @@
 """Known answers above 32 dimensions: a 48-dimensional Gaussian prior with a non-diagonal covariance
 and a non-zero mean, a blur-and-mask operator (24 of 48 blurred samples observed), σ_y = 0.1, and
 the exact denoiser (spec F1–F2). The posterior N(m(y), C) is closed form."""
+
 from __future__ import annotations
 
 import warnings
@@ -23,7 +24,7 @@ def _blur_mask_problem(batch: int, prior: str = "wishart", seed: int = 1, sy: fl
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(N, dtype=DT)
     if prior == "wishart":
-        w = torch.randn(N, N, generator=g, dtype=DT) / N ** 0.5
+        w = torch.randn(N, N, generator=g, dtype=DT) / N**0.5
         cov = w @ w.T + 0.05 * torch.eye(N, dtype=DT)
     else:
         cov = 0.8 * torch.exp(-0.5 * ((t[:, None] - t[None]) / 4.0) ** 2) + 0.05 * torch.eye(N, dtype=DT)
@@ -38,9 +39,9 @@ def _blur_mask_problem(batch: int, prior: str = "wishart", seed: int = 1, sy: fl
 
 def _posterior(cov, mu, a, y, sy, s_smooth: float = 0.0):
     """F2 with the prior smoothed to N(μ, Σ + s² I): (C, m(y))."""
-    cov_s = cov + s_smooth ** 2 * torch.eye(N, dtype=DT)
-    c = torch.linalg.inv(torch.linalg.inv(cov_s) + a.T @ a / sy ** 2)
-    return c, (torch.linalg.solve(cov_s, mu) + y @ a / sy ** 2) @ c
+    cov_s = cov + s_smooth**2 * torch.eye(N, dtype=DT)
+    c = torch.linalg.inv(torch.linalg.inv(cov_s) + a.T @ a / sy**2)
+    return c, (torch.linalg.solve(cov_s, mu) + y @ a / sy**2) @ c
 
 
 @pytest.mark.parametrize("prior,info", [("wishart", 0.6), ("smooth", 0.1)])
@@ -67,17 +68,27 @@ def test_map_rps_stage1_defaults_converge_to_the_posterior_mean_at_48_dimensions
     c, m = _posterior(cov, mu, a, y, sy)
     _, map_s = _posterior(cov, mu, a, y, sy, s_smooth=den.sigma_min)
     scale = float(torch.trace(c)) ** 0.5
-    assert float((x_hat - map_s).norm(dim=1).max()) < 1e-4 * scale   # converged to the fixed point
-    assert float((x_hat - m).norm(dim=1).max()) < 1e-4 * scale       # and that is the posterior mean
+    assert float((x_hat - map_s).norm(dim=1).max()) < 1e-4 * scale  # converged to the fixed point
+    assert float((x_hat - m).norm(dim=1).max()) < 1e-4 * scale  # and that is the posterior mean
 
 
 def test_map_rps_stage1_warns_when_its_cap_is_hit_and_says_which_settings_to_raise():
     """The old defaults (memory 5, 20 iterations) stop 0.1 √tr C away from m(y) at 48-d: now a warning."""
     cov, mu, a, y, sy = _blur_mask_problem(batch=8)
-    rps = MapRPS(GaussianDenoiser(mu, cov), MatrixOperator(a), y, sy, renoise=0.0, stage2="dps",
-                 stage1=Stage1Config(anderson_memory=5, final_iters=20))
-    with pytest.warns(ConvergenceWarning, match=r"hit its cap of 20 iterations .*stage1.final_iters or "
-                                                r"stage1.anderson_memory"):
+    rps = MapRPS(
+        GaussianDenoiser(mu, cov),
+        MatrixOperator(a),
+        y,
+        sy,
+        renoise=0.0,
+        stage2="dps",
+        stage1=Stage1Config(anderson_memory=5, final_iters=20),
+    )
+    with pytest.warns(
+        ConvergenceWarning,
+        match=r"hit its cap of 20 iterations .*stage1.final_iters or "
+        r"stage1.anderson_memory",
+    ):
         x_hat = rps.stage1()
     c, m = _posterior(cov, mu, a, y, sy)
     assert not rps.stage1_result.converged
@@ -135,5 +146,5 @@ def test_dps_refuses_sigma_y_for_its_residual_step_and_uses_it_in_likelihood_mod
         dps = DPS(den, MatrixOperator(a), y, sigma, steps=10, scale=0.3, guidance="likelihood")
         s = float(dps.grid[9])
         d = den(x, s)
-        want = d - 0.3 * s * s * ((d @ a.T - y) @ a @ den.gain(s)) / sigma ** 2
+        want = d - 0.3 * s * s * ((d @ a.T - y) @ a @ den.gain(s)) / sigma**2
         torch.testing.assert_close(dps.sample(None, x_start=x, start=9), want, atol=1e-10, rtol=1e-10)

@@ -1,4 +1,5 @@
 """The VE denoiser view of real diffusers pipelines (spec §0, F1, F5) and the latent solvers on them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,9 @@ class FakeGaussianNet(torch.nn.Module):
         super().__init__()
         self.config, self.kind, self.prediction_type = real.config, kind, prediction_type
         dim = real.config.cross_attention_dim if kind == "unet" else real.config.joint_attention_dim
-        self.weight = torch.nn.Parameter(torch.randn(real.config.in_channels, dim,
-                                                     generator=torch.Generator().manual_seed(0)) / dim ** 0.5)
+        self.weight = torch.nn.Parameter(
+            torch.randn(real.config.in_channels, dim, generator=torch.Generator().manual_seed(0)) / dim**0.5
+        )
         if alphas_cumprod is not None:
             self.log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod).sqrt().log()).double().numpy()
 
@@ -35,17 +37,25 @@ class FakeGaussianNet(torch.nn.Module):
     def mean(self, embeds: torch.Tensor) -> torch.Tensor:
         return (embeds.mean(1) @ self.weight.T)[:, :, None, None]
 
-    def forward(self, sample=None, timestep=None, encoder_hidden_states=None, hidden_states=None,
-                pooled_projections=None, return_dict=False, **_):
+    def forward(
+        self,
+        sample=None,
+        timestep=None,
+        encoder_hidden_states=None,
+        hidden_states=None,
+        pooled_projections=None,
+        return_dict=False,
+        **_,
+    ):
         mu = self.mean(encoder_hidden_states)
         if self.kind == "unet":
             t = float(timestep)
             s = float(np.exp(np.interp(t, np.arange(len(self.log_sigmas)), self.log_sigmas)))
             a = 1 / (1 + s * s)
-            eps = (1 - a) ** 0.5 * (sample - a ** 0.5 * mu)
+            eps = (1 - a) ** 0.5 * (sample - a**0.5 * mu)
             if self.prediction_type == "v_prediction":
-                x0 = (sample - (1 - a) ** 0.5 * eps) / a ** 0.5
-                return (a ** 0.5 * eps - (1 - a) ** 0.5 * x0,)
+                x0 = (sample - (1 - a) ** 0.5 * eps) / a**0.5
+                return (a**0.5 * eps - (1 - a) ** 0.5 * x0,)
             return (eps,)
         t = float(timestep.flatten()[0]) / 1000
         z, s = hidden_states / (1 - t), t / (1 - t)
@@ -63,8 +73,9 @@ def _fake(pipe, kind, prediction_type="epsilon"):
 
 @pytest.mark.parametrize("which", ["eps", "v", "flow"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_pipeline_denoiser_is_exact_for_a_gaussian_prior(which, guidance, tiny_unet_pipe, tiny_unet_vpred_pipe,
-                                                         tiny_dit_pipe):
+def test_pipeline_denoiser_is_exact_for_a_gaussian_prior(
+    which, guidance, tiny_unet_pipe, tiny_unet_vpred_pipe, tiny_dit_pipe
+):
     """F1: D(z, s) = μ + (z − μ)/(1 + s²) for N(μ, I); with CFG μ = μ_u + w (μ_c − μ_u)."""
     pipe = {"eps": tiny_unet_pipe, "v": tiny_unet_vpred_pipe, "flow": tiny_dit_pipe}[which]
     net = _fake(pipe, "dit" if which == "flow" else "unet", "v_prediction" if which == "v" else "epsilon")
@@ -88,6 +99,7 @@ def test_pipeline_denoiser_equals_ddim_pred_original_sample_at_scheduler_timeste
     pipe.scheduler.set_timesteps(10)
     g = torch.Generator().manual_seed(0)
     from align.sampling import predict
+
     for t in pipe.scheduler.timesteps[[0, 4, 9]]:
         a = float(pipe.scheduler.alphas_cumprod[t])
         x_t = torch.randn(den.state_shape(1), generator=g)
@@ -96,7 +108,7 @@ def test_pipeline_denoiser_equals_ddim_pred_original_sample_at_scheduler_timeste
         with torch.no_grad():
             out = predict(pipe, x_t, t, den._embeds(1), 1.0)
             ref = pipe.scheduler.step(out, t, x_t).pred_original_sample
-            got = den(x_t / a ** 0.5, s)
+            got = den(x_t / a**0.5, s)
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -121,7 +133,9 @@ def test_latent_solvers_run_on_unet_and_dit_and_the_knob_endpoints_hold(kind, re
     assert calls["forward"] == 4 + 2 and calls["vjp"] == 2 * (2 + 1)  # stage 1 + 2 CLAMP steps × (K + 1)
     dps = DPS(pipe, op, y, None, steps=3, scale=0.5)
     out = dps(torch.Generator().manual_seed(1))
-    assert out.shape == img.shape and torch.isfinite(out).all() and dps.problem.denoiser.calls == {"forward": 3, "vjp": 3}
+    assert (
+        out.shape == img.shape and torch.isfinite(out).all() and dps.problem.denoiser.calls == {"forward": 3, "vjp": 3}
+    )
 
 
 def test_gradient_checkpointing_is_turned_off_for_the_solvers(tiny_unet_pipe):
@@ -134,11 +148,16 @@ def test_gradient_checkpointing_is_turned_off_for_the_solvers(tiny_unet_pipe):
 def test_clamp_uses_the_pixel_preset_for_denoisers_and_the_latent_preset_for_pipelines(tiny_unet_pipe):
     """Spec §4.3: pixel linear tasks 50 steps, K = 5, σ_max = 100; latent 25 steps, K = 20, σ_max = 10."""
     from align.inverse import GaussianDenoiser, MatrixOperator
+
     pix = CLAMP(GaussianDenoiser(torch.zeros(2), torch.eye(2)), MatrixOperator(torch.eye(2)), torch.zeros(1, 2), 0.1)
     assert (pix.config.steps, pix.config.gmres_iters, pix.config.sigma_max) == (50, 5, 100.0)
     assert float(pix.grid[0]) == pytest.approx(100.0) and len(pix.grid) == 51
     lat = CLAMP(tiny_unet_pipe, Inpaint(box_mask(16, (0, 0, 4, 4))), torch.zeros(1, 3, 16, 16), 0.05)
     assert (lat.config.steps, lat.config.gmres_iters, lat.config.sigma_max) == (25, 20, 10.0)
     assert (lat.config.lam_id, lat.config.sigma_n, lat.config.beta) == (2.0, 0.05, 1.0)  # σ_n = σ_y by default
-    assert CLAMP(tiny_unet_pipe, Inpaint(box_mask(16, (0, 0, 4, 4))), torch.zeros(1, 3, 16, 16), 0.05,
-                 sigma_n=0.01).config.sigma_n == 0.01  # the repo's preset value, on request
+    assert (
+        CLAMP(
+            tiny_unet_pipe, Inpaint(box_mask(16, (0, 0, 4, 4))), torch.zeros(1, 3, 16, 16), 0.05, sigma_n=0.01
+        ).config.sigma_n
+        == 0.01
+    )  # the repo's preset value, on request

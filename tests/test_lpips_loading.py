@@ -1,6 +1,7 @@
 """`--lpips-weights FILE` is read with weights_only=True (or from safetensors): a crafted pickle that
 would run code is refused with one line and its code never runs; a valid torchvision checkpoint
 gives the same LPIPS as torchmetrics' own pretrained loading of the same weights."""
+
 from __future__ import annotations
 
 import contextlib
@@ -69,6 +70,7 @@ def _calls_mkdir(stream: bytes) -> bool:
 
 def test_align_solve_refuses_a_crafted_lpips_file_in_one_line_before_the_model_loads(tmp_path, capsys):
     from align.inverse.solve import write_png
+
     clean = str(tmp_path / "clean.png")
     write_png(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)), clean)
     path, marker = _crafted(tmp_path, "evil_cli", "torch.save")
@@ -76,8 +78,23 @@ def test_align_solve_refuses_a_crafted_lpips_file_in_one_line_before_the_model_l
     empty_base = tmp_path / "no_weights"
     empty_base.mkdir()
     (empty_base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    code = main(["solve", f"model.source={empty_base}", "--input", clean, "--degrade", "--task", "sr",
-                 "--scale", "2", "--lpips-weights", path, "--out", str(tmp_path / "o.png")])
+    code = main(
+        [
+            "solve",
+            f"model.source={empty_base}",
+            "--input",
+            clean,
+            "--degrade",
+            "--task",
+            "sr",
+            "--scale",
+            "2",
+            "--lpips-weights",
+            path,
+            "--out",
+            str(tmp_path / "o.png"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "refused, not a plain tensor checkpoint" in err, err
     assert not os.path.exists(marker)  # and the weightless base was never loaded: LPIPS is checked first
@@ -103,6 +120,7 @@ def test_valid_weights_give_torchmetrics_own_pretrained_lpips(tmp_path, fmt):
     torch.hub's cache. Same weights, same heads → equal to float rounding on random images."""
     from safetensors.torch import save_file
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
     torch.manual_seed(0)
     state = torchvision.models.alexnet(weights=None).state_dict()
     pth = str(tmp_path / "alex.pth")

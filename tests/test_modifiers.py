@@ -1,5 +1,6 @@
 """The modifier protocol: config syntax, errors, identity settings bit-for-bit, composition order,
 log-prob consistency under the modified transition, `align sample` and `align train` with modifiers."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,18 +48,26 @@ def test_compact_issue_syntax_parses_too() -> None:
 
 def test_quoted_string_items_parse_like_mappings() -> None:
     cfg = load_config(SampleJobConfig, None, ['sampler.modifiers=["stayfair:{alpha:5,words:[red,blue]}",sym_attn]'])
-    assert canonical_specs(cfg.sampler.modifiers) == [{"name": "stayfair", "args": {"alpha": 5, "words": ["red", "blue"]}},
-                                                      {"name": "sym_attn", "args": {}}]
+    assert canonical_specs(cfg.sampler.modifiers) == [
+        {"name": "stayfair", "args": {"alpha": 5, "words": ["red", "blue"]}},
+        {"name": "sym_attn", "args": {}},
+    ]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("sampler.modifiers=[fairness]", "unknown modifier 'fairness'; valid modifiers: .*stayfair.*sym_attn"),
-    ("sampler.modifiers=[sym_attn: {gamma: 2}]", "modifier 'sym_attn' has no arg.* gamma; valid args: alpha, beta"),
-    ("sampler.modifiers=[sym_attn: {variant: slow}]", "modifier 'sym_attn': variant 'slow' is not valid; choose one"),
-    ("sampler.modifiers=[stayfair: {words: [a]}]", "modifier 'stayfair': words must be two"),
-    ('sampler.modifiers=["stayfair:alpha=5"]', "does not read 'name' or 'name:"),
-    ("sampler.modifiers=[a:{b: c: d}]", "override 'sampler.modifiers=.*': the value is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sampler.modifiers=[fairness]", "unknown modifier 'fairness'; valid modifiers: .*stayfair.*sym_attn"),
+        ("sampler.modifiers=[sym_attn: {gamma: 2}]", "modifier 'sym_attn' has no arg.* gamma; valid args: alpha, beta"),
+        (
+            "sampler.modifiers=[sym_attn: {variant: slow}]",
+            "modifier 'sym_attn': variant 'slow' is not valid; choose one",
+        ),
+        ("sampler.modifiers=[stayfair: {words: [a]}]", "modifier 'stayfair': words must be two"),
+        ('sampler.modifiers=["stayfair:alpha=5"]', "does not read 'name' or 'name:"),
+        ("sampler.modifiers=[a:{b: c: d}]", "override 'sampler.modifiers=.*': the value is not valid YAML"),
+    ],
+)
 def test_bad_modifier_config_fails_in_one_line_before_loading_a_model(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as err:
         load_config(SampleJobConfig, None, [override])
@@ -72,8 +81,10 @@ IDENTITY = ["stayfair:{alpha:0,words:[red,blue]}", "sym_attn:{alpha:1,beta:3}", 
 @pytest.mark.parametrize("fixture", ["tiny_unet_pipe", "tiny_dit_pipe"])
 def test_identity_settings_reproduce_the_unmodified_sampler_bit_for_bit(request, fixture: str) -> None:
     pipe = request.getfixturevalue(fixture)
-    identity = [IDENTITY[0] if fixture == "tiny_unet_pipe" else "stayfair:{alpha:0,words:[red,blue],base:empty}",
-                IDENTITY[1]]
+    identity = [
+        IDENTITY[0] if fixture == "tiny_unet_pipe" else "stayfair:{alpha:0,words:[red,blue],base:empty}",
+        IDENTITY[1],
+    ]
     stock = _sample(pipe, _cfg())
     mod = _sample(pipe, _cfg(*identity))
     for key in ("latents", "log_probs", "prompt_embeds", "negative_prompt_embeds"):
@@ -91,8 +102,12 @@ def test_identity_stack_installs_no_processor_and_adds_no_hook(tiny_unet_pipe) -
 
 
 # ------------------------------------------------------------------ modified log-prob consistency
-UNET_MODS = ["stayfair:{alpha:4,words:[red,blue]}", "stayfair:{alpha:4,words:[red,blue],w_fair:2}",
-             "sym_attn:{alpha:1.2,beta:3}", "sym_attn:{alpha:1.2,beta:3,variant:exact,eta_mode:dev,eta_beta:true}"]
+UNET_MODS = [
+    "stayfair:{alpha:4,words:[red,blue]}",
+    "stayfair:{alpha:4,words:[red,blue],w_fair:2}",
+    "sym_attn:{alpha:1.2,beta:3}",
+    "sym_attn:{alpha:1.2,beta:3,variant:exact,eta_mode:dev,eta_beta:true}",
+]
 
 
 @pytest.mark.parametrize("spec", UNET_MODS)
@@ -102,7 +117,7 @@ def test_stored_and_recomputed_log_probs_agree_under_the_modified_transition_une
     traj = _sample(tiny_unet_pipe, _cfg(spec))
     assert not torch.equal(traj.latents, stock.latents), "the modifier had no effect"
     assert build_modifiers([spec]).changes_log_probs(tiny_unet_pipe)
-    new = recompute_log_probs(tiny_unet_pipe, traj)                # under autograd, as the learner calls it
+    new = recompute_log_probs(tiny_unet_pipe, traj)  # under autograd, as the learner calls it
     ratio = torch.exp(new - traj.log_probs)
     assert (ratio - 1).abs().max() < 1e-5
     plain = dataclasses.replace(traj, modifiers=[], negative_prompt_embeds=stock.negative_prompt_embeds)
@@ -110,8 +125,14 @@ def test_stored_and_recomputed_log_probs_agree_under_the_modified_transition_une
     assert (unmodified - traj.log_probs).abs().max() > 1e-4, "recomputation ignored the modifier"
 
 
-@pytest.mark.parametrize("spec", ["stayfair:{alpha:4,words:[red,blue]}", "stayfair:{alpha:4,words:[red,blue],w_fair:2}",
-                                  "sym_attn:{alpha:1.2,beta:3}"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "stayfair:{alpha:4,words:[red,blue]}",
+        "stayfair:{alpha:4,words:[red,blue],w_fair:2}",
+        "sym_attn:{alpha:1.2,beta:3}",
+    ],
+)
 def test_stored_and_recomputed_log_probs_agree_under_the_modified_transition_dit(tiny_dit_pipe, spec: str) -> None:
     traj = _sample(tiny_dit_pipe, _cfg(spec))
     ratio = torch.exp(recompute_log_probs(tiny_dit_pipe, traj) - traj.log_probs)
@@ -150,7 +171,9 @@ def test_attention_processors_are_restored_after_sampling_and_on_error(tiny_unet
 
 def test_explicit_hooks_and_modifiers_together_are_refused(tiny_unet_pipe) -> None:
     with pytest.raises(ValueError, match="either hooks or sampler.modifiers"):
-        sample_trajectory(tiny_unet_pipe, PROMPTS, _cfg("sym_attn:{alpha:1.2}"), torch.Generator(), hooks=SamplerHooks())
+        sample_trajectory(
+            tiny_unet_pipe, PROMPTS, _cfg("sym_attn:{alpha:1.2}"), torch.Generator(), hooks=SamplerHooks()
+        )
 
 
 # ----------------------------------------------------------------------------- composition
@@ -200,26 +223,41 @@ def test_two_guidance_replacements_or_two_claims_on_one_layer_are_errors(tiny_un
 
 # ------------------------------------------------------------------------ jobs with modifiers
 def test_align_sample_with_modifiers_writes_images_and_records_them(tmp_path) -> None:
-    cfg = load_config(SampleJobConfig, None, [
-        "model.source=preset:tiny-unet", "sampler.num_inference_steps=2", "prompts=[two red circles on the left]",
-        "progress=false", f"out_dir={tmp_path}",
-        "sampler.modifiers=[stayfair: {alpha: 3, words: [red, blue]}, sym_attn: {alpha: 1.05, beta: 3}]"])
+    cfg = load_config(
+        SampleJobConfig,
+        None,
+        [
+            "model.source=preset:tiny-unet",
+            "sampler.num_inference_steps=2",
+            "prompts=[two red circles on the left]",
+            "progress=false",
+            f"out_dir={tmp_path}",
+            "sampler.modifiers=[stayfair: {alpha: 3, words: [red, blue]}, sym_attn: {alpha: 1.05, beta: 3}]",
+        ],
+    )
     run_sample_job(cfg)
     record = json.loads((tmp_path / "samples.json").read_text())
     assert record["config"]["sampler"]["modifiers"][1] == {"name": "sym_attn", "args": {"alpha": 1.05, "beta": 3}}
     assert (tmp_path / "images" / "0000.png").is_file()
 
 
-@pytest.mark.parametrize("modifier", ["{name: stayfair, args: {alpha: 3, words: [red, blue]}}",
-                                      "{name: sym_attn, args: {alpha: 1.1, beta: 3}}"])
+@pytest.mark.parametrize(
+    "modifier",
+    ["{name: stayfair, args: {alpha: 3, words: [red, blue]}}", "{name: sym_attn, args: {alpha: 1.1, beta: 3}}"],
+)
 def test_two_iteration_ecg_run_trains_with_a_modifier(tiny_train_cfg, tmp_path, modifier: str) -> None:
     from align.train import train
-    cfg = tiny_train_cfg("trainer.iterations=2", "trainer.timestep_fraction=1.0",
-                         "rewards=[{name: jpeg_compressibility}]", f"sampler.modifiers=[{modifier}]")
+
+    cfg = tiny_train_cfg(
+        "trainer.iterations=2",
+        "trainer.timestep_fraction=1.0",
+        "rewards=[{name: jpeg_compressibility}]",
+        f"sampler.modifiers=[{modifier}]",
+    )
     lines: list[str] = []
     state = train(cfg, log=lines.append)
     assert state.policy_updates == 2
-    for rec in state.history:   # PPO on the first epoch is on-policy: ratio 1 ⇒ nothing clipped, KL ≈ 0
+    for rec in state.history:  # PPO on the first epoch is on-policy: ratio 1 ⇒ nothing clipped, KL ≈ 0
         assert rec["policy_loss"] == rec["policy_loss"] and abs(rec["approx_kl"]) < 1e-3
         assert rec["clip_frac"] == 0.0
     assert json.loads((tmp_path / "config.json").read_text())["sampler"]["modifiers"]
@@ -228,9 +266,12 @@ def test_two_iteration_ecg_run_trains_with_a_modifier(tiny_train_cfg, tmp_path, 
 def test_classifier_guidance_variant_shifts_the_mean_and_recomputes(tiny_unet_pipe, tmp_path) -> None:
     """stayfair_cg: μ ← μ + s σ² ∇ log σ(aᵀx + b); it needs autograd inside sampling (``needs_grad``)."""
     from align.checkpoint import save_tensors
-    dim = 4 * tiny_unet_pipe.unet.config.sample_size ** 2
-    save_tensors(tmp_path / "clf.safetensors", {"weight": torch.randn(dim, generator=torch.Generator().manual_seed(0)),
-                                                "bias": torch.zeros(())})
+
+    dim = 4 * tiny_unet_pipe.unet.config.sample_size**2
+    save_tensors(
+        tmp_path / "clf.safetensors",
+        {"weight": torch.randn(dim, generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(())},
+    )
     spec = {"stayfair_cg": {"classifier": str(tmp_path / "clf.safetensors"), "scale": 2.0}}
     stock, traj = _sample(tiny_unet_pipe, _cfg()), _sample(tiny_unet_pipe, _cfg(spec))
     assert not torch.equal(stock.latents, traj.latents)

@@ -1,4 +1,5 @@
 """Forward operators of the inverse problems: values, adjoints through autograd, JVPs, shape errors."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,17 @@ import math
 import pytest
 import torch
 
-from align.inverse import (Blur, Downsample, Inpaint, LatentOperator, anisotropic_kernel, box_mask, gaussian_kernel,
-                             make_problem, random_mask)
+from align.inverse import (
+    Blur,
+    Downsample,
+    Inpaint,
+    LatentOperator,
+    anisotropic_kernel,
+    box_mask,
+    gaussian_kernel,
+    make_problem,
+    random_mask,
+)
 from align.inverse.denoiser import PipelineDenoiser
 from align.inverse.operators import MatrixOperator, Operator, linearize, parse_kernel
 
@@ -61,7 +71,7 @@ def test_masks_hole_where_asked():
     m = box_mask((8, 10), (1, 2, 3, 4))
     assert m.shape == (1, 1, 8, 10) and float(m.sum()) == 80 - 12 and float(m[0, 0, 2, 3]) == 0.0
     r = random_mask(128, 0.7, torch.Generator().manual_seed(0))
-    assert abs(1 - float(r.mean()) - 0.7) < 4 * math.sqrt(0.7 * 0.3 / 128 ** 2)
+    assert abs(1 - float(r.mean()) - 0.7) < 4 * math.sqrt(0.7 * 0.3 / 128**2)
 
 
 def test_latent_operator_jvp_by_double_vjp_matches_finite_differences(tiny_unet_pipe):
@@ -98,8 +108,15 @@ def test_backbone_without_vae_is_refused_for_latent_solvers(tiny_unet_pipe):
         make_problem(tiny_unet_pipe, Downsample(2), torch.zeros(1, 3, 8, 8), 0.05)
 
 
-@pytest.mark.parametrize("spec,msg", [("box:3", "use gauss:SIZE:SIGMA"), ("gauss:4:1.0", "odd"),
-                                      ("aniso:5:1:x:0", "SIZE must be an integer"), ("aniso:5:0:1:0", "> 0")])
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("box:3", "use gauss:SIZE:SIGMA"),
+        ("gauss:4:1.0", "odd"),
+        ("aniso:5:1:x:0", "SIZE must be an integer"),
+        ("aniso:5:0:1:0", "> 0"),
+    ],
+)
 def test_bad_kernel_specs_are_one_line_errors(spec, msg):
     with pytest.raises(ValueError, match=msg):
         parse_kernel(spec)
@@ -112,6 +129,7 @@ def test_parsed_anisotropic_kernel_matches_the_builder():
 # ------------------------------------------------------------------ protocols: denoisers, flat operators
 class _FlatSum(Operator):
     """A user operator on flat vectors that does not override ``check``: y = [Σ x, x_0]."""
+
     name = "flat sum"
 
     def __call__(self, x):
@@ -120,6 +138,7 @@ class _FlatSum(Operator):
 
 def test_an_operator_on_flat_vectors_needs_no_check_override():
     from align.inverse import GaussianDenoiser, make_problem
+
     den = GaussianDenoiser(torch.zeros(5), torch.eye(5))
     problem = make_problem(den, _FlatSum(), torch.zeros(3, 2), 0.1)
     assert problem.state_shape() == (3, 5)
@@ -136,6 +155,7 @@ def test_an_image_operator_still_requires_images():
 
 class _NotADenoiser:
     """Callable like a denoiser but without the rest of the protocol."""
+
     sigma_min, sigma_max = 0.01, 10.0
 
     def __call__(self, z, s):
@@ -144,13 +164,18 @@ class _NotADenoiser:
 
 def test_a_model_that_is_neither_pipeline_nor_denoiser_is_told_what_it_lacks():
     from align.inverse import CLAMP
-    with pytest.raises(TypeError, match=r"model _NotADenoiser is neither a diffusers pipeline nor a denoiser: "
-                                        r"missing state_shape, schedule, clip_sigma, calls"):
+
+    with pytest.raises(
+        TypeError,
+        match=r"model _NotADenoiser is neither a diffusers pipeline nor a denoiser: "
+        r"missing state_shape, schedule, clip_sigma, calls",
+    ):
         CLAMP(_NotADenoiser(), MatrixOperator(torch.eye(2)), torch.zeros(1, 2), 0.1)
 
 
 def test_a_duck_typed_denoiser_with_the_whole_protocol_is_accepted():
     from align.inverse import CLAMP, GaussianDenoiser
+
     ref = GaussianDenoiser(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
 
     class Duck(_NotADenoiser):
@@ -163,7 +188,9 @@ def test_a_duck_typed_denoiser_with_the_whole_protocol_is_accepted():
 
     y = torch.ones(3, 2, dtype=torch.float64)
     got = CLAMP(Duck(), MatrixOperator(torch.eye(2, dtype=torch.float64)), y, 0.1, steps=3).sample(
-        torch.Generator().manual_seed(0))
+        torch.Generator().manual_seed(0)
+    )
     want = CLAMP(ref, MatrixOperator(torch.eye(2, dtype=torch.float64)), y, 0.1, steps=3).sample(
-        torch.Generator().manual_seed(0))
+        torch.Generator().manual_seed(0)
+    )
     assert torch.equal(got, want)

@@ -1,6 +1,7 @@
 """Resume can neither lose a run nor mix two: every kill point of the atomic checkpoint, stale
 directories, umask, the run identity (settings before any model loads, base fingerprint after),
 config.json never rewritten, no temporary YAML."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,15 @@ import pytest
 
 from align import checkpoint as ckpt
 from align.errors import CheckpointError, RunMismatchError
-from align.run_identity import (RESUME_LOG, append_resume_log, check_fresh_run_dir, check_same_base, resolve_resume,
-                                run_identity, run_settings)
+from align.run_identity import (
+    RESUME_LOG,
+    append_resume_log,
+    check_fresh_run_dir,
+    check_same_base,
+    resolve_resume,
+    run_identity,
+    run_settings,
+)
 from align.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,14 +74,18 @@ def _iteration(directory: Path) -> int:
     return json.loads((directory / "state.json").read_text())["iteration"]
 
 
-@pytest.mark.parametrize("kill, newest, survivors", [
-    ("body", 1, {"checkpoint", ".checkpoint.tmp-"}),            # the new one never completed: keep the old
-    ("marked", 2, {"checkpoint", ".checkpoint.tmp-"}),          # complete tmp beside the old final
-    ("between", 2, {".checkpoint.old-", ".checkpoint.tmp-"}),   # no final at all: both complete
-    ("renamed", 2, {"checkpoint", ".checkpoint.old-"}),         # the stale old one was not yet removed
-])
+@pytest.mark.parametrize(
+    "kill, newest, survivors",
+    [
+        ("body", 1, {"checkpoint", ".checkpoint.tmp-"}),  # the new one never completed: keep the old
+        ("marked", 2, {"checkpoint", ".checkpoint.tmp-"}),  # complete tmp beside the old final
+        ("between", 2, {".checkpoint.old-", ".checkpoint.tmp-"}),  # no final at all: both complete
+        ("renamed", 2, {"checkpoint", ".checkpoint.old-"}),  # the stale old one was not yet removed
+    ],
+)
 def test_a_kill_at_each_point_of_the_checkpoint_write_leaves_the_newest_complete_one_findable(
-        tmp_path, kill: str, newest: int, survivors: set) -> None:
+    tmp_path, kill: str, newest: int, survivors: set
+) -> None:
     final = tmp_path / "checkpoint"
     assert _write(final, 1) == 0
     assert _write(final, 2, kill) == 9
@@ -134,6 +146,7 @@ def test_resume_without_a_complete_checkpoint_is_refused_in_one_line(tmp_path, l
 
 def test_checkpoint_files_and_directories_honour_the_umask(tmp_path) -> None:
     import torch
+
     old = os.umask(0o022)
     try:
         with ckpt.atomic_directory(tmp_path / "checkpoint", complete_marker=True) as tmp:
@@ -149,6 +162,7 @@ def test_checkpoint_files_and_directories_honour_the_umask(tmp_path) -> None:
 
 def test_truncated_tensor_and_json_files_are_one_line_errors_naming_the_file(tmp_path) -> None:
     import torch
+
     ckpt.save_tensors(tmp_path / "w.safetensors", {"a": torch.zeros(64)})
     data = (tmp_path / "w.safetensors").read_bytes()
     (tmp_path / "w.safetensors").write_bytes(data[: len(data) // 2])
@@ -163,24 +177,29 @@ def test_truncated_tensor_and_json_files_are_one_line_errors_naming_the_file(tmp
 def _fake_run(run: Path, cfg: TrainConfig, fingerprint: str = "sha256:" + "a" * 64) -> None:
     """A run directory as `align train` leaves it: config.json and a complete checkpoint with the identity."""
     import dataclasses
+
     run.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(run / "config.json", dataclasses.asdict(cfg))
     with ckpt.atomic_directory(run / "checkpoint", complete_marker=True) as tmp:
         ckpt.write_json(tmp / "state.json", {"iteration": 2, "identity": run_identity(cfg, fingerprint)})
 
 
-@pytest.mark.parametrize("override, named", [
-    ("lora.rank=4", "lora.rank 8 → 4"),
-    ("lora.alpha=2.0", "lora.alpha 8.0 → 2.0"),
-    ("algo=grpo", "algo 'ecg' → 'grpo'"),
-    ("critic.adapter=shared", "critic.adapter 'separate' → 'shared'"),
-    ("critic.feature_layer=mid_block", "critic.feature_layer None → 'mid_block'"),
-    ("rewards=[jpeg_compressibility:1.0]", "rewards ['toy_geneval:1'] → ['jpeg_compressibility:1']"),
-    ("sampler.num_inference_steps=3", "sampler.num_inference_steps 2 → 3"),
-    ("sampler.eta=0.5", "sampler.eta 1.0 → 0.5"),
-])
-def test_resume_with_settings_of_another_run_names_each_differing_key(tmp_path, override: str, named: str,
-                                                                     tiny_train_cfg) -> None:
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("lora.rank=4", "lora.rank 8 → 4"),
+        ("lora.alpha=2.0", "lora.alpha 8.0 → 2.0"),
+        ("algo=grpo", "algo 'ecg' → 'grpo'"),
+        ("critic.adapter=shared", "critic.adapter 'separate' → 'shared'"),
+        ("critic.feature_layer=mid_block", "critic.feature_layer None → 'mid_block'"),
+        ("rewards=[jpeg_compressibility:1.0]", "rewards ['toy_geneval:1'] → ['jpeg_compressibility:1']"),
+        ("sampler.num_inference_steps=3", "sampler.num_inference_steps 2 → 3"),
+        ("sampler.eta=0.5", "sampler.eta 1.0 → 0.5"),
+    ],
+)
+def test_resume_with_settings_of_another_run_names_each_differing_key(
+    tmp_path, override: str, named: str, tiny_train_cfg
+) -> None:
     run = tmp_path / "run"
     _fake_run(run, tiny_train_cfg(*RUN, f"run_dir={run}"))
     other = tiny_train_cfg(*RUN, f"run_dir={run}", override)
@@ -242,6 +261,7 @@ def test_the_resume_log_appends_each_changed_key_and_leaves_config_json_alone(tm
 # ------------------------------------------------------------------------------ end to end (tiny model)
 def _save_base(path: Path, seed: int) -> Path:
     from align.backbones import build_pipeline
+
     build_pipeline("preset:tiny-unet", seed=seed).save_pretrained(path)
     return path
 
@@ -249,8 +269,9 @@ def _save_base(path: Path, seed: int) -> Path:
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(cwd / "tmp"), "OMP_NUM_THREADS": "1"}
     (cwd / "tmp").mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "align.cli", "train", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", "train", *args], capture_output=True, text=True, env=env, cwd=cwd
+    )
 
 
 def test_resume_after_a_kill_between_the_renames_continues_at_the_newest_iteration(tmp_path, tiny_train_cfg) -> None:
@@ -258,6 +279,7 @@ def test_resume_after_a_kill_between_the_renames_continues_at_the_newest_iterati
     continues at iteration 3 (not 1), config.json is untouched, the overrides go to the resume log, the
     stale directories are gone afterwards, and no temporary YAML is left behind."""
     from align.train import train
+
     run = tmp_path / "run"
     # no value pretraining: trainer.iterations counts policy iterations, so iteration numbers are the policy's
     cfg = tiny_train_cfg(*RUN, f"run_dir={run}", "trainer.iterations=2", "critic.pretrain_iterations=0")
@@ -283,11 +305,13 @@ def test_resume_after_a_kill_between_the_renames_continues_at_the_newest_iterati
 def test_a_mismatched_resume_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys, tiny_train_cfg) -> None:
     import align.train
     from align.cli import main
+
     run = tmp_path / "run"
     _fake_run(run, tiny_train_cfg(*RUN, f"run_dir={run}"))
 
     def no_model(*_args, **_kwargs):
         raise AssertionError("the model was built")
+
     monkeypatch.setattr(align.train, "build", no_model)
     assert main(["train", "--resume", str(run), "lora.rank=4", "sampler.num_inference_steps=5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -299,10 +323,10 @@ def test_resume_on_another_base_of_the_same_shapes_is_refused_by_its_fingerprint
     """Same settings, other weights (another seed of the same preset): refused before the checkpoint
     loads, in one line; --force continues (and the log records it)."""
     from align.train import train
+
     base_a, base_b = _save_base(tmp_path / "a", 0), _save_base(tmp_path / "b", 1)
     run = tmp_path / "run"
-    train(tiny_train_cfg(*RUN, f"run_dir={run}", f"model.source={base_a}", "trainer.iterations=1"),
-          log=lambda *_: None)
+    train(tiny_train_cfg(*RUN, f"run_dir={run}", f"model.source={base_a}", "trainer.iterations=1"), log=lambda *_: None)
     proc = _cli("--resume", str(run), f"model.source={base_b}", "trainer.iterations=2", cwd=tmp_path)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("align:")]  # (diffusers' load bars)

@@ -1,5 +1,6 @@
 """The reward server refuses images that are not finite [0, 1] images (HTTP 400, one-line JSON
 error, the reward never called) and closes connections that stay idle past its read timeout."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +21,7 @@ from rewards.server import make_server
 @register_reward("test_server_counting")
 class _Counting:
     """Scores the mean pixel; counts its calls, so a refused request provably never reached it."""
+
     name, device, batch_size, calls = "test_server_counting", "cpu", None, 0
 
     def __call__(self, images, prompts, metadata):
@@ -49,9 +51,16 @@ def _post(addr, body: bytes):
         conn.close()
 
 
-@pytest.mark.parametrize("bad,what", [(float("nan"), "non-finite"), (float("inf"), "non-finite"),
-                                      (-float("inf"), "non-finite"), (-0.25, "must lie in [0, 1]"),
-                                      (1.5, "must lie in [0, 1]")])
+@pytest.mark.parametrize(
+    "bad,what",
+    [
+        (float("nan"), "non-finite"),
+        (float("inf"), "non-finite"),
+        (-float("inf"), "non-finite"),
+        (-0.25, "must lie in [0, 1]"),
+        (1.5, "must lie in [0, 1]"),
+    ],
+)
 def test_non_finite_or_out_of_range_images_get_400_and_are_never_scored(bad, what):
     images = torch.full((2, 3, 4, 4), 0.5)
     images[1, 2, 3, 1] = bad

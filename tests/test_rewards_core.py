@@ -1,12 +1,13 @@
 """Reward registry and validated scoring: bad plugins fail loudly, naming themselves."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from align.toy.world import render_batch, sample_scenes
 from align.config_lists import parse_rewards
+from align.toy.world import render_batch, sample_scenes
 from rewards import RewardError, check_reward_specs, get_reward, score
 
 
@@ -35,13 +36,19 @@ def test_jpeg_rewards_prefer_flat_or_noisy_images() -> None:
     torch.testing.assert_close(comp[:, 0], -comp[:, 1])
 
 
-@pytest.mark.parametrize("fn, message", [
-    (lambda x: torch.tensor([1.0, float("nan")]), "reward 'broken' returned non-finite values on a batch of 2: \\[nan\\]"),
-    (lambda x: torch.tensor([1.0, float("inf")]), "non-finite values"),
-    (lambda x: torch.zeros(3), "reward 'broken' returned shape \\(3,\\) for a batch of 2"),
-    (lambda x: [1.0, 2.0], "returned list"),
-    (lambda x: 1 / 0, "reward 'broken' raised on a batch of 2: ZeroDivisionError"),
-])
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (
+            lambda x: torch.tensor([1.0, float("nan")]),
+            "reward 'broken' returned non-finite values on a batch of 2: \\[nan\\]",
+        ),
+        (lambda x: torch.tensor([1.0, float("inf")]), "non-finite values"),
+        (lambda x: torch.zeros(3), "reward 'broken' returned shape \\(3,\\) for a batch of 2"),
+        (lambda x: [1.0, 2.0], "returned list"),
+        (lambda x: 1 / 0, "reward 'broken' raised on a batch of 2: ZeroDivisionError"),
+    ],
+)
 def test_bad_reward_output_raises_an_error_naming_the_plugin(fn, message: str) -> None:
     with pytest.raises(RewardError, match=message):
         score([_Bad("broken", fn)], torch.zeros(2, 3, 8, 8), ["a", "b"])

@@ -1,5 +1,6 @@
 """Model rewards (clip_score, aesthetic, hpsv2) through their real loading code, on tiny open_clip
 architectures written locally and checkpoints saved in each project's format; no hub access."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,11 @@ import torch
 from rewards import get_reward, score
 from rewards.clip_rewards import AestheticMLP, WeightsNotLocalError, to_pil
 
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 PROMPTS = ["two red circles on the left", "one blue square on the top", "three green triangles on the right"]
 
 
@@ -24,6 +27,7 @@ def _images(n: int = 3) -> torch.Tensor:
 def tiny_open_clip(tmp_path):
     """A seeded tiny open_clip CLIP, its JSON config and its state dict saved as a .pt file."""
     import open_clip
+
     config = tmp_path / "tiny-clip-test.json"
     config.write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(config)
@@ -42,8 +46,9 @@ def _features(model, preprocess, tokenizer, images, prompts):
 
 def test_clip_score_loads_a_local_checkpoint_and_returns_the_raw_cosine(tiny_open_clip) -> None:
     model, preprocess, tokenizer, config, ckpt = tiny_open_clip
-    reward = get_reward("clip_score", model="tiny-clip-test", model_config=str(config), checkpoint=str(ckpt),
-                        batch_size=2)
+    reward = get_reward(
+        "clip_score", model="tiny-clip-test", model_config=str(config), checkpoint=str(ckpt), batch_size=2
+    )
     scores, _ = score([reward], _images(), PROMPTS)
     img, txt = _features(model, preprocess, tokenizer, _images(), PROMPTS)
     torch.testing.assert_close(scores[:, 0], (img * txt).sum(-1), rtol=0, atol=1e-5)
@@ -51,8 +56,10 @@ def test_clip_score_loads_a_local_checkpoint_and_returns_the_raw_cosine(tiny_ope
 
 
 def test_clip_score_never_downloads_missing_weights(tiny_open_clip, tmp_path) -> None:
-    with pytest.raises(WeightsNotLocalError, match="weights for ViT-B-32 / laion2b_s34b_b79k are not in the Hugging "
-                                                   "Face cache .* or pass checkpoint=<file>"):
+    with pytest.raises(
+        WeightsNotLocalError,
+        match="weights for ViT-B-32 / laion2b_s34b_b79k are not in the Hugging Face cache .* or pass checkpoint=<file>",
+    ):
         get_reward("clip_score", model="ViT-B-32", pretrained="laion2b_s34b_b79k")
     with pytest.raises(WeightsNotLocalError, match="reward 'clip_score': checkpoint not found: .*missing.pt"):
         get_reward("clip_score", model="ViT-B-32", checkpoint=str(tmp_path / "missing.pt"))
@@ -72,9 +79,11 @@ def test_aesthetic_is_the_laion_mlp_on_unit_norm_clip_embeddings(tiny_open_clip,
         torch.save(mlp.state_dict(), head)
     else:
         from safetensors.torch import save_file
+
         save_file(mlp.state_dict(), head)
-    reward = get_reward("aesthetic", head=str(head), model="tiny-clip-test", model_config=str(config),
-                        checkpoint=str(ckpt))
+    reward = get_reward(
+        "aesthetic", head=str(head), model="tiny-clip-test", model_config=str(config), checkpoint=str(ckpt)
+    )
     scores, _ = score([reward], _images(), PROMPTS)
     img, _ = _features(model, preprocess, tokenizer, _images(), PROMPTS)
     with torch.no_grad():
@@ -88,12 +97,12 @@ def test_aesthetic_is_the_laion_mlp_on_unit_norm_clip_embeddings(tiny_open_clip,
 def tiny_hps(tmp_path):
     """A tiny architecture in hpsv2's bundled open_clip and a checkpoint in HPS's format ({'state_dict': ...})."""
     from hpsv2.src.open_clip import add_model_config, create_model_and_transforms, get_tokenizer
+
     config = tmp_path / "tiny-hps-test.json"
     config.write_text(json.dumps(TINY_CLIP))
     add_model_config(config)
     torch.manual_seed(2)
-    model, _, preprocess = create_model_and_transforms("tiny-hps-test", None, output_dict=True,
-                                                       light_augmentation=True)
+    model, _, preprocess = create_model_and_transforms("tiny-hps-test", None, output_dict=True, light_augmentation=True)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "HPS_tiny.pt")
     return model.eval(), preprocess, get_tokenizer("tiny-hps-test"), config, tmp_path / "HPS_tiny.pt"
 

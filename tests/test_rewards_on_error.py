@@ -1,5 +1,6 @@
 """``reward_on_error``: raise stops training naming the plugin; skip_batch drops the whole batch
 (no normaliser update, no optimiser step) and counts it; ``align rewards check`` flags bad plugins."""
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ CALLS = [0]
 @register_reward("test_flaky_reward")
 class _Flaky:
     """Mean brightness, but returns inf on the calls numbered in FAILS_ON_CALLS (1-based)."""
+
     name, device, batch_size = "test_flaky_reward", "cpu", None
 
     def __call__(self, images, prompts, metadata):
@@ -34,9 +36,12 @@ def _train(tiny_train_cfg, fails: set[int], on_error: str, iterations: int = 2):
     FAILS_ON_CALLS.update(fails)
     CALLS[0] = 0
     # in-process rewards (tiny_train_cfg): the test rewards live in this process
-    cfg = tiny_train_cfg("algo=grpo", f"trainer.iterations={iterations}",
-                         "rewards=[{name: toy_geneval}, {name: test_flaky_reward, weight: 0.5}]",
-                         f"reward_on_error={on_error}")
+    cfg = tiny_train_cfg(
+        "algo=grpo",
+        f"trainer.iterations={iterations}",
+        "rewards=[{name: toy_geneval}, {name: test_flaky_reward, weight: 0.5}]",
+        f"reward_on_error={on_error}",
+    )
     lines: list[str] = []
     return train(cfg, log=lines.append), lines
 
@@ -46,8 +51,11 @@ def test_skip_batch_drops_the_failing_batch_and_counts_it(tmp_path, tiny_train_c
     assert state.skipped_batches == 1 and state.policy_updates == 1 and state.iteration == 2
     assert [h["iteration"] for h in state.history] == [2]
     skipped = [x for x in lines if "[skipped batch]" in x]
-    assert len(skipped) == 1 and "reward 'test_flaky_reward' returned non-finite values on a batch of 4: [inf]" \
-        in skipped[0] and "skipped batches: 1" in skipped[0]
+    assert (
+        len(skipped) == 1
+        and "reward 'test_flaky_reward' returned non-finite values on a batch of 4: [inf]" in skipped[0]
+        and "skipped batches: 1" in skipped[0]
+    )
     saved = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert saved["skipped_batches"] == 1
     assert saved["normalisers"]["test_flaky_reward"]["count"] == pytest.approx(4, abs=1e-3)  # the good batch only
@@ -87,8 +95,10 @@ def test_rewards_check_reports_non_finite_scores_naming_the_plugin(capsys) -> No
     FAILS_ON_CALLS.add(1)
     CALLS[0] = 0
     assert main(["rewards", "check", "test_flaky_reward", "--num-images", "2"]) == 1
-    assert "FAIL  shape, dtype, finite   reward 'test_flaky_reward' returned non-finite values on a batch of 2" \
+    assert (
+        "FAIL  shape, dtype, finite   reward 'test_flaky_reward' returned non-finite values on a batch of 2"
         in capsys.readouterr().out
+    )
 
 
 def test_rewards_list_shows_builtins_and_their_descriptions(capsys) -> None:
@@ -110,8 +120,11 @@ def _constant_b(images, prompts, metadata):
 
 
 def test_raw_scores_are_logged_per_reward_with_the_weighted_sum(tmp_path, tiny_train_cfg) -> None:
-    cfg = tiny_train_cfg("algo=grpo", "trainer.iterations=1",
-                         "rewards=[{name: test_constant_a, weight: 2.0}, {name: test_constant_b, weight: 0.5}]")
+    cfg = tiny_train_cfg(
+        "algo=grpo",
+        "trainer.iterations=1",
+        "rewards=[{name: test_constant_a, weight: 2.0}, {name: test_constant_b, weight: 0.5}]",
+    )
     lines: list[str] = []
     record = train(cfg, log=lines.append).history[0]
     assert record["reward/test_constant_a"] == 0.25 and record["reward/test_constant_b"] == -2.0

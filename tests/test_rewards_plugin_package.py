@@ -1,6 +1,7 @@
 """examples/reward_plugin end to end: ``pip install -e`` it into a throwaway virtualenv layered on this
 one (never into the environment the tests run in), run its own tests, find it with
 ``align rewards list|check``, and train two iterations with it by name."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def venv_python(tmp_path_factory) -> str:
     layered = "".join(f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages())
     Path(own_site, "zz_layered_on_parent.pth").write_text(layered)
     _run(python, "-m", "pip", "uninstall", "-y", "-q", "setuptools")  # use the parent's (the build needs >= 68)
-    done = _run(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-e",
-                str(PLUGIN))
+    done = _run(
+        python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-e", str(PLUGIN)
+    )
     assert done.returncode == 0, done.stderr
     return python
 
@@ -44,18 +46,31 @@ def test_installed_plugin_is_listed_checked_and_passes_its_own_tests(venv_python
     assert listed.returncode == 0, listed.stderr
     line = next(x for x in listed.stdout.splitlines() if x.split()[0] == "brightness")
     assert "entry point align_reward_brightness:Brightness (align-reward-brightness 0.1.0)" in line
-    checked = _run(venv_python, "-m", "align", "rewards", "check", "brightness", "--arg", "target=0.3", "--arg", "batch_size=3")
+    checked = _run(
+        venv_python, "-m", "align", "rewards", "check", "brightness", "--arg", "target=0.3", "--arg", "batch_size=3"
+    )
     assert checked.returncode == 0 and "brightness: ok" in checked.stdout, checked.stdout + checked.stderr
     own = _run(venv_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=PLUGIN)
     assert own.returncode == 0 and "3 passed" in own.stdout, own.stdout + own.stderr
 
 
 def test_two_training_iterations_with_the_installed_plugin_by_name(venv_python, tmp_path) -> None:
-    overrides = ["model.source=preset:tiny-unet", "algo=grpo", "sampler.num_inference_steps=3",
-                 "trainer.iterations=2", "trainer.prompts_per_iteration=2", "trainer.samples_per_prompt=2",
-                 "trainer.minibatch_size=4", "eval_every=0", "final_eval_prompts=0", "eval_prompts=2",
-                 "ray.num_rollout_workers=0", "ray.num_reward_workers=0",
-                 "rewards=[{name: brightness, args: {target: 0.3}}]", f"run_dir={tmp_path}"]
+    overrides = [
+        "model.source=preset:tiny-unet",
+        "algo=grpo",
+        "sampler.num_inference_steps=3",
+        "trainer.iterations=2",
+        "trainer.prompts_per_iteration=2",
+        "trainer.samples_per_prompt=2",
+        "trainer.minibatch_size=4",
+        "eval_every=0",
+        "final_eval_prompts=0",
+        "eval_prompts=2",
+        "ray.num_rollout_workers=0",
+        "ray.num_reward_workers=0",
+        "rewards=[{name: brightness, args: {target: 0.3}}]",
+        f"run_dir={tmp_path}",
+    ]
     done = _run(venv_python, "-m", "align", "train", *overrides)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())

@@ -1,5 +1,6 @@
 """The reward protocol: function and class plugins, config keyword args, batch_size chunking,
 device placement, per-call timeouts, dtype checks, entry-point discovery and remote specs."""
+
 from __future__ import annotations
 
 import sys
@@ -14,8 +15,15 @@ from align.config import ConfigError, load_config
 from align.config_lists import RewardSpec, parse_rewards
 from align.toy.world import render_batch, sample_scenes
 from align.train_config import TrainConfig
-from rewards import (RewardError, available_rewards, build_rewards, check_reward_specs, get_reward, register_reward,
-                     score)
+from rewards import (
+    RewardError,
+    available_rewards,
+    build_rewards,
+    check_reward_specs,
+    get_reward,
+    register_reward,
+    score,
+)
 
 CALLS: list[int] = []
 
@@ -31,6 +39,7 @@ def mean_brightness(images, prompts, metadata, *, scale: float = 1.0):
 @register_reward("test_device_probe")
 class DeviceProbe:
     """Reports the device its images arrived on (returns zeros)."""
+
     name = "test_device_probe"
     device = "cpu"
     batch_size = None
@@ -86,6 +95,7 @@ def test_images_are_moved_to_the_reward_device() -> None:
 @register_reward("test_model_on_device")
 class ModelOnDevice:
     """Places a 'model' on the device it is built with, as the CLIP/HPS rewards do."""
+
     name, batch_size = "test_model_on_device", None
 
     def __init__(self, device: str = "cpu") -> None:
@@ -104,8 +114,11 @@ def test_a_reward_that_takes_device_gets_it_in_its_constructor() -> None:
 
 def test_class_reward_kwargs_and_unknown_argument_lists_the_accepted_ones() -> None:
     assert get_reward("jpeg_compressibility", quality=50).quality == 50
-    with pytest.raises(ValueError, match="reward 'jpeg_compressibility': unknown argument 'qualty'; accepted: quality, "
-                                         "device, batch_size, timeout_s"):
+    with pytest.raises(
+        ValueError,
+        match="reward 'jpeg_compressibility': unknown argument 'qualty'; accepted: quality, "
+        "device, batch_size, timeout_s",
+    ):
         get_reward("jpeg_compressibility", qualty=50)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         get_reward("toy_geneval", batch_size=0)
@@ -119,8 +132,9 @@ def test_reward_args_are_checked_when_the_config_loads(tmp_path) -> None:
         load_config(TrainConfig, None, base + ["reward_args.clip_score.model=x"])
     with pytest.raises(ConfigError, match="unknown argument 'qualty'"):
         load_config(TrainConfig, None, base + ["reward_args.jpeg_compressibility.qualty=40"])
-    with pytest.raises(ConfigError, match="config key 'reward_on_error' = 'ignore' is not valid; choose one of: "
-                                          "raise, skip_batch"):
+    with pytest.raises(
+        ConfigError, match="config key 'reward_on_error' = 'ignore' is not valid; choose one of: raise, skip_batch"
+    ):
         load_config(TrainConfig, None, base + ["reward_on_error=ignore"])
 
 
@@ -151,7 +165,8 @@ def test_entry_point_plugins_are_discovered_and_listed_with_their_distribution(t
     (tmp_path / "ep_plugin_mod.py").write_text(
         "import torch\n"
         "def darkness(images, prompts, metadata, *, offset=0.0):\n"
-        "    return offset - images.mean(dim=(1, 2, 3))\n")
+        "    return offset - images.mean(dim=(1, 2, 3))\n"
+    )
     info = tmp_path / "ep_plugin-1.2.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-plugin\nVersion: 1.2\n")
@@ -167,8 +182,10 @@ def test_entry_point_plugins_are_discovered_and_listed_with_their_distribution(t
 def test_remote_specs_keep_the_url_and_parse_an_optional_weight() -> None:
     specs = parse_rewards(["remote:http://127.0.0.1:8123/clip_score:0.5", "remote:http://localhost:9/hpsv2"])
     check_reward_specs(specs)
-    assert [(s.name, s.weight) for s in specs] == [("remote:http://127.0.0.1:8123/clip_score", 0.5),
-                                                   ("remote:http://localhost:9/hpsv2", 1.0)]
+    assert [(s.name, s.weight) for s in specs] == [
+        ("remote:http://127.0.0.1:8123/clip_score", 0.5),
+        ("remote:http://localhost:9/hpsv2", 1.0),
+    ]
     with pytest.raises(ValueError, match="expected remote:http://HOST:PORT/NAME"):
         check_reward_specs(parse_rewards(["remote:http://127.0.0.1/clip_score"]))
 
@@ -176,13 +193,19 @@ def test_remote_specs_keep_the_url_and_parse_an_optional_weight() -> None:
 def test_builtins_are_the_projects_own_entry_points_as_pyproject_declares_them() -> None:
     """One discovery path: the built-in rewards are diffusion-align's ``align.rewards`` entry points. The
     installed metadata must match pyproject.toml (a stale editable install fails here, naming the fix)."""
-    import tomllib
     from importlib.metadata import entry_points
     from pathlib import Path
-    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
-        "project"]["entry-points"]["align.rewards"]
-    installed = {ep.name: ep.value for ep in entry_points(group="align.rewards")
-                 if ep.dist is not None and ep.dist.name == "diffusion-align"}
+
+    import tomllib
+
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["entry-points"][
+        "align.rewards"
+    ]
+    installed = {
+        ep.name: ep.value
+        for ep in entry_points(group="align.rewards")
+        if ep.dist is not None and ep.dist.name == "diffusion-align"
+    }
     assert installed == declared, "installed metadata differs from pyproject.toml: reinstall (make install)"
     found = available_rewards()
     assert all(found[name] == "builtin" for name in declared)
@@ -193,6 +216,7 @@ def test_a_plugin_that_fails_to_load_is_one_line_naming_it(tmp_path, monkeypatch
     from align.errors import one_line
     from rewards import RewardPluginError
     from rewards.registry import describe_reward
+
     (tmp_path / "broken_plugin_mod.py").write_text("import no_such_module_here\n")
     info = tmp_path / "broken_plugin-0.3.dist-info"
     info.mkdir()
@@ -203,8 +227,10 @@ def test_a_plugin_that_fails_to_load_is_one_line_naming_it(tmp_path, monkeypatch
     with pytest.raises(RewardPluginError) as info_err:
         get_reward("broken")
     line = one_line(info_err.value)
-    assert line == ("reward plugin 'broken' (entry point broken_plugin_mod:Broken of broken-plugin 0.3) failed to "
-                    "load: ModuleNotFoundError: No module named 'no_such_module_here'")
+    assert line == (
+        "reward plugin 'broken' (entry point broken_plugin_mod:Broken of broken-plugin 0.3) failed to "
+        "load: ModuleNotFoundError: No module named 'no_such_module_here'"
+    )
     assert describe_reward("broken").startswith("(fails to load: reward plugin 'broken'")
     with pytest.raises(ConfigError, match="reward plugin 'broken' .* failed to load"):
         load_config(TrainConfig, None, ["rewards=[{name: broken}]", f"run_dir={tmp_path}"])

@@ -1,5 +1,6 @@
 """Remote rewards: a real HTTP server on 127.0.0.1 (free port) and the ``remote:`` client — equal
 scores, tokens, request-size limits, plugin errors, bounded retries and timeouts."""
+
 from __future__ import annotations
 
 import contextlib
@@ -93,7 +94,7 @@ def test_request_size_is_limited_before_the_body_is_read() -> None:
         host, port = url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=5)
         conn.putrequest("POST", "/toy_geneval")
-        conn.putheader("Content-Length", str(10 ** 9))  # announced, never sent
+        conn.putheader("Content-Length", str(10**9))  # announced, never sent
         conn.endheaders()
         resp = conn.getresponse()
         assert resp.status == 413 and "exceeds the limit of 4096 bytes" in json.loads(resp.read())["error"]
@@ -103,8 +104,11 @@ def test_request_size_is_limited_before_the_body_is_read() -> None:
 def test_a_bad_plugin_on_the_server_is_named_in_the_client_error() -> None:
     with serving(make_server(get_reward("test_remote_nan"), quiet=True)) as url:
         client = get_reward(f"remote:{url}/test_remote_nan")
-        with pytest.raises(RewardError, match=f"reward 'remote:{re.escape(url)}/test_remote_nan' on a batch of 2: "
-                                              "server answered 422: reward 'test_remote_nan' returned non-finite"):
+        with pytest.raises(
+            RewardError,
+            match=f"reward 'remote:{re.escape(url)}/test_remote_nan' on a batch of 2: "
+            "server answered 422: reward 'test_remote_nan' returned non-finite",
+        ):
             score([client], torch.zeros(2, 3, 8, 8), ["a", "b"])
         with pytest.raises(RewardError, match="server answered 404: this server serves /test_remote_nan"):
             get_reward(f"remote:{url}/other")
@@ -112,6 +116,7 @@ def test_a_bad_plugin_on_the_server_is_named_in_the_client_error() -> None:
 
 class _Flaky(BaseHTTPRequestHandler):
     """Answers 503 to the first ``failures`` POSTs, and sleeps ``delay`` seconds before each answer."""
+
     failures, delay, posts = 0, 0.0, 0
 
     def do_GET(self):  # noqa: N802
@@ -174,8 +179,12 @@ def test_unreachable_server_fails_when_the_reward_is_built() -> None:
 
 def test_align_rewards_serve_command_serves_a_reward_until_terminated() -> None:
     exe = os.path.join(os.path.dirname(sys.executable), "align")
-    proc = subprocess.Popen([exe, "rewards", "serve", "jpeg_compressibility", "--port", "0", "--arg", "quality=80"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [exe, "rewards", "serve", "jpeg_compressibility", "--port", "0", "--arg", "quality=80"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         url = re.search(r"at (http://\S+)", line).group(1)

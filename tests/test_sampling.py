@@ -1,5 +1,6 @@
 """The sampling loop over real (tiny) diffusers pipelines: parity with ``pipe(...)``, log-prob
 recomputation, hooks, LoRA gradients, and the ``Trajectory`` record."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,7 @@ import pytest
 import torch
 
 from align.backbones import attach_lora, denoiser
-from align.sampling import (SamplerConfig, SamplerHooks, Trajectory, cfg_combine, recompute_log_probs,
-                            sample_trajectory)
+from align.sampling import SamplerConfig, SamplerHooks, Trajectory, cfg_combine, recompute_log_probs, sample_trajectory
 
 FP32_TOL = 1e-5  # fp32 round-off of identical computations in a different batch layout
 PROMPTS = ["two red circles on the left", "one blue square on the top", "three green triangles on the bottom"]
@@ -17,8 +17,13 @@ PIPES = ["tiny_unet_pipe", "tiny_unet_vpred_pipe", "tiny_dit_pipe"]
 
 
 def _sample(pipe, steps: int = 4, seed: int = 0, policy_version: int = 0, **cfg) -> Trajectory:
-    return sample_trajectory(pipe, PROMPTS, SamplerConfig(num_inference_steps=steps, **cfg),
-                             torch.Generator().manual_seed(seed), policy_version=policy_version)
+    return sample_trajectory(
+        pipe,
+        PROMPTS,
+        SamplerConfig(num_inference_steps=steps, **cfg),
+        torch.Generator().manual_seed(seed),
+        policy_version=policy_version,
+    )
 
 
 @pytest.mark.parametrize("fixture", PIPES)
@@ -29,8 +34,14 @@ def test_sampler_matches_the_raw_pipeline_call(fixture: str, guidance_scale: flo
     is_ddim = fixture != "tiny_dit_pipe"
     traj = _sample(pipe, guidance_scale=guidance_scale, eta=1.0, noise_level=0.0)
     extra = {"eta": 1.0} if is_ddim else {}
-    raw = pipe(PROMPTS, num_inference_steps=4, guidance_scale=guidance_scale, output_type="pt",
-               generator=torch.Generator().manual_seed(0), **extra).images
+    raw = pipe(
+        PROMPTS,
+        num_inference_steps=4,
+        guidance_scale=guidance_scale,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+        **extra,
+    ).images
     torch.testing.assert_close(traj.images, raw, atol=FP32_TOL, rtol=0)
     latent = _sample(pipe, guidance_scale=guidance_scale, eta=1.0, noise_level=0.0, output_type="latent")
     assert latent.images is None and torch.equal(latent.latents, traj.latents)
@@ -59,8 +70,12 @@ def test_recompute_has_gradients_on_lora_parameters_only(fixture: str, request) 
     traj = _sample(pipe, steps=3)
     assert not any(t.is_inference() for t in (traj.latents, traj.prompt_embeds, traj.images, traj.timesteps))
     recompute_log_probs(pipe, traj, step_indices=[0, 2]).sum().backward()
-    named = [(n, p) for module in pipe.components.values() if isinstance(module, torch.nn.Module)
-             for n, p in module.named_parameters()]
+    named = [
+        (n, p)
+        for module in pipe.components.values()
+        if isinstance(module, torch.nn.Module)
+        for n, p in module.named_parameters()
+    ]
     with_grad = {n: p.grad for n, p in named if p.grad is not None}
     assert with_grad and all("lora_" in n for n in with_grad)
     assert any(g.abs().sum() > 0 for g in with_grad.values())
@@ -69,10 +84,15 @@ def test_recompute_has_gradients_on_lora_parameters_only(fixture: str, request) 
 
 def test_identity_hooks_are_bit_identical(tiny_unet_pipe) -> None:
     plain = _sample(tiny_unet_pipe, steps=3, seed=5)
-    hooks = SamplerHooks(prompt_embeds=lambda e: dict(e), guidance=lambda u, c, w: u + w * (c - u),
-                         transition=lambda mean, std, ctx: (mean, std), needs_grad=True)
-    hooked = sample_trajectory(tiny_unet_pipe, PROMPTS, SamplerConfig(num_inference_steps=3),
-                               torch.Generator().manual_seed(5), hooks=hooks)
+    hooks = SamplerHooks(
+        prompt_embeds=lambda e: dict(e),
+        guidance=lambda u, c, w: u + w * (c - u),
+        transition=lambda mean, std, ctx: (mean, std),
+        needs_grad=True,
+    )
+    hooked = sample_trajectory(
+        tiny_unet_pipe, PROMPTS, SamplerConfig(num_inference_steps=3), torch.Generator().manual_seed(5), hooks=hooks
+    )
     for f in ("latents", "log_probs", "images", "prompt_embeds", "negative_prompt_embeds"):
         assert torch.equal(getattr(plain, f), getattr(hooked, f)), f
 
@@ -80,9 +100,12 @@ def test_identity_hooks_are_bit_identical(tiny_unet_pipe) -> None:
 def test_transition_hook_changes_the_step_and_its_log_prob_consistently(tiny_dit_pipe) -> None:
     def nudge(mean, std, ctx):  # e.g. steering: shift the mean, widen the step
         return mean + 0.1 * ctx.sample, std * 1.5
+
     hooks = SamplerHooks(transition=nudge)
-    plain, nudged = _sample(tiny_dit_pipe), sample_trajectory(tiny_dit_pipe, PROMPTS, SamplerConfig(4),
-                                                             torch.Generator().manual_seed(0), hooks=hooks)
+    plain, nudged = (
+        _sample(tiny_dit_pipe),
+        sample_trajectory(tiny_dit_pipe, PROMPTS, SamplerConfig(4), torch.Generator().manual_seed(0), hooks=hooks),
+    )
     assert not torch.allclose(plain.latents[:, 1:], nudged.latents[:, 1:])
     with torch.no_grad():
         ratio = torch.exp(recompute_log_probs(tiny_dit_pipe, nudged, hooks=hooks) - nudged.log_probs)
@@ -109,7 +132,7 @@ def test_trajectory_save_load_select_and_cat(tiny_dit_pipe, tmp_path) -> None:
     b = Trajectory.load(tmp_path / "traj")
     for f in dataclasses.fields(Trajectory):
         va, vb = getattr(a, f.name), getattr(b, f.name)
-        assert (torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb), f.name
+        assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, f.name
     assert b.transition == "flow_sde" and b.sigmas.shape == (3,) and b.policy_version == 3
     part = a.select([2, 0])
     assert part.prompts == [PROMPTS[2], PROMPTS[0]] and torch.equal(part.log_probs, a.log_probs[[2, 0]])

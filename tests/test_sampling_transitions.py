@@ -1,5 +1,6 @@
 """Transitions with log-probs: known answers from diffusers' own scheduler steps, the Gaussian
 density of torch.distributions, and Monte Carlo moments (no pipeline needed)."""
+
 from __future__ import annotations
 
 import math
@@ -9,9 +10,18 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from align.backbones.presets import SD15_SCHEDULE
-from align.sampling import (SamplerConfig, ddim_distribution, ddim_step_with_logprob, flow_sde_distribution,
-                            flow_sde_step_with_logprob, gaussian_log_prob, sample_trajectory, step_log_prob,
-                            take_step, transition_for)
+from align.sampling import (
+    SamplerConfig,
+    ddim_distribution,
+    ddim_step_with_logprob,
+    flow_sde_distribution,
+    flow_sde_step_with_logprob,
+    gaussian_log_prob,
+    sample_trajectory,
+    step_log_prob,
+    take_step,
+    transition_for,
+)
 
 # fp32: the steps repeat diffusers' own float32 arithmetic; 1e-5 leaves ~100 ulps at |x| ~ 1.
 FP32_TOL = 1e-5
@@ -32,25 +42,31 @@ def _ddim(config: str, prediction_type: str, steps: int = 10) -> DDIMScheduler:
 
 
 # zero terminal SNR only with v-/x0-prediction (ε-prediction divides by √ᾱ_T = 0, in diffusers too)
-CASES = [(c, p) for c in DDIM_CONFIGS for p in ("epsilon", "v_prediction", "sample")
-         if not (c == "trailing_zero_snr" and p == "epsilon")]
+CASES = [
+    (c, p)
+    for c in DDIM_CONFIGS
+    for p in ("epsilon", "v_prediction", "sample")
+    if not (c == "trailing_zero_snr" and p == "epsilon")
+]
 
 
-def _ddim_limit(sched: DDIMScheduler, model_out: torch.Tensor, t: torch.Tensor, x: torch.Tensor, eta: float,
-                z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ddim_limit(
+    sched: DDIMScheduler, model_out: torch.Tensor, t: torch.Tensor, x: torch.Tensor, eta: float, z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The DDIM step at the exact zero of 1 − ᾱ_{t−1} − σ_t², from diffusers' own parts (its x̂0 and
     variance): mean = √ᾱ_{t−1} x̂0, x_{t−1} = mean + σ_t z. Returns ``(mean, x_{t−1})``."""
     x0 = sched.step(model_out, t, x, eta=eta, variance_noise=z).pred_original_sample
     prev_t = int(t) - sched.config.num_train_timesteps // sched.num_inference_steps
     alpha_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
-    mean = alpha_prev ** 0.5 * x0
+    mean = alpha_prev**0.5 * x0
     return mean, mean + eta * sched._get_variance(t, prev_t) ** 0.5 * z
 
 
 @pytest.mark.parametrize("config,prediction_type", CASES)
 @pytest.mark.parametrize("eta", [0.5, 1.0])
-def test_ddim_logprob_step_matches_scheduler_step_and_gaussian_density(config: str, prediction_type: str,
-                                                                       eta: float) -> None:
+def test_ddim_logprob_step_matches_scheduler_step_and_gaussian_density(
+    config: str, prediction_type: str, eta: float
+) -> None:
     """Against ``DDIMScheduler.step`` where it is finite. Where it is NaN (the first step of a
     zero-SNR schedule at η = 1, when 1 − ᾱ_{t−1} − σ_t² = 0 rounds below 0 on this CPU), ours must be
     finite and equal the exact-zero limit built from diffusers' x̂0 and variance."""
@@ -116,9 +132,12 @@ def test_zero_snr_vpred_unet_at_eta_1_samples_finite_latents_and_log_probs(tiny_
     """An SD2.1-v-style zero-terminal-SNR model at η = 1 through the sampler (diffusers' step: NaN)."""
     steps = 4
     tiny_unet_vpred_pipe.scheduler = _zero_snr_at_the_edge(steps)
-    traj = sample_trajectory(tiny_unet_vpred_pipe, ["two red circles", "one blue square"],
-                             SamplerConfig(num_inference_steps=steps, eta=1.0, output_type="latent"),
-                             torch.Generator().manual_seed(0))
+    traj = sample_trajectory(
+        tiny_unet_vpred_pipe,
+        ["two red circles", "one blue square"],
+        SamplerConfig(num_inference_steps=steps, eta=1.0, output_type="latent"),
+        torch.Generator().manual_seed(0),
+    )
     assert torch.isfinite(traj.latents).all() and torch.isfinite(traj.log_probs).all()
     assert traj.latents.shape[1] == steps + 1 and traj.latents[:, 1:].abs().max() > 0
 
@@ -150,8 +169,9 @@ def test_ddim_with_alpha_to_one_has_a_deterministic_last_step_with_zero_logprob(
     t = sched.timesteps[-1]
     ours = ddim_step_with_logprob(sched, model_out, t, x, eta=1.0, noise=z)
     assert float(ours.std) == 0.0
-    torch.testing.assert_close(ours.prev_sample, sched.step(model_out, t, x, eta=1.0, variance_noise=z).prev_sample,
-                               atol=FP32_TOL, rtol=0)
+    torch.testing.assert_close(
+        ours.prev_sample, sched.step(model_out, t, x, eta=1.0, variance_noise=z).prev_sample, atol=FP32_TOL, rtol=0
+    )
     assert torch.equal(ours.log_prob, torch.zeros(2))  # point mass: log 1, NaN-free
 
 
@@ -182,13 +202,14 @@ def test_flow_sde_draws_have_the_stated_mean_and_std(step_index: int) -> None:
     t, t_next = sched.sigmas[step_index], sched.sigmas[step_index + 1]
     sigma = a * (t / (1 - (sched.sigmas[1] if step_index == 0 else t))).sqrt()
     dt = t_next - t
-    expected = x * (1 + sigma ** 2 / (2 * t) * dt) + v * (1 + sigma ** 2 * (1 - t) / (2 * t)) * dt
+    expected = x * (1 + sigma**2 / (2 * t) * dt) + v * (1 + sigma**2 * (1 - t) / (2 * t)) * dt
     torch.testing.assert_close(mean, expected, atol=FP32_TOL, rtol=0)
     torch.testing.assert_close(std, sigma * (-dt).sqrt(), atol=FP32_TOL, rtol=0)
     assert torch.isfinite(std) and float(std) > 0
     n = 20_000  # all draws in one batched call
-    draws = flow_sde_step_with_logprob(sched, v.expand(n, -1, -1, -1), step_index, x.expand(n, -1, -1, -1),
-                                       noise_level=a, generator=g).prev_sample
+    draws = flow_sde_step_with_logprob(
+        sched, v.expand(n, -1, -1, -1), step_index, x.expand(n, -1, -1, -1), noise_level=a, generator=g
+    ).prev_sample
     # 5 standard errors of the sample mean (σ/√n) and sample std (≈ σ/√(2n)) per element
     assert ((draws.mean(0) - mean[0]).abs() < 5 * std / math.sqrt(n)).all()
     assert ((draws.std(0) - std).abs() < 5 * std / math.sqrt(2 * n)).all()
@@ -200,8 +221,9 @@ def test_gaussian_log_prob_is_the_normal_density() -> None:
     std = torch.tensor(0.3)
     dens = torch.distributions.Normal(mean, std).log_prob(x)
     torch.testing.assert_close(gaussian_log_prob(x, mean, std), dens.mean(dim=(1, 2, 3)), atol=FP32_TOL, rtol=0)
-    torch.testing.assert_close(gaussian_log_prob(x, mean, std, reduce="sum"), dens.sum(dim=(1, 2, 3)),
-                               atol=FP32_TOL * 256, rtol=0)
+    torch.testing.assert_close(
+        gaussian_log_prob(x, mean, std, reduce="sum"), dens.sum(dim=(1, 2, 3)), atol=FP32_TOL * 256, rtol=0
+    )
     with pytest.raises(ValueError, match="reduce"):
         gaussian_log_prob(x, mean, std, reduce="max")
 

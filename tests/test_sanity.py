@@ -1,4 +1,5 @@
 """RL sanity suite (benchmarks/sanity.py): rewards with a known direction, and the loop moving them."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,6 +39,7 @@ def test_color_fraction_counts_the_pixels_near_the_colour() -> None:
 
 def test_the_matrix_covers_every_registered_algorithm() -> None:
     from align.train_config import algorithm_names
+
     assert sorted(_sanity().ALGOS) == sorted(algorithm_names())
 
 
@@ -46,8 +48,9 @@ def test_sanity_rewards_are_builtins() -> None:
     assert found["mean_brightness"] == "builtin" and found["color_fraction"] == "builtin"
 
 
-def reinforce(reward: str, sign: int, prompts: list[str], iterations: int, samples: int, lr: float,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def reinforce(
+    reward: str, sign: int, prompts: list[str], iterations: int, samples: int, lr: float, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimal REINFORCE on the same sampler, as a reference for the PPO learner: per iteration one batch
     of ``samples`` chains, A = standardised sign·R, one Adam step on −mean_j A_j Σ_i log π_θ(step i of j)
     (every step, no ratio, no clipping). Returns the unsigned reward of base and trained policy on
@@ -55,12 +58,13 @@ def reinforce(reward: str, sign: int, prompts: list[str], iterations: int, sampl
     sanity = _sanity()
     from align.backbones.loading import denoiser
     from align.backbones.lora import lora_state_dict, set_active_adapters
-    from align.policy import build_policy
     from align.config import load_config
+    from align.policy import build_policy
     from align.rollout import RolloutWorker
     from align.sampling import recompute_log_probs
     from align.train_config import TrainConfig
     from rewards import score
+
     torch.manual_seed(seed)
     cfg = load_config(TrainConfig, None, sanity.RECIPE)
     pipe = build_policy(cfg)  # the recipe's model: the shipped toy
@@ -89,9 +93,10 @@ def test_paired_evaluation_uses_the_same_noise_for_both_policies(tmp_path) -> No
     rewards, so a paired gain measures the policy and nothing else (no sampling noise in it)."""
     sanity = _sanity()
     from align.backbones.lora import lora_state_dict
-    from align.policy import build_policy
     from align.config import load_config
+    from align.policy import build_policy
     from align.train_config import TrainConfig
+
     cfg = load_config(TrainConfig, None, sanity.RECIPE + [f"run_dir={tmp_path}"])
     pipe = build_policy(cfg)
     zero = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in lora_state_dict(pipe, "policy").items()}
@@ -118,8 +123,9 @@ def test_ci_case_grpo_makes_the_images_brighter(tmp_path) -> None:
 def test_reinforce_reference_makes_a_bright_prompt_darker() -> None:
     """The reference for the PPO learner (docs/algorithms.md): plain REINFORCE on the same sampler,
     12 iterations × 32 samples of one bright prompt, brightness at weight −1."""
-    base, final = reinforce("mean_brightness", -1, ["three yellow circles on the left"], iterations=12, samples=32,
-                            lr=3e-3)
+    base, final = reinforce(
+        "mean_brightness", -1, ["three yellow circles on the left"], iterations=12, samples=32, lr=3e-3
+    )
     print("REINFORCE darker: base", float(base.mean()), "final", float(final.mean()), "z", _z(base - final))
     assert _z(base - final) > 5
 

@@ -1,5 +1,6 @@
 """StayFair known answers (modifiers_spec.md §3.7): Gaussian toy, 3-branch identities, linear-logit
 classifier guidance, embedding arithmetic; the lookup table; bias metrics."""
+
 from __future__ import annotations
 
 import math
@@ -9,12 +10,23 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from align.modifiers.fairness_metrics import (bias_decomposition, bias_range, fairness_discrepancy, get_group_classifier,
-                                              group_ratio, kl_to_uniform)
-from align.modifiers.stayfair import (StayFair, fair_cfg, frobenius_unit, group_direction, offset_null,
-                                      per_token_unit)
-from align.modifiers.stayfair_estimate import (Reference, apply_lookup, build_lookup, search_alpha,
-                                               train_fair_logistic, w1_dp_penalty)
+from align.modifiers.fairness_metrics import (
+    bias_decomposition,
+    bias_range,
+    fairness_discrepancy,
+    get_group_classifier,
+    group_ratio,
+    kl_to_uniform,
+)
+from align.modifiers.stayfair import StayFair, fair_cfg, frobenius_unit, group_direction, offset_null, per_token_unit
+from align.modifiers.stayfair_estimate import (
+    Reference,
+    apply_lookup,
+    build_lookup,
+    search_alpha,
+    train_fair_logistic,
+    w1_dp_penalty,
+)
 from align.sampling import cfg_combine, encode_prompts
 
 SWEEP = (1.5, 3.0, 4.5, 6.0, 7.5)
@@ -32,8 +44,14 @@ class GaussianToy:
         self.e_c, self.e_null = torch.tensor(rng.normal(size=5)), torch.tensor(rng.normal(size=5))
         u = torch.tensor(rng.normal(size=5))
         self.u = u / u.norm()
-        self.sched = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", set_alpha_to_one=True,
-                                   clip_sample=False, timestep_spacing="leading")
+        self.sched = DDIMScheduler(
+            beta_start=1e-4,
+            beta_end=0.02,
+            beta_schedule="linear",
+            set_alpha_to_one=True,
+            clip_sample=False,
+            timestep_spacing="leading",
+        )
         self.sched.set_timesteps(30)
 
     def eps(self, x: torch.Tensor, t: int, e: torch.Tensor) -> torch.Tensor:
@@ -85,12 +103,17 @@ def test_gaussian_toy_one_dimensional_search_recovers_alpha_star() -> None:
     ratio; over the sweep alone, |α| large enough to push every ratio to 0 (or 1) is a degenerate minimum."""
     toy, n = GaussianToy(), 20000
     sweep = (1.0, *SWEEP)
-    seeds = [7] * len(sweep)                      # common random numbers across w and α
+    seeds = [7] * len(sweep)  # common random numbers across w and α
     found = search_alpha(lambda a: bias_range(toy.ratios(a, seeds, sweep)), -10.0, 10.0, points=21, rounds=3)
     mu = float((toy.W @ toy.e_c)[0])
-    sensitivity = math.exp(-(mu / toy.contraction) ** 2 / 2) / math.sqrt(2 * math.pi) / toy.contraction \
-        * (sweep[-1] - sweep[0]) * abs(float((toy.W @ toy.u)[0]))  # d(bias range)/dα, fraction per unit α
-    tol = 0.01 + 2.0 / (n * sensitivity)           # last grid step + two counts of quantisation
+    sensitivity = (
+        math.exp(-((mu / toy.contraction) ** 2) / 2)
+        / math.sqrt(2 * math.pi)
+        / toy.contraction
+        * (sweep[-1] - sweep[0])
+        * abs(float((toy.W @ toy.u)[0]))
+    )  # d(bias range)/dα, fraction per unit α
+    tol = 0.01 + 2.0 / (n * sensitivity)  # last grid step + two counts of quantisation
     assert abs(found - toy.alpha_star) < tol, (found, toy.alpha_star, tol)
 
 
@@ -106,27 +129,31 @@ def test_fair_cfg_with_zero_offset_is_stock_cfg_and_equals_the_shifted_null_view
     pos, neg, null = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
     for w in (1.5, 4.0, 9.0):
         torch.testing.assert_close(fair_cfg(pos, null, null, w, 7.5), cfg_combine(null, pos, w), rtol=0, atol=1e-12)
-        a = (w - 7.5) / (w - 1)                          # CFG with null → null + a (neg − null)
-        torch.testing.assert_close(fair_cfg(pos, neg, null, w, 7.5), cfg_combine(null + a * (neg - null), pos, w),
-                                   rtol=0, atol=1e-12)
+        a = (w - 7.5) / (w - 1)  # CFG with null → null + a (neg − null)
+        torch.testing.assert_close(
+            fair_cfg(pos, neg, null, w, 7.5), cfg_combine(null + a * (neg - null), pos, w), rtol=0, atol=1e-12
+        )
 
 
 def test_three_branch_stayfair_at_alpha_zero_is_the_stock_sampler_bit_for_bit(tiny_unet_pipe) -> None:
     import dataclasses
 
     from align.sampling import SamplerConfig, sample_trajectory
+
     cfg = SamplerConfig(num_inference_steps=3, guidance_scale=3.0, output_type="latent")
     stock = sample_trajectory(tiny_unet_pipe, ["a red circle"], cfg, torch.Generator().manual_seed(0))
-    mod = sample_trajectory(tiny_unet_pipe, ["a red circle"],
-                            dataclasses.replace(cfg, modifiers=["stayfair:{alpha:0,w_fair:2.5,words:[red,blue]}"]),
-                            torch.Generator().manual_seed(0))
+    mod = sample_trajectory(
+        tiny_unet_pipe,
+        ["a red circle"],
+        dataclasses.replace(cfg, modifiers=["stayfair:{alpha:0,w_fair:2.5,words:[red,blue]}"]),
+        torch.Generator().manual_seed(0),
+    )
     assert torch.equal(stock.latents, mod.latents) and torch.equal(stock.log_probs, mod.log_probs)
 
 
 # ------------------------------------------------------- §3.7.3 linear-logit classifier guidance
 def _log_ratio_closed_form(w, pi, mus, sigs, a):
-    return (math.log(pi[0] / pi[1]) + w * float(a @ (mus[0] - mus[1]))
-            + w ** 2 / 2 * float(a @ (sigs[0] - sigs[1]) @ a))
+    return math.log(pi[0] / pi[1]) + w * float(a @ (mus[0] - mus[1])) + w**2 / 2 * float(a @ (sigs[0] - sigs[1]) @ a)
 
 
 def test_linear_logit_guidance_log_ratio_matches_closed_form_by_importance_weighting() -> None:
@@ -243,6 +270,7 @@ def test_bias_metrics_known_values() -> None:
 
 def test_toy_color_classifier_reads_rendered_scenes() -> None:
     from align.toy.world import parse_scene, render_batch
+
     classify, groups = get_group_classifier("toy_color")
     scenes = [parse_scene(f"a {c} circle") for c in groups]
     probs = classify(render_batch(scenes, seed=0))
@@ -256,19 +284,33 @@ def test_estimated_alpha_table_drives_per_prompt_offsets(tiny_unet_pipe, tmp_pat
     """Probe counts → lookup α per prompt → ``alpha_table`` JSON → null′ = null + α(p) u per sample."""
     from align.modifiers.stayfair_estimate import estimate_alpha_table
     from align.sampling import SamplerConfig, sample_trajectory
-    table = np.arange(9, dtype=float).reshape(3, 3) - 4.0     # α = 3·#lo + #hi − 4 for n = 2 probes
+
+    table = np.arange(9, dtype=float).reshape(3, 3) - 4.0  # α = 3·#lo + #hi − 4 for n = 2 probes
     classify = lambda images: torch.stack([images.mean((1, 2, 3)) > 0.5, images.mean((1, 2, 3)) <= 0.5], 1).float()  # noqa: E731
     prompts = ["two red circles on the left", "one blue square on the top"]
     sampler = SamplerConfig(num_inference_steps=2, guidance_scale=3.0)
-    alphas = estimate_alpha_table(tiny_unet_pipe, prompts, table, classify, group=1, scales=(1.5, 7.5),
-                                  sampler=sampler, out=tmp_path / "alpha.json")
+    alphas = estimate_alpha_table(
+        tiny_unet_pipe,
+        prompts,
+        table,
+        classify,
+        group=1,
+        scales=(1.5, 7.5),
+        sampler=sampler,
+        out=tmp_path / "alpha.json",
+    )
     assert set(alphas) == set(prompts) and all(a in table for a in alphas.values())
     spec = {"stayfair": {"alpha_table": str(tmp_path / "alpha.json"), "words": ["red", "blue"]}}
     cfg = SamplerConfig(num_inference_steps=2, guidance_scale=3.0, output_type="latent")
     stock = sample_trajectory(tiny_unet_pipe, prompts, cfg, torch.Generator().manual_seed(0))
-    mod = sample_trajectory(tiny_unet_pipe, prompts, SamplerConfig(**{**cfg.__dict__, "modifiers": [spec]}),
-                            torch.Generator().manual_seed(0))
+    mod = sample_trajectory(
+        tiny_unet_pipe,
+        prompts,
+        SamplerConfig(**{**cfg.__dict__, "modifiers": [spec]}),
+        torch.Generator().manual_seed(0),
+    )
     u = group_direction(tiny_unet_pipe, ("red", "blue"), "auto").u[0]
     for i, p in enumerate(prompts):
-        torch.testing.assert_close(mod.negative_prompt_embeds[i] - stock.negative_prompt_embeds[i], alphas[p] * u,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            mod.negative_prompt_embeds[i] - stock.negative_prompt_embeds[i], alphas[p] * u, rtol=1e-5, atol=1e-5
+        )

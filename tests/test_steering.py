@@ -1,5 +1,6 @@
 """Critic steering at inference: grad (known step shift; s = 0 is bit-identical), rerank, best-of-N,
 and `align sample --critic DIR --steer ...` for the UNet and the DiT backbone."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,13 @@ import json
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from test_export import export, trained_like  # tests/ is on sys.path (pytest rootdir conftest)
 
 import critics
 from align.backbones import build_pipeline
 from align.cli import main
 from align.sampling import SamplerConfig, SamplerHooks, sample_trajectory
 from critics.steering import SteeringConfig, sample_steered
-from test_export import export, trained_like  # tests/ is on sys.path (pytest rootdir conftest)
 
 PROMPTS = ["two red circles on the left", "one blue square on the top", "three green triangles on the bottom"]
 PRESETS = ["tiny-unet", "tiny-dit"]
@@ -37,8 +38,15 @@ def _loaded(preset: str, exported):
 
 def _steer(pipe, critic, steer: str, seed: int = 0, num_steps: int = 3, **kw):
     cfg = SteeringConfig(critic="x", steer=steer, **kw)
-    return sample_steered(pipe, PROMPTS, SamplerConfig(num_inference_steps=num_steps), torch.Generator().manual_seed(seed),
-                          critic, cfg, candidate_generator=torch.Generator().manual_seed(99))
+    return sample_steered(
+        pipe,
+        PROMPTS,
+        SamplerConfig(num_inference_steps=num_steps),
+        torch.Generator().manual_seed(seed),
+        critic,
+        cfg,
+        candidate_generator=torch.Generator().manual_seed(99),
+    )
 
 
 def _cond(traj) -> dict:
@@ -79,8 +87,14 @@ def test_rerank_keeps_the_candidate_with_the_highest_weighted_value(preset: str,
     def record(mean, std, ctx):
         seen.setdefault(ctx.step_index, (mean.clone(), std))
         return mean, std
-    plain = sample_trajectory(pipe, PROMPTS, SamplerConfig(num_inference_steps=3), torch.Generator().manual_seed(0),
-                              hooks=SamplerHooks(transition=record))
+
+    plain = sample_trajectory(
+        pipe,
+        PROMPTS,
+        SamplerConfig(num_inference_steps=3),
+        torch.Generator().manual_seed(0),
+        hooks=SamplerHooks(transition=record),
+    )
     m = 3
     reranked = _steer(pipe, critic, "rerank", candidates=m, steps=[0])
     mean, std = seen[0]
@@ -99,8 +113,12 @@ def test_best_of_n_keeps_the_chain_whose_last_state_has_the_highest_value(export
     pipe, critic = _loaded("tiny-unet", exported)
     n = 3
     best = _steer(pipe, critic, "best_of_n", candidates=n, seed=4)
-    every = sample_trajectory(pipe, [p for p in PROMPTS for _ in range(n)], SamplerConfig(num_inference_steps=3),
-                              torch.Generator().manual_seed(4))
+    every = sample_trajectory(
+        pipe,
+        [p for p in PROMPTS for _ in range(n)],
+        SamplerConfig(num_inference_steps=3),
+        torch.Generator().manual_seed(4),
+    )
     with torch.no_grad():
         values = critic.values(every.latents[:, -2], every.timesteps[-1], _cond(every))
     pick = (values * critic.weights).sum(-1).view(len(PROMPTS), n).argmax(1) + torch.arange(len(PROMPTS)) * n
@@ -122,9 +140,24 @@ def test_weight_overrides_change_the_objective_and_unknown_names_fail(exported) 
 @pytest.mark.parametrize("preset,steer", [("tiny-unet", "grad"), ("tiny-dit", "rerank")])
 def test_sample_cli_with_a_critic_writes_values_and_rewards(preset: str, steer: str, exported, tmp_path) -> None:
     out = tmp_path / "s"
-    code = main(["sample", f"model.source=preset:{preset}", "num_images=2", "sampler.num_inference_steps=3",
-                 f"out_dir={out}", "progress=false", "--critic", str(exported[preset]), "--steer", steer,
-                 "--scale", "0.5", "--candidates", "2"])
+    code = main(
+        [
+            "sample",
+            f"model.source=preset:{preset}",
+            "num_images=2",
+            "sampler.num_inference_steps=3",
+            f"out_dir={out}",
+            "progress=false",
+            "--critic",
+            str(exported[preset]),
+            "--steer",
+            steer,
+            "--scale",
+            "0.5",
+            "--candidates",
+            "2",
+        ]
+    )
     assert code == 0
     record = json.loads((out / "samples.json").read_text())
     assert record["config"]["steering"]["steer"] == steer and len(record["samples"]) == 2
@@ -141,8 +174,20 @@ def test_sample_cli_loads_an_exported_policy_lora(exported, tmp_path) -> None:
     runs = []
     for extra in ([], ["--policy-lora", str(policy)]):
         out = tmp_path / str(len(runs))
-        assert main(["sample", "model.source=preset:tiny-unet", "num_images=2", "sampler.num_inference_steps=2",
-                     f"out_dir={out}", "progress=false", *extra]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "model.source=preset:tiny-unet",
+                    "num_images=2",
+                    "sampler.num_inference_steps=2",
+                    f"out_dir={out}",
+                    "progress=false",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         runs.append((out / "grid.png").read_bytes())
     assert runs[0] != runs[1]  # same seed: only the policy LoRA can change the images
 
@@ -156,7 +201,19 @@ def test_steering_without_a_critic_is_a_one_line_config_error(capsys) -> None:
 
 
 def test_hooked_steering_with_sampler_modifiers_is_refused_before_loading(tmp_path, capsys) -> None:
-    assert main(["sample", "model.source=preset:tiny-unet", "sampler.modifiers=[{name: sym_attn, args: {alpha: 1.05}}]",
-                 "--critic", str(tmp_path), "--steer", "grad"]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "model.source=preset:tiny-unet",
+                "sampler.modifiers=[{name: sym_attn, args: {alpha: 1.05}}]",
+                "--critic",
+                str(tmp_path),
+                "--steer",
+                "grad",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot be combined with sampler.modifiers" in err[0]

@@ -1,4 +1,5 @@
 """Symmetric Attention Decomposition: the closed forms of modifiers_spec.md §5.7 and the processors."""
+
 from __future__ import annotations
 
 import math
@@ -8,18 +9,34 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
 
 from align.backbones.lora import attach_lora
-from align.modifiers.sym_attn import (SymAttnSettings, SymJointAttnProcessor, SymSelfAttnProcessor,
-                                      layer_settings, sym_processors)
-from align.modifiers.sym_attn_math import (blend, dense_sym_attention, effective_weight, eta_m, head_couplings,
-                                           hopfield_diagnostics, reparam_qk, sym_sdpa)
+from align.modifiers.sym_attn import (
+    SymAttnSettings,
+    SymJointAttnProcessor,
+    SymSelfAttnProcessor,
+    layer_settings,
+    sym_processors,
+)
+from align.modifiers.sym_attn_math import (
+    blend,
+    dense_sym_attention,
+    effective_weight,
+    eta_m,
+    head_couplings,
+    hopfield_diagnostics,
+    reparam_qk,
+    sym_sdpa,
+)
 
 ATTN1 = "mid_block.attentions.0.transformer_blocks.0.attn1"
 
 
 def _qkv(b=2, h=3, length=7, d=5, e=4, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, length, d, generator=g, dtype=dtype), torch.randn(b, h, length, d, generator=g, dtype=dtype),
-            torch.randn(b, h, length, e, generator=g, dtype=dtype))
+    return (
+        torch.randn(b, h, length, d, generator=g, dtype=dtype),
+        torch.randn(b, h, length, d, generator=g, dtype=dtype),
+        torch.randn(b, h, length, e, generator=g, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("alpha", [1.0, 1.05, 0.0, -0.5, 2.0, -1.0])
@@ -57,14 +74,16 @@ def test_skew_part_never_changes_a_quadratic_form() -> None:
 def test_eta_gram_identity_matches_explicit_frobenius_norms() -> None:
     g = torch.Generator().manual_seed(1)
     heads, d, c, length = 2, 3, 6, 9
-    wq, wk = torch.randn(heads * d, c, generator=g, dtype=torch.float64), torch.randn(heads * d, c, generator=g,
-                                                                                       dtype=torch.float64)
+    wq, wk = (
+        torch.randn(heads * d, c, generator=g, dtype=torch.float64),
+        torch.randn(heads * d, c, generator=g, dtype=torch.float64),
+    )
     x = torch.randn(2, length, c, generator=g, dtype=torch.float64)
     sym, skew = head_couplings(wq, wk, heads)
     eta = eta_m(x, sym, skew)
     for b in range(2):
         for h in range(heads):
-            m = (x[b] @ wq[h * d:(h + 1) * d].T) @ (x[b] @ wk[h * d:(h + 1) * d].T).T
+            m = (x[b] @ wq[h * d : (h + 1) * d].T) @ (x[b] @ wk[h * d : (h + 1) * d].T).T
             e_sym, e_skew = ((m + m.T) / 2).pow(2).sum(), ((m - m.T) / 2).pow(2).sum()
             assert eta[b, h].item() == pytest.approx(((e_sym - e_skew) / (e_sym + e_skew)).item(), abs=1e-12)
 
@@ -74,9 +93,9 @@ def test_eta_endpoints_symmetric_and_skew_couplings() -> None:
     c = 5
     x = torch.randn(1, 8, c, generator=g, dtype=torch.float64)
     w = torch.randn(c, c, generator=g, dtype=torch.float64)
-    sym, skew = head_couplings(w, w, 1)                  # Wq = Wk ⇒ W = WqᵀWq symmetric ⇒ η = 1
+    sym, skew = head_couplings(w, w, 1)  # Wq = Wk ⇒ W = WqᵀWq symmetric ⇒ η = 1
     assert eta_m(x, sym, skew).item() == pytest.approx(1.0, abs=1e-12)
-    a = w - w.T                                          # Wq = I, Wk = A skew ⇒ W = A ⇒ η = −1
+    a = w - w.T  # Wq = I, Wk = A skew ⇒ W = A ⇒ η = −1
     sym, skew = head_couplings(torch.eye(c, dtype=torch.float64), a, 1)
     assert eta_m(x, sym, skew).item() == pytest.approx(-1.0, abs=1e-12)
 
@@ -98,10 +117,10 @@ def test_hopfield_eigenvector_is_aligned_and_stable() -> None:
     x = torch.randn(1, length, c, generator=g, dtype=torch.float64)
     x = x - x.mean(1, keepdim=True)
     w = torch.randn(c, c, generator=g, dtype=torch.float64)
-    sym = (w @ w.T).unsqueeze(0)                           # positive semi-definite coupling
+    sym = (w @ w.T).unsqueeze(0)  # positive semi-definite coupling
     evals, evecs = torch.linalg.eigh(x[0] @ sym[0] @ x[0].T)
-    s = evecs[:, -1]                                       # top eigenvector (centred: it lies in range(X))
-    hx = s.view(1, 1, length, 1).expand(1, 1, length, c)   # every channel column retrieves s
+    s = evecs[:, -1]  # top eigenvector (centred: it lies in range(X))
+    hx = s.view(1, 1, length, 1).expand(1, 1, length, c)  # every channel column retrieves s
     diag = hopfield_diagnostics(x, hx, sym)
     assert diag["alignment"].item() == pytest.approx(1.0, abs=1e-9)
     assert diag["instability"].item() == 0.0

@@ -1,5 +1,6 @@
 """The shipped toy model: loads through the real path (its tokenizer also through the slow files), draws
 single objects and colours far above chance, and leaves headroom on composition (the RL task)."""
+
 from __future__ import annotations
 
 import json
@@ -77,4 +78,3 @@ def test_toy_tokenizer_loads_from_its_bpe_files_alone(folder, tmp_path) -> None:
     assert [slow(w).input_ids for w in words] == [full(w).input_ids for w in words]
     assert all(len(slow(w, add_special_tokens=False).input_ids) == 1 for w in words)
     assert json.loads((folder / "vocab.json").read_text()) == json.loads((TOY_TOKENIZER_DIR / "vocab.json").read_text())
-

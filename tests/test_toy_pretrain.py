@@ -1,4 +1,5 @@
 """`align toy pretrain`: runs end to end on tiny settings, checkpoints atomically, resumes exactly."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,17 @@ from align.checkpoint import load_tensors, read_json
 from align.config import load_config
 from align.toy.pretrain import PretrainConfig, pretrain
 
-TINY = ["dataset_size=64", "vae_steps=2", "vae_batch_size=4", "batch_size=4", "warmup_steps=1",
-        "checkpoint_every=3", "eval_every=0", "eval_images=2", "eval_steps=2"]
+TINY = [
+    "dataset_size=64",
+    "vae_steps=2",
+    "vae_batch_size=4",
+    "batch_size=4",
+    "warmup_steps=1",
+    "checkpoint_every=3",
+    "eval_every=0",
+    "eval_images=2",
+    "eval_steps=2",
+]
 
 
 def _run(out_dir, steps: int, resume: bool = False, stop_at_step: int | None = None):
@@ -18,6 +28,7 @@ def _run(out_dir, steps: int, resume: bool = False, stop_at_step: int | None = N
 
 def test_pretrain_writes_a_loadable_pipeline_and_metrics(tmp_path) -> None:
     from align.backbones import build_pipeline
+
     _run(tmp_path / "run", steps=3)
     assert (tmp_path / "run" / "checkpoint" / "state.json").is_file()
     metrics = read_json(tmp_path / "run" / "metrics.json")

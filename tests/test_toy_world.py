@@ -1,5 +1,6 @@
 """Toy world v2: GenEval-shaped grammar and metadata, a deterministic renderer, and a toy detector that,
 through the one GenEval rule engine, is exact on renders of every tag and flags each wrong attribute alone."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,23 @@ from scipy import ndimage
 from align.toy.checker import MIN_AREA
 from align.toy.detector import detect, per_tag, score_batch, score_image
 from align.toy.render import RELATION_MARGIN, mask_box, relation_strength
-from align.toy.world import (COLORS, SHAPES, TAGS, Obj, Scene, all_scenes, parse_prompt, parse_scene, render,
-                             render_batch, sample_prompts, sample_scenes, shape_mask, tag_scenes, vocabulary)
+from align.toy.world import (
+    COLORS,
+    SHAPES,
+    TAGS,
+    Obj,
+    Scene,
+    all_scenes,
+    parse_prompt,
+    parse_scene,
+    render,
+    render_batch,
+    sample_prompts,
+    sample_scenes,
+    shape_mask,
+    tag_scenes,
+    vocabulary,
+)
 from rewards.geneval.rules import relative_position, validate_metadata
 
 
@@ -30,31 +46,45 @@ def test_every_scene_round_trips_through_its_prompt_and_metadata_is_valid() -> N
 
 def test_metadata_follows_genevals_format() -> None:
     assert parse_prompt("a red circle left of a blue square") == {
-        "tag": "position", "prompt": "a red circle left of a blue square",
-        "include": [{"class": "square", "count": 1, "color": "blue"},
-                    {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}]}
+        "tag": "position",
+        "prompt": "a red circle left of a blue square",
+        "include": [
+            {"class": "square", "count": 1, "color": "blue"},
+            {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]},
+        ],
+    }
     assert parse_prompt("three triangles") == {
-        "tag": "counting", "prompt": "three triangles", "include": [{"class": "triangle", "count": 3}],
-        "exclude": [{"class": "triangle", "count": 4}]}
+        "tag": "counting",
+        "prompt": "three triangles",
+        "include": [{"class": "triangle", "count": 3}],
+        "exclude": [{"class": "triangle", "count": 4}],
+    }
     assert parse_prompt("a green square and a yellow circle") == {
-        "tag": "color_attr", "prompt": "a green square and a yellow circle",
-        "include": [{"class": "square", "count": 1, "color": "green"},
-                    {"class": "circle", "count": 1, "color": "yellow"}]}
+        "tag": "color_attr",
+        "prompt": "a green square and a yellow circle",
+        "include": [
+            {"class": "square", "count": 1, "color": "green"},
+            {"class": "circle", "count": 1, "color": "yellow"},
+        ],
+    }
     assert parse_prompt("a square and a circle")["tag"] == "two_object"
     assert parse_prompt("a triangle")["include"] == [{"class": "triangle", "count": 1}]
     assert parse_prompt("a blue triangle")["tag"] == "colors"
 
 
-@pytest.mark.parametrize("prompt, words", [
-    ("a purple circle", ["purple", "choose one of"]),
-    ("a hexagon", ["hexagon", "choose one of"]),
-    ("seven circles", ["seven", "does not read"]),
-    ("two circle", ["'circle' does not agree with 'two'"]),
-    ("a circles", ["does not agree"]),
-    ("a circle next to a square", ["next to"]),
-    ("a circle and a square and a triangle", ["one or two object phrases"]),
-    ("", ["does not read"]),
-])
+@pytest.mark.parametrize(
+    "prompt, words",
+    [
+        ("a purple circle", ["purple", "choose one of"]),
+        ("a hexagon", ["hexagon", "choose one of"]),
+        ("seven circles", ["seven", "does not read"]),
+        ("two circle", ["'circle' does not agree with 'two'"]),
+        ("a circles", ["does not agree"]),
+        ("a circle next to a square", ["next to"]),
+        ("a circle and a square and a triangle", ["one or two object phrases"]),
+        ("", ["does not read"]),
+    ],
+)
 def test_bad_prompt_is_a_one_line_error_naming_the_problem(prompt: str, words: list[str]) -> None:
     with pytest.raises(ValueError) as info:
         parse_prompt(prompt)
@@ -159,15 +189,24 @@ def _wrong_variants(scene: Scene):
     if scene.tag == "counting":
         obj = objs[0]
         if obj.count < 4:  # asks for one more: the include clause fails, "fewer than count + 2" holds
-            yield "count", dataclasses.replace(scene, objects=(dataclasses.replace(obj, count=obj.count + 1),)), \
-                [("include", obj.shape, "count")]
+            yield (
+                "count",
+                dataclasses.replace(scene, objects=(dataclasses.replace(obj, count=obj.count + 1),)),
+                [("include", obj.shape, "count")],
+            )
         if obj.count > 2:  # asks for one fewer: the include clause holds, the exclude clause fails
-            yield "count", dataclasses.replace(scene, objects=(dataclasses.replace(obj, count=obj.count - 1),)), \
-                [("exclude", obj.shape, "count")]
+            yield (
+                "count",
+                dataclasses.replace(scene, objects=(dataclasses.replace(obj, count=obj.count - 1),)),
+                [("exclude", obj.shape, "count")],
+            )
     if scene.tag == "position":
         flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-        yield "relation", dataclasses.replace(scene, relation=flip[scene.relation]), \
-            [("include", objs[0].shape, "position")]
+        yield (
+            "relation",
+            dataclasses.replace(scene, relation=flip[scene.relation]),
+            [("include", objs[0].shape, "position")],
+        )
         return
     for i, obj in enumerate(objs):
         wrong = list(objs)
@@ -263,6 +302,7 @@ def test_per_tag_means_and_overall_is_the_mean_over_tags() -> None:
 def test_toy_geneval_reward_is_partial_credit_by_default_strict_on_request_with_per_check_metadata() -> None:
     from rewards.registry import get_reward
     from rewards.scoring import score
+
     image = _paint([("red", "circle", 8, 8), ("blue", "square", 24, 8)])[None].repeat(3, 1, 1, 1)
     prompts = ["a red circle and a blue square", "a red circle and a red square", "a circle right of a square"]
     partial, meta = score([get_reward("toy_geneval")], image, prompts)
@@ -276,11 +316,13 @@ def test_toy_geneval_reward_is_partial_credit_by_default_strict_on_request_with_
     chunked, meta_chunked = score([get_reward("toy_geneval", batch_size=2)], image, prompts)
     assert torch.equal(chunked, partial) and all(torch.equal(meta_chunked["toy_geneval"][k], v) for k, v in out.items())
     # records given per sample win over the prompt (a real GenEval prompt source passes them)
-    given, _ = score([get_reward("toy_geneval")], image, prompts,
-                     prompt_metadata=[parse_prompt("a blue square"), None, None])
+    given, _ = score(
+        [get_reward("toy_geneval")], image, prompts, prompt_metadata=[parse_prompt("a blue square"), None, None]
+    )
     assert given[:, 0].tolist() == pytest.approx([1.0, 0.75, 2 / 3])
-    given, _ = score([get_reward("toy_geneval")], image, prompts,
-                     prompt_metadata=[parse_prompt("a green square"), None, None])
+    given, _ = score(
+        [get_reward("toy_geneval")], image, prompts, prompt_metadata=[parse_prompt("a green square"), None, None]
+    )
     assert given[0, 0].item() == 0.5
     with pytest.raises(ValueError, match="strict must be true or false"):
         get_reward("toy_geneval", strict="yes")

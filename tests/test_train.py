@@ -1,7 +1,9 @@
 """`align train` end to end on the tiny preset: what moves, resume, bad rewards, config errors."""
+
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 
@@ -12,13 +14,19 @@ from align.train import build, train
 from align.train_config import TrainConfig
 from rewards import RewardError, register_reward
 
+
 @pytest.mark.parametrize("algo", ["ecg", "grpo", "ddpo"])
 def test_training_moves_every_trainable_parameter(tmp_path, algo: str, tiny_train_cfg) -> None:
     """TRL-style guard against frozen adapters: after 2 iterations every policy (and critic) LoRA
     tensor differs from a fresh build with the same seed. The JPEG reward varies between samples
     even for the untrained tiny model, so every algorithm gets a learning signal."""
-    cfg = tiny_train_cfg(f"algo={algo}", "trainer.iterations=2", "critic.pretrain_iterations=0",
-               "trainer.timestep_fraction=1.0", "rewards=[jpeg_compressibility:1.0]")
+    cfg = tiny_train_cfg(
+        f"algo={algo}",
+        "trainer.iterations=2",
+        "critic.pretrain_iterations=0",
+        "trainer.timestep_fraction=1.0",
+        "rewards=[jpeg_compressibility:1.0]",
+    )
     fresh_pipe = build(cfg)[0]
     state = train(cfg, log=lambda *_: None)
     assert state.policy_updates == 2
@@ -38,10 +46,13 @@ def test_ecg_iteration_leaves_the_base_bit_identical(tmp_path, tiny_train_cfg) -
     lora = {k: v.clone() for k, v in denoiser(pipe).state_dict().items() if "lora_" in k}
     from align.train import iteration_prompts
     from rewards import score
+
     prompts = iteration_prompts(cfg, 0)
     traj = worker.rollout(prompts, seed=0)
     raw, _ = score(reward_fns, traj.images, prompts)
-    targets = (raw - raw.mean()) / (raw.std() + 1e-6) + torch.randn(raw.shape, generator=torch.Generator().manual_seed(0))
+    targets = (raw - raw.mean()) / (raw.std() + 1e-6) + torch.randn(
+        raw.shape, generator=torch.Generator().manual_seed(0)
+    )
     values = learner.values(traj)
     adv = torch.randn(traj.batch_size, traj.num_steps, generator=torch.Generator().manual_seed(1))
     learner.update(traj, adv, targets, values, train_policy=True)
@@ -86,8 +97,15 @@ def test_sparse_checkpoints_resume_by_replaying_the_lost_iterations(tmp_path, ti
     iteration's record carries its per-phase seconds and samples/s."""
     common = ["trainer.iterations=4", "trainer.checkpoint_every=2"]
     state = train(tiny_train_cfg(f"run_dir={tmp_path / 'a'}", *common), log=lambda *_: None)
-    assert {"timing/rollout", "timing/reward", "timing/values", "timing/update", "timing/sync",
-            "timing/checkpoint", "samples_per_s"} <= set(state.history[-1])
+    assert {
+        "timing/rollout",
+        "timing/reward",
+        "timing/values",
+        "timing/update",
+        "timing/sync",
+        "timing/checkpoint",
+        "samples_per_s",
+    } <= set(state.history[-1])
     split = tiny_train_cfg(f"run_dir={tmp_path / 'b'}", *common)
     train(split, stop_after=3, log=lambda *_: None)
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["iteration"] == 2
@@ -105,6 +123,7 @@ def _bad_reward(name: str, make):
     class _Bad:
         def __call__(self, images, prompts, metadata):
             return make(len(prompts))
+
     _Bad.name = name
     return name
 
@@ -114,6 +133,7 @@ def _with_first(value: float):
         out = torch.zeros(n)
         out[0] = value
         return out
+
     return make
 
 
@@ -135,8 +155,9 @@ def test_bad_reward_stops_before_any_update_naming_the_reward(tmp_path, bad: str
 
 def test_multi_reward_run_has_one_value_head_per_reward(tmp_path, tiny_train_cfg) -> None:
     """rewards=[toy_geneval:1.0,jpeg_compressibility:0.2]: two heads trained, both logged, weighted sum."""
-    cfg = tiny_train_cfg("trainer.iterations=1", "critic.pretrain_iterations=1",
-               "rewards=[toy_geneval:1.0,jpeg_compressibility:0.2]")
+    cfg = tiny_train_cfg(
+        "trainer.iterations=1", "critic.pretrain_iterations=1", "rewards=[toy_geneval:1.0,jpeg_compressibility:0.2]"
+    )
     state = train(cfg, log=lambda *_: None)
     heads = load_tensors(tmp_path / "checkpoint" / "critic_heads.safetensors")
     assert {k.split(".")[1] for k in heads if k.startswith("heads.")} == {"toy_geneval", "jpeg_compressibility"}
@@ -146,11 +167,16 @@ def test_multi_reward_run_has_one_value_head_per_reward(tmp_path, tiny_train_cfg
     assert state.policy_updates == 1 and last["phase"] == "policy"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("algo=ppo", "config key 'algo' = 'ppo' is not valid; choose one of: ddpo, ecg, grpo"),
-    ("rewards=[nope:1.0]", "unknown reward 'nope'; available: "),
-])
-def test_unknown_algorithm_or_reward_lists_the_valid_ones(tmp_path, override: str, message: str, tiny_train_cfg) -> None:
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algo=ppo", "config key 'algo' = 'ppo' is not valid; choose one of: ddpo, ecg, grpo"),
+        ("rewards=[nope:1.0]", "unknown reward 'nope'; available: "),
+    ],
+)
+def test_unknown_algorithm_or_reward_lists_the_valid_ones(
+    tmp_path, override: str, message: str, tiny_train_cfg
+) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
         tiny_train_cfg(override)
 
@@ -162,6 +188,7 @@ def _held_out_explained_variance(cfg: TrainConfig, prompts_seed: int = 10_000) -
     from align.checkpoint import read_json
     from align.train import iteration_prompts
     from rewards import get_reward, score
+
     pipe, critic, _, _, learner, worker = build(cfg)
     learner.load(tmp := __import__("pathlib").Path(cfg.run_dir) / "checkpoint")
     stats = read_json(tmp / "state.json")["normalisers"]
@@ -172,14 +199,24 @@ def _held_out_explained_variance(cfg: TrainConfig, prompts_seed: int = 10_000) -
     values = learner.values(traj)
     evs = []
     for i in range(traj.num_steps):
-        per_head = [explained_variance(values[:, i, k], (raw[:, k] - stats[n]["mean"]) / stats[n]["var"] ** 0.5)
-                    for k, n in enumerate(names)]
+        per_head = [
+            explained_variance(values[:, i, k], (raw[:, k] - stats[n]["mean"]) / stats[n]["var"] ** 0.5)
+            for k, n in enumerate(names)
+        ]
         evs.append(sum(per_head) / len(per_head))
     return evs
 
 
-TOY_VALUE = ["model.source=toy", "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "eval_every=0", "final_eval_prompts=0",
-             "algo=ecg", "critic.pretrain_ev_threshold=1.0", "rewards=[jpeg_compressibility:1.0]"]
+TOY_VALUE = [
+    "model.source=toy",
+    "ray.num_rollout_workers=0",
+    "ray.num_reward_workers=0",
+    "eval_every=0",
+    "final_eval_prompts=0",
+    "algo=ecg",
+    "critic.pretrain_ev_threshold=1.0",
+    "rewards=[jpeg_compressibility:1.0]",
+]
 
 
 def test_value_pretraining_on_the_toy_explains_held_out_returns(tmp_path) -> None:
@@ -187,8 +224,11 @@ def test_value_pretraining_on_the_toy_explains_held_out_returns(tmp_path) -> Non
     the JPEG reward; on 64 fresh rollouts the critic explains over half the return variance at
     every state of the chain on average (measured 0.74–0.81 per step; 64 samples give EV a standard
     error of about 0.1)."""
-    cfg = load_config(TrainConfig, "configs/toy_ecg.yaml",
-                      TOY_VALUE + [f"run_dir={tmp_path}", "trainer.iterations=1", "critic.pretrain_iterations=3"])
+    cfg = load_config(
+        TrainConfig,
+        "configs/toy_ecg.yaml",
+        TOY_VALUE + [f"run_dir={tmp_path}", "trainer.iterations=1", "critic.pretrain_iterations=3"],
+    )
     state = train(cfg, stop_after=3, log=lambda *_: None)
     assert state.policy_updates == 0
     evs = _held_out_explained_variance(cfg)
@@ -201,8 +241,11 @@ def test_value_pretraining_on_the_toy_explains_held_out_returns(tmp_path) -> Non
 def test_value_pretraining_reaches_high_explained_variance_with_replay(tmp_path) -> None:
     """6 value-pretraining iterations with replay (192 rollouts): held-out EV above 0.7 on average
     over the chain (measured 0.78–0.82 per step; 0.80–0.87 with mid-block features)."""
-    cfg = load_config(TrainConfig, "configs/toy_ecg.yaml",
-                      TOY_VALUE + [f"run_dir={tmp_path}", "trainer.iterations=1", "critic.pretrain_iterations=6"])
+    cfg = load_config(
+        TrainConfig,
+        "configs/toy_ecg.yaml",
+        TOY_VALUE + [f"run_dir={tmp_path}", "trainer.iterations=1", "critic.pretrain_iterations=6"],
+    )
     train(cfg, stop_after=6, log=lambda *_: None)
     evs = _held_out_explained_variance(cfg)
     print("held-out EV per step", [round(e, 3) for e in evs])
@@ -220,8 +263,13 @@ class _AlwaysFails:
 def test_consecutive_skipped_batches_stop_the_run(tmp_path, tiny_train_cfg) -> None:
     """reward_on_error=skip_batch with a reward that always fails: the run stops with an error after
     trainer.max_consecutive_skipped batches instead of exiting 0 with an untrained policy."""
-    cfg = tiny_train_cfg("algo=grpo", "trainer.iterations=5", "reward_on_error=skip_batch",
-               "trainer.max_consecutive_skipped=2", "rewards=[test_always_failing_reward:1.0]")
+    cfg = tiny_train_cfg(
+        "algo=grpo",
+        "trainer.iterations=5",
+        "reward_on_error=skip_batch",
+        "trainer.max_consecutive_skipped=2",
+        "rewards=[test_always_failing_reward:1.0]",
+    )
     lines: list[str] = []
     with pytest.raises(RewardError, match="trainer.max_consecutive_skipped: 2 batches in a row were skipped"):
         train(cfg, log=lines.append)
@@ -231,8 +279,9 @@ def test_consecutive_skipped_batches_stop_the_run(tmp_path, tiny_train_cfg) -> N
 @pytest.mark.parametrize("algo", ["ecg", "grpo", "ddpo"])
 def test_every_algorithm_makes_the_same_number_of_policy_updates(tmp_path, algo: str, tiny_train_cfg) -> None:
     """Equal budget of policy iterations: ECG's value pretraining comes on top, counted in samples_seen."""
-    cfg = tiny_train_cfg(f"algo={algo}", "trainer.iterations=2", "critic.pretrain_iterations=1",
-               "critic.pretrain_ev_threshold=1.0")
+    cfg = tiny_train_cfg(
+        f"algo={algo}", "trainer.iterations=2", "critic.pretrain_iterations=1", "critic.pretrain_ev_threshold=1.0"
+    )
     state = train(cfg, log=lambda *_: None)
     pretrain = 1 if algo == "ecg" else 0
     assert state.policy_updates == 2 and state.iteration == 2 + pretrain

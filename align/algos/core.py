@@ -4,6 +4,7 @@ Indexing along the denoising chain: step i (0 ≤ i < T) moves x_{(i)} = ``laten
 ``latents[:, i + 1]``; the state of step i is s_i = (x_{(i)}, t_i, c); the reward R(x_0, c) arrives
 after the last step, and γ = 1.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -19,8 +20,10 @@ def gae_along_chain(values: torch.Tensor, rewards: torch.Tensor, lam: float) -> 
     λ = 0 gives one-step TD errors. ``values``: (B, T), ``rewards``: (B,) → advantages (B, T).
     """
     if values.ndim != 2 or rewards.shape != values.shape[:1]:
-        raise ValueError(f"gae_along_chain: values must be (B, T) and rewards (B,), got "
-                         f"{tuple(values.shape)} and {tuple(rewards.shape)}")
+        raise ValueError(
+            f"gae_along_chain: values must be (B, T) and rewards (B,), got "
+            f"{tuple(values.shape)} and {tuple(rewards.shape)}"
+        )
     next_values = torch.cat([values[:, 1:], rewards[:, None]], dim=1)
     deltas = next_values - values
     adv = torch.zeros_like(values)
@@ -31,8 +34,9 @@ def gae_along_chain(values: torch.Tensor, rewards: torch.Tensor, lam: float) -> 
     return adv
 
 
-def ppo_clip_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                  clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_clip_loss(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO surrogate: mean over elements of max(−A ρ, −A clip(ρ, 1−ε, 1+ε)), ρ = exp(log π − log π_old).
 
     Returns the loss and detached stats: ``clip_frac`` (share of elements where the clipped branch
@@ -44,14 +48,20 @@ def ppo_clip_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantag
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean()
     with torch.no_grad():
-        stats = {"clip_frac": (clipped > unclipped).float().mean(),
-                 "approx_kl": ((ratio - 1) - log_ratio).mean(),
-                 "ratio_mean": ratio.mean()}
+        stats = {
+            "clip_frac": (clipped > unclipped).float().mean(),
+            "approx_kl": ((ratio - 1) - log_ratio).mean(),
+            "ratio_mean": ratio.mean(),
+        }
     return loss, stats
 
 
-def value_loss(pred: torch.Tensor, target: torch.Tensor, old_pred: Optional[torch.Tensor] = None,
-               clip_range: Optional[float] = None) -> torch.Tensor:
+def value_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    old_pred: Optional[torch.Tensor] = None,
+    clip_range: Optional[float] = None,
+) -> torch.Tensor:
     """0.5 (V − G)², optionally PPO-style clipped around the rollout-time prediction ``old_pred``."""
     loss = (pred - target) ** 2
     if clip_range is not None and old_pred is not None:
@@ -96,11 +106,11 @@ class RunningMeanStd:
         batch_mean, batch_var, n = float(x.mean()), float(x.var(unbiased=False)), x.numel()
         delta, total = batch_mean - self.mean, self.count + n
         self.mean += delta * n / total
-        self.var = (self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
         self.count = total
 
     def normalise(self, x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        return (x - self.mean) / (self.var ** 0.5 + eps)
+        return (x - self.mean) / (self.var**0.5 + eps)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "count": self.count}
@@ -124,7 +134,7 @@ class PerPromptStatTracker:
             idx = [i for i, q in enumerate(prompts) if q == p]
             buf = self.buffers.setdefault(p, [])
             buf.extend(float(rewards[i]) for i in idx)
-            del buf[:-self.buffer_size]
+            del buf[: -self.buffer_size]
             if len(buf) < self.min_count:
                 mean, std = batch_mean, batch_std
             else:

@@ -1,4 +1,5 @@
 """DDPO: per-prompt running normalisation of the raw weighted reward (its stat tracker), no critic."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,9 @@ from align.algos.core import PerPromptStatTracker
 from align.algos.registry import Algorithm, register_algorithm
 
 
-def ddpo_step_advantages(raw: torch.Tensor, weights: torch.Tensor, prompts: list[str],
-                         tracker: PerPromptStatTracker, num_steps: int) -> torch.Tensor:
+def ddpo_step_advantages(
+    raw: torch.Tensor, weights: torch.Tensor, prompts: list[str], tracker: PerPromptStatTracker, num_steps: int
+) -> torch.Tensor:
     """A_i = (R − mean_p) / (std_p + ε) over prompt p's recent raw rewards R = Σ_k w_k R_k, the same at each
     of the T steps: (B, T). Raw, not running-normalised, rewards: the tracker's window would otherwise
     mix scores normalised with different (drifting) all-time statistics."""

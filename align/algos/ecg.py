@@ -11,6 +11,7 @@ Budget: the value-pretraining iterations come *before* ``trainer.iterations`` po
 equal ``trainer.iterations`` ECG makes as many policy updates on as many policy-phase samples as
 GRPO and DDPO; its pretraining samples are an up-front cost counted in ``samples_seen``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,15 +38,18 @@ def _normalise_per_step(x: torch.Tensor) -> torch.Tensor:
 ADVANTAGE_NORMS = {"batch": _normalise, "step": _normalise_per_step}
 
 
-def ecg_step_advantages(targets: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
-                        gae_lambda: float, norm: str = "step") -> torch.Tensor:
+def ecg_step_advantages(
+    targets: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, gae_lambda: float, norm: str = "step"
+) -> torch.Tensor:
     """Per reward head k, GAE(λ) of V_k along the chain, normalised (``norm``: per step over the batch, or over
     all (sample, step) pairs), then A = Σ_k w_k Â_k: (B, T). ``targets`` (B, K) are the value targets,
     ``values`` (B, T, K). Per step, a critic bias b_i = mean_j A_ij ≠ 0 would multiply the batch's mean
     score Σ_j ∇ log π(step i of j), which is pure noise as large as the whole policy gradient
     (docs/algorithms.md); centring each step removes that term, as GRPO's group mean does."""
-    heads = [ADVANTAGE_NORMS[norm](gae_along_chain(values[..., k], targets[:, k], gae_lambda))
-             for k in range(targets.shape[1])]
+    heads = [
+        ADVANTAGE_NORMS[norm](gae_along_chain(values[..., k], targets[:, k], gae_lambda))
+        for k in range(targets.shape[1])
+    ]
     return torch.stack(heads, dim=-1) @ weights
 
 
@@ -66,11 +70,13 @@ class ECG(Algorithm):
         return POLICY if state.policy_started else VALUE_PRETRAIN
 
     def advantages(self, batch: Batch, weights: torch.Tensor) -> torch.Tensor:
-        return ecg_step_advantages(batch.targets, weights, batch.values, self.cfg.critic.gae_lambda,
-                                   self.cfg.critic.advantage_norm)
+        return ecg_step_advantages(
+            batch.targets, weights, batch.values, self.cfg.critic.gae_lambda, self.cfg.critic.advantage_norm
+        )
 
-    def update(self, learner, batch: Batch, phase: str, normalise: Callable[[torch.Tensor], torch.Tensor]
-               ) -> dict[str, float]:
+    def update(
+        self, learner, batch: Batch, phase: str, normalise: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, float]:
         """Policy PPO (policy phase only), then the critic on the replay of recent batches."""
         stats = learner.policy_update(batch.traj, batch.local(batch.advantages)) if phase == POLICY else {}
         self.replay.add(batch.traj, batch.local(batch.raw))
@@ -83,14 +89,18 @@ class ECG(Algorithm):
         """Value pretraining ends once EV on the late half of the chain (held out: values predicted before
         this iteration's update) reaches the threshold, or after ``critic.pretrain_iterations``."""
         c = self.cfg.critic
-        if state.policy_started or not (record["explained_variance_late"] >= c.pretrain_ev_threshold
-                                        or state.value_iterations >= c.pretrain_iterations):
+        if state.policy_started or not (
+            record["explained_variance_late"] >= c.pretrain_ev_threshold
+            or state.value_iterations >= c.pretrain_iterations
+        ):
             return
         state.policy_started = True
         self.replay.capacity = c.replay_batches
-        del self.replay.batches[:-c.replay_batches]
-        log(f"value pretraining done after {state.value_iterations} iterations (explained variance on the late half "
-            f"of the chain {record['explained_variance_late']:.3f}); policy updates start")
+        del self.replay.batches[: -c.replay_batches]
+        log(
+            f"value pretraining done after {state.value_iterations} iterations (explained variance on the late half "
+            f"of the chain {record['explained_variance_late']:.3f}); policy updates start"
+        )
 
     def save(self, directory: Path) -> None:
         self.replay.save(directory)

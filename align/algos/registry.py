@@ -5,6 +5,7 @@ own explicit advantage function, runs its update through the shared learner, and
 state it carries across iterations (DDPO's per-prompt tracker, ECG's value pretraining and replay).
 The driver (align/train.py) never branches on the algorithm's name.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +20,7 @@ POLICY, VALUE_PRETRAIN = "policy", "value-pretrain"
 
 class Algorithm:
     """Critic-free default: every iteration is a policy update on the batch's advantages."""
+
     name: ClassVar[str] = ""
     needs_critic: ClassVar[bool] = False
 
@@ -37,8 +39,9 @@ class Algorithm:
         """(B, T) advantages of every step of the whole batch."""
         raise NotImplementedError
 
-    def update(self, learner, batch: Batch, phase: str, normalise: Callable[[torch.Tensor], torch.Tensor]
-               ) -> dict[str, float]:
+    def update(
+        self, learner, batch: Batch, phase: str, normalise: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, float]:
         """One update on ``batch`` (this rank's shard); ``normalise`` maps raw scores (B, K) to value targets."""
         return learner.policy_update(batch.traj, batch.local(batch.advantages))
 
@@ -75,6 +78,7 @@ def make_algorithm(cfg) -> Algorithm:
     import align.algos.ddpo  # noqa: F401  (register the built-in algorithms)
     import align.algos.ecg  # noqa: F401
     import align.algos.grpo  # noqa: F401
+
     if cfg.algo not in ALGORITHMS:
         raise ValueError(f"algo: unknown algorithm {cfg.algo!r}; choose one of: {', '.join(ALGORITHMS)}")
     return ALGORITHMS[cfg.algo](cfg)

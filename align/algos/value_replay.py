@@ -6,6 +6,7 @@ an on-policy sample of the value targets G_k = R_k(x_0, c). Refitting the critic
 Raw rewards are stored and re-normalised with the *current* running statistics each time, so
 earlier batches and the newest share one target scale. Saved as safetensors + JSON (resume).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,7 @@ class ValueReplay:
         if self.capacity <= 0:
             return
         self.batches.append((traj, raw.detach().clone()))
-        del self.batches[:-self.capacity]
+        del self.batches[: -self.capacity]
 
     def batch(self, normalise: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Trajectory, torch.Tensor]:
         """All stored samples as one trajectory, with targets ``normalise(raw)`` (B_total, K)."""

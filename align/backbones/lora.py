@@ -9,6 +9,7 @@ peft's ``set_adapter`` / ``enable_adapters`` also flip ``requires_grad`` of the 
 touch; every function here restores the trainable set it found, so which LoRA params train is
 decided only by :func:`attach_lora` and :func:`set_trainable`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +27,15 @@ from align.backbones.loading import denoiser
 DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def attach_lora(pipe: DiffusionPipeline, adapter_name: str = "policy", rank: int = 4,
-                alpha: float | None = None, target_modules: str | Sequence[str] | None = None,
-                init_lora_weights: bool | str = True, dropout: float = 0.0) -> list[str]:
+def attach_lora(
+    pipe: DiffusionPipeline,
+    adapter_name: str = "policy",
+    rank: int = 4,
+    alpha: float | None = None,
+    target_modules: str | Sequence[str] | None = None,
+    init_lora_weights: bool | str = True,
+    dropout: float = 0.0,
+) -> list[str]:
     """Add a LoRA adapter to the denoiser and make it the only trainable thing; returns its param names.
 
     The first adapter becomes the active one; later ones (e.g. ``critic``) are attached inactive,
@@ -39,10 +46,13 @@ def attach_lora(pipe: DiffusionPipeline, adapter_name: str = "policy", rank: int
     if adapter_name in adapter_names(pipe):
         raise ValueError(f"LoRA adapter {adapter_name!r} already exists; existing: {adapter_names(pipe)}")
     previous = active_adapters(pipe)
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                        target_modules=target_modules if isinstance(target_modules, str)
-                        else list(target_modules or DEFAULT_TARGETS),
-                        init_lora_weights=init_lora_weights, lora_dropout=dropout)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules or DEFAULT_TARGETS),
+        init_lora_weights=init_lora_weights,
+        lora_dropout=dropout,
+    )
     with warnings.catch_warnings():  # "multiple adapters": intended here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         net.add_adapter(config, adapter_name=adapter_name)
@@ -141,19 +151,22 @@ def lora_state_dict(pipe: DiffusionPipeline, adapter_name: str = "policy") -> di
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def load_lora_state_dict(pipe: DiffusionPipeline, state: dict[str, torch.Tensor],
-                         adapter_name: str = "policy") -> None:
+def load_lora_state_dict(pipe: DiffusionPipeline, state: dict[str, torch.Tensor], adapter_name: str = "policy") -> None:
     """Copy tensors from :func:`lora_state_dict` into an existing adapter; keys and shapes must match."""
     expected = lora_state_dict(pipe, adapter_name)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
-        raise ValueError(f"LoRA state for adapter {adapter_name!r} does not match the model: {len(missing)} missing "
-                         f"(e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]}); was it saved from a "
-                         "different backbone, target_modules or adapter?")
+        raise ValueError(
+            f"LoRA state for adapter {adapter_name!r} does not match the model: {len(missing)} missing "
+            f"(e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]}); was it saved from a "
+            "different backbone, target_modules or adapter?"
+        )
     bad = [k for k in expected if expected[k].shape != state[k].shape]
     if bad:
-        raise ValueError(f"LoRA state for adapter {adapter_name!r}: shape mismatch at {bad[0]}: got "
-                         f"{tuple(state[bad[0]].shape)}, model has {tuple(expected[bad[0]].shape)} (different rank?)")
+        raise ValueError(
+            f"LoRA state for adapter {adapter_name!r}: shape mismatch at {bad[0]}: got "
+            f"{tuple(state[bad[0]].shape)}, model has {tuple(expected[bad[0]].shape)} (different rank?)"
+        )
     net = denoiser(pipe)
     with _keep_requires_grad(net):
         result = set_peft_model_state_dict(net, state, adapter_name=adapter_name)

@@ -10,6 +10,7 @@ build: ``BpeTrainer`` breaks ties between equally frequent pairs in a per-proces
 token ids (and therefore text-encoder embeddings of the shipped toy model) would differ between
 runs. Regenerate it with ``python -m align.backbones.tokenizer`` only together with re-pretraining.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,7 @@ TOY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "toy_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def write_clip_tokenizer(out_dir: str | os.PathLike, words: list[str],
-                         model_max_length: int = 16) -> CLIPTokenizer:
+def write_clip_tokenizer(out_dir: str | os.PathLike, words: list[str], model_max_length: int = 16) -> CLIPTokenizer:
     """Train a BPE where each of ``words`` is one token; save CLIP files in ``out_dir``; load them."""
     words = sorted({w.lower() for w in words})
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=EOS))
@@ -37,8 +37,13 @@ def write_clip_tokenizer(out_dir: str | os.PathLike, words: list[str],
     alphabet = sorted({c for w in words for c in w})
     # An upper bound on the vocabulary needed to merge every word into a single symbol.
     vocab_size = 2 + 2 * len(alphabet) + sum(len(w) for w in words) + 8
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], end_of_word_suffix="</w>",
-                                  show_progress=False, initial_alphabet=alphabet)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        end_of_word_suffix="</w>",
+        show_progress=False,
+        initial_alphabet=alphabet,
+    )
     bpe.train_from_iterator(words, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     out = Path(out_dir)
@@ -64,13 +69,16 @@ def copy_bpe_files(out_dir: str | os.PathLike, source: str | os.PathLike = TOY_T
 def _check_single_tokens(tok: CLIPTokenizer, words: list[str], where: str) -> None:
     split = [w for w in words if len(tok(w, add_special_tokens=False).input_ids) != 1]
     if split:
-        raise ValueError(f"tokenizer {where} splits {len(split)} word(s) into several tokens, e.g. {split[0]!r}; "
-                         "regenerate it with `python -m align.backbones.tokenizer` (then re-pretrain the toy model)")
+        raise ValueError(
+            f"tokenizer {where} splits {len(split)} word(s) into several tokens, e.g. {split[0]!r}; "
+            "regenerate it with `python -m align.backbones.tokenizer` (then re-pretrain the toy model)"
+        )
 
 
 def toy_tokenizer() -> CLIPTokenizer:
     """The committed CLIP tokenizer of the toy vocabulary; fails loudly if the vocabulary outgrew it."""
     from align.toy.world import vocabulary
+
     tok = CLIPTokenizer.from_pretrained(TOY_TOKENIZER_DIR)
     _check_single_tokens(tok, vocabulary(), str(TOY_TOKENIZER_DIR))
     return tok
@@ -78,4 +86,5 @@ def toy_tokenizer() -> CLIPTokenizer:
 
 if __name__ == "__main__":
     from align.toy.world import vocabulary
+
     print(write_clip_tokenizer(TOY_TOKENIZER_DIR, vocabulary()))

@@ -18,6 +18,7 @@ repo's ×16 on α when y is 64 px, a special case of its 4× SR of 256-px images
 the repo's preset. On a 48-dimensional blur-and-mask Gaussian with σ_y = 0.1, σ_n = σ_y captures
 about 0.8 of the posterior variance, σ_n = 0.01 under 0.5 (tests/test_inverse_gaussian_highdim.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,13 +37,15 @@ from align.inverse.problem import gaussian_noise, make_problem
 @dataclasses.dataclass
 class ClampConfig:
     """CLAMP settings; defaults from the repo's pixel linear-task preset (spec §4.3)."""
+
     steps: int = field(50, help="sigma-grid steps N")
     gmres_iters: int = field(5, help="GMRES iterations K per step")
     sigma_max: float = field(100.0, help="EDM grid σ_max (clipped to the denoiser's range)")
     sigma_min: float = field(0.1, help="EDM grid σ_min (dropped from the grid, as in the repo)")
     lam_id: float = field(2.0, help="λ of the identity part of the damping α(λ I + ĝĝᵀ)")
-    sigma_n: Optional[float] = field(None, help="measurement std σ_n of the Gauss–Newton system (default: "
-                                                "σ_y; the CLAMP repo's presets use 0.01)")
+    sigma_n: Optional[float] = field(
+        None, help="measurement std σ_n of the Gauss–Newton system (default: σ_y; the CLAMP repo's presets use 0.01)"
+    )
     beta: float = field(1.0, help="step scale β on Δ (0: prior-only sampler)")
     alpha_scale: float = field(1.0, help="multiplies α (0: undamped one-sided GN = data-consistency step)")
     gmres_tol: float = field(1e-12, help="Arnoldi breakdown tolerance")
@@ -63,8 +66,16 @@ class CLAMP:
     """``CLAMP(model, operator, y, sigma_y, **ClampConfig fields)``; pixel defaults for a Denoiser,
     latent defaults for a pipeline (override any field by keyword); σ_n = σ_y unless ``sigma_n`` is given."""
 
-    def __init__(self, model, operator, y: torch.Tensor, sigma_y: float, progress: bool = False,
-                 denoiser_kwargs: Optional[dict] = None, **overrides):
+    def __init__(
+        self,
+        model,
+        operator,
+        y: torch.Tensor,
+        sigma_y: float,
+        progress: bool = False,
+        denoiser_kwargs: Optional[dict] = None,
+        **overrides,
+    ):
         self.problem = make_problem(model, operator, y, sigma_y, denoiser_kwargs)
         base = LATENT_DEFAULTS if self.problem.latent else PIXEL_DEFAULTS
         bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(ClampConfig)})
@@ -74,7 +85,9 @@ class CLAMP:
         self.config = dataclasses.replace(base, **overrides)
         if self.config.sigma_n is None:
             if self.problem.sigma_y is None:
-                raise ValueError("CLAMP: needs sigma_y (or sigma_n), the measurement noise std of its Gauss–Newton system")
+                raise ValueError(
+                    "CLAMP: needs sigma_y (or sigma_n), the measurement noise std of its Gauss–Newton system"
+                )
             self.config.sigma_n = self.problem.sigma_y
         c = self.config
         if c.steps < 1 or c.gmres_iters < 1 or not 0 < c.sigma_n < float("inf") or c.lam_id < 0:
@@ -91,16 +104,16 @@ class CLAMP:
         eps = (x - x0.detach()) / s
         ax0, vjp_a, jvp_a = _operator_maps(p.operator, x0.detach())
         flat = lambda t: t.flatten(1)
-        pull = flat(vjp_d(vjp_a(ax0 - p.y)))                      # J_Dᵀ J_Aᵀ r
-        rhs = -pull / c.sigma_n ** 2
+        pull = flat(vjp_d(vjp_a(ax0 - p.y)))  # J_Dᵀ J_Aᵀ r
+        rhs = -pull / c.sigma_n**2
         g = flat(x - x0.detach())
         g_norm = g.norm(dim=1, keepdim=True)
         g_hat = g / g_norm.clamp_min(1e-30)
-        alpha = c.alpha_scale * g_norm / (s_prior ** 2 * pull.norm(dim=1, keepdim=True)).clamp_min(1e-30)
+        alpha = c.alpha_scale * g_norm / (s_prior**2 * pull.norm(dim=1, keepdim=True)).clamp_min(1e-30)
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             img = v.view_as(x)
-            curv = flat(vjp_d(vjp_a(jvp_a(img)))) / c.sigma_n ** 2
+            curv = flat(vjp_d(vjp_a(jvp_a(img)))) / c.sigma_n**2
             return curv + alpha * (c.lam_id * v + g_hat * (g_hat * v).sum(1, keepdim=True))
 
         delta, _ = gmres(matvec, rhs.detach(), c.gmres_iters, c.gmres_tol)
@@ -108,12 +121,16 @@ class CLAMP:
         noise = gaussian_noise(x.shape, generator, x.device, x.dtype)
         return (x + c.beta * delta.view_as(x) + (down - s) * eps + up * noise).detach()
 
-    def sample(self, generator: Optional[torch.Generator] = None, x_start: Optional[torch.Tensor] = None,
-               start: int = 0) -> torch.Tensor:
+    def sample(
+        self, generator: Optional[torch.Generator] = None, x_start: Optional[torch.Tensor] = None, start: int = 0
+    ) -> torch.Tensor:
         """Steps ``start..N−1`` from ``x_start`` (default: x ~ N(0, s_0² I)); the final state."""
         p = self.problem
-        x = x_start if x_start is not None else \
-            float(self.grid[0]) * gaussian_noise(p.state_shape(), generator, p.y.device, p.y.dtype)
+        x = (
+            x_start
+            if x_start is not None
+            else float(self.grid[0]) * gaussian_noise(p.state_shape(), generator, p.y.device, p.y.dtype)
+        )
         for i in tqdm(range(start, len(self.grid) - 1), desc="CLAMP", leave=False, disable=not self.progress):
             x = self.step(x, float(self.grid[i]), float(self.grid[i + 1]), generator)
         return x

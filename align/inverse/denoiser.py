@@ -11,6 +11,7 @@ backbone was trained with. The maps, per parameterisation:
 The prompt is a fixed neutral one (CLAMP's SD wrapper uses "a natural looking image" with CFG);
 CFG runs through :func:`align.sampling.predict`, so the policy LoRA (if attached) is used as is.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -18,7 +19,8 @@ import warnings
 import numpy as np
 import torch
 
-from align.backbones.loading import backbone_kind, denoiser as backbone_net
+from align.backbones.loading import backbone_kind
+from align.backbones.loading import denoiser as backbone_net
 from align.sampling.sampler import encode_prompts, predict, set_schedule
 
 
@@ -33,6 +35,7 @@ def edm_sigmas(steps: int, sigma_max: float, sigma_min: float, rho: float = 7.0)
 class Denoiser:
     """Interface: ``__call__(z, s)`` → E[x0|z]; ``schedule(n)`` → the backbone's own descending
     n-step sigma grid ending in 0; ``state_shape(batch)``; counters of forwards and VJPs."""
+
     sigma_min: float
     sigma_max: float
 
@@ -62,6 +65,7 @@ def denoise_with_vjp(den: Denoiser, z: torch.Tensor, s: float):
     def vjp(u: torch.Tensor) -> torch.Tensor:
         den.calls["vjp"] += 1
         return torch.autograd.grad(x0, z, u, retain_graph=True)[0]
+
     return x0, vjp
 
 
@@ -89,14 +93,21 @@ class GaussianDenoiser(Denoiser):
 class PipelineDenoiser(Denoiser):
     """A diffusers SD1.5- or SD3-class pipeline as a VE denoiser on its (scaled) latents."""
 
-    def __init__(self, pipe, prompt: str = "a photo", negative_prompt: str = "", guidance_scale: float = 1.0,
-                 sigma_max_flow: float = 100.0):
+    def __init__(
+        self,
+        pipe,
+        prompt: str = "a photo",
+        negative_prompt: str = "",
+        guidance_scale: float = 1.0,
+        sigma_max_flow: float = 100.0,
+    ):
         super().__init__()
         self.pipe, self.guidance_scale, self.kind = pipe, guidance_scale, backbone_kind(pipe)
         self.net = backbone_net(pipe)
         if getattr(self.net, "is_gradient_checkpointing", False):  # spec §4.4: VJPs with a retained graph
-            warnings.warn(f"{type(self.net).__name__}: gradient checkpointing turned off for the inverse solvers",
-                          stacklevel=2)
+            warnings.warn(
+                f"{type(self.net).__name__}: gradient checkpointing turned off for the inverse solvers", stacklevel=2
+            )
             self.net.disable_gradient_checkpointing()
         with torch.no_grad():
             self.embeds = encode_prompts(pipe, [prompt], negative_prompt, guidance_scale)
@@ -125,11 +136,11 @@ class PipelineDenoiser(Denoiser):
         dtype = self.net.dtype
         if self.kind == "unet":
             a = 1.0 / (1.0 + s * s)  # ᾱ
-            x_t = z * a ** 0.5
+            x_t = z * a**0.5
             out = predict(self.pipe, x_t.to(dtype), t, self._embeds(z.shape[0]), self.guidance_scale).to(z.dtype)
             if self.prediction_type == "v_prediction":
-                return a ** 0.5 * x_t - (1 - a) ** 0.5 * out
-            return (x_t - (1 - a) ** 0.5 * out) / a ** 0.5
+                return a**0.5 * x_t - (1 - a) ** 0.5 * out
+            return (x_t - (1 - a) ** 0.5 * out) / a**0.5
         tf = s / (1.0 + s)
         x_t = z / (1.0 + s)
         v = predict(self.pipe, x_t.to(dtype), t, self._embeds(z.shape[0]), self.guidance_scale).to(z.dtype)
@@ -180,8 +191,10 @@ DENOISER_MEMBERS = ("__call__", "state_shape", "schedule", "clip_sigma", "sigma_
 def is_pipeline(model) -> bool:
     """A diffusers pipeline (or anything that carries a UNet or transformer, the latent variant)."""
     from diffusers import DiffusionPipeline
+
     return isinstance(model, DiffusionPipeline) or any(
-        getattr(model, k, None) is not None for k in ("unet", "transformer"))
+        getattr(model, k, None) is not None for k in ("unet", "transformer")
+    )
 
 
 def check_denoiser(model) -> None:
@@ -189,15 +202,18 @@ def check_denoiser(model) -> None:
     A duck-typed denoiser with every member of :data:`DENOISER_MEMBERS` is accepted."""
     missing = [m for m in DENOISER_MEMBERS if not hasattr(model, m)]
     if missing:
-        raise TypeError(f"model {type(model).__name__} is neither a diffusers pipeline nor a denoiser: "
-                        f"missing {', '.join(missing)} (a denoiser needs __call__(z, s) -> E[x0|z], "
-                        f"state_shape(batch), schedule(steps), clip_sigma(s), sigma_min, sigma_max and a "
-                        f"calls dict; subclass align.inverse.Denoiser for the defaults)")
+        raise TypeError(
+            f"model {type(model).__name__} is neither a diffusers pipeline nor a denoiser: "
+            f"missing {', '.join(missing)} (a denoiser needs __call__(z, s) -> E[x0|z], "
+            f"state_shape(batch), schedule(steps), clip_sigma(s), sigma_min, sigma_max and a "
+            f"calls dict; subclass align.inverse.Denoiser for the defaults)"
+        )
 
 
 def check_has_vae(pipe) -> None:
     """The latent variants need A∘Dec: one-line error for a backbone without a VAE."""
     if getattr(pipe, "vae", None) is None:
-        raise ValueError(f"latent inverse solvers (LMAP-RPS, latent CLAMP/DPS) need a backbone with a VAE; "
-                         f"{type(pipe).__name__} has none")
-
+        raise ValueError(
+            f"latent inverse solvers (LMAP-RPS, latent CLAMP/DPS) need a backbone with a VAE; "
+            f"{type(pipe).__name__} has none"
+        )

@@ -5,6 +5,7 @@ orthonormal Krylov basis V and the (K+1)×K Hessenberg H with M V_K = V_{K+1} H,
 Δ = V_K argmin_y |β e₁ − H y| (least squares; β = |b|). A sample whose Arnoldi step breaks down
 (h_{j+1,j} < tol: the Krylov space is invariant, the solve is exact) stops growing its basis.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -12,8 +13,9 @@ from typing import Callable
 import torch
 
 
-def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
-          tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+def gmres(
+    matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, tol: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K-step GMRES for M Δ = b on flat rows (B, n). Returns (Δ, residual norms (B, K+1)), where
     ``residuals[:, k]`` is |b − M Δ_k| of the k-step iterate (non-increasing in k)."""
     batch = b.shape[0]
@@ -37,8 +39,8 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters
     residuals = [beta.double().cpu()]
     coeffs = None
     for k in range(1, iters + 1):  # least squares on the leading (k+1)×k block; gelsd copes with breakdown
-        coeffs = torch.linalg.lstsq(h64[:, :k + 1, :k], e1[:, :k + 1, None], driver="gelsd").solution
-        residuals.append((e1[:, :k + 1, None] - h64[:, :k + 1, :k] @ coeffs).norm(dim=(1, 2)))
+        coeffs = torch.linalg.lstsq(h64[:, : k + 1, :k], e1[:, : k + 1, None], driver="gelsd").solution
+        residuals.append((e1[:, : k + 1, None] - h64[:, : k + 1, :k] @ coeffs).norm(dim=(1, 2)))
     if coeffs is None:
         return torch.zeros_like(b), torch.stack(residuals, 1)
     coeffs = torch.nan_to_num(coeffs[..., 0]).to(b)

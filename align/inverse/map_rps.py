@@ -14,6 +14,7 @@ Knob r ∈ [0, 1]: stage 2 runs the last round(r·N) steps of its N-step grid fr
 (s_k the grid sigma where it starts). r = 0 returns x_hat bit-exactly; r = 1 is stage 2 from its own
 pure-noise start with the same RNG stream (stage 1 draws no random numbers).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,16 +45,20 @@ class Stage1Config:
     and the conditioning. The latent prox (Adam steps through A∘Dec) is approximate, so its map has
     no exact fixed point: the latent defaults keep the former budget (20 iterations, memory 5) and
     warn when it ends unconverged."""
+
     anneal_iters: int = field(30, help="HQS iterations with s annealed geometrically from s_start to s_s")
-    final_iters: Optional[int] = field(None, help="iteration cap of the Anderson-accelerated HQS at s_s, a warning "
-                                                  "when hit (default: 200 pixel, 20 latent)")
+    final_iters: Optional[int] = field(
+        None,
+        help="iteration cap of the Anderson-accelerated HQS at s_s, a warning when hit (default: 200 pixel, 20 latent)",
+    )
     tol: float = field(1e-6, help="stop at s_s once |T(x) − x| ≤ tol · its first value, for every sample")
     s_start: Optional[float] = field(None, help="first smoothing level (default: min(denoiser σ_max, 10))")
     s_smooth: Optional[float] = field(None, help="s_s, the smoothing level (default: the smallest training σ)")
     prox_iters: int = field(10, help="CG iterations (linear A) or Adam steps (A∘Dec) per prox")
     prox_lr: float = field(0.05, help="Adam learning rate of the latent prox")
-    anderson_memory: Optional[int] = field(None, help="Anderson memory at s_s, 0: plain HQS (default: 64 pixel, "
-                                                      "5 latent)")
+    anderson_memory: Optional[int] = field(
+        None, help="Anderson memory at s_s, 0: plain HQS (default: 64 pixel, 5 latent)"
+    )
 
     def check(self) -> None:
         """One-line ValueError naming the first bad field."""
@@ -67,8 +72,10 @@ class Stage1Config:
     def resolved(self, latent: bool) -> "Stage1Config":
         """A copy with the pixel or latent defaults filled in."""
         return dataclasses.replace(
-            self, final_iters=self.final_iters if self.final_iters is not None else (20 if latent else 200),
-            anderson_memory=self.anderson_memory if self.anderson_memory is not None else (5 if latent else 64))
+            self,
+            final_iters=self.final_iters if self.final_iters is not None else (20 if latent else 200),
+            anderson_memory=self.anderson_memory if self.anderson_memory is not None else (5 if latent else 64),
+        )
 
 
 def renoise_start(renoise: float, steps: int) -> int:
@@ -95,7 +102,7 @@ def _cg(matvec, b: torch.Tensor, x: torch.Tensor, iters: int) -> torch.Tensor:
 
 def prox(problem: InverseProblem, u: torch.Tensor, s: float, x: torch.Tensor, cfg: Stage1Config) -> torch.Tensor:
     """argmin_x |y − A(x)|²/(2σ_y²) + |x − u|²/(2s²), warm-started at x."""
-    op, y, sy2 = problem.operator, problem.y, problem.sigma_y ** 2
+    op, y, sy2 = problem.operator, problem.y, problem.sigma_y**2
     if op.linear:
         shape = u.shape
         aty = op.vjp(u, y).flatten(1)
@@ -112,8 +119,9 @@ def prox(problem: InverseProblem, u: torch.Tensor, s: float, x: torch.Tensor, cf
     return z.detach()
 
 
-def map_stage(problem: InverseProblem, cfg: Stage1Config, init: Optional[torch.Tensor] = None,
-              progress: bool = False) -> tuple[torch.Tensor, "AndersonResult"]:
+def map_stage(
+    problem: InverseProblem, cfg: Stage1Config, init: Optional[torch.Tensor] = None, progress: bool = False
+) -> tuple[torch.Tensor, "AndersonResult"]:
     """Stage 1: annealed HQS, then Anderson-accelerated HQS at s_s until the fixed-point residual has
     fallen by ``cfg.tol`` (∇J(x) = (AᵀA/σ_y² + I/s_s²)(x − T(x)) for linear A, so this is a relative
     gradient criterion), or ``cfg.final_iters`` iterations (ConvergenceWarning). Returns (x̂, result)."""
@@ -132,9 +140,13 @@ def map_stage(problem: InverseProblem, cfg: Stage1Config, init: Optional[torch.T
         result = anderson(lambda v: step(v, s_s), x, cfg.final_iters, cfg.anderson_memory, cfg.tol, bar.update)
     bar.close()
     if not result.converged:
-        warnings.warn(f"MAP-RPS stage 1 hit its cap of {cfg.final_iters} iterations at s_s = {s_s:.3g} before "
-                      f"converging: residual ratio {float(result.ratio.max()):.2e} > tol {cfg.tol:g} "
-                      f"(raise stage1.final_iters or stage1.anderson_memory)", ConvergenceWarning, stacklevel=3)
+        warnings.warn(
+            f"MAP-RPS stage 1 hit its cap of {cfg.final_iters} iterations at s_s = {s_s:.3g} before "
+            f"converging: residual ratio {float(result.ratio.max()):.2e} > tol {cfg.tol:g} "
+            f"(raise stage1.final_iters or stage1.anderson_memory)",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
     return result.x, result
 
 
@@ -142,14 +154,16 @@ def map_stage(problem: InverseProblem, cfg: Stage1Config, init: Optional[torch.T
 class AndersonResult:
     """Outcome of :func:`anderson`: the iterate, iterations used, and per-sample residual ratios
     |T(x) − x| / |T(x₀) − x₀| at the last evaluation (converged: every ratio ≤ tol)."""
+
     x: torch.Tensor
     iters: int
     ratio: torch.Tensor
     converged: bool
 
 
-def anderson(fixed_map, x: torch.Tensor, max_iters: int, memory: int, tol: float = 0.0,
-             callback=lambda: None) -> AndersonResult:
+def anderson(
+    fixed_map, x: torch.Tensor, max_iters: int, memory: int, tol: float = 0.0, callback=lambda: None
+) -> AndersonResult:
     """Anderson acceleration (type II) of x ← T(x), per sample: with residuals f = T(x) − x,
     γ = argmin |f_k − ΔF γ|, x ← x + f_k − (ΔX + ΔF) γ. Linear T: a Krylov method (exact after n+1
     steps with memory ≥ n); memory 0 is plain iteration. Stops as soon as every sample's residual
@@ -172,7 +186,7 @@ def anderson(fixed_map, x: torch.Tensor, max_iters: int, memory: int, tol: float
         if not dfs:
             x = fx
             continue
-        dF, dX = torch.stack(dfs, 2).double(), torch.stack(dxs, 2).double()      # (B, n, m)
+        dF, dX = torch.stack(dfs, 2).double(), torch.stack(dxs, 2).double()  # (B, n, m)
         gram = dF.transpose(1, 2) @ dF
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         ridge = (1e-10 * gram.diagonal(dim1=1, dim2=2).mean(1) + 1e-300)[:, None, None] * eye  # keeps it solvable
@@ -188,13 +202,23 @@ class MapRPS:
     ``stage2`` is a name in :data:`STAGE2` (built with ``stage2_kwargs``) or any object with
     ``problem``, ``grid`` and ``sample(generator, x_start, start)``, e.g. an exact test sampler."""
 
-    def __init__(self, model, operator, y: torch.Tensor, sigma_y: float, renoise: float = 0.3,
-                 stage2: Union[str, object] = "clamp", stage1: Optional[Stage1Config] = None,
-                 stage2_kwargs: Optional[dict] = None, progress: bool = False,
-                 denoiser_kwargs: Optional[dict] = None):
+    def __init__(
+        self,
+        model,
+        operator,
+        y: torch.Tensor,
+        sigma_y: float,
+        renoise: float = 0.3,
+        stage2: Union[str, object] = "clamp",
+        stage1: Optional[Stage1Config] = None,
+        stage2_kwargs: Optional[dict] = None,
+        progress: bool = False,
+        denoiser_kwargs: Optional[dict] = None,
+    ):
         if sigma_y is None or not 0 < sigma_y < float("inf"):
-            raise ValueError(f"MAP-RPS: sigma_y (measurement noise std, used by stage 1) must be finite and > 0, "
-                             f"got {sigma_y}")
+            raise ValueError(
+                f"MAP-RPS: sigma_y (measurement noise std, used by stage 1) must be finite and > 0, got {sigma_y}"
+            )
         self.stage1_config = stage1 or Stage1Config()
         self.stage1_config.check()
         if isinstance(stage2, str):
@@ -204,8 +228,9 @@ class MapRPS:
             kw = dict(stage2_kwargs or {})
             # the residual-normalised DPS step does not use σ_y (DPS refuses it); everything else does
             s2_sigma = None if stage2 == "dps" and kw.get("guidance", "residual") == "residual" else sigma_y
-            stage2 = STAGE2[stage2](model, operator, y, s2_sigma, progress=progress, denoiser_kwargs=denoiser_kwargs,
-                                    **kw)
+            stage2 = STAGE2[stage2](
+                model, operator, y, s2_sigma, progress=progress, denoiser_kwargs=denoiser_kwargs, **kw
+            )
         self.stage2 = stage2
         self.problem = dataclasses.replace(stage2.problem, sigma_y=float(sigma_y))  # stage 1's problem
         self.start = renoise_start(renoise, len(stage2.grid) - 1)

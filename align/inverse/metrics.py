@@ -10,6 +10,7 @@ against torchvision's architecture, builds torchmetrics' LPIPS network with a ra
 LPIPS linear heads ship inside torchmetrics. Images under 64 px (the toy world's 32 px) are
 upsampled bilinearly to 64 px for LPIPS only.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,15 +19,17 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.image.lpips import _lpips_compute, _lpips_update, _NoTrainLpips
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image.lpips import _lpips_compute, _lpips_update, _NoTrainLpips
 
 #: torchmetrics' LPIPS net name → the torchvision model whose ``features`` it slices.
 LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
 #: Smaller images are upsampled (bilinear) to this size for LPIPS only.
 LPIPS_MIN_SIZE = 64
-LPIPS_UNAVAILABLE = ("LPIPS unavailable: it needs pretrained backbone weights that cannot be downloaded here; "
-                     "pass --lpips-weights FILE (the torchvision checkpoint, e.g. alexnet-owt-7be5be79.pth)")
+LPIPS_UNAVAILABLE = (
+    "LPIPS unavailable: it needs pretrained backbone weights that cannot be downloaded here; "
+    "pass --lpips-weights FILE (the torchvision checkpoint, e.g. alexnet-owt-7be5be79.pth)"
+)
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -34,6 +37,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     one-line ValueError naming the file otherwise (a crafted pickle is refused before any of it runs)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         try:
             return load_file(path, device="cpu")
         except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
@@ -42,8 +46,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--lpips-weights {path}: refused, not a plain tensor checkpoint "
-                         f"(torch.load weights_only=True: {first})") from None
+        raise ValueError(
+            f"--lpips-weights {path}: refused, not a plain tensor checkpoint (torch.load weights_only=True: {first})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ValueError(f"--lpips-weights {path}: expected a state dict of tensors, got {type(state).__name__}")
     return state
@@ -64,6 +69,7 @@ class LocalLPIPS(torch.nn.Module):
 def load_lpips(weights: str, net: str = "alex") -> LocalLPIPS:
     """LPIPS whose backbone comes from the local torchvision checkpoint ``weights`` (never torch.hub)."""
     import torchvision
+
     if net not in LPIPS_BACKBONES:
         raise ValueError(f"LPIPS net {net!r} is not one of {sorted(LPIPS_BACKBONES)}")
     if not os.path.isfile(weights):
@@ -75,10 +81,12 @@ def load_lpips(weights: str, net: str = "alex") -> LocalLPIPS:
     except RuntimeError:
         missing = sorted(set(model.state_dict()) - set(state))[:3]
         extra = sorted(set(state) - set(model.state_dict()))[:3]
-        raise ValueError(f"--lpips-weights {weights}: not a torchvision {LPIPS_BACKBONES[net]} checkpoint "
-                         f"(missing {missing}, unexpected {extra}, or shapes differ)") from None
+        raise ValueError(
+            f"--lpips-weights {weights}: not a torchvision {LPIPS_BACKBONES[net]} checkpoint "
+            f"(missing {missing}, unexpected {extra}, or shapes differ)"
+        ) from None
     lpips = _NoTrainLpips(net=net, pnet_rand=True)  # random backbone: builds with weights=None
-    features = model.features.state_dict()           # keys "<index>.weight"
+    features = model.features.state_dict()  # keys "<index>.weight"
     # torchmetrics splits ``features`` into slices keeping each layer's index: "slice2.3.weight" ← "3.weight"
     sliced = {key: features[key.split(".", 1)[1]] for key in lpips.net.state_dict()}
     lpips.net.load_state_dict(sliced, strict=True)
@@ -88,9 +96,11 @@ def load_lpips(weights: str, net: str = "alex") -> LocalLPIPS:
 def image_metrics(out: torch.Tensor, ref: torch.Tensor, lpips=None) -> dict[str, float]:
     """PSNR (dB), SSIM and LPIPS (None without weights) of images in [0, 1], averaged over the batch."""
     out, ref = out.clamp(0, 1).float(), ref.clamp(0, 1).float()
-    res = {"psnr": float(peak_signal_noise_ratio(out, ref, data_range=1.0, dim=(1, 2, 3))),
-           "ssim": float(structural_similarity_index_measure(out, ref, data_range=1.0)),
-           "lpips": None}
+    res = {
+        "psnr": float(peak_signal_noise_ratio(out, ref, data_range=1.0, dim=(1, 2, 3))),
+        "ssim": float(structural_similarity_index_measure(out, ref, data_range=1.0)),
+        "lpips": None,
+    }
     if lpips is not None:
         if min(out.shape[-2:]) < LPIPS_MIN_SIZE:  # the backbones' pooling needs a few dozen pixels
             size = [max(LPIPS_MIN_SIZE, d) for d in out.shape[-2:]]

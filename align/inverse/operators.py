@@ -10,6 +10,7 @@ VAE decoder of :class:`LatentOperator`).
 Shapes are checked up front (:meth:`Operator.check`) so a mismatch is a one-line error before any
 denoiser call. Images live in [-1, 1] (the VAE's range); masks are 1 where a pixel is observed.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 class Operator:
     """Base: ``__call__`` is A; ``linear`` says whether A(a u + b v) = a A(u) + b A(v)."""
+
     name = "operator"
     linear = True
 
@@ -44,8 +46,10 @@ class Operator:
             raise ValueError(f"{self.name}: cannot apply A to states of shape {tuple(x_shape[1:])}: {first}") from None
         want = tuple(probe.shape[1:])
         if tuple(y.shape[1:]) != want:
-            raise ValueError(f"{self.name}: measurement y has shape {tuple(y.shape[1:])} per sample, but A maps "
-                             f"images {tuple(x_shape[1:])} to {want}")
+            raise ValueError(
+                f"{self.name}: measurement y has shape {tuple(y.shape[1:])} per sample, but A maps "
+                f"images {tuple(x_shape[1:])} to {want}"
+            )
 
     def vjp(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """J_A(x)^T u through autograd."""
@@ -85,6 +89,7 @@ def linearize(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
 
     def jvp(v: torch.Tensor) -> torch.Tensor:
         return torch.autograd.grad(vjp_u, u, v, retain_graph=True)[0]
+
     return out.detach(), vjp, jvp
 
 
@@ -96,12 +101,13 @@ def box_mask(size: int | tuple[int, int], box: tuple[int, int, int, int]) -> tor
     if not (0 <= top and 0 <= left and top + bh <= h and left + bw <= w and bh > 0 and bw > 0):
         raise ValueError(f"box mask: box (top, left, height, width) = {box} does not fit a {h}×{w} image")
     m = torch.ones(1, 1, h, w)
-    m[..., top:top + bh, left:left + bw] = 0
+    m[..., top : top + bh, left : left + bw] = 0
     return m
 
 
-def random_mask(size: int | tuple[int, int], missing: float,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def random_mask(
+    size: int | tuple[int, int], missing: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """(1, 1, H, W) mask with a fraction ``missing`` of pixels dropped uniformly at random."""
     if not 0.0 <= missing < 1.0:
         raise ValueError(f"random mask: missing fraction must be in [0, 1), got {missing}")
@@ -112,6 +118,7 @@ def random_mask(size: int | tuple[int, int], missing: float,
 
 class Inpaint(Operator):
     """y = m ⊙ x with a {0,1} mask broadcast over batch/channels (1 = observed)."""
+
     name = "inpaint"
 
     def __init__(self, mask: torch.Tensor):
@@ -139,6 +146,7 @@ class Inpaint(Operator):
 # ------------------------------------------------------------------------ super-resolution
 class Downsample(Operator):
     """y = ↓_s x by ``area`` (block average) or ``bicubic`` (antialiased) interpolation."""
+
     name = "sr"
     MODES = ("area", "bicubic")
 
@@ -178,7 +186,7 @@ def anisotropic_kernel(size: int, sigma_x: float, sigma_y: float, angle: float) 
         raise ValueError(f"blur: kernel sigmas must be > 0, got {sigma_x}, {sigma_y}")
     th = math.radians(angle)
     rot = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=torch.float64)
-    cov = rot @ torch.diag(torch.tensor([sigma_x ** 2, sigma_y ** 2], dtype=torch.float64)) @ rot.T
+    cov = rot @ torch.diag(torch.tensor([sigma_x**2, sigma_y**2], dtype=torch.float64)) @ rot.T
     r = torch.arange(size, dtype=torch.float64) - size // 2
     p = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1)  # (size, size, 2) as (x, y)
     k = torch.exp(-0.5 * torch.einsum("...i,ij,...j->...", p, torch.linalg.inv(cov), p))
@@ -201,6 +209,7 @@ def parse_kernel(spec: str) -> torch.Tensor:
 
 class Blur(Operator):
     """y = k ∗ x per channel, reflect padding (same size out)."""
+
     name = "deblur"
 
     def __init__(self, kernel: torch.Tensor):
@@ -212,8 +221,10 @@ class Blur(Operator):
         check_image(self.name, x_shape)
         pad = self.kernel.shape[0] // 2
         if pad >= min(x_shape[-2:]):
-            raise ValueError(f"deblur: kernel size {self.kernel.shape[0]} is too large for a "
-                             f"{x_shape[-2]}×{x_shape[-1]} image (reflect padding needs size < 2·H)")
+            raise ValueError(
+                f"deblur: kernel size {self.kernel.shape[0]} is too large for a "
+                f"{x_shape[-2]}×{x_shape[-1]} image (reflect padding needs size < 2·H)"
+            )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         c, pad = x.shape[1], self.kernel.shape[0] // 2
@@ -227,6 +238,7 @@ class Blur(Operator):
 # ---------------------------------------------------------------------------- dense / latent
 class MatrixOperator(Operator):
     """y = x Aᵀ on flat states (B, n): the linear-Gaussian known-answer fixture (spec F2)."""
+
     name = "matrix"
 
     def __init__(self, matrix: torch.Tensor):
@@ -234,8 +246,10 @@ class MatrixOperator(Operator):
 
     def check(self, x_shape: Sequence[int]) -> None:
         if len(x_shape) != 2 or x_shape[1] != self.matrix.shape[1]:
-            raise ValueError(f"matrix operator: A is {tuple(self.matrix.shape)}, needs states (B, "
-                             f"{self.matrix.shape[1]}), got {tuple(x_shape)}")
+            raise ValueError(
+                f"matrix operator: A is {tuple(self.matrix.shape)}, needs states (B, "
+                f"{self.matrix.shape[1]}), got {tuple(x_shape)}"
+            )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.matrix.to(x).T
@@ -243,10 +257,16 @@ class MatrixOperator(Operator):
 
 class LatentOperator(Operator):
     """A∘Dec: the pixel operator applied to decoded latents (CLAMP's ``LatentWrapper``)."""
+
     linear = False
 
-    def __init__(self, pixel_op: Operator, decode: Callable[[torch.Tensor], torch.Tensor],
-                 encode: Callable[[torch.Tensor], torch.Tensor], image_shape: Sequence[int]):
+    def __init__(
+        self,
+        pixel_op: Operator,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        image_shape: Sequence[int],
+    ):
         self.pixel_op, self.decode, self.encode = pixel_op, decode, encode
         self.image_shape = tuple(image_shape)
         self.name = f"latent {pixel_op.name}"

@@ -5,6 +5,7 @@ variant: LMAP-RPS, latent CLAMP/DPS); given a :class:`~align.inverse.denoiser.De
 pixels (or flat vectors), the operator acts on the state directly (the pixel variant). Every shape
 is checked here, before any denoiser call.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,10 +21,10 @@ from align.inverse.operators import LatentOperator, Operator
 @dataclasses.dataclass
 class InverseProblem:
     denoiser: Denoiser
-    operator: Operator          # acts on the sampler's state (A∘Dec for latents)
-    y: torch.Tensor             # (B, ...) measurements
-    sigma_y: Optional[float]    # measurement noise std (None: a sampler whose step does not use it)
-    latent: bool                # state is a VAE latent: outputs are decoded
+    operator: Operator  # acts on the sampler's state (A∘Dec for latents)
+    y: torch.Tensor  # (B, ...) measurements
+    sigma_y: Optional[float]  # measurement noise std (None: a sampler whose step does not use it)
+    latent: bool  # state is a VAE latent: outputs are decoded
 
     @property
     def batch(self) -> int:
@@ -46,8 +47,9 @@ def gaussian_noise(shape, generator: Optional[torch.Generator], device, dtype) -
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
 
 
-def make_problem(model, operator: Operator, y: torch.Tensor, sigma_y: Optional[float],
-                 denoiser_kwargs: Optional[dict] = None) -> InverseProblem:
+def make_problem(
+    model, operator: Operator, y: torch.Tensor, sigma_y: Optional[float], denoiser_kwargs: Optional[dict] = None
+) -> InverseProblem:
     """Bind (model, A, y, σ_y): ``model`` is a pipeline (latent variant) or a Denoiser (pixel variant).
     ``sigma_y=None`` only for samplers that do not use it (the residual-normalised DPS step)."""
     if sigma_y is not None and not 0 < sigma_y < math.inf:

@@ -5,6 +5,7 @@ Images are PNGs in [0, 1] on disk and [-1, 1] for the operators (the VAE's range
 measurement y (for ``sr`` the low-resolution image) unless ``degrade`` is set, in which case it is a
 clean image from which y = A(x) + σ_y n is simulated (and which then serves as the reference).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ METHODS = ("map_rps", "clamp", "dps")
 @dataclasses.dataclass
 class SolveConfig:
     """One inverse problem solved by one method (``align solve --show-config``)."""
+
     model: ModelConfig = field(default_factory=ModelConfig, help="the backbone")
     task: str = field("inpaint", choices=TASKS, help="forward operator")
     method: str = field("map_rps", choices=METHODS, help="solver")
@@ -43,22 +45,33 @@ class SolveConfig:
     kernel: str = field("gauss:9:2.0", help="deblur: gauss:SIZE:SIGMA or aniso:SIZE:SIGMA_X:SIGMA_Y:ANGLE")
     renoise: str = field("0.3", help="MAP-RPS knob t*/T in [0, 1]; a comma list sweeps it")
     stage2: str = field("clamp", choices=("clamp", "dps"), help="MAP-RPS stage-2 sampler")
-    sigma_y: float = field(0.05, help="measurement noise std (images in [-1, 1]): CLAMP's σ_n, MAP-RPS stage 1 "
-                                      "and --degrade; DPS's residual-normalised step does not use it")
+    sigma_y: float = field(
+        0.05,
+        help="measurement noise std (images in [-1, 1]): CLAMP's σ_n, MAP-RPS stage 1 "
+        "and --degrade; DPS's residual-normalised step does not use it",
+    )
     seed: int = field(0, help="sampler RNG seed")
     prompt: str = field("a photo", help="neutral prompt of the denoiser")
     guidance_scale: float = field(1.0, help="CFG scale of the denoiser (1: no CFG)")
     lora: Optional[str] = field(None, help="policy LoRA directory in diffusers format (align train's export/policy)")
-    lpips_weights: Optional[str] = field(None, help="torchvision backbone checkpoint for LPIPS (.pth read with "
-                                                  "weights_only=True, or .safetensors; no download here)")
+    lpips_weights: Optional[str] = field(
+        None,
+        help="torchvision backbone checkpoint for LPIPS (.pth read with "
+        "weights_only=True, or .safetensors; no download here)",
+    )
     lpips_net: str = field("alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone")
     dps_steps: int = field(100, help="DPS steps")
-    dps_scale: float = field(10.0, help="DPS step size ζ, VP units (tuned on the toy at 100 steps; "
-                                        "the DPS paper: 0.3–0.5 at 1000 pixel-space steps)")
+    dps_scale: float = field(
+        10.0,
+        help="DPS step size ζ, VP units (tuned on the toy at 100 steps; "
+        "the DPS paper: 0.3–0.5 at 1000 pixel-space steps)",
+    )
     clamp_steps: Optional[int] = field(None, help="CLAMP steps (default: the latent preset, 25)")
     gmres_iters: Optional[int] = field(None, help="CLAMP GMRES iterations K (default: latent preset, 20)")
-    clamp_sigma_n: Optional[float] = field(None, help="CLAMP's σ_n (default: sigma_y; the CLAMP repo's presets "
-                                                      "use 0.01, sharper on the toy, docs/inverse.md)")
+    clamp_sigma_n: Optional[float] = field(
+        None,
+        help="CLAMP's σ_n (default: sigma_y; the CLAMP repo's presets use 0.01, sharper on the toy, docs/inverse.md)",
+    )
     stage1: Stage1Config = field(default_factory=Stage1Config, help="MAP-RPS stage 1")
     progress: bool = field(True, help="progress bars")
 
@@ -78,6 +91,7 @@ def parse_renoise(text: str) -> list[float]:
 def read_png(path: str) -> torch.Tensor:
     """(1, 3, H, W) in [0, 1]."""
     from PIL import Image
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
@@ -86,6 +100,7 @@ def read_png(path: str) -> torch.Tensor:
 
 def write_png(img: torch.Tensor, path: str) -> None:
     from PIL import Image
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     arr = (img[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(arr).save(path)
@@ -106,25 +121,39 @@ def _inpaint(cfg: SolveConfig, size: int):
 
 
 #: task → operator factory(cfg, image size)
-OPERATORS = {"inpaint": _inpaint,
-             "sr": lambda cfg, size: Downsample(cfg.scale, cfg.sr_mode),
-             "deblur": lambda cfg, size: Blur(parse_kernel(cfg.kernel))}
+OPERATORS = {
+    "inpaint": _inpaint,
+    "sr": lambda cfg, size: Downsample(cfg.scale, cfg.sr_mode),
+    "deblur": lambda cfg, size: Blur(parse_kernel(cfg.kernel)),
+}
 
 
 def build_solver(cfg: SolveConfig, pipe, op, y: torch.Tensor, renoise: float):
     """The configured method as an object with ``__call__(generator) → image in [-1, 1]``."""
     den_kw = {"prompt": cfg.prompt, "guidance_scale": cfg.guidance_scale}
-    clamp_kw = {k: v for k, v in (("steps", cfg.clamp_steps), ("gmres_iters", cfg.gmres_iters),
-                                  ("sigma_n", cfg.clamp_sigma_n)) if v is not None}
+    clamp_kw = {
+        k: v
+        for k, v in (("steps", cfg.clamp_steps), ("gmres_iters", cfg.gmres_iters), ("sigma_n", cfg.clamp_sigma_n))
+        if v is not None
+    }
     dps_kw = {"steps": cfg.dps_steps, "scale": cfg.dps_scale}
     if cfg.method == "dps":
         # the DPS step is residual-normalised: σ_y only simulates the measurement (--degrade)
         return DPS(pipe, op, y, None, progress=cfg.progress, denoiser_kwargs=den_kw, **dps_kw)
     if cfg.method == "clamp":
         return CLAMP(pipe, op, y, cfg.sigma_y, progress=cfg.progress, denoiser_kwargs=den_kw, **clamp_kw)
-    return MapRPS(pipe, op, y, cfg.sigma_y, renoise=renoise, stage2=cfg.stage2, stage1=cfg.stage1,
-                  stage2_kwargs=clamp_kw if cfg.stage2 == "clamp" else dps_kw, progress=cfg.progress,
-                  denoiser_kwargs=den_kw)
+    return MapRPS(
+        pipe,
+        op,
+        y,
+        cfg.sigma_y,
+        renoise=renoise,
+        stage2=cfg.stage2,
+        stage1=cfg.stage1,
+        stage2_kwargs=clamp_kw if cfg.stage2 == "clamp" else dps_kw,
+        progress=cfg.progress,
+        denoiser_kwargs=den_kw,
+    )
 
 
 def precheck(cfg: SolveConfig) -> None:
@@ -132,8 +161,12 @@ def precheck(cfg: SolveConfig) -> None:
     knobs = parse_renoise(cfg.renoise)
     if len(knobs) > 1 and cfg.method != "map_rps":
         raise ValueError(f"a --renoise sweep needs --method map_rps, not {cfg.method}")
-    for what, path in (("--input", cfg.input or None), ("--reference", cfg.reference), ("--mask", cfg.mask),
-                       ("--lpips-weights", cfg.lpips_weights)):
+    for what, path in (
+        ("--input", cfg.input or None),
+        ("--reference", cfg.reference),
+        ("--mask", cfg.mask),
+        ("--lpips-weights", cfg.lpips_weights),
+    ):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{what} {path}: file not found")
     if not cfg.input:
@@ -180,6 +213,7 @@ def _check_size(what: str, img: torch.Tensor, size: int) -> None:
 
 def load_pipeline(cfg: SolveConfig):
     from align.backbones.model_config import load_model
+
     pipe = load_model(cfg.model)
     if cfg.lora:
         pipe.load_lora_weights(cfg.lora)
@@ -249,8 +283,10 @@ def plot_dp(rows: list[dict], path: str) -> None:
     """Distortion–perception curve along the knob: LPIPS vs MSE when LPIPS is available; otherwise
     PSNR and SSIM against the knob (distortion only, said in the title)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     knobs = [r["renoise"] for r in rows]
     if all(r.get("lpips") is not None for r in rows):

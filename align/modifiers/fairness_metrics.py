@@ -13,6 +13,7 @@ the colour the model draws when the prompt leaves the colour out ("two circles o
 ``toy_color`` classifier reads it with the toy checker's own detector (nearest palette colour of the
 largest object).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
@@ -26,9 +27,11 @@ GROUP_CLASSIFIERS: dict[str, tuple[GroupClassifier, tuple[str, ...]]] = {}
 
 def register_group_classifier(name: str, groups: Sequence[str]) -> Callable[[GroupClassifier], GroupClassifier]:
     """Register ``fn(images) -> (B, K) probabilities`` over the named ``groups``."""
+
     def wrap(fn: GroupClassifier) -> GroupClassifier:
         GROUP_CLASSIFIERS[name] = (fn, tuple(groups))
         return fn
+
     return wrap
 
 
@@ -40,6 +43,7 @@ def get_group_classifier(name: str) -> tuple[GroupClassifier, tuple[str, ...]]:
 
 def _toy_colors() -> tuple[str, ...]:
     from align.toy.world import COLORS
+
     return tuple(COLORS)
 
 
@@ -48,6 +52,7 @@ def toy_color(images: torch.Tensor) -> torch.Tensor:
     """One-hot palette colour of the largest detected object (toy checker's detector); a blank image
     (no object) gets uniform probabilities, so it counts towards no group in particular."""
     from align.toy.checker import detect_objects
+
     colors = _toy_colors()
     out = torch.full((images.shape[0], len(colors)), 1.0 / len(colors))
     for i, img in enumerate(images):
@@ -87,8 +92,11 @@ def bias_decomposition(ratios: Mapping[float, float], target: float) -> dict[str
     if 1.0 not in ratios:
         raise ValueError("bias_decomposition needs the ratio at w = 1 (the unguided conditional model)")
     r1 = ratios[1.0]
-    return {"total": {w: r - target for w, r in ratios.items()}, "model": r1 - target,
-            "guidance": {w: r - r1 for w, r in ratios.items()}}
+    return {
+        "total": {w: r - target for w, r in ratios.items()},
+        "model": r1 - target,
+        "guidance": {w: r - r1 for w, r in ratios.items()},
+    }
 
 
 def binomial_se(ratio: float, n: int) -> float:

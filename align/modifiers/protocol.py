@@ -23,6 +23,7 @@ Config: ``modifiers`` is a list of ``{name, args}`` items, e.g. on the command l
 the old forms ``"name"``, ``"name:{key:value}"`` and ``{name: {key: value}}`` are still read (with a
 deprecation note) by :func:`align.config_lists.parse_modifiers`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,17 +38,20 @@ MODIFIERS: dict[str, type["Modifier"]] = {}
 
 def register_modifier(name: str) -> Callable[[type], type]:
     """Register a dataclass subclass of :class:`Modifier` under ``name``."""
+
     def wrap(cls: type) -> type:
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"modifier {name!r} must be a dataclass (its fields are the config args)")
         cls.name = name
         MODIFIERS[name] = cls
         return cls
+
     return wrap
 
 
 class Modifier:
     """Base class: every hook is the identity. Subclasses are dataclasses whose fields are their args."""
+
     name: ClassVar[str] = ""
     #: whether a non-identity setting changes the policy's step log-probs (π is the modified transition)
     changes_log_probs: ClassVar[bool] = True
@@ -110,6 +114,7 @@ def build_modifiers(specs: Sequence[Any]) -> "ModifierStack":
 def _load_builtin() -> None:
     """Import the modules that register the shipped modifiers (lazily, to keep imports light)."""
     import importlib
+
     for module in BUILTIN_MODULES:
         try:
             importlib.import_module(module)
@@ -126,6 +131,7 @@ BUILTIN_MODULES = ["align.modifiers.stayfair", "align.modifiers.sym_attn"]
 @dataclasses.dataclass
 class ModifierStack:
     """Modifiers in config order, composed into sampler hooks and an attention-processor context."""
+
     modifiers: list[Modifier] = dataclasses.field(default_factory=list)
 
     def active(self, pipe=None) -> list[Modifier]:
@@ -148,10 +154,12 @@ class ModifierStack:
         transitions = [h for h in (m.transition(pipe) for m in mods) if h is not None]
         hooks = SamplerHooks(needs_grad=any(m.needs_grad for m in mods))
         if prompts is not None and embeds_hooks:
+
             def embeds(e: dict) -> dict:
                 for m in embeds_hooks:
                     e = m.embeds(pipe, e, list(prompts))
                 return e
+
             hooks.prompt_embeds = embeds
         hooks.guidance = guides[0][1] if guides else cfg_combine
         hooks.extra_branch = branches[0][1] if branches else None
@@ -163,6 +171,7 @@ class ModifierStack:
     def attention(self, pipe) -> Iterator[None]:
         """Install the modifiers' attention processors; restore the stock ones on exit (also on error)."""
         from align.backbones.loading import denoiser
+
         net = denoiser(pipe)
         stock = dict(net.attn_processors)
         merged, owner = dict(stock), {}
@@ -194,6 +203,7 @@ def _chain_transitions(hooks: list[TransitionHook]) -> TransitionHook:
         for h in hooks:
             mean, std = h(mean, std, ctx)
         return mean, std
+
     return chained
 
 
@@ -207,6 +217,7 @@ def stack_for(pipe, specs: Sequence[Any]) -> ModifierStack:
     """The validated stack for ``specs`` on ``pipe``, cached on the pipeline (StayFair's direction
     is encoded once per pipeline, not per rollout)."""
     import json
+
     key = json.dumps(canonical_specs(specs), sort_keys=True)
     cache = pipe.__dict__.setdefault("_align_modifier_stacks", {})
     if key not in cache:

@@ -14,6 +14,7 @@
 * Classifier-guidance variant (``stayfair_cg``): ``μ ← μ + s σ² ∇ log p(c|x_t)`` with a linear
   classifier trained with a Wasserstein demographic-parity penalty (:mod:`stayfair_estimate`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,19 +59,26 @@ def fair_cfg(pos: torch.Tensor, neg: torch.Tensor, null: torch.Tensor, w: float,
 @dataclasses.dataclass
 class GroupDirection:
     """Offset direction and null base for one pipeline (computed once per pipeline)."""
-    u: torch.Tensor                      # (1, L, D) unit direction of the sequence embedding
-    base: torch.Tensor                   # (1, L, D) null base the offset is added to (SD3 filler base)
-    pooled_u: Optional[torch.Tensor] = None     # (1, P) SD3 pooled direction, already × 1/√L
+
+    u: torch.Tensor  # (1, L, D) unit direction of the sequence embedding
+    base: torch.Tensor  # (1, L, D) null base the offset is added to (SD3 filler base)
+    pooled_u: Optional[torch.Tensor] = None  # (1, P) SD3 pooled direction, already × 1/√L
     pooled_base: Optional[torch.Tensor] = None  # (1, P)
 
 
 def _encode(pipe, prompt: str, **extra) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     from align.backbones.loading import backbone_kind
     from align.sampling import encode_prompts
+
     if backbone_kind(pipe) == "unet":
         return encode_prompts(pipe, [prompt], guidance_scale=1.0)["prompt_embeds"], None
-    out = pipe.encode_prompt(prompt, extra.get("prompt_2", prompt), extra.get("prompt_3", prompt),
-                             device=pipe._execution_device, do_classifier_free_guidance=False)
+    out = pipe.encode_prompt(
+        prompt,
+        extra.get("prompt_2", prompt),
+        extra.get("prompt_3", prompt),
+        device=pipe._execution_device,
+        do_classifier_free_guidance=False,
+    )
     return out[0], out[2]
 
 
@@ -83,6 +91,7 @@ def group_direction(pipe, words: tuple[str, str], base: str) -> GroupDirection:
 
 def _group_direction(pipe, words: tuple[str, str], base: str) -> GroupDirection:
     from align.backbones.loading import backbone_kind
+
     (ea, pa), (eb, pb) = _encode(pipe, words[0]), _encode(pipe, words[1])
     if backbone_kind(pipe) == "unet":
         return GroupDirection(per_token_unit(ea - eb), _encode(pipe, "")[0])
@@ -107,19 +116,23 @@ def prompt_alphas(prompts: list[str], alpha: float, table: dict[str, float]) -> 
 @dataclasses.dataclass
 class StayFair(Modifier):
     """``stayfair``: offset CFG's null embedding along a group direction (vanilla), optionally 3-branch."""
-    alpha: float = 0.0                 # offset scale α (SD1.5 reference table: −15…15; SD3: −250…400)
-    alpha_table: str = ""              # JSON {prompt: α}; prompts not in it use ``alpha``
+
+    alpha: float = 0.0  # offset scale α (SD1.5 reference table: −15…15; SD3: −250…400)
+    alpha_table: str = ""  # JSON {prompt: α}; prompts not in it use ``alpha``
     words: list = dataclasses.field(default_factory=lambda: ["female", "male"])  # d = E(words[0]) − E(words[1])
-    base: str = "auto"                 # SD3 null base: auto = filler (reference); empty = E("") (α=0 is stock)
-    w_fair: Optional[float] = None     # FairCFG's calibrated scale; None = vanilla 2-branch CFG
+    base: str = "auto"  # SD3 null base: auto = filler (reference); empty = E("") (α=0 is stock)
+    w_fair: Optional[float] = None  # FairCFG's calibrated scale; None = vanilla 2-branch CFG
 
     def __post_init__(self) -> None:
         self._table: dict[str, float] = {}
         self._directions: dict[int, GroupDirection] = {}
 
     def validate(self) -> None:
-        if not (isinstance(self.words, (list, tuple)) and len(self.words) == 2
-                and all(isinstance(w, str) and w.strip() for w in self.words)):
+        if not (
+            isinstance(self.words, (list, tuple))
+            and len(self.words) == 2
+            and all(isinstance(w, str) and w.strip() for w in self.words)
+        ):
             raise ValueError(f"words must be two non-empty strings [group a, group b], got {self.words!r}")
         if self.base not in BASES:
             raise ValueError(f"base {self.base!r} is not valid; choose one of: {', '.join(BASES)}")
@@ -136,6 +149,7 @@ class StayFair(Modifier):
 
     def _sd3_filler(self, pipe) -> bool:
         from align.backbones.loading import backbone_kind
+
         return pipe is not None and backbone_kind(pipe) == "dit" and self.base != "empty"
 
     def is_identity(self, pipe=None) -> bool:
@@ -160,8 +174,9 @@ class StayFair(Modifier):
         out["negative_prompt_embeds"] = offset_null(null, g.u.to(neg), alpha)
         if g.pooled_u is not None:
             pooled = embeds["negative_pooled_prompt_embeds"]
-            out["negative_pooled_prompt_embeds"] = offset_null(g.pooled_base.to(pooled).expand_as(pooled),
-                                                               g.pooled_u.to(pooled), alpha)
+            out["negative_pooled_prompt_embeds"] = offset_null(
+                g.pooled_base.to(pooled).expand_as(pooled), g.pooled_u.to(pooled), alpha
+            )
         return out
 
     def extra_branch(self, pipe) -> Optional[ExtraBranch]:
@@ -177,6 +192,7 @@ class StayFair(Modifier):
 
         def combine(uncond, cond, extra, w):  # uncond is the offset null' branch (ε_neg)
             return fair_cfg(cond, uncond, extra, w, w_fair)
+
         return ExtraBranch(conditioning, combine)
 
 
@@ -186,8 +202,9 @@ class StayFairCG(Modifier):
     """``stayfair_cg``: classifier guidance μ ← μ + s σ² ∇_x log p(c | x_t) with a (fair) linear
     classifier on flattened latents, saved as safetensors {weight: (D,), bias: ()}; c = class 1.
     (Dhariwal & Nichol 2021 Alg. 1; StayFair's CG variant uses a Wasserstein-DP-trained classifier.)"""
-    classifier: str = ""               # safetensors file with weight (D,) and bias ()
-    scale: float = 0.0                 # guidance scale s; 0 = off
+
+    classifier: str = ""  # safetensors file with weight (D,) and bias ()
+    scale: float = 0.0  # guidance scale s; 0 = off
     needs_grad = True
 
     def __post_init__(self) -> None:
@@ -200,6 +217,7 @@ class StayFairCG(Modifier):
         if not self.classifier or not Path(self.classifier).is_file():
             raise ValueError(f"classifier file not found: {self.classifier!r}")
         from align.checkpoint import load_tensors
+
         t = load_tensors(Path(self.classifier))
         if set(t) != {"weight", "bias"}:
             raise ValueError(f"classifier {self.classifier} must hold exactly 'weight' and 'bias', got {sorted(t)}")
@@ -218,6 +236,7 @@ class StayFairCG(Modifier):
             with torch.enable_grad():
                 x = x.clone().requires_grad_(True)
                 logp = torch.nn.functional.logsigmoid(x @ w.to(x) + b.to(x)).sum()
-                grad, = torch.autograd.grad(logp, x)
+                (grad,) = torch.autograd.grad(logp, x)
             return mean + s * std.pow(2) * grad.view_as(mean).to(mean), std
+
         return hook

@@ -12,6 +12,7 @@
   output laws in two groups = mean |sorted(a) − sorted(b)| on equal-size quantiles) and
   :func:`train_fair_logistic` (logistic regression + λ · W1-DP).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,7 @@ import numpy as np
 import torch
 
 
-def search_alpha(objective: Callable[[float], float], lo: float, hi: float, points: int = 21,
-                 rounds: int = 3) -> float:
+def search_alpha(objective: Callable[[float], float], lo: float, hi: float, points: int = 21, rounds: int = 3) -> float:
     """argmin_α objective(α) on [lo, hi]: a grid, then ``rounds − 1`` finer grids around the best point."""
     best = lo
     for _ in range(rounds):
@@ -41,13 +41,20 @@ def search_alpha(objective: Callable[[float], float], lo: float, hi: float, poin
 class Reference:
     """One reference prompt: its CFG group ratios at the two probe scales, and the measured bias
     range (percentage points over the w sweep) for each candidate α (α = 0 is plain CFG)."""
+
     ratio_lo: float
     ratio_hi: float
     bias_range: Mapping[float, float]
 
 
-def _choose(refs: Sequence[Reference], point: tuple[float, float], candidates: Sequence[float], k: int,
-            min_neighbours: int, min_weight: float) -> float:
+def _choose(
+    refs: Sequence[Reference],
+    point: tuple[float, float],
+    candidates: Sequence[float],
+    k: int,
+    min_neighbours: int,
+    min_weight: float,
+) -> float:
     dist = np.array([np.hypot(r.ratio_lo - point[0], r.ratio_hi - point[1]) for r in refs])
     near = np.argsort(dist, kind="stable")[:k]
     weights = 1.0 / (dist[near] + 0.01)
@@ -65,8 +72,14 @@ def _choose(refs: Sequence[Reference], point: tuple[float, float], candidates: S
     return best
 
 
-def build_lookup(refs: Sequence[Reference], candidates: Sequence[float], n_probe: int = 5, k: int = 10,
-                 min_neighbours: int = 5, min_weight: float = 0.5) -> np.ndarray:
+def build_lookup(
+    refs: Sequence[Reference],
+    candidates: Sequence[float],
+    n_probe: int = 5,
+    k: int = 10,
+    min_neighbours: int = 5,
+    min_weight: float = 0.5,
+) -> np.ndarray:
     """(n+1)×(n+1) table: α for probe counts (#group@w_lo, #group@w_hi) out of n each."""
     table = np.zeros((n_probe + 1, n_probe + 1))
     for a in range(n_probe + 1):
@@ -82,10 +95,19 @@ def apply_lookup(table: np.ndarray, count_lo: int, count_hi: int) -> float:
     return float(table[count_lo, count_hi])
 
 
-def probe_counts(pipe, prompt: str, classify: Callable[[torch.Tensor], torch.Tensor], group: int, n: int,
-                 scales: tuple[float, float], sampler, seed: int) -> tuple[int, int]:
+def probe_counts(
+    pipe,
+    prompt: str,
+    classify: Callable[[torch.Tensor], torch.Tensor],
+    group: int,
+    n: int,
+    scales: tuple[float, float],
+    sampler,
+    seed: int,
+) -> tuple[int, int]:
     """#images classified into ``group`` among n plain-CFG probes at each of the two scales."""
     from align.sampling import sample_trajectory
+
     counts = []
     for w in scales:
         cfg = dataclasses.replace(sampler, guidance_scale=w, modifiers=[], output_type="pt")
@@ -94,16 +116,26 @@ def probe_counts(pipe, prompt: str, classify: Callable[[torch.Tensor], torch.Ten
     return counts[0], counts[1]
 
 
-def estimate_alpha_table(pipe, prompts: Sequence[str], table: np.ndarray, classify, group: int,
-                         scales: tuple[float, float], sampler, seed: int = 0,
-                         out: str | Path | None = None) -> dict[str, float]:
+def estimate_alpha_table(
+    pipe,
+    prompts: Sequence[str],
+    table: np.ndarray,
+    classify,
+    group: int,
+    scales: tuple[float, float],
+    sampler,
+    seed: int = 0,
+    out: str | Path | None = None,
+) -> dict[str, float]:
     """α per prompt from probe counts and the lookup table; optionally written as StayFair's
     ``alpha_table`` JSON."""
     n = table.shape[0] - 1
-    alphas = {p: apply_lookup(table, *probe_counts(pipe, p, classify, group, n, scales, sampler, seed))
-              for p in prompts}
+    alphas = {
+        p: apply_lookup(table, *probe_counts(pipe, p, classify, group, n, scales, sampler, seed)) for p in prompts
+    }
     if out is not None:
         from align.checkpoint import write_json
+
         write_json(Path(out), alphas)
     return alphas
 
@@ -132,8 +164,15 @@ def w1_dp_penalty(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def train_fair_logistic(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, lam: float, steps: int = 500,
-                        lr: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def train_fair_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    groups: torch.Tensor,
+    lam: float,
+    steps: int = 500,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logistic regression f(x) = aᵀx + b for p(c=1|x), loss = BCE + λ · W1-DP(f | group). Full-batch Adam."""
     g = torch.Generator().manual_seed(seed)
     a = (0.01 * torch.randn(x.shape[1], generator=g, dtype=x.dtype)).requires_grad_(True)

@@ -15,6 +15,7 @@ At α = 1 (fixed, or adaptive ``dev``) every processor calls diffusers' stock pr
 is bit-identical. ``eta_mode`` adapts α (and optionally β) per call from η_M (§5.3), using
 LoRA-effective Wq/Wk. ``diagnostics=True`` records Hopfield energy/instability/alignment (§5.4).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,16 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
 
 from align.modifiers.protocol import Modifier, register_modifier
-from align.modifiers.sym_attn_math import (ALPHA_MODES, blend, effective_alpha, effective_weight, eta_m,
-                                           head_couplings, hopfield_diagnostics, sym_sdpa)
+from align.modifiers.sym_attn_math import (
+    ALPHA_MODES,
+    blend,
+    effective_alpha,
+    effective_weight,
+    eta_m,
+    head_couplings,
+    hopfield_diagnostics,
+    sym_sdpa,
+)
 
 VARIANTS = ("fast", "exact")
 
@@ -35,19 +44,21 @@ VARIANTS = ("fast", "exact")
 @dataclasses.dataclass
 class SymAttnSettings:
     """(α, β) and options of one layer."""
+
     alpha: float = 1.0
     beta: float = 1.0
     variant: str = "fast"
-    eta_mode: Optional[str] = None     # None | "dev" | "scale"
-    eta_beta: bool = False             # β_eff = β (1 − η_M)
+    eta_mode: Optional[str] = None  # None | "dev" | "scale"
+    eta_beta: bool = False  # β_eff = β (1 − η_M)
     diagnostics: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant {self.variant!r} is not valid; choose one of: {', '.join(VARIANTS)}")
         if self.eta_mode is not None and self.eta_mode not in ALPHA_MODES:
-            raise ValueError(f"eta_mode {self.eta_mode!r} is not valid; choose one of: "
-                             f"{', '.join(ALPHA_MODES)} (or null)")
+            raise ValueError(
+                f"eta_mode {self.eta_mode!r} is not valid; choose one of: {', '.join(ALPHA_MODES)} (or null)"
+            )
 
     @property
     def is_identity(self) -> bool:
@@ -58,7 +69,7 @@ class SymAttnSettings:
 class _SymBase:
     def __init__(self, settings: SymAttnSettings, name: str = "") -> None:
         self.settings, self.name = settings, name
-        self.last: dict[str, float] = {}   # η_M and diagnostics of the last call (opt-in logging)
+        self.last: dict[str, float] = {}  # η_M and diagnostics of the last call (opt-in logging)
 
     def _knobs(self, attn, x: torch.Tensor) -> tuple[object, object, Optional[torch.Tensor]]:
         """(α_eff, β_eff, S) for this call; S (per-head symmetric coupling) only if η or diagnostics need it."""
@@ -69,7 +80,7 @@ class _SymBase:
         sym, skew = head_couplings(effective_weight(attn.to_q, c, x), effective_weight(attn.to_k, c, x), attn.heads)
         if st.eta_mode is None and not st.eta_beta:
             return st.alpha, st.beta, sym
-        eta = eta_m(x, sym, skew).mean()      # one scalar per call: mean over batch and heads (§5.3)
+        eta = eta_m(x, sym, skew).mean()  # one scalar per call: mean over batch and heads (§5.3)
         if st.diagnostics:  # .item() syncs a GPU: only when logging was asked for
             self.last["eta_m"] = float(eta.detach())
         alpha = effective_alpha(st.alpha, eta, st.eta_mode)
@@ -84,9 +95,16 @@ class SymSelfAttnProcessor(_SymBase):
         super().__init__(settings, name)
         self.stock = AttnProcessor2_0()
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
-                 *args, **kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
         if encoder_hidden_states is not None or self.settings.is_identity:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
@@ -145,9 +163,9 @@ class SymSelfAttnProcessor(_SymBase):
             hx = blend(F.scaled_dot_product_attention(q, k, xs, attn_mask=mask), hx, beta)
         if self.settings.diagnostics:
             self._record(x, hx, sym)
-        y = attn.to_v(hx)                                               # (B, H, L, H·d)
-        y = y.view(*y.shape[:-1], heads, d)                             # (B, H, L, H', d)
-        return torch.diagonal(y, dim1=1, dim2=3).permute(0, 3, 1, 2)    # head h from its own slice
+        y = attn.to_v(hx)  # (B, H, L, H·d)
+        y = y.view(*y.shape[:-1], heads, d)  # (B, H, L, H', d)
+        return torch.diagonal(y, dim1=1, dim2=3).permute(0, 3, 1, 2)  # head h from its own slice
 
     def _record(self, x, hx, sym) -> None:
         with torch.no_grad():
@@ -159,13 +177,22 @@ class SymJointAttnProcessor(_SymBase):
 
     def __init__(self, settings: SymAttnSettings, name: str = "") -> None:
         if settings.variant != "fast" or settings.diagnostics or settings.eta_mode or settings.eta_beta:
-            raise ValueError("sym_attn on SD3 joint attention supports variant=fast without eta/diagnostics "
-                                 f"(layer {name!r}): X-space retrieval is undefined over two token streams")
+            raise ValueError(
+                "sym_attn on SD3 joint attention supports variant=fast without eta/diagnostics "
+                f"(layer {name!r}): X-space retrieval is undefined over two token streams"
+            )
         super().__init__(settings, name)
         self.stock = JointAttnProcessor2_0()
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None, *args, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        *args,
+        **kwargs,
+    ):
         if self.settings.is_identity:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
@@ -232,8 +259,10 @@ def sym_processors(stock: dict, base: SymAttnSettings, layers: dict) -> dict:
         elif isinstance(proc, AttnProcessor2_0):
             out[name] = SymSelfAttnProcessor(st, name)
         else:
-            raise ValueError(f"sym_attn: layer {name!r} uses {type(proc).__name__}; supported: AttnProcessor2_0 "
-                             "(UNet self-attention) and JointAttnProcessor2_0 (SD3)")
+            raise ValueError(
+                f"sym_attn: layer {name!r} uses {type(proc).__name__}; supported: AttnProcessor2_0 "
+                "(UNet self-attention) and JointAttnProcessor2_0 (SD3)"
+            )
     return out
 
 
@@ -242,20 +271,27 @@ def sym_processors(stock: dict, base: SymAttnSettings, layers: dict) -> dict:
 class SymAttn(Modifier):
     """``sym_attn``: Symmetric Attention Decomposition on every self-attention layer (α, β global;
     ``layers`` overrides them per module name: ``{"up_blocks.*": {alpha: 1.2}}``, first match wins)."""
-    alpha: float = 1.0            # circulation scale; 1 = vanilla attention
-    beta: float = 1.0             # blend of the perturbed retrieval into the original (1 = no blend)
-    variant: str = "fast"         # fast: P_α to_v(x); exact: X-space retrieval as the reference repo
+
+    alpha: float = 1.0  # circulation scale; 1 = vanilla attention
+    beta: float = 1.0  # blend of the perturbed retrieval into the original (1 = no blend)
+    variant: str = "fast"  # fast: P_α to_v(x); exact: X-space retrieval as the reference repo
     eta_mode: Optional[str] = None  # adaptive α from η_M: dev (1+(α−1)η) | scale (αη)
-    eta_beta: bool = False        # β_eff = β (1 − η_M)
-    diagnostics: bool = False     # record Hopfield energy / instability / alignment per layer
+    eta_beta: bool = False  # β_eff = β (1 − η_M)
+    diagnostics: bool = False  # record Hopfield energy / instability / alignment per layer
     layers: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._processors: dict = {}
 
     def settings(self) -> SymAttnSettings:
-        return SymAttnSettings(float(self.alpha), float(self.beta), self.variant, self.eta_mode, bool(self.eta_beta),
-                               bool(self.diagnostics))
+        return SymAttnSettings(
+            float(self.alpha),
+            float(self.beta),
+            self.variant,
+            self.eta_mode,
+            bool(self.eta_beta),
+            bool(self.diagnostics),
+        )
 
     def validate(self) -> None:
         base = self.settings()

@@ -11,6 +11,7 @@ and is evaluated by SDPA on concatenated heads (never the L×L matrix)::
 
 SDPA's default scale 1/√(2d) times the √2 restores 1/√d, so ``softmax(q~ k~ᵀ/√(2d)) = softmax(M_α/√d)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ def reparam_qk(q: torch.Tensor, k: torch.Tensor, alpha: Scalar) -> tuple[torch.T
     return q_t, k_t
 
 
-def sym_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: Scalar,
-             attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sym_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: Scalar, attn_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """softmax((M_sym + α M_skew)/√d) V without materialising L×L (q, k: (..., L, d), v: (..., L, e))."""
     if isinstance(alpha, float) and abs((1 - alpha) / 2) < C2_EPS:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -91,12 +93,12 @@ def eta_m(x: torch.Tensor, sym: torch.Tensor, skew: torch.Tensor) -> torch.Tenso
     M(X) = X W Xᵀ, via the Gram G = XᵀX: |M_sym|² = tr(SGSG), |M_skew|² = tr(NᵀGNG) (§5.3).
 
     x: (B, L, C); sym/skew: (H, C, C). Returns (B, H) in [−1, 1]; no L×L matrix."""
-    g = x.transpose(1, 2) @ x                             # (B, C, C)
-    sg = sym.unsqueeze(0) @ g.unsqueeze(1)                # (B, H, C, C)
+    g = x.transpose(1, 2) @ x  # (B, C, C)
+    sg = sym.unsqueeze(0) @ g.unsqueeze(1)  # (B, H, C, C)
     ng = skew.unsqueeze(0) @ g.unsqueeze(1)
     ntg = skew.transpose(1, 2).unsqueeze(0) @ g.unsqueeze(1)
-    e_sym = (sg * sg.transpose(-1, -2)).sum((-1, -2))     # tr(SG SG)
-    e_skew = (ntg * ng.transpose(-1, -2)).sum((-1, -2))   # tr(NᵀG NG)
+    e_sym = (sg * sg.transpose(-1, -2)).sum((-1, -2))  # tr(SG SG)
+    e_skew = (ntg * ng.transpose(-1, -2)).sum((-1, -2))  # tr(NᵀG NG)
     return (e_sym - e_skew) / (e_sym + e_skew).clamp_min(torch.finfo(x.dtype).tiny)
 
 
@@ -119,10 +121,10 @@ def hopfield_diagnostics(x: torch.Tensor, hx: torch.Tensor, sym: torch.Tensor) -
     xc = x - x.mean(1, keepdim=True)
     s = hx - hx.mean(2, keepdim=True)
     s = s / s.norm(dim=2, keepdim=True).clamp_min(1e-12)
-    z = xc.transpose(1, 2).unsqueeze(1) @ s               # (B, H, C_in, C): column c is z of s_c
-    sz = sym.unsqueeze(0) @ z                             # (B, H, C_in, C)
-    energy = -0.5 * (z * sz).sum(2)                       # (B, H, C)
-    field = xc.unsqueeze(1) @ sz                          # (B, H, L, C): column c is h of s_c
+    z = xc.transpose(1, 2).unsqueeze(1) @ s  # (B, H, C_in, C): column c is z of s_c
+    sz = sym.unsqueeze(0) @ z  # (B, H, C_in, C)
+    energy = -0.5 * (z * sz).sum(2)  # (B, H, C)
+    field = xc.unsqueeze(1) @ sz  # (B, H, L, C): column c is h of s_c
     unstable = ((s * field) < 0).float().mean(2)
     align = F.cosine_similarity(s, field, dim=2)
     return {"energy": energy.mean(), "instability": unstable.mean(), "alignment": align.mean()}

@@ -2,9 +2,19 @@
 
 ``RolloutWorker`` (in-process, no Ray); Ray actor groups in ``ray_group`` (Ray imported lazily);
 ``start_workers`` picks and starts them from ``cfg.ray``."""
+
 from align.rollout.groups import LocalRewards, Workers, start_workers
 from align.rollout.requests import LocalRollouts, Request, SyncStats, chunk_seed, make_requests
 from align.rollout.worker import RolloutWorker
 
-__all__ = ["LocalRewards", "LocalRollouts", "Request", "RolloutWorker", "SyncStats", "Workers", "chunk_seed",
-           "make_requests", "start_workers"]
+__all__ = [
+    "LocalRewards",
+    "LocalRollouts",
+    "Request",
+    "RolloutWorker",
+    "SyncStats",
+    "Workers",
+    "chunk_seed",
+    "make_requests",
+    "start_workers",
+]

@@ -10,6 +10,7 @@ sync puts the policy LoRA state once in the object store; every request also car
 ``(version, [ref])``, so an actor restarted from scratch loads the current weights before sampling.
 Ray is imported lazily: importing this module is cheap.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,6 +32,7 @@ def _quiet_loading_bars() -> None:
     """Turn off diffusers' and transformers' weight-loading progress bars in this (actor) process."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
+
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
 
@@ -41,6 +43,7 @@ class RolloutActor:
     def __init__(self, cfg, threads: float) -> None:
         from align.policy import build_policy
         from align.rollout.worker import RolloutWorker
+
         torch.set_num_threads(max(1, int(threads)))
         _quiet_loading_bars()  # every actor's loading bars would interleave in the driver's console
         self.worker = RolloutWorker(build_policy(cfg), cfg.sampler)  # built as the learner's (align/policy.py)
@@ -54,6 +57,7 @@ class RolloutActor:
         this actor holds another version."""
         if version != self.worker.policy_version:
             import ray
+
             self.worker.set_policy(ray.get(box[0]), version)
         return version
 
@@ -69,6 +73,7 @@ class RewardActor:
         """``specs``: the run's rewards as ``{name, weight, args}`` dicts (align/config_lists.py)."""
         from align.config_lists import parse_rewards
         from rewards import build_rewards
+
         self.rewards = build_rewards(parse_rewards(specs))
 
     def pid(self) -> int:
@@ -76,12 +81,14 @@ class RewardActor:
 
     def score(self, images: torch.Tensor, prompts: list[str], prompt_metadata: Optional[list] = None) -> torch.Tensor:
         from rewards import score
+
         return score(self.rewards, images, prompts, prompt_metadata=prompt_metadata)[0]
 
 
 def connect(address: Optional[str], num_cpus: float) -> bool:
     """Join ``address`` or start local Ray with at least ``num_cpus`` logical CPUs; True if started here."""
     import ray
+
     if ray.is_initialized():
         return False
     if address:
@@ -91,23 +98,34 @@ def connect(address: Optional[str], num_cpus: float) -> bool:
     return True
 
 
-def start_actors(body: type, args: tuple, n: int, cpus: float, gpus: float, strategy: str, max_restarts: int,
-                 what: str) -> tuple[list, Any]:
+def start_actors(
+    body: type, args: tuple, n: int, cpus: float, gpus: float, strategy: str, max_restarts: int, what: str
+) -> tuple[list, Any]:
     """``n`` actors of ``body``, one per bundle of a placement group; waits until all are alive."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
     try:
         ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
-        raise RuntimeError(f"ray: cannot place {n} {what} actors with {bundle} each ({strategy}) within "
-                           f"{PLACEMENT_TIMEOUT_S:.0f} s; cluster has {ray.cluster_resources()}") from None
+        raise RuntimeError(
+            f"ray: cannot place {n} {what} actors with {bundle} each ({strategy}) within "
+            f"{PLACEMENT_TIMEOUT_S:.0f} s; cluster has {ray.cluster_resources()}"
+        ) from None
     remote = ray.remote(body)
-    actors = [remote.options(num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts, max_task_retries=0,
-                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
-              .remote(*args) for i in range(n)]
+    actors = [
+        remote.options(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            max_restarts=max_restarts,
+            max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(*args)
+        for i in range(n)
+    ]
     ray.get([a.pid.remote() for a in actors])  # surfaces a failing constructor now, with its traceback
     return actors, pg
 
@@ -146,8 +164,10 @@ class _Pool:
         now = time.monotonic()
         state = self.restarting.setdefault(a, {"deadline": now + self.timeout_s, "delay": PROBE_BACKOFF_S[0]})
         if now >= state["deadline"]:
-            raise RuntimeError(f"ray: {self.what} actor {a} still unavailable {self.timeout_s:.0f} s after it "
-                               f"went down (ray.restart_timeout_s): {err}") from err
+            raise RuntimeError(
+                f"ray: {self.what} actor {a} still unavailable {self.timeout_s:.0f} s after it "
+                f"went down (ray.restart_timeout_s): {err}"
+            ) from err
         state.update(next=now + state["delay"], delay=min(2 * state["delay"], PROBE_BACKOFF_S[1]), probing=False)
 
     def probes_due(self) -> list[int]:
@@ -167,13 +187,21 @@ class _Pool:
         now = time.monotonic()
         for a, st in self.restarting.items():
             if st["probing"] and now >= st["deadline"]:
-                raise RuntimeError(f"ray: {self.what} actor {a} did not come back within {self.timeout_s:.0f} s "
-                                   "(ray.restart_timeout_s)")
+                raise RuntimeError(
+                    f"ray: {self.what} actor {a} did not come back within {self.timeout_s:.0f} s "
+                    "(ray.restart_timeout_s)"
+                )
 
 
-def run_requests(actors: list, call: Callable[[Any, Any], Any], payloads: list,
-                 on_dispatch: Optional[Callable[[], None]] = None, *, restart_timeout_s: float,
-                 what: str) -> tuple[list, int]:
+def run_requests(
+    actors: list,
+    call: Callable[[Any, Any], Any],
+    payloads: list,
+    on_dispatch: Optional[Callable[[], None]] = None,
+    *,
+    restart_timeout_s: float,
+    what: str,
+) -> tuple[list, int]:
     """Serve ``payloads`` on idle actors (one in flight per actor). A payload whose actor went down is
     re-issued to the next idle one (requests are seeded, so a re-issue gives the same result). An
     actor that Ray is restarting is waited for (:class:`_Pool`); one dead for good gets no more work.
@@ -182,6 +210,7 @@ def run_requests(actors: list, call: Callable[[Any, Any], Any], payloads: list,
     re-issue count."""
     import ray
     from ray.exceptions import ActorUnavailableError, RayActorError
+
     pool = _Pool(len(actors), restart_timeout_s, what)
     queue = collections.deque(range(len(payloads)))
     pending: dict = {}  # ref -> (payload index, or None for a probe; actor)
@@ -195,8 +224,10 @@ def run_requests(actors: list, call: Callable[[Any, Any], Any], payloads: list,
         for a in pool.probes_due():
             pending[actors[a].pid.remote()] = (None, a)
         if queue and not pending and not pool.restarting:
-            raise RuntimeError(f"ray: all {len(actors)} {what} actors are dead (ray.max_restarts used up), "
-                               f"{len(queue)} requests unserved; last: {pool.last_death}")
+            raise RuntimeError(
+                f"ray: all {len(actors)} {what} actors are dead (ray.max_restarts used up), "
+                f"{len(queue)} requests unserved; last: {pool.last_death}"
+            )
 
     submit()
     if on_dispatch is not None:
@@ -234,9 +265,16 @@ class RayRollouts:
     def __init__(self, cfg) -> None:
         r = cfg.ray
         self.chunk_size, self.restart_timeout_s = r.chunk_size, r.restart_timeout_s
-        self.actors, self.pg = start_actors(RolloutActor, (cfg, r.cpus_per_rollout_worker), r.num_rollout_workers,
-                                            r.cpus_per_rollout_worker, r.gpus_per_rollout_worker,
-                                            r.placement_strategy, r.max_restarts, "rollout")
+        self.actors, self.pg = start_actors(
+            RolloutActor,
+            (cfg, r.cpus_per_rollout_worker),
+            r.num_rollout_workers,
+            r.cpus_per_rollout_worker,
+            r.gpus_per_rollout_worker,
+            r.placement_strategy,
+            r.max_restarts,
+            "rollout",
+        )
         self.version, self.box = -1, None
         self.reissued = 0
 
@@ -247,6 +285,7 @@ class RayRollouts:
         """Put the LoRA state once; every live actor loads it (a dead one loads it on its next request)."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
+
         t0 = time.perf_counter()
         self.version, self.box = version, [ray.put(state)]
         for ref in [a.set_policy.remote(version, self.box) for a in self.actors]:
@@ -260,9 +299,14 @@ class RayRollouts:
         if self.box is None:
             raise RuntimeError("RayRollouts.rollout before set_policy: the actors hold no policy weights yet")
         requests = make_requests(prompts, seed, self.chunk_size)
-        parts, reissued = run_requests(self.actors, lambda a, req: a.rollout.remote(req, self.version, self.box),
-                                       requests, on_dispatch,
-                                       restart_timeout_s=self.restart_timeout_s, what="rollout")
+        parts, reissued = run_requests(
+            self.actors,
+            lambda a, req: a.rollout.remote(req, self.version, self.box),
+            requests,
+            on_dispatch,
+            restart_timeout_s=self.restart_timeout_s,
+            what="rollout",
+        )
         self.reissued += reissued
         return Trajectory.cat(parts)
 
@@ -277,22 +321,47 @@ class RayRewards:
         r = cfg.ray
         self.chunk_size, self.restart_timeout_s = r.chunk_size, r.restart_timeout_s
         self.reissued = 0
-        self.actors, self.pg = start_actors(RewardActor, ([dataclasses.asdict(s) for s in cfg.reward_specs()],),
-                                            r.num_reward_workers, r.cpus_per_reward_worker, r.gpus_per_reward_worker,
-                                            r.placement_strategy, r.max_restarts, "reward")
+        self.actors, self.pg = start_actors(
+            RewardActor,
+            ([dataclasses.asdict(s) for s in cfg.reward_specs()],),
+            r.num_reward_workers,
+            r.cpus_per_reward_worker,
+            r.gpus_per_reward_worker,
+            r.placement_strategy,
+            r.max_restarts,
+            "reward",
+        )
 
-    def score(self, images: torch.Tensor, prompts: list[str], on_dispatch: Optional[Callable[[], None]] = None,
-              prompt_metadata: Optional[list] = None) -> torch.Tensor:
+    def score(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        on_dispatch: Optional[Callable[[], None]] = None,
+        prompt_metadata: Optional[list] = None,
+    ) -> torch.Tensor:
         """Scores (B, K); a plugin's ``RewardError`` is re-raised here as itself (it names the reward).
         A request lost to a dead actor is re-issued, as for rollouts. ``prompt_metadata`` (one record
         per image) travels with each chunk."""
         from ray.exceptions import RayTaskError
+
         n = self.chunk_size
-        chunks = [(images[s:s + n], prompts[s:s + n], None if prompt_metadata is None else list(prompt_metadata[s:s + n]))
-                  for s in range(0, len(prompts), n)]
+        chunks = [
+            (
+                images[s : s + n],
+                prompts[s : s + n],
+                None if prompt_metadata is None else list(prompt_metadata[s : s + n]),
+            )
+            for s in range(0, len(prompts), n)
+        ]
         try:
-            parts, reissued = run_requests(self.actors, lambda a, c: a.score.remote(*c), chunks, on_dispatch,
-                                           restart_timeout_s=self.restart_timeout_s, what="reward")
+            parts, reissued = run_requests(
+                self.actors,
+                lambda a, c: a.score.remote(*c),
+                chunks,
+                on_dispatch,
+                restart_timeout_s=self.restart_timeout_s,
+                what="reward",
+            )
         except RayTaskError as err:
             raise err.cause from None
         self.reissued += reissued
@@ -309,6 +378,7 @@ def _pids(actors: list, timeout_s: float) -> list[int]:
     """Process ids of the actors; waits (with backoff, up to ``timeout_s``) for restarting ones."""
     import ray
     from ray.exceptions import ActorUnavailableError
+
     deadline, delay = time.monotonic() + timeout_s, PROBE_BACKOFF_S[0]
     while True:
         try:
@@ -323,6 +393,7 @@ def _pids(actors: list, timeout_s: float) -> list[int]:
 def _close(actors: list, pg) -> None:
     import ray
     from ray.util.placement_group import remove_placement_group
+
     for a in actors:
         ray.kill(a, no_restart=True)
     remove_placement_group(pg)

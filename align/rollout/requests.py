@@ -5,6 +5,7 @@ sampled from ``torch.Generator().manual_seed(chunk_seed(seed, i))``. The traject
 therefore depends only on (prompts, seed, index, policy weights), never on which worker serves
 it or how many workers there are, and a re-issued request reproduces the lost one exactly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,15 +21,16 @@ from align.sampling import Trajectory
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    index: int          # position of the chunk in the batch
+    index: int  # position of the chunk in the batch
     prompts: list[str]  # the chunk's prompts
-    seed: int           # seed of the chunk's generator
+    seed: int  # seed of the chunk's generator
 
 
 @dataclasses.dataclass
 class SyncStats:
     """One weight sync: LoRA bytes put once in the object store, and the wall time until every
     actor acknowledged the new version."""
+
     version: int
     bytes: int
     seconds: float
@@ -40,8 +42,10 @@ def chunk_seed(seed: int, index: int) -> int:
 
 
 def make_requests(prompts: list[str], seed: int, chunk_size: int) -> list[Request]:
-    return [Request(i, list(prompts[start:start + chunk_size]), chunk_seed(seed, i))
-            for i, start in enumerate(range(0, len(prompts), chunk_size))]
+    return [
+        Request(i, list(prompts[start : start + chunk_size]), chunk_seed(seed, i))
+        for i, start in enumerate(range(0, len(prompts), chunk_size))
+    ]
 
 
 class LocalRollouts:

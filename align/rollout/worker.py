@@ -1,6 +1,7 @@
 """``RolloutWorker``: samples trajectories with the current policy LoRA. Imports neither Ray nor
 DeepSpeed: in-process it shares the learner's pipeline (weight sync is then a no-op); the
 distributed driver wraps it in a Ray actor that owns its own pipeline copy."""
+
 from __future__ import annotations
 
 import torch

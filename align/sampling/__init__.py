@@ -4,6 +4,7 @@ API, the sampling loop over diffusers pipelines, and the ``Trajectory`` record (
 :class:`SamplerConfig` is imported eagerly (it is torch-free, so job configs load and validate
 before torch); everything else is imported on first access (PEP 562), from the same names as before.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,13 +15,38 @@ from align.sampling.config import SamplerConfig
 #: public name -> submodule that defines it (imported on first access)
 _LAZY = {
     **dict.fromkeys(["SamplerHooks", "StepContext", "cfg_combine"], "hooks"),
-    **dict.fromkeys(["EMBED_KEYS", "decode", "encode_prompts", "initial_latents", "predict", "recompute_log_probs",
-                     "sample_trajectory", "set_schedule"], "sampler"),
+    **dict.fromkeys(
+        [
+            "EMBED_KEYS",
+            "decode",
+            "encode_prompts",
+            "initial_latents",
+            "predict",
+            "recompute_log_probs",
+            "sample_trajectory",
+            "set_schedule",
+        ],
+        "sampler",
+    ),
     **dict.fromkeys(["default_resolution", "resolution_multiple", "resolve_resolution"], "resolution"),
     "Trajectory": "trajectory",
-    **dict.fromkeys(["LOGPROB_REDUCTIONS", "TRANSITIONS", "StepOutput", "Transition", "ddim_distribution",
-                     "ddim_step_with_logprob", "flow_sde_distribution", "flow_sde_step_with_logprob",
-                     "gaussian_log_prob", "step_log_prob", "take_step", "transition_for"], "transitions"),
+    **dict.fromkeys(
+        [
+            "LOGPROB_REDUCTIONS",
+            "TRANSITIONS",
+            "StepOutput",
+            "Transition",
+            "ddim_distribution",
+            "ddim_step_with_logprob",
+            "flow_sde_distribution",
+            "flow_sde_step_with_logprob",
+            "gaussian_log_prob",
+            "step_log_prob",
+            "take_step",
+            "transition_for",
+        ],
+        "transitions",
+    ),
 }
 
 __all__ = sorted(["SamplerConfig", *_LAZY])

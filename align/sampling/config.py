@@ -3,6 +3,7 @@
 :mod:`align.sampling.sampler` re-exports :class:`SamplerConfig`; the transitions module holds the
 same ``LOGPROB_REDUCTIONS`` (tests/test_config.py pins that they agree).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,23 +19,31 @@ LOGPROB_REDUCTIONS = ("mean", "sum")
 @dataclasses.dataclass
 class SamplerConfig:
     """How rollouts and `align sample` draw images."""
+
     num_inference_steps: int = field(20, help="denoising steps T")
     guidance_scale: float = field(4.5, help="classifier-free guidance scale w (no CFG when w <= 1)")
     eta: float = field(1.0, help="DDIM η (UNet backbones); > 0 for a stochastic policy")
     noise_level: float = field(0.7, help="flow-SDE noise level a (DiT backbones); > 0 for a stochastic policy")
-    logprob_reduce: str = field("mean", choices=LOGPROB_REDUCTIONS,
-                                help="per-step log-density over latent dims: mean (DDPO) or sum (joint)")
-    height: Optional[int] = field(None, help="image height in pixels (None: the model's default); a multiple of the "
-                                             "VAE factor (× the patch size on a DiT), checked when the model loads")
+    logprob_reduce: str = field(
+        "mean", choices=LOGPROB_REDUCTIONS, help="per-step log-density over latent dims: mean (DDPO) or sum (joint)"
+    )
+    height: Optional[int] = field(
+        None,
+        help="image height in pixels (None: the model's default); a multiple of the "
+        "VAE factor (× the patch size on a DiT), checked when the model loads",
+    )
     width: Optional[int] = field(None, help="image width in pixels (None: the model's default); as height")
     negative_prompt: str = field("", help="prompt of CFG's unconditional branch")
     progress: bool = field(False, help="show a per-step progress bar")
-    output_type: str = field("pt", choices=("pt", "latent"),
-                             help="pt: decode x_0 to images in [0, 1]; latent: skip the VAE (images = None)")
-    modifiers: list = field(default_factory=list,
-                            help="guidance/attention modifiers of the policy [{name, args}], e.g. [{name: stayfair, "
-                                 "args: {alpha: 5}}, {name: sym_attn, args: {alpha: 1.05, beta: 3}}] "
-                                 "(docs/modifiers.md)")
+    output_type: str = field(
+        "pt", choices=("pt", "latent"), help="pt: decode x_0 to images in [0, 1]; latent: skip the VAE (images = None)"
+    )
+    modifiers: list = field(
+        default_factory=list,
+        help="guidance/attention modifiers of the policy [{name, args}], e.g. [{name: stayfair, "
+        "args: {alpha: 5}}, {name: sym_attn, args: {alpha: 1.05, beta: 3}}] "
+        "(docs/modifiers.md)",
+    )
 
     def __post_init__(self) -> None:
         """The one reading of the modifier list (align/config_lists.py): ModifierSpecs, old forms included."""
@@ -51,13 +60,17 @@ class SamplerConfig:
         if self.eta < 0 or self.noise_level < 0:
             raise ValueError(f"eta and noise_level must be >= 0, got {self.eta} and {self.noise_level}")
         if self.logprob_reduce not in LOGPROB_REDUCTIONS or self.output_type not in ("pt", "latent"):
-            raise ValueError(f"logprob_reduce must be one of {LOGPROB_REDUCTIONS} and output_type 'pt' or "
-                             f"'latent', got {self.logprob_reduce!r} and {self.output_type!r}")
+            raise ValueError(
+                f"logprob_reduce must be one of {LOGPROB_REDUCTIONS} and output_type 'pt' or "
+                f"'latent', got {self.logprob_reduce!r} and {self.output_type!r}"
+            )
         from align.config_checks import check_resolution
+
         check_resolution(self.height, self.width)  # positive ints; the model's multiple: align.sampling.resolution
 
     def check_registries(self) -> None:
         """Modifier names and arguments against the modifier registry (imports torch, loads nothing)."""
         if self.modifiers:
             from align.modifiers.protocol import build_modifiers
+
             build_modifiers(self.modifiers)  # one-line error for an unknown name or a bad arg

@@ -16,6 +16,7 @@ null, StayFair §3.2(c)); its ``combine(uncond, cond, extra, w)`` then replaces 
 Attention processors are set on the denoiser directly (diffusers' ``set_attn_processor``) and need
 no hook here (``align.modifiers`` composes them with these hooks).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,9 +33,10 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch
 @dataclasses.dataclass
 class StepContext:
     """What a transition hook may read about the current step."""
-    step_index: int            # i in 0 … T−1
-    timestep: torch.Tensor     # () scheduler timestep of the step
-    sample: torch.Tensor       # (B, C, h, w) x_t
+
+    step_index: int  # i in 0 … T−1
+    timestep: torch.Tensor  # () scheduler timestep of the step
+    sample: torch.Tensor  # (B, C, h, w) x_t
     model_output: torch.Tensor  # (B, C, h, w) guided denoiser output (ε, v or x0 per the scheduler)
 
 
@@ -43,6 +45,7 @@ class ExtraBranch:
     """A third CFG branch: ``conditioning(B)`` gives its denoiser inputs for a batch of B
     (``prompt_embeds`` and, for SD3, ``pooled_prompt_embeds``); ``combine(uncond, cond, extra, w)``
     mixes the three outputs."""
+
     conditioning: Callable[[int], dict]
     combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -56,6 +59,7 @@ TransitionHook = Callable[[torch.Tensor, torch.Tensor, StepContext], tuple[torch
 class SamplerHooks:
     """Modifier hook points (module docstring); ``needs_grad`` runs sampling under ``no_grad``
     instead of ``inference_mode`` so a hook can ``torch.enable_grad()`` (DPS, critic steering)."""
+
     prompt_embeds: Optional[EmbedsHook] = None
     guidance: GuidanceFn = cfg_combine
     transition: Optional[TransitionHook] = None

@@ -6,6 +6,7 @@ one needs the model: a latent side is ``pixels / vae_scale_factor`` and a DiT cu
 pipelines' own ``check_inputs`` rule); an SD3 transformer's position embedding also caps it at
 ``pos_embed_max_size`` patches. Called after the model loads and before sampling starts.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -45,7 +46,9 @@ def resolve_resolution(pipe, height: Optional[int] = None, width: Optional[int] 
         if value % multiple:
             raise ConfigError(f"sampler.{name}={value}: must be a multiple of {multiple} ({why}) for this model")
         if max_patches is not None and value > max_patches * multiple:
-            raise ConfigError(f"sampler.{name}={value}: at most {max_patches * multiple} for this model (the "
-                              f"transformer's pos_embed_max_size {max_patches} patches × {multiple})")
+            raise ConfigError(
+                f"sampler.{name}={value}: at most {max_patches * multiple} for this model (the "
+                f"transformer's pos_embed_max_size {max_patches} patches × {multiple})"
+            )
         out.append(value)
     return out[0], out[1]

@@ -5,6 +5,7 @@ distribution), so we run our own loop on the pipeline's own parts: ``encode_prom
 ``prepare_latents``, ``scheduler.set_timesteps``, the denoiser, the VAE and its image processor.
 Modifiers plug in through :class:`~align.sampling.hooks.SamplerHooks`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,10 +18,10 @@ from tqdm.auto import tqdm
 
 from align.backbones.loading import backbone_kind, denoiser
 from align.sampling.config import SamplerConfig
-from align.sampling.resolution import resolve_resolution
 from align.sampling.hooks import ExtraBranch, GuidanceFn, SamplerHooks, StepContext, cfg_combine
+from align.sampling.resolution import resolve_resolution
 from align.sampling.trajectory import Trajectory
-from align.sampling.transitions import LOGPROB_REDUCTIONS, TRANSITIONS, take_step, transition_for
+from align.sampling.transitions import TRANSITIONS, take_step, transition_for
 
 EMBED_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
@@ -32,10 +33,15 @@ def _encode_unet(pipe, prompts: list[str], negative: list[str], cfg_on: bool) ->
 
 
 def _encode_dit(pipe, prompts: list[str], negative: list[str], cfg_on: bool) -> dict:
-    pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, None, None, device=pipe._execution_device,
-                                                      do_classifier_free_guidance=cfg_on, negative_prompt=negative)
-    return {"prompt_embeds": pos, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
-            "negative_pooled_prompt_embeds": neg_pooled}
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+        prompts, None, None, device=pipe._execution_device, do_classifier_free_guidance=cfg_on, negative_prompt=negative
+    )
+    return {
+        "prompt_embeds": pos,
+        "negative_prompt_embeds": neg,
+        "pooled_prompt_embeds": pooled,
+        "negative_pooled_prompt_embeds": neg_pooled,
+    }
 
 
 def _denoise_unet(pipe, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -44,8 +50,13 @@ def _denoise_unet(pipe, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.T
 
 
 def _denoise_dit(pipe, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-    return pipe.transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=cond["prompt_embeds"],
-                            pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
+    return pipe.transformer(
+        hidden_states=x,
+        timestep=t.expand(x.shape[0]),
+        encoder_hidden_states=cond["prompt_embeds"],
+        pooled_projections=cond["pooled_prompt_embeds"],
+        return_dict=False,
+    )[0]
 
 
 def _schedule_unet(pipe, latents: torch.Tensor) -> dict:
@@ -59,8 +70,15 @@ def _schedule_dit(pipe, latents: torch.Tensor) -> dict:
         return {}
     patch = pipe.transformer.config.patch_size
     seq_len = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
-    return {"mu": calculate_shift(seq_len, conf.get("base_image_seq_len", 256), conf.get("max_image_seq_len", 4096),
-                                  conf.get("base_shift", 0.5), conf.get("max_shift", 1.16))}
+    return {
+        "mu": calculate_shift(
+            seq_len,
+            conf.get("base_image_seq_len", 256),
+            conf.get("max_image_seq_len", 4096),
+            conf.get("base_shift", 0.5),
+            conf.get("max_shift", 1.16),
+        )
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +89,10 @@ class _PipelineCalls:
     vae_shift: bool  # does the pipeline add vae.config.shift_factor before decoding (SD3 does)
 
 
-_CALLS = {"unet": _PipelineCalls(_encode_unet, _denoise_unet, _schedule_unet, False),
-          "dit": _PipelineCalls(_encode_dit, _denoise_dit, _schedule_dit, True)}
+_CALLS = {
+    "unet": _PipelineCalls(_encode_unet, _denoise_unet, _schedule_unet, False),
+    "dit": _PipelineCalls(_encode_dit, _denoise_dit, _schedule_dit, True),
+}
 
 
 # ------------------------------------------------------------------------------ public parts
@@ -80,8 +100,9 @@ def encode_prompts(pipe, prompts: list[str], negative_prompt: str = "", guidance
     """Embeddings of both CFG branches via the pipeline's own ``encode_prompt``: a dict with
     :data:`EMBED_KEYS` (None where not used: no CFG, or no pooled embedding for SD1.5)."""
     embeds = dict.fromkeys(EMBED_KEYS)
-    embeds.update(_CALLS[backbone_kind(pipe)].encode(pipe, list(prompts), [negative_prompt] * len(prompts),
-                                                     guidance_scale > 1.0))
+    embeds.update(
+        _CALLS[backbone_kind(pipe)].encode(pipe, list(prompts), [negative_prompt] * len(prompts), guidance_scale > 1.0)
+    )
     return embeds
 
 
@@ -96,14 +117,22 @@ def _conditioning(embeds: dict, cfg_on: bool) -> dict:
     return out
 
 
-def _guided(pipe, latents: torch.Tensor, t: torch.Tensor, cond: dict, guidance_scale: float,
-            guidance: GuidanceFn, extra: Optional[tuple[dict, ExtraBranch]] = None) -> torch.Tensor:
+def _guided(
+    pipe,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict,
+    guidance_scale: float,
+    guidance: GuidanceFn,
+    extra: Optional[tuple[dict, ExtraBranch]] = None,
+) -> torch.Tensor:
     cfg_on = guidance_scale > 1.0
     if cfg_on and extra is not None:  # [uncond; cond; extra] in one call, mixed by the branch's combine
         extra_cond, branch = extra
         cond3 = {k: None if v is None else torch.cat([v, extra_cond[k]]) for k, v in cond.items()}
-        uncond, cond_out, extra_out = _CALLS[backbone_kind(pipe)].denoise(pipe, torch.cat([latents] * 3), t,
-                                                                          cond3).chunk(3)
+        uncond, cond_out, extra_out = (
+            _CALLS[backbone_kind(pipe)].denoise(pipe, torch.cat([latents] * 3), t, cond3).chunk(3)
+        )
         return branch.combine(uncond, cond_out, extra_out, guidance_scale)
     x = torch.cat([latents, latents]) if cfg_on else latents
     out = _CALLS[backbone_kind(pipe)].denoise(pipe, x, t, cond)
@@ -119,8 +148,14 @@ def _extra(hooks: SamplerHooks, batch: int) -> Optional[tuple[dict, ExtraBranch]
     return None if branch is None else (branch.conditioning(batch), branch)
 
 
-def predict(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: dict, guidance_scale: float,
-            guidance: GuidanceFn = cfg_combine) -> torch.Tensor:
+def predict(
+    pipe,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    embeds: dict,
+    guidance_scale: float,
+    guidance: GuidanceFn = cfg_combine,
+) -> torch.Tensor:
     """Denoiser output at (x_t, t, c); CFG (w > 1) runs both branches in one batched call and
     returns ``guidance(out_u, out_c, w)``, by default out_u + w (out_c − out_u)."""
     return _guided(pipe, latents, t, _conditioning(embeds, guidance_scale > 1.0), guidance_scale, guidance)
@@ -136,8 +171,9 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return pipe.image_processor.postprocess(image, output_type="pt")
 
 
-def initial_latents(pipe, batch: int, generator: torch.Generator, height: Optional[int] = None,
-                    width: Optional[int] = None) -> torch.Tensor:
+def initial_latents(
+    pipe, batch: int, generator: torch.Generator, height: Optional[int] = None, width: Optional[int] = None
+) -> torch.Tensor:
     """x_T from the pipeline's own ``prepare_latents`` at ``height`` × ``width`` pixels (None: the model's
     default; checked by :func:`~align.sampling.resolution.resolve_resolution`)."""
     net = denoiser(pipe)
@@ -152,8 +188,16 @@ def set_schedule(pipe, num_inference_steps: int, latents: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
-def _chain(pipe, x: torch.Tensor, cond: dict, config: SamplerConfig, hooks: SamplerHooks,
-           generator: torch.Generator, latents_out: torch.Tensor, log_probs_out: torch.Tensor) -> torch.Tensor:
+def _chain(
+    pipe,
+    x: torch.Tensor,
+    cond: dict,
+    config: SamplerConfig,
+    hooks: SamplerHooks,
+    generator: torch.Generator,
+    latents_out: torch.Tensor,
+    log_probs_out: torch.Tensor,
+) -> torch.Tensor:
     """Run the T steps from x_T, writing x_t into ``latents_out[:, i]`` and log π into ``log_probs_out``."""
     transition = TRANSITIONS[transition_for(pipe.scheduler)]
     scale = getattr(config, transition.scale_key)
@@ -172,9 +216,15 @@ def _chain(pipe, x: torch.Tensor, cond: dict, config: SamplerConfig, hooks: Samp
     return x
 
 
-def sample_trajectory(pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator,
-                      policy_version: int = 0, hooks: Optional[SamplerHooks] = None,
-                      latents: Optional[torch.Tensor] = None) -> Trajectory:
+def sample_trajectory(
+    pipe,
+    prompts: list[str],
+    config: SamplerConfig,
+    generator: torch.Generator,
+    policy_version: int = 0,
+    hooks: Optional[SamplerHooks] = None,
+    latents: Optional[torch.Tensor] = None,
+) -> Trajectory:
     """Sample one chain per prompt with per-step log-probs (no autograd graph).
 
     Runs under ``torch.inference_mode`` (``no_grad`` if ``hooks.needs_grad``); the returned
@@ -195,16 +245,34 @@ def sample_trajectory(pipe, prompts: list[str], config: SamplerConfig, generator
         if hooks.prompt_embeds is not None:
             embeds = hooks.prompt_embeds(embeds)
         set_schedule(pipe, steps, latents)
-        x0 = _chain(pipe, latents, _conditioning(embeds, config.guidance_scale > 1.0), config, hooks, generator,
-                    chain, log_probs)
+        x0 = _chain(
+            pipe,
+            latents,
+            _conditioning(embeds, config.guidance_scale > 1.0),
+            config,
+            hooks,
+            generator,
+            chain,
+            log_probs,
+        )
         images = decode(pipe, x0) if config.output_type == "pt" else None
     sigmas = pipe.scheduler.sigmas if name == "flow_sde" else None
-    return Trajectory(latents=chain, timesteps=_normal(pipe.scheduler.timesteps), log_probs=log_probs,
-                      prompts=list(prompts), images=_normal(images), sigmas=_normal(sigmas),
-                      policy_version=policy_version, guidance_scale=config.guidance_scale,
-                      noise_scale=getattr(config, TRANSITIONS[name].scale_key),
-                      num_inference_steps=steps, transition=name, logprob_reduce=config.logprob_reduce,
-                      modifiers=_canonical(config.modifiers), **{k: _normal(v) for k, v in embeds.items()})
+    return Trajectory(
+        latents=chain,
+        timesteps=_normal(pipe.scheduler.timesteps),
+        log_probs=log_probs,
+        prompts=list(prompts),
+        images=_normal(images),
+        sigmas=_normal(sigmas),
+        policy_version=policy_version,
+        guidance_scale=config.guidance_scale,
+        noise_scale=getattr(config, TRANSITIONS[name].scale_key),
+        num_inference_steps=steps,
+        transition=name,
+        logprob_reduce=config.logprob_reduce,
+        modifiers=_canonical(config.modifiers),
+        **{k: _normal(v) for k, v in embeds.items()},
+    )
 
 
 def _modifier_stack(pipe, specs: list, hooks: Optional[SamplerHooks]):
@@ -214,6 +282,7 @@ def _modifier_stack(pipe, specs: list, hooks: Optional[SamplerHooks]):
     if hooks is not None:
         raise ValueError("pass either hooks or sampler.modifiers, not both (the modifiers compose their own hooks)")
     from align.modifiers.protocol import stack_for
+
     return stack_for(pipe, specs)
 
 
@@ -226,6 +295,7 @@ def _canonical(specs: list) -> list:
     if not specs:
         return []
     from align.modifiers.protocol import canonical_specs
+
     return canonical_specs(specs)
 
 
@@ -234,8 +304,9 @@ def _normal(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.clone()
 
 
-def recompute_log_probs(pipe, traj: Trajectory, step_indices: Optional[list[int]] = None,
-                        hooks: Optional[SamplerHooks] = None) -> torch.Tensor:
+def recompute_log_probs(
+    pipe, traj: Trajectory, step_indices: Optional[list[int]] = None, hooks: Optional[SamplerHooks] = None
+) -> torch.Tensor:
     """log π_θ(x_{t-1} | x_t, c) of the stored steps under the current weights: (B, len(step_indices)).
 
     Differentiable w.r.t. trainable (LoRA) parameters when called under autograd. Uses the stored
@@ -250,8 +321,10 @@ def recompute_log_probs(pipe, traj: Trajectory, step_indices: Optional[list[int]
 
 def _recompute(pipe, traj: Trajectory, step_indices: Optional[list[int]], hooks: SamplerHooks) -> torch.Tensor:
     if traj.noise_scale <= 0:
-        raise ValueError(f"the trajectory was sampled deterministically ({traj.transition} noise scale "
-                         f"{traj.noise_scale}): it has no stochastic policy whose log-probs could be recomputed")
+        raise ValueError(
+            f"the trajectory was sampled deterministically ({traj.transition} noise scale "
+            f"{traj.noise_scale}): it has no stochastic policy whose log-probs could be recomputed"
+        )
     name = transition_for(pipe.scheduler)
     if name != traj.transition:
         raise ValueError(f"trajectory was sampled with {traj.transition!r}, the pipeline's scheduler gives {name!r}")
@@ -276,5 +349,7 @@ def _check_schedule(scheduler, traj: Trajectory) -> None:
     if traj.sigmas is not None:
         same = same and torch.equal(scheduler.sigmas.cpu(), traj.sigmas.cpu())
     if not same:
-        raise ValueError(f"the scheduler's schedule for {traj.num_inference_steps} steps differs from the one the "
-                         "trajectory was sampled with (scheduler config changed?); recompute with the same scheduler")
+        raise ValueError(
+            f"the scheduler's schedule for {traj.num_inference_steps} steps differs from the one the "
+            "trajectory was sampled with (scheduler config changed?); recompute with the same scheduler"
+        )

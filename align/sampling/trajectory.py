@@ -1,4 +1,5 @@
 """``Trajectory``: one batch of denoising chains with everything needed to recompute log-probs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,34 +12,49 @@ from align.checkpoint import load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "align.Trajectory/1"
 #: Tensor fields indexed by sample (dim 0 is the batch).
-PER_SAMPLE = ("latents", "log_probs", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-              "negative_pooled_prompt_embeds", "images")
+PER_SAMPLE = (
+    "latents",
+    "log_probs",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+    "images",
+)
 #: Tensor fields shared by the whole batch (the schedule).
 SHARED = ("timesteps", "sigmas")
 #: Scalar settings, stored in the JSON sidecar; ``cat`` requires them equal.
-SETTINGS = ("policy_version", "guidance_scale", "noise_scale", "num_inference_steps", "transition",
-            "logprob_reduce", "modifiers")
+SETTINGS = (
+    "policy_version",
+    "guidance_scale",
+    "noise_scale",
+    "num_inference_steps",
+    "transition",
+    "logprob_reduce",
+    "modifiers",
+)
 
 
 @dataclasses.dataclass
 class Trajectory:
     """B chains of T steps sampled by one policy version (OpenRLHF ``Experience``-style record)."""
-    latents: torch.Tensor        # (B, T+1, C, h, w) x_T … x_0, in the scheduler's latent space
-    timesteps: torch.Tensor      # (T,) scheduler timesteps of the steps (DDIM: int; flow: 1000·sigma)
-    log_probs: torch.Tensor      # (B, T) float32 log π_old(x_{t-1} | x_t, c) of each step taken
+
+    latents: torch.Tensor  # (B, T+1, C, h, w) x_T … x_0, in the scheduler's latent space
+    timesteps: torch.Tensor  # (T,) scheduler timesteps of the steps (DDIM: int; flow: 1000·sigma)
+    log_probs: torch.Tensor  # (B, T) float32 log π_old(x_{t-1} | x_t, c) of each step taken
     prompt_embeds: torch.Tensor  # (B, L, D) text states of the prompts (after the embeds hook)
-    prompts: list[str]           # B prompts
-    images: Optional[torch.Tensor] = None                         # (B, 3, H, W) decoded x_0 in [0, 1]
-    negative_prompt_embeds: Optional[torch.Tensor] = None         # (B, L, D) CFG's unconditional branch
-    pooled_prompt_embeds: Optional[torch.Tensor] = None           # (B, P) SD3 pooled text embedding
+    prompts: list[str]  # B prompts
+    images: Optional[torch.Tensor] = None  # (B, 3, H, W) decoded x_0 in [0, 1]
+    negative_prompt_embeds: Optional[torch.Tensor] = None  # (B, L, D) CFG's unconditional branch
+    pooled_prompt_embeds: Optional[torch.Tensor] = None  # (B, P) SD3 pooled text embedding
     negative_pooled_prompt_embeds: Optional[torch.Tensor] = None  # (B, P) its unconditional branch
     sigmas: Optional[torch.Tensor] = None  # (T+1,) flow-matching noise levels t_i (last is 0); None for DDIM
-    policy_version: int = 0            # version of the policy weights that sampled it
-    guidance_scale: float = 1.0        # CFG scale w (no CFG when w <= 1)
-    noise_scale: float = 1.0           # DDIM η or flow-SDE a (0: deterministic, no policy)
-    num_inference_steps: int = 0       # N of scheduler.set_timesteps(N)
-    transition: str = "ddim"           # key of align.sampling.transitions.TRANSITIONS
-    logprob_reduce: str = "mean"       # reduction of the per-step log-density: "mean" | "sum"
+    policy_version: int = 0  # version of the policy weights that sampled it
+    guidance_scale: float = 1.0  # CFG scale w (no CFG when w <= 1)
+    noise_scale: float = 1.0  # DDIM η or flow-SDE a (0: deterministic, no policy)
+    num_inference_steps: int = 0  # N of scheduler.set_timesteps(N)
+    transition: str = "ddim"  # key of align.sampling.transitions.TRANSITIONS
+    logprob_reduce: str = "mean"  # reduction of the per-step log-density: "mean" | "sum"
     modifiers: list = dataclasses.field(default_factory=list)  # sampler.modifiers specs [{name: args}] of π
 
     @property

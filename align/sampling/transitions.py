@@ -20,6 +20,7 @@ Conventions (documented choices, see docs/sampling.md):
   result is NaN-free and has zero gradient. No std is ever clamped. ``recompute_log_probs``
   refuses trajectories sampled with a zero noise scale.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,10 +38,11 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 @dataclasses.dataclass
 class StepOutput:
     """One transition x_t → x_{t-1} and its log-density."""
+
     prev_sample: torch.Tensor  # (B, C, h, w) x_{t-1} (dtype of the latents)
-    mean: torch.Tensor         # (B, C, h, w) μ_θ(x_t, t, c)
-    std: torch.Tensor          # () or broadcastable to mean: std of the step
-    log_prob: torch.Tensor     # (B,) float32 log π(x_{t-1} | x_t, c), reduced over non-batch dims
+    mean: torch.Tensor  # (B, C, h, w) μ_θ(x_t, t, c)
+    std: torch.Tensor  # () or broadcastable to mean: std of the step
+    log_prob: torch.Tensor  # (B,) float32 log π(x_{t-1} | x_t, c), reduced over non-batch dims
 
 
 def _reduce(per_element: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -52,8 +54,9 @@ def _reduce(per_element: torch.Tensor, reduce: str) -> torch.Tensor:
     raise ValueError(f"log-prob reduce must be one of {LOGPROB_REDUCTIONS}, got {reduce!r}")
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float,
-                      reduce: str = "mean") -> torch.Tensor:
+def gaussian_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float, reduce: str = "mean"
+) -> torch.Tensor:
     """log N(x; mean, std² I) = −(x−μ)²/(2σ²) − log σ − ½ log 2π per element, reduced to (B,).
 
     ``reduce="mean"`` averages over the non-batch dims (DDPO's convention), ``"sum"`` gives the
@@ -61,12 +64,13 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
     """
     x, mean = x.float(), mean.float()
     std = torch.as_tensor(std, device=x.device).float()
-    per_element = -((x - mean) ** 2) / (2 * std ** 2) - torch.log(std) - _LOG_SQRT_2PI
+    per_element = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     return _reduce(per_element, reduce)
 
 
-def step_log_prob(prev_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float,
-                  reduce: str = "mean") -> torch.Tensor:
+def step_log_prob(
+    prev_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float, reduce: str = "mean"
+) -> torch.Tensor:
     """:func:`gaussian_log_prob` where ``std > 0``; exactly 0 where ``std == 0`` (a deterministic step).
 
     Written as −(x−μ)²·c₁ + c₀ with c₁ = 1/(2σ²), c₀ = −log σ − ½ log 2π, both set to 0 where σ = 0:
@@ -76,14 +80,21 @@ def step_log_prob(prev_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     std = torch.as_tensor(std, device=x.device).float()
     stochastic = std > 0
     safe = torch.where(stochastic, std, torch.ones_like(std))
-    inv_two_var = torch.where(stochastic, 0.5 / safe ** 2, torch.zeros_like(std))
+    inv_two_var = torch.where(stochastic, 0.5 / safe**2, torch.zeros_like(std))
     const = torch.where(stochastic, -torch.log(safe) - _LOG_SQRT_2PI, torch.zeros_like(std))
     return _reduce(const - (x - mean) ** 2 * inv_two_var, reduce)
 
 
-def take_step(mean: torch.Tensor, std: torch.Tensor, *, prev_sample: Optional[torch.Tensor] = None,
-              noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-              reduce: str = "mean", dtype: Optional[torch.dtype] = None) -> StepOutput:
+def take_step(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    prev_sample: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    reduce: str = "mean",
+    dtype: Optional[torch.dtype] = None,
+) -> StepOutput:
     """Draw x_{t-1} = μ + σ z, z ~ N(0, I) (``noise`` or drawn from ``generator``), or score a given
     ``prev_sample``; the log-prob is that of the stored sample (cast to ``dtype``), detached."""
     if prev_sample is None:
@@ -101,24 +112,29 @@ def take_step(mean: torch.Tensor, std: torch.Tensor, *, prev_sample: Optional[to
 
 
 # --------------------------------------------------------------------------------------- DDIM
-def _x0_and_eps(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor,
-                alpha_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _x0_and_eps(
+    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x̂0 and ε̂ from ε-, v- or x0-prediction (x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε; v = √ᾱ_t ε − √(1−ᾱ_t) x0)."""
     beta_t = 1 - alpha_t
     if prediction_type == "epsilon":
-        return (sample - beta_t ** 0.5 * model_output) / alpha_t ** 0.5, model_output
+        return (sample - beta_t**0.5 * model_output) / alpha_t**0.5, model_output
     if prediction_type == "v_prediction":
-        return (alpha_t ** 0.5 * sample - beta_t ** 0.5 * model_output,
-                alpha_t ** 0.5 * model_output + beta_t ** 0.5 * sample)
+        return (alpha_t**0.5 * sample - beta_t**0.5 * model_output, alpha_t**0.5 * model_output + beta_t**0.5 * sample)
     if prediction_type == "sample":
-        return model_output, (sample - alpha_t ** 0.5 * model_output) / beta_t ** 0.5
-    raise ValueError(f"DDIM: unsupported prediction_type {prediction_type!r}; "
-                     "supported: epsilon, v_prediction, sample")
+        return model_output, (sample - alpha_t**0.5 * model_output) / beta_t**0.5
+    raise ValueError(f"DDIM: unsupported prediction_type {prediction_type!r}; supported: epsilon, v_prediction, sample")
 
 
-def ddim_distribution(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int | torch.Tensor,
-                      sample: torch.Tensor, *, eta: float,
-                      use_clipped_model_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def ddim_distribution(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    *,
+    eta: float,
+    use_clipped_model_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The DDIM step (Song et al. 2021, eqs. 12 and 16) as ``(mean, std)``; ecg_spec.md §The RL problem.
 
     x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t (or from v / x0); σ_t = η √((1−ᾱ_{t−1})/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_{t−1});
@@ -151,29 +167,45 @@ def ddim_distribution(scheduler: DDIMScheduler, model_output: torch.Tensor, time
     elif scheduler.config.clip_sample:
         x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
     if use_clipped_model_output:
-        eps = (sample - alpha_t ** 0.5 * x0) / (1 - alpha_t) ** 0.5
+        eps = (sample - alpha_t**0.5 * x0) / (1 - alpha_t) ** 0.5
     std = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5
-    direction = torch.clamp(1 - alpha_prev - std ** 2, min=0)  # ≥ 0 in exact arithmetic (η ≤ 1)
-    mean = alpha_prev ** 0.5 * x0 + direction ** 0.5 * eps
+    direction = torch.clamp(1 - alpha_prev - std**2, min=0)  # ≥ 0 in exact arithmetic (η ≤ 1)
+    mean = alpha_prev**0.5 * x0 + direction**0.5 * eps
     return mean, std
 
 
-def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int | torch.Tensor,
-                           sample: torch.Tensor, *, eta: float, prev_sample: Optional[torch.Tensor] = None,
-                           noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                           reduce: str = "mean", use_clipped_model_output: bool = False) -> StepOutput:
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    *,
+    eta: float,
+    prev_sample: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    reduce: str = "mean",
+    use_clipped_model_output: bool = False,
+) -> StepOutput:
     """``DDIMScheduler.step(model_output, timestep, sample, eta=η, variance_noise=noise)`` plus the
     log-density of x_{t-1} (drawn, or the given ``prev_sample`` when recomputing)."""
-    mean, std = ddim_distribution(scheduler, model_output, timestep, sample, eta=eta,
-                                  use_clipped_model_output=use_clipped_model_output)
-    return take_step(mean, std, prev_sample=prev_sample, noise=noise, generator=generator, reduce=reduce,
-                     dtype=sample.dtype)
+    mean, std = ddim_distribution(
+        scheduler, model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output
+    )
+    return take_step(
+        mean, std, prev_sample=prev_sample, noise=noise, generator=generator, reduce=reduce, dtype=sample.dtype
+    )
 
 
 # ------------------------------------------------------------------------------ flow-matching SDE
-def flow_sde_distribution(scheduler: FlowMatchEulerDiscreteScheduler, model_output: torch.Tensor,
-                          step_index: int, sample: torch.Tensor, *,
-                          noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_sde_distribution(
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    model_output: torch.Tensor,
+    step_index: int,
+    sample: torch.Tensor,
+    *,
+    noise_level: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flow-GRPO's SDE step for rectified flow (x_t = (1−t) x0 + t ε, v ≈ ε − x0) as float32 ``(mean, std)``.
 
     With t = sigmas[i], Δ = sigmas[i+1] − t < 0 and σ_t = a √(t/(1−t)):
@@ -183,27 +215,38 @@ def flow_sde_distribution(scheduler: FlowMatchEulerDiscreteScheduler, model_outp
     sigmas[1], the largest sigma below 1, so the first step has σ = a/√(1−sigmas[1]).
     """
     if scheduler.config.stochastic_sampling:
-        raise ValueError("flow_sde: the scheduler has stochastic_sampling=True, a different sampler; "
-                         "set it to False (the SDE's noise comes from noise_level)")
+        raise ValueError(
+            "flow_sde: the scheduler has stochastic_sampling=True, a different sampler; "
+            "set it to False (the SDE's noise comes from noise_level)"
+        )
     sigmas = scheduler.sigmas
     t, t_next = sigmas[step_index], sigmas[step_index + 1]
     dt = t_next - t
     t_den = torch.where(t >= 1, sigmas[1], t)  # Flow-GRPO's guard of the first step
     sigma = noise_level * (t / (1 - t_den)) ** 0.5
     x, v = sample.float(), model_output.float()  # fp32 like diffusers' step (bf16 overflows here)
-    drift = v + sigma ** 2 / (2 * t) * (x + (1 - t) * v)
+    drift = v + sigma**2 / (2 * t) * (x + (1 - t) * v)
     return x + drift * dt, sigma * (-dt) ** 0.5
 
 
-def flow_sde_step_with_logprob(scheduler: FlowMatchEulerDiscreteScheduler, model_output: torch.Tensor,
-                               step_index: int, sample: torch.Tensor, *, noise_level: float,
-                               prev_sample: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-                               generator: Optional[torch.Generator] = None, reduce: str = "mean") -> StepOutput:
+def flow_sde_step_with_logprob(
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    model_output: torch.Tensor,
+    step_index: int,
+    sample: torch.Tensor,
+    *,
+    noise_level: float,
+    prev_sample: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    reduce: str = "mean",
+) -> StepOutput:
     """One SDE step x_t → x_{t+Δ} with its log-density. ``step_index`` indexes ``scheduler.sigmas``
     (diffusers' own ``step`` keeps it as internal state; this function is stateless)."""
     mean, std = flow_sde_distribution(scheduler, model_output, step_index, sample, noise_level=noise_level)
-    return take_step(mean, std, prev_sample=prev_sample, noise=noise, generator=generator, reduce=reduce,
-                     dtype=model_output.dtype)
+    return take_step(
+        mean, std, prev_sample=prev_sample, noise=noise, generator=generator, reduce=reduce, dtype=model_output.dtype
+    )
 
 
 # ---------------------------------------------------------------------------------- registry
@@ -214,18 +257,25 @@ Distribution = Callable[[object, torch.Tensor, int, torch.Tensor, float], tuple[
 @dataclasses.dataclass(frozen=True)
 class Transition:
     """A registered transition: its scheduler class, its step distribution, its noise-scale key."""
+
     scheduler_cls: type
     distribution: Distribution
     scale_key: str  # the SamplerConfig field holding its noise scale
 
 
-def _ddim_at(scheduler: DDIMScheduler, model_output: torch.Tensor, step_index: int, sample: torch.Tensor,
-             eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _ddim_at(
+    scheduler: DDIMScheduler, model_output: torch.Tensor, step_index: int, sample: torch.Tensor, eta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     return ddim_distribution(scheduler, model_output, scheduler.timesteps[step_index], sample, eta=eta)
 
 
-def _flow_sde_at(scheduler: FlowMatchEulerDiscreteScheduler, model_output: torch.Tensor, step_index: int,
-                 sample: torch.Tensor, noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _flow_sde_at(
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    model_output: torch.Tensor,
+    step_index: int,
+    sample: torch.Tensor,
+    noise_level: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return flow_sde_distribution(scheduler, model_output, step_index, sample, noise_level=noise_level)
 
 
@@ -241,5 +291,7 @@ def transition_for(scheduler: object) -> str:
         if type(scheduler) is transition.scheduler_cls:
             return name
     supported = ", ".join(f"{t.scheduler_cls.__name__} ({n})" for n, t in TRANSITIONS.items())
-    raise TypeError(f"no log-prob transition for scheduler {type(scheduler).__name__}; supported: {supported}. "
-                    f"Swap it with e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.")
+    raise TypeError(
+        f"no log-prob transition for scheduler {type(scheduler).__name__}; supported: {supported}. "
+        f"Swap it with e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`."
+    )

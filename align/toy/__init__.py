@@ -1,4 +1,5 @@
 """The embedded toy text-to-image world (GenEval-shaped scenes of coloured shapes), its detector and tiny model."""
+
 from __future__ import annotations
 
 from pathlib import Path

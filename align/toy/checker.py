@@ -10,6 +10,7 @@ Detection (deterministic, no learned parts):
    same-area template (disk, square, triangle) that overlaps it best (:func:`classify_shape`), and
    its box is the component's pixel-edge bounding box.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,7 @@ def detect_objects(image: np.ndarray) -> list[dict]:
     brightness = image.max(axis=2)
     mask = brightness > FOREGROUND_THRESHOLD
     labels, _ = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-    min_area = MIN_AREA * height * width / RESOLUTION ** 2
+    min_area = MIN_AREA * height * width / RESOLUTION**2
     objects = []
     for idx, box in enumerate(ndimage.find_objects(labels), start=1):
         comp = labels[box] == idx
@@ -52,12 +53,22 @@ def detect_objects(image: np.ndarray) -> list[dict]:
         values = np.sort(brightness[box][comp])
         level = values[int(0.9 * (len(values) - 1))]  # 90th percentile: robust to a hot pixel
         core = comp & (brightness[box] > 0.5 * level)
-        objects.append({"color": color, "shape": classify_shape(comp, core), "area": area,
-                        "cx": float(xs.mean() + box[1].start + 0.5),
-                        "cy": float(ys.mean() + box[0].start + 0.5),
-                        "box": (float(box[1].start + xs.min()), float(box[0].start + ys.min()),
-                                float(box[1].start + xs.max() + 1), float(box[0].start + ys.max() + 1)),
-                        "mask": labels == idx})
+        objects.append(
+            {
+                "color": color,
+                "shape": classify_shape(comp, core),
+                "area": area,
+                "cx": float(xs.mean() + box[1].start + 0.5),
+                "cy": float(ys.mean() + box[0].start + 0.5),
+                "box": (
+                    float(box[1].start + xs.min()),
+                    float(box[0].start + ys.min()),
+                    float(box[1].start + xs.max() + 1),
+                    float(box[0].start + ys.max() + 1),
+                ),
+                "mask": labels == idx,
+            }
+        )
     return objects
 
 
@@ -68,9 +79,11 @@ def shape_templates(area: float, cx: float, cy: float, height: int, width: int) 
     dx, dy = xx - cx, yy - cy
     r_disk, half_side, r_tri = np.sqrt(area / np.pi), np.sqrt(area) / 2.0, np.sqrt(area / 2.0)
     depth = (dy + 4.0 * r_tri / 3.0) / (2.0 * r_tri)  # 0 at the apex, 1 at the base (centroid at 2/3)
-    return {"circle": dx * dx + dy * dy < r_disk * r_disk,
-            "square": (np.abs(dx) <= half_side) & (np.abs(dy) <= half_side),
-            "triangle": (depth >= 0) & (depth <= 1) & (np.abs(dx) <= depth * r_tri)}
+    return {
+        "circle": dx * dx + dy * dy < r_disk * r_disk,
+        "square": (np.abs(dx) <= half_side) & (np.abs(dy) <= half_side),
+        "triangle": (depth >= 0) & (depth <= 1) & (np.abs(dx) <= depth * r_tri),
+    }
 
 
 def classify_shape(*masks: np.ndarray) -> str:

@@ -7,6 +7,7 @@ filled in). :func:`score_images` feeds them with each prompt's GenEval metadata 
 :func:`align.toy.world.parse_prompt`, or given) to :func:`rewards.geneval.rules.evaluate`: the
 strict 0/1 verdict, the partial-credit score (satisfied checks / all checks) and the reason.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -26,8 +27,9 @@ TOY_SCORE = 1.0
 def detect(image: np.ndarray) -> list[Detection]:
     """Every object of a float [H, W, 3] image in [0, 1], largest first (ties keep scan order)."""
     objects = sorted(detect_objects(image), key=lambda o: -o["area"])
-    return [Detection(label=o["shape"], box=o["box"], score=TOY_SCORE, mask=o["mask"], color=o["color"])
-            for o in objects]
+    return [
+        Detection(label=o["shape"], box=o["box"], score=TOY_SCORE, mask=o["mask"], color=o["color"]) for o in objects
+    ]
 
 
 def toy_metadata(prompt: str, metadata: Optional[dict] = None) -> dict:
@@ -46,28 +48,35 @@ def score_image(image: torch.Tensor, prompt: str, metadata: Optional[dict] = Non
     return evaluate(toy_metadata(prompt, metadata), detect(arr), image=arr, colors=tuple(COLORS))
 
 
-def score_images(images: torch.Tensor, prompts: Sequence[str],
-                 metadata: Optional[Sequence[Optional[dict]]] = None) -> list[Verdict]:
+def score_images(
+    images: torch.Tensor, prompts: Sequence[str], metadata: Optional[Sequence[Optional[dict]]] = None
+) -> list[Verdict]:
     """:func:`score_image` over a [B, 3, H, W] batch; ``metadata[i]`` (or None) overrides the parse.
     Every record is built (and checked) before any image is scored."""
     if images.ndim != 4:
         raise ValueError(f"toy_geneval: expected images [B,3,H,W], got shape {tuple(images.shape)}")
     if images.shape[0] != len(prompts) or (metadata is not None and len(metadata) != len(prompts)):
-        raise ValueError(f"toy_geneval: {images.shape[0]} images but {len(prompts)} prompts"
-                         + (f" and {len(metadata)} metadata records" if metadata is not None else ""))
+        raise ValueError(
+            f"toy_geneval: {images.shape[0]} images but {len(prompts)} prompts"
+            + (f" and {len(metadata)} metadata records" if metadata is not None else "")
+        )
     records = [toy_metadata(p, None if metadata is None else metadata[i]) for i, p in enumerate(prompts)]
     return [score_image(img, p, rec) for img, p, rec in zip(images, prompts, records)]
 
 
-def score_batch(images: torch.Tensor, prompts: Sequence[str],
-                metadata: Optional[Sequence[Optional[dict]]] = None) -> dict:
+def score_batch(
+    images: torch.Tensor, prompts: Sequence[str], metadata: Optional[Sequence[Optional[dict]]] = None
+) -> dict:
     """Batch scores: ``strict`` and ``score`` float tensors [B], ``tag`` (list of str) and the
     ``verdicts`` themselves (reason, per-clause details)."""
     verdicts = score_images(images, prompts, metadata)
     tags = [toy_metadata(p, None if metadata is None else metadata[i])["tag"] for i, p in enumerate(prompts)]
-    return {"strict": torch.tensor([v.strict for v in verdicts], dtype=torch.float32),
-            "score": torch.tensor([v.score for v in verdicts], dtype=torch.float32),
-            "tag": tags, "verdicts": verdicts}
+    return {
+        "strict": torch.tensor([v.strict for v in verdicts], dtype=torch.float32),
+        "score": torch.tensor([v.score for v in verdicts], dtype=torch.float32),
+        "tag": tags,
+        "verdicts": verdicts,
+    }
 
 
 def per_tag(values: torch.Tensor, tags: Sequence[str]) -> dict[str, float]:

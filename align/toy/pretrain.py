@@ -14,6 +14,7 @@ The result goes through the same classes as SD1.5 (``StableDiffusionPipeline``) 
 how the shipped weights are regenerated. Checkpoints are atomic and ``--resume`` continues a run
 exactly (model, optimizer, EMA, RNG and data position).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,27 +30,35 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from align import checkpoint as ckpt
-from align.config import field
 from align.backbones.tokenizer import copy_bpe_files
+from align.config import field
 from align.toy import SHIPPED_PIPELINE_DIR
 from align.toy.evaluate import evaluate_pipeline
 from align.toy.world import RESOLUTION, render_batch, sample_scenes, tag_probabilities
 
-
 #: The shipped model's training mix: like a real text-to-image model's data, mostly single objects.
-DEFAULT_TAG_WEIGHTS = {"single_object": 0.4, "colors": 0.4, "counting": 0.05, "two_object": 0.05,
-                       "position": 0.05, "color_attr": 0.05}
+DEFAULT_TAG_WEIGHTS = {
+    "single_object": 0.4,
+    "colors": 0.4,
+    "counting": 0.05,
+    "two_object": 0.05,
+    "position": 0.05,
+    "color_attr": 0.05,
+}
 
 
 @dataclasses.dataclass
 class PretrainConfig:
     """Hyper-parameters of `align toy pretrain` (defaults produce the shipped weights)."""
+
     out_dir: str = field("runs/toy_pretrain", help="run directory (checkpoints, final pipeline, log)")
     seed: int = field(0, help="seed for the dataset, initialisation and training noise")
     dataset_size: int = field(20000, help="number of rendered training scenes")
-    tag_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TAG_WEIGHTS),
-                                          help="share of each GenEval tag in the training scenes (normalised): "
-                                               "mostly single objects, so composition is left for RL")
+    tag_weights: dict[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_TAG_WEIGHTS),
+        help="share of each GenEval tag in the training scenes (normalised): "
+        "mostly single objects, so composition is left for RL",
+    )
     vae_steps: int = field(300, help="VAE training steps (0 skips stage 1)")
     vae_batch_size: int = field(64, help="VAE batch size")
     vae_lr: float = field(1e-3, help="VAE learning rate")
@@ -67,8 +76,9 @@ class PretrainConfig:
     eval_images: int = field(96, help="images per evaluation")
     eval_steps: int = field(20, help="sampling steps per evaluation")
     eval_guidance: float = field(4.5, help="CFG scale of the evaluation")
-    num_threads: int = field(1, help="torch CPU threads (0: torch's default; 1 avoids oversubscription "
-                                     "when other jobs share the cores)")
+    num_threads: int = field(
+        1, help="torch CPU threads (0: torch's default; 1 avoids oversubscription when other jobs share the cores)"
+    )
     ship: bool = field(False, help="copy the final pipeline into the package (align/toy/weights)")
 
     def validate(self) -> None:
@@ -97,6 +107,7 @@ def _lr_lambda(cfg: PretrainConfig):
             return (step + 1) / cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return fn
 
 
@@ -128,7 +139,7 @@ def encode_dataset(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.T
     """Posterior mean and std of every training image (sampled per step, scaled by SD's factor)."""
     means, stds = [], []
     for i in range(0, len(images), batch):
-        dist = vae.encode(images[i:i + batch].float() / 127.5 - 1.0).latent_dist
+        dist = vae.encode(images[i : i + batch].float() / 127.5 - 1.0).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
@@ -136,8 +147,9 @@ def encode_dataset(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.T
 
 def _tokenize(pipe, prompts: list[str]) -> torch.Tensor:
     tok = pipe.tokenizer
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
+    return tok(
+        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def _save_state(run: Path, step: int, pipe, ema: EMAModel, opt, sched, gen: torch.Generator) -> None:
@@ -150,10 +162,17 @@ def _save_state(run: Path, step: int, pipe, ema: EMAModel, opt, sched, gen: torc
         ckpt.save_tensors(tmp / "optimizer.safetensors", opt_t)
         rng_t, rng_meta = ckpt.rng_state({"train": gen})
         ckpt.save_tensors(tmp / "rng.safetensors", rng_t)
-        ckpt.write_json(tmp / "state.json", {
-            "step": step, "optimizer": opt_meta, "scheduler": sched.state_dict(), "rng": rng_meta,
-            "ema": {"decay": ema.decay, "optimization_step": ema.optimization_step},
-            "vae_scaling_factor": pipe.vae.config.scaling_factor})
+        ckpt.write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "optimizer": opt_meta,
+                "scheduler": sched.state_dict(),
+                "rng": rng_meta,
+                "ema": {"decay": ema.decay, "optimization_step": ema.optimization_step},
+                "vae_scaling_factor": pipe.vae.config.scaling_factor,
+            },
+        )
 
 
 def _load_state(run: Path, pipe, ema: EMAModel, opt, sched, gen: torch.Generator) -> int:
@@ -166,15 +185,15 @@ def _load_state(run: Path, pipe, ema: EMAModel, opt, sched, gen: torch.Generator
     shadow = ckpt.load_tensors(d / "ema.safetensors")
     ema.shadow_params = [shadow[f"{i}"] for i in range(len(shadow))]
     ema.optimization_step = state["ema"]["optimization_step"]
-    opt.load_state_dict(ckpt.optimizer_state_join(ckpt.load_tensors(d / "optimizer.safetensors"),
-                                                  state["optimizer"]))
+    opt.load_state_dict(ckpt.optimizer_state_join(ckpt.load_tensors(d / "optimizer.safetensors"), state["optimizer"]))
     sched.load_state_dict(state["scheduler"])
     ckpt.restore_rng_state(ckpt.load_tensors(d / "rng.safetensors"), state["rng"], {"train": gen})
     return int(state["step"])
 
 
-def unet_step_loss(pipe, z0: torch.Tensor, prompts: list[str], cfg: PretrainConfig,
-                   gen: torch.Generator) -> torch.Tensor:
+def unet_step_loss(
+    pipe, z0: torch.Tensor, prompts: list[str], cfg: PretrainConfig, gen: torch.Generator
+) -> torch.Tensor:
     """Min-SNR-weighted ε-prediction loss on one batch of latents (see module docstring)."""
     sched = pipe.scheduler
     noise = torch.randn(z0.shape, generator=gen)
@@ -212,8 +231,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, log=print, stop_at_step:
     has_ckpt = (run / "checkpoint" / "state.json").is_file()
     if not (resume and has_ckpt) and cfg.vae_steps > 0:
         vae_losses = train_vae(pipe.vae, images, cfg, gen)
-        log(f"VAE: final loss {np.mean(vae_losses[-50:]):.5f}, "
-            f"scaling_factor {pipe.vae.config.scaling_factor:.4f}")
+        log(f"VAE: final loss {np.mean(vae_losses[-50:]):.5f}, scaling_factor {pipe.vae.config.scaling_factor:.4f}")
     pipe.vae.eval().requires_grad_(False)
 
     unet, te = pipe.unet, pipe.text_encoder

@@ -8,6 +8,7 @@ Position scenes are drawn until GenEval's position rule holds with a margin: the
 normalised offset of the subject from the reference is at least ``RELATION_MARGIN`` (the rule
 needs 0.5) along the asked direction.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,8 +68,9 @@ def relation_strength(box_a, box_b, relation: str) -> float:
 def _objects(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     """(shape, colour name) of every object to draw, in clause order."""
     palette = list(COLORS)
-    return [(o.shape, o.color or palette[int(rng.integers(len(palette)))])
-            for o in scene.objects for _ in range(o.count)]
+    return [
+        (o.shape, o.color or palette[int(rng.integers(len(palette)))]) for o in scene.objects for _ in range(o.count)
+    ]
 
 
 def _place(scene: Scene, n: int, rng: np.random.Generator, size: int) -> list[tuple[float, float, float]]:
@@ -82,8 +84,9 @@ def _place(scene: Scene, n: int, rng: np.random.Generator, size: int) -> list[tu
                 r = rng.uniform(*OBJECT_RADIUS) * scale
                 lo, hi = r + 1.0, size - 1.0 - r
                 cand = (rng.uniform(lo, hi), rng.uniform(lo, hi), r)
-                if all(np.hypot(cand[0] - o[0], cand[1] - o[1]) >= (cand[2] + o[2]) * 1.2 + MIN_GAP * scale
-                       for o in objs):
+                if all(
+                    np.hypot(cand[0] - o[0], cand[1] - o[1]) >= (cand[2] + o[2]) * 1.2 + MIN_GAP * scale for o in objs
+                ):
                     objs.append(cand)
                     break
             else:

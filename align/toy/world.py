@@ -20,6 +20,7 @@ a blue square"). Objects whose prompt names no colour get a palette colour drawn
 This module holds the grammar (the single source of the toy tokenizer's vocabulary) and prompt
 sampling; the renderer is :mod:`align.toy.render` (re-exported here).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,6 +55,7 @@ def vocabulary() -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Obj:
     """``count`` copies of one ``shape``, of one named ``color`` or (None) any palette colour."""
+
     shape: str
     count: int = 1
     color: Optional[str] = None
@@ -66,7 +68,7 @@ class Obj:
 
     @property
     def phrase(self) -> str:
-        """"a red circle", "three triangles"."""
+        """ "a red circle", "three triangles"."""
         words = ["a" if self.count == 1 else COUNT_WORDS[self.count]]
         words += [self.color] if self.color else []
         return " ".join(words + [self.shape + ("s" if self.count > 1 else "")])
@@ -83,6 +85,7 @@ class Obj:
 class Scene:
     """A toy prompt's structure: its ``tag``, its objects in prompt order and, for ``position``,
     the ``relation`` of ``objects[0]`` (the subject) to ``objects[1]`` (the reference)."""
+
     tag: str
     objects: tuple[Obj, ...]
     relation: Optional[str] = None
@@ -90,8 +93,9 @@ class Scene:
     def __post_init__(self) -> None:
         _check_word("tag", self.tag, TAGS)
         if (self.relation is not None) != (self.tag == "position"):
-            raise ValueError(f"toy scene: tag {self.tag!r} {'needs' if self.tag == 'position' else 'takes no'} "
-                             "relation")
+            raise ValueError(
+                f"toy scene: tag {self.tag!r} {'needs' if self.tag == 'position' else 'takes no'} relation"
+            )
         if self.relation is not None:
             _check_word("relation", self.relation, RELATIONS)
         if len(self.objects) != (1 if self.tag in ("single_object", "colors", "counting") else 2):
@@ -120,8 +124,9 @@ class Scene:
 
 def _check_word(attribute: str, value: object, valid: tuple) -> None:
     if value not in valid:
-        raise ValueError(f"toy prompt: {value!r} is not a valid {attribute}; "
-                         f"choose one of: {', '.join(map(str, valid))}")
+        raise ValueError(
+            f"toy prompt: {value!r} is not a valid {attribute}; choose one of: {', '.join(map(str, valid))}"
+        )
 
 
 _COUNT_OF = {"a": 1, "an": 1, **{w: n for n, w in COUNT_WORDS.items()}}
@@ -155,8 +160,9 @@ def parse_scene(prompt: str) -> Scene:
     text = _PREFIX_RE.sub("", " ".join(prompt.lower().split()))
     parts = _SPLIT_RE.split(text)
     if len(parts) not in (1, 3):
-        raise ValueError(f"toy prompt {prompt!r} has {len(parts) // 2} joining words; "
-                         "a toy prompt names one or two object phrases")
+        raise ValueError(
+            f"toy prompt {prompt!r} has {len(parts) // 2} joining words; a toy prompt names one or two object phrases"
+        )
     objects = tuple(_parse_phrase(prompt, p) for p in parts[::2])
     if len(objects) == 1:
         obj = objects[0]
@@ -210,8 +216,9 @@ def tag_probabilities(weights: Optional[dict[str, float]] = None) -> np.ndarray:
     return p / p.sum()
 
 
-def sample_scenes(n: int, generator: np.random.Generator,
-                  tag_weights: Optional[dict[str, float]] = None) -> list[Scene]:
+def sample_scenes(
+    n: int, generator: np.random.Generator, tag_weights: Optional[dict[str, float]] = None
+) -> list[Scene]:
     """``n`` scenes: a tag drawn by ``tag_weights`` (default: uniform), then a scene of that tag
     uniformly. Deterministic in ``generator``'s state."""
     p = tag_probabilities(tag_weights)
@@ -221,8 +228,7 @@ def sample_scenes(n: int, generator: np.random.Generator,
     return [pools[TAGS[t]][int(u * len(pools[TAGS[t]]))] for t, u in zip(tags, picks)]
 
 
-def sample_prompts(n: int, generator: np.random.Generator,
-                   tag_weights: Optional[dict[str, float]] = None) -> list[str]:
+def sample_prompts(n: int, generator: np.random.Generator, tag_weights: Optional[dict[str, float]] = None) -> list[str]:
     """The prompts of :func:`sample_scenes`."""
     return [s.prompt for s in sample_scenes(n, generator, tag_weights)]
 

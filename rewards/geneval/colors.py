@@ -7,6 +7,7 @@ of a {c}-colored {class}", "a photo of a {c} object") with open_clip's own
 class name; the colour is the argmax of the cosine similarity. The default model is ViT-L-14 with
 OpenAI's weights (QuickGELU), loaded from a local checkpoint, never from the hub.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,10 @@ BACKGROUND = "#999"
 TEMPLATES = ("a photo of a {{}} {cls}", "a photo of a {{}}-colored {cls}", "a photo of a {{}} object")
 #: open_clip architecture of a bare checkpoint file (OpenAI's ViT-L/14 uses QuickGELU)
 DEFAULT_ARCH = "ViT-L-14-quickgelu"
-CLIP_HELP = ("an open_clip ViT-L-14 checkpoint: a directory with open_clip_config.json + open_clip_model.safetensors "
-             "(e.g. timm/vit_large_patch14_clip_224.openai) or a .safetensors/.pt state-dict file")
+CLIP_HELP = (
+    "an open_clip ViT-L-14 checkpoint: a directory with open_clip_config.json + open_clip_model.safetensors "
+    "(e.g. timm/vit_large_patch14_clip_224.openai) or a .safetensors/.pt state-dict file"
+)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -58,16 +61,20 @@ class ClipColorClassifier:
 
     def __init__(self, path: str, device: str = "cpu", arch: str = DEFAULT_ARCH, batch_size: int = 16) -> None:
         import open_clip
+
         where = require_path(path, "clip_path", CLIP_HELP)
         if where.is_dir():
             if not (where / "open_clip_config.json").is_file():
-                raise ValueError(f"reward 'geneval': reward_args.geneval.clip_path: no open_clip_config.json in "
-                                 f"{str(where)!r}; it needs {CLIP_HELP}")
+                raise ValueError(
+                    f"reward 'geneval': reward_args.geneval.clip_path: no open_clip_config.json in "
+                    f"{str(where)!r}; it needs {CLIP_HELP}"
+                )
             name, pretrained = f"local-dir:{where}", None
         else:
             name, pretrained = arch, str(where)
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, weights_only=True)
+            name, pretrained=pretrained, device=device, weights_only=True
+        )
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         self.device, self.batch_size = device, int(batch_size)
@@ -78,9 +85,11 @@ class ClipColorClassifier:
         key = (class_name, tuple(colors))
         if key not in self._classifiers:
             from open_clip import build_zero_shot_classifier
+
             templates = [t.format(cls=class_name) for t in TEMPLATES]
             self._classifiers[key] = build_zero_shot_classifier(
-                self.model, self.tokenizer, list(colors), templates, num_classes_per_batch=None, device=self.device)
+                self.model, self.tokenizer, list(colors), templates, num_classes_per_batch=None, device=self.device
+            )
         return self._classifiers[key]
 
     @torch.no_grad()
@@ -88,11 +97,13 @@ class ClipColorClassifier:
         if not detections:
             return []
         if len({d.label for d in detections}) != 1:
-            raise ValueError(f"colour classification takes detections of one class, got {sorted({d.label for d in detections})}")
+            raise ValueError(
+                f"colour classification takes detections of one class, got {sorted({d.label for d in detections})}"
+            )
         weights = self.class_embeddings(detections[0].label, colors)
         out: list[str] = []
         for start in range(0, len(detections), self.batch_size):
-            crops = [self.preprocess(masked_crop(image, d)) for d in detections[start:start + self.batch_size]]
+            crops = [self.preprocess(masked_crop(image, d)) for d in detections[start : start + self.batch_size]]
             features = self.model.encode_image(torch.stack(crops).to(self.device), normalize=True)
             out += [colors[i] for i in (features @ weights).argmax(dim=1).tolist()]
         return out

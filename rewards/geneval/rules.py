@@ -19,6 +19,7 @@ check, a colour check when it has ``color`` and a position check when it has ``p
 clause contributes one check; score = satisfied / total. A check that is not reached (colour after a
 failed count, position after a failed count/colour or an unmatched target) counts as failed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +34,11 @@ _CLAUSE_KEYS = {"include": {"class", "count", "color", "position"}, "exclude": {
 
 @dataclasses.dataclass(frozen=True)
 class Detection:
-    label: str                                  # class name ("circle", or a COCO name "dog")
-    box: tuple[float, float, float, float]      # x0, y0, x1, y1 in pixels (x right, y down)
-    score: float                                # detector confidence in [0, 1]
-    mask: Optional[np.ndarray] = None           # bool [H, W] instance mask, if the detector has one
-    color: Optional[str] = None                 # colour already read by the detector; None: ask the classifier
+    label: str  # class name ("circle", or a COCO name "dog")
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels (x right, y down)
+    score: float  # detector confidence in [0, 1]
+    mask: Optional[np.ndarray] = None  # bool [H, W] instance mask, if the detector has one
+    color: Optional[str] = None  # colour already read by the detector; None: ask the classifier
 
 
 class ColorClassifier(Protocol):
@@ -49,33 +50,37 @@ class ColorClassifier(Protocol):
 @dataclasses.dataclass(frozen=True)
 class RuleConfig:
     """The spec's numbers (GenEval's ``--options`` defaults)."""
-    threshold: float = 0.3            # confidence a detection must exceed
-    counting_threshold: float = 0.9   # ... when the prompt's tag is "counting"
-    max_objects: int = 16             # per class, most confident first
-    position_threshold: float = 0.1   # offset shrink, × (dim_a + dim_b) per axis
+
+    threshold: float = 0.3  # confidence a detection must exceed
+    counting_threshold: float = 0.9  # ... when the prompt's tag is "counting"
+    max_objects: int = 16  # per class, most confident first
+    position_threshold: float = 0.1  # offset shrink, × (dim_a + dim_b) per axis
     direction_threshold: float = 0.5  # |normalised shrunk offset| an axis must exceed
-    max_overlap: float = 1.0          # IoU overlap filter per class; 1.0: off
+    max_overlap: float = 1.0  # IoU overlap filter per class; 1.0: off
 
 
 @dataclasses.dataclass
 class Verdict:
-    strict: float      # 1.0 if every clause holds, else 0.0 (GenEval's `correct`)
-    score: float       # partial credit: satisfied checks / all checks, in [0, 1]
-    reason: str        # GenEval-style reason text ("" when correct)
-    details: dict      # {"detected": {class: [[x0, y0, x1, y1, score], ...]}, "checks": [...]}, JSON-serialisable
+    strict: float  # 1.0 if every clause holds, else 0.0 (GenEval's `correct`)
+    score: float  # partial credit: satisfied checks / all checks, in [0, 1]
+    reason: str  # GenEval-style reason text ("" when correct)
+    details: dict  # {"detected": {class: [[x0, y0, x1, y1, score], ...]}, "checks": [...]}, JSON-serialisable
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """IoU with GenEval's inclusive pixel areas, (x1 - x0 + 1)(y1 - y0 + 1)."""
+
     def area(box):
         return max(box[2] - box[0] + 1, 0) * max(box[3] - box[1] + 1, 0)
+
     inter = area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
     union = area(a) + area(b) - inter
     return inter / union if union else 0.0
 
 
-def keep_detections(detections: Sequence[Detection], tag: str,
-                    config: RuleConfig = RuleConfig()) -> dict[str, list[Detection]]:
+def keep_detections(
+    detections: Sequence[Detection], tag: str, config: RuleConfig = RuleConfig()
+) -> dict[str, list[Detection]]:
     """Rule 1: per class, confidence > threshold (counting tag: > counting_threshold), most confident
     first, at most ``max_objects``, then the greedy overlap filter when ``max_overlap < 1``."""
     threshold = config.counting_threshold if tag == "counting" else config.threshold
@@ -84,7 +89,7 @@ def keep_detections(detections: Sequence[Detection], tag: str,
         by_class.setdefault(det.label, []).append(det)
     kept = {}
     for label, dets in by_class.items():
-        ordered = sorted((d for d in dets if d.score > threshold), key=lambda d: -d.score)[:config.max_objects]
+        ordered = sorted((d for d in dets if d.score > threshold), key=lambda d: -d.score)[: config.max_objects]
         out: list[Detection] = []
         while ordered:
             best = ordered.pop(0)
@@ -112,19 +117,36 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float], config: Ru
     return {rel for rel, holds in zip(RELATIONS, (dx < -t, dx > t, dy < -t, dy > t)) if holds}
 
 
-def _colors_of(found: list[Detection], image: Optional[np.ndarray], classify: Optional[ColorClassifier],
-               colors: Sequence[str], prompt: str) -> list[str]:
+def _colors_of(
+    found: list[Detection],
+    image: Optional[np.ndarray],
+    classify: Optional[ColorClassifier],
+    colors: Sequence[str],
+    prompt: str,
+) -> list[str]:
     """The detector's own colour reads, or the classifier's on the image."""
     if all(d.color is not None for d in found):
         return [d.color for d in found]
     if classify is None or image is None:
-        raise ValueError(f"prompt {prompt!r}: a colour clause needs the image and a colour classifier "
-                         "(the detections carry no colour)")
+        raise ValueError(
+            f"prompt {prompt!r}: a colour clause needs the image and a colour classifier "
+            "(the detections carry no colour)"
+        )
     return list(classify(image, found, colors))
 
 
-def _include_clause(req: dict, kept: dict, matched: list, checks: list, reason: list, image, classify,
-                    colors: Sequence[str], config: RuleConfig, prompt: str) -> bool:
+def _include_clause(
+    req: dict,
+    kept: dict,
+    matched: list,
+    checks: list,
+    reason: list,
+    image,
+    classify,
+    colors: Sequence[str],
+    config: RuleConfig,
+    prompt: str,
+) -> bool:
     """Rules 2-4 for one include clause; appends its checks and reasons; True when it matched."""
     name, count = req["class"], req["count"]
     found = kept.get(name, [])[:count]
@@ -137,8 +159,10 @@ def _include_clause(req: dict, kept: dict, matched: list, checks: list, reason: 
         color_ok = ok and got.count(req["color"]) >= count
         checks.append({"clause": "include", "class": name, "check": "color", "ok": color_ok})
         if ok and not color_ok:
-            reason.append(f"expected {req['color']} {name}>={count}, found {got.count(req['color'])} {req['color']}; "
-                          "and " + ", ".join(f"{got.count(c)} {c}" for c in colors if c in got))
+            reason.append(
+                f"expected {req['color']} {name}>={count}, found {got.count(req['color'])} {req['color']}; "
+                "and " + ", ".join(f"{got.count(c)} {c}" for c in colors if c in got)
+            )
         ok = color_ok
     if "position" in req:
         relation, target = req["position"]
@@ -148,11 +172,15 @@ def _include_clause(req: dict, kept: dict, matched: list, checks: list, reason: 
         elif ok:
             pos_ok = True
             for obj in found:
-                bad = next((t for t in matched[target] if relation not in relative_position(obj.box, t.box, config)), None)
+                bad = next(
+                    (t for t in matched[target] if relation not in relative_position(obj.box, t.box, config)), None
+                )
                 if bad is not None:
                     found_rels = relative_position(obj.box, bad.box, config)
-                    reason.append(f"expected {name} {relation} target, found "
-                                  f"{' and '.join(r for r in RELATIONS if r in found_rels)} target")
+                    reason.append(
+                        f"expected {name} {relation} target, found "
+                        f"{' and '.join(r for r in RELATIONS if r in found_rels)} target"
+                    )
                     pos_ok = False
                     break
         checks.append({"clause": "include", "class": name, "check": "position", "ok": pos_ok})
@@ -161,9 +189,15 @@ def _include_clause(req: dict, kept: dict, matched: list, checks: list, reason: 
     return ok
 
 
-def evaluate(metadata: dict, detections: Sequence[Detection], *, image: Optional[np.ndarray] = None,
-             classify_colors: Optional[ColorClassifier] = None, colors: Sequence[str] = GENEVAL_COLORS,
-             config: RuleConfig = RuleConfig()) -> Verdict:
+def evaluate(
+    metadata: dict,
+    detections: Sequence[Detection],
+    *,
+    image: Optional[np.ndarray] = None,
+    classify_colors: Optional[ColorClassifier] = None,
+    colors: Sequence[str] = GENEVAL_COLORS,
+    config: RuleConfig = RuleConfig(),
+) -> Verdict:
     """GenEval's verdict on one image (module docstring: rules 1-6 and the partial-credit rule)."""
     prompt = metadata.get("prompt", "?")
     kept = keep_detections(detections, metadata.get("tag", ""), config)
@@ -182,8 +216,12 @@ def evaluate(metadata: dict, detections: Sequence[Detection], *, image: Optional
             reason.append(f"expected {req['class']}<{req['count']}, found {n}")
     satisfied = sum(c["ok"] for c in checks)
     detected = {name: [[float(v) for v in d.box] + [float(d.score)] for d in dets] for name, dets in kept.items()}
-    return Verdict(strict=float(correct), score=satisfied / len(checks) if checks else float(correct),
-                   reason="\n".join(reason), details={"detected": detected, "checks": checks})
+    return Verdict(
+        strict=float(correct),
+        score=satisfied / len(checks) if checks else float(correct),
+        reason="\n".join(reason),
+        details={"detected": detected, "checks": checks},
+    )
 
 
 def validate_metadata(metadata: dict, classes: Sequence[str], colors: Sequence[str] = GENEVAL_COLORS) -> None:
@@ -224,4 +262,6 @@ def validate_metadata(metadata: dict, classes: Sequence[str], colors: Sequence[s
                 if pos[0] not in RELATIONS:
                     raise ValueError(f"{at}: unknown relation {pos[0]!r}; known: {', '.join(RELATIONS)}")
                 if isinstance(pos[1], bool) or not isinstance(pos[1], int) or not 0 <= pos[1] < i:
-                    raise ValueError(f"{at}: position index {pos[1]!r} must point at an earlier include clause (0..{i - 1})")
+                    raise ValueError(
+                        f"{at}: position index {pos[1]!r} must point at an earlier include clause (0..{i - 1})"
+                    )

@@ -1,9 +1,9 @@
 """The plugin's own tests: known answers on flat images; usable through align's registry when installed."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from align_reward_brightness import Brightness
 
 

@@ -1,5 +1,6 @@
 """The shipped GenEval prompt set (MIT, see LICENSE and README.md beside this file): 553 metadata
 records and the 80 COCO class names, read with importlib.resources so they work from a wheel."""
+
 from __future__ import annotations
 
 import functools
