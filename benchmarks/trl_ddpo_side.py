@@ -49,6 +49,17 @@ def timed(store: dict, key: str, fn):
     return wrapper
 
 
+def reload_text_encoder(text_encoder, model_dir: str) -> None:
+    """Load the saved CLIP text encoder's weights for real. transformers 5 saves ``CLIPTextModel`` keys
+    without the ``text_model.`` prefix, and transformers 4.55 then initialises every weight afresh with
+    only a warning ("Some weights ... newly initialized"); here the prefix is put back and loaded strictly."""
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(model_dir, "text_encoder", "model.safetensors"))
+    prefix = "text_model."
+    state = {k if k.startswith(prefix) else prefix + k: v for k, v in state.items()}
+    text_encoder.load_state_dict(state, strict=True)
+
+
 def build_trainer(spec: dict, logdir: str):
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
     samples, batch = spec["samples"], spec["batch"]
@@ -62,6 +73,7 @@ def build_trainer(spec: dict, logdir: str):
         train_timestep_fraction=1.0, train_cfg=True, per_prompt_stat_tracking=True, async_reward_computation=False,
         allow_tf32=False)
     pipe = DefaultDDPOStableDiffusionPipeline(spec["model_dir"], use_lora=True)
+    reload_text_encoder(pipe.sd_pipeline.text_encoder, spec["model_dir"])
     pipe.sd_pipeline.set_progress_bar_config(disable=True)
     rng = random.Random(spec["seed"])
     prompts = spec["prompts"]

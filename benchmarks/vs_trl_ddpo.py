@@ -229,6 +229,7 @@ def measure_floor(shape: Shape, model_dir: Path, prompts: list[str], repeats: in
     torch.set_num_threads(shape.threads)
     pipe = load_model(ModelConfig(source=str(model_dir)))
     attach_lora(pipe, "policy", rank=shape.lora_rank, alpha=float(shape.lora_rank))
+    lora_params = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
     pipe.set_progress_bar_config(disable=True)
     batch_prompts = [prompts[i % len(prompts)] for i in range(shape.samples)]
 
@@ -257,7 +258,8 @@ def measure_floor(shape: Shape, model_dir: Path, prompts: list[str], repeats: in
             timings[key].append(time.perf_counter() - start)
     med = {k: statistics.median(v[1:]) for k, v in timings.items()}
     how = f"batches of {shape.batch}" if med["batched"] <= med["whole"] else f"one batch of {shape.samples}"
-    return {"sampling": min(med["batched"], med["whole"]), "sampling_how": how, "forward": med["forward"], **med}
+    return {"sampling": min(med["batched"], med["whole"]), "sampling_how": how, "forward": med["forward"],
+            "lora_params": lora_params, **med}
 
 
 def _loadavg() -> str:
@@ -318,6 +320,11 @@ def summary(result: dict) -> str:
     out = ["per run (median over each run's measured iterations):", format_table(runs, trl_sps), "",
            "per side:", format_table(pooled, trl_sps), "",
            format_floor(result["floor"], {p["name"].split(" (")[0]: p["seconds"] for p in pooled})]
+    trl_lora = next((r["lora"] for r in runs if "lora" in r), None)
+    if trl_lora:
+        out.append(f"\ntrainable LoRA parameters: ours {result['floor']['lora_params']}, TRL "
+                   f"{trl_lora['trainable_params']} (TRL's ranks {trl_lora['lora_ranks']}); TRL "
+                   f"{next(r['versions'] for r in runs if 'versions' in r)}")
     ours = next((p for p in pooled if p["name"].startswith("ours in-process")), None)
     if ours and trl_sps:
         ratio = ours["samples_per_s"] / trl_sps
