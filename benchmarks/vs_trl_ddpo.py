@@ -186,14 +186,21 @@ def _ours_worker(spec_file: str, out_file: str) -> None:
             log_times.append(time.perf_counter())
             cpu_times.append(time.process_time())
 
-    state = train(cfg, log=log)
+    if spec.get("profile"):  # cProfile of the whole run (the caller prints the update path's top entries)
+        import cProfile
+        profiler = cProfile.Profile()
+        state = profiler.runcall(train, cfg, log=log)
+        profiler.dump_stats(spec["profile"])
+    else:
+        state = train(cfg, log=log)
     Path(out_file).write_text(json.dumps({"history": state.history, "log_times": log_times, "cpu_times": cpu_times}))
 
 
-def run_ours(shape: Shape, model_dir: Path, prompts_file: Path, work: Path, tag: str, rollout_workers: int) -> dict:
+def run_ours(shape: Shape, model_dir: Path, prompts_file: Path, work: Path, tag: str, rollout_workers: int,
+             profile: Optional[Path] = None) -> dict:
     spec, out = work / f"{tag}.spec.json", work / f"{tag}.json"
     overrides = our_overrides(shape, model_dir, prompts_file, work / f"{tag}.run", rollout_workers)
-    spec.write_text(json.dumps({"overrides": overrides}))
+    spec.write_text(json.dumps({"overrides": overrides, "profile": str(profile) if profile else None}))
     _child([sys.executable, __file__, "--ours-worker", str(spec), str(out)], shape.threads)
     data = json.loads(out.read_text())
     its = ours_iterations(data["history"], data["log_times"], data["cpu_times"])
@@ -259,7 +266,22 @@ def measure_floor(shape: Shape, model_dir: Path, prompts: list[str], repeats: in
     med = {k: statistics.median(v[1:]) for k, v in timings.items()}
     how = f"batches of {shape.batch}" if med["batched"] <= med["whole"] else f"one batch of {shape.samples}"
     return {"sampling": min(med["batched"], med["whole"]), "sampling_how": how, "forward": med["forward"],
-            "lora_params": lora_params, **med}
+            "lora_params": lora_params, **{f"{k}_seconds": v for k, v in med.items()}}
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    """The run's top functions by cumulative time, restricted to the update path (learner, algos, train)."""
+    import pstats
+    print(f"cProfile of one in-process run ({path}); top {top} by cumulative time in align/:", flush=True)
+    pstats.Stats(str(path)).sort_stats("cumulative").print_stats(r"align[/\\]", top)
+
+
+def _floor_child(shape: Shape, model_dir: Path, prompts: list[str], work: Path, tag: str) -> dict:
+    """:func:`measure_floor` in a child process with the shape's thread count (as each side's runs)."""
+    spec, out = work / f"{tag}.spec.json", work / f"{tag}.json"
+    spec.write_text(json.dumps({"shape": dataclasses.asdict(shape), "model_dir": str(model_dir), "prompts": prompts}))
+    _child([sys.executable, __file__, "--floor-worker", str(spec), str(out)], shape.threads)
+    return json.loads(out.read_text())
 
 
 def _loadavg() -> str:
@@ -292,15 +314,23 @@ def run_all(shape: Shape, args: argparse.Namespace) -> dict:
               f"training {result['training']:.3f} s, iteration {result['seconds']:.3f} s "
               f"(load {before} -> {_loadavg()})", flush=True)
 
-    for p in range(args.pairs):  # A B A B
+    floors = []
+    for p in range(args.pairs):  # A B A B, the floor measured after each pair (the load drifts)
         record(f"TRL DDPOTrainer #{p + 1}", lambda: run_trl(shape, venv["python"], model_dir, prompts, work,
                                                              f"trl{p}"))
         record(f"ours in-process #{p + 1}", lambda: run_ours(shape, model_dir, prompts_file, work, f"ours{p}", 0))
+        floors.append(_floor_child(shape, model_dir, prompts, work, f"floor{p}"))
     for p in range(args.ray_runs):
         record(f"ours, 2 Ray rollout actors #{p + 1}",
                lambda: run_ours(shape, model_dir, prompts_file, work, f"ray{p}", 2))
-    floor = measure_floor(shape, model_dir, prompts)
-    result = {"shape": dataclasses.asdict(shape), "venv": venv, "runs": runs, "floor": floor, "work": str(work)}
+    if args.profile:
+        profile = work / "ours.prof"
+        run_ours(shape, model_dir, prompts_file, work, "profile", 0, profile=profile)
+        print_profile(profile)
+    floor = {k: (statistics.median(f[k] for f in floors) if isinstance(floors[0][k], float) else floors[0][k])
+             for k in floors[0]}
+    floor["sampling_how"] = "min of batches of 4 and one batch of 8"
+    result = {"floors": floors, "shape": dataclasses.asdict(shape), "venv": venv, "runs": runs, "floor": floor, "work": str(work)}
     (work / "results.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -344,10 +374,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--threads", type=int, default=Shape.threads, help="torch threads of each side")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the trl 0.21 venv (created if missing)")
     ap.add_argument("--out", type=Path, default=None, help="work directory (pipeline, runs, results.json)")
+    ap.add_argument("--profile", action="store_true", help="also one run of ours under cProfile (printed)")
     ap.add_argument("--ours-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--floor-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ours_worker:
         _ours_worker(*args.ours_worker)
+        return
+    if args.floor_worker:
+        spec = json.loads(Path(args.floor_worker[0]).read_text())
+        floor = measure_floor(Shape(**spec["shape"]), Path(spec["model_dir"]), spec["prompts"])
+        Path(args.floor_worker[1]).write_text(json.dumps(floor))
         return
     shape = Shape(iterations=args.iterations, warmup=args.warmup, threads=args.threads)
     shape.validate()
