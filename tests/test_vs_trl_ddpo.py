@@ -119,3 +119,26 @@ def test_trl_side_trains_two_epochs_with_rank4_lora(model_dir: Path, tmp_path: P
     out = json.loads((tmp_path / "out.json").read_text())
     assert len(out["epochs"]) == 2 and out["global_step"] == 4  # 8 samples / minibatch 4, per epoch
     assert out["lora"]["rank_matches"] and out["versions"]["trl"] == "0.21.0"
+
+
+@pytest.mark.slow
+def test_trl_venv_reads_the_same_text_encoder_weights_as_ours(model_dir: Path) -> None:
+    """transformers 4.55 would re-initialise the transformers-5 save; the TRL side's strict reload makes the
+    prompt embeddings agree (float32, same ops: tolerance of a few ulps of O(1) values)."""
+    python = trl_venv.ensure_venv()["python"]
+    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import trl_ddpo_side as t; "
+            "from diffusers import StableDiffusionPipeline; p = StableDiffusionPipeline.from_pretrained(sys.argv[1]); "
+            "t.reload_text_encoder(p.text_encoder, sys.argv[1]); "
+            "ids = p.tokenizer(['a red circle'], padding='max_length', max_length=16, return_tensors='pt').input_ids; "
+            "print(json.dumps({'ids': ids[0].tolist(), 'emb': p.text_encoder(ids)[0][0].tolist()}))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([python, "-c", code, str(model_dir), str(ROOT / "benchmarks")], capture_output=True,
+                          text=True, check=True, env=env, timeout=300)
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    pipe = load_model(ModelConfig(source=str(model_dir)))
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    assert ids[0].tolist() == theirs["ids"]
+    with torch.no_grad():
+        ours = pipe.text_encoder(ids)[0][0]
+    torch.testing.assert_close(torch.tensor(theirs["emb"]), ours, rtol=1e-5, atol=1e-5)
