@@ -330,7 +330,8 @@ def run_all(shape: Shape, args: argparse.Namespace) -> dict:
     floor = {k: (statistics.median(f[k] for f in floors) if isinstance(floors[0][k], float) else floors[0][k])
              for k in floors[0]}
     floor["sampling_how"] = "min of batches of 4 and one batch of 8"
-    result = {"floors": floors, "shape": dataclasses.asdict(shape), "venv": venv, "runs": runs, "floor": floor, "work": str(work)}
+    result = {"shape": dataclasses.asdict(shape), "venv": venv, "runs": runs, "floor": floor, "floors": floors,
+              "work": str(work)}
     (work / "results.json").write_text(json.dumps(result, indent=1))
     return result
 
