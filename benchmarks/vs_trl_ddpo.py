@@ -1,0 +1,398 @@
+"""Ours vs TRL's ``DDPOTrainer`` at the same shape (issue 16 §2), alternating runs, with the physical floor.
+
+Both sides load one tiny SD pipeline, built here from configs and saved to a local directory (a UNet with
+8×8×4 latents and channels (32, 64), a VAE with factor 8 so 64 px images, a 2-layer CLIP text encoder and
+the toy tokenizer). The shape is TRL's DDPO defaults scaled down: 10 DDIM steps, η = 1, CFG 5, LoRA r = 4
+on to_q/k/v/out.0, 8 samples per iteration sampled in batches of 4 and trained in minibatches of 4, every
+timestep trained, lr 3e-4, clip 1e-4, JPEG compressibility at quality 95, torch on 2 threads.
+
+- TRL: trl 0.21.0 in its own venv (``benchmarks/trl_venv.py``), ``benchmarks/trl_ddpo_side.py`` there.
+- Ours: ``align train algo=ddpo`` (the CLI's default config plus the overrides of :func:`our_overrides`),
+  in a subprocess of this interpreter calling :func:`align.train.train`, in-process rollouts
+  (``ray.num_rollout_workers=0``), and once with the default 2 Ray rollout actors (``--ray-runs``).
+
+Runs alternate TRL, ours, TRL, ours (``--pairs``); each run does ``--iterations`` iterations of which the
+first ``--warmup`` are dropped, and reports the median over the rest. An iteration is the full period:
+ours from one iteration's log line to the next (checkpoint included), TRL's one ``trainer.step``.
+"sampling" is the rollouts with their reward, "training" the rest of the iteration.
+
+Physical floor (same process, same pipeline with the LoRA attached): sampling cannot beat a raw
+diffusers ``pipe()`` call for the 8 samples; training cannot beat 2–3× a forward pass (with grad) over the
+trained steps (CFG batch, every step, every sample).
+
+    python benchmarks/vs_trl_ddpo.py [--pairs 2] [--iterations 5] [--ray-runs 1] [--venv DIR] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 1.3  # ours ≥ 1.3× TRL's samples/s (issue 16 §2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The benchmark's shape, shared by both sides."""
+    steps: int = 10
+    eta: float = 1.0
+    guidance: float = 5.0
+    lora_rank: int = 4
+    samples: int = 8             # per iteration
+    batch: int = 4               # sampling batch and training minibatch
+    prompts_per_iteration: int = 2
+    lr: float = 3e-4
+    clip: float = 1e-4
+    adv_clip: float = 5.0
+    max_grad_norm: float = 1.0
+    jpeg_quality: int = 95
+    threads: int = 2
+    iterations: int = 5
+    warmup: int = 1
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.samples % self.batch or self.samples % self.prompts_per_iteration:
+            raise ValueError(f"samples ({self.samples}) must be a multiple of batch ({self.batch}) and of "
+                             f"prompts_per_iteration ({self.prompts_per_iteration})")
+        if not 0 <= self.warmup < self.iterations:
+            raise ValueError(f"warmup must be in [0, iterations), got {self.warmup} of {self.iterations}")
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """SD1.5-class pipeline for this shape: UNet (32, 64) on 8×8×4 latents, 4-block VAE (factor 8: 64 px),
+    2-layer CLIP text encoder of width 32, the toy tokenizer, DDIM with SD1.5's schedule."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from align.backbones.presets import clip_text_encoder, sd_pipeline, tiny_vae
+    from align.backbones.tokenizer import toy_tokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = toy_tokenizer()
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                    layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=8, norm_num_groups=16)
+        vae = tiny_vae((16, 16, 16, 16), sample_size=64)
+        return sd_pipeline(unet, vae, clip_text_encoder(tokenizer, 32), tokenizer, "epsilon")
+
+
+def save_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
+    """``save_pretrained`` of :func:`build_tiny_pipeline`, with the tokenizer's BPE files for transformers 4.x."""
+    from align.backbones.tokenizer import copy_bpe_files
+    build_tiny_pipeline(seed).save_pretrained(directory)
+    copy_bpe_files(Path(directory) / "tokenizer")
+    return Path(directory)
+
+
+def our_overrides(shape: Shape, model_dir: Path, prompts_file: Path, run_dir: Path,
+                  rollout_workers: int = 0) -> list[str]:
+    """``align train algo=ddpo`` overrides for the shape (on top of the CLI's default config)."""
+    ray = ["ray.num_rollout_workers=0", "ray.num_reward_workers=0"] if rollout_workers == 0 else \
+        [f"ray.num_rollout_workers={rollout_workers}"]
+    return ["algo=ddpo", f"model.source={model_dir}", f"trainer.prompts={prompts_file}",
+            f"sampler.num_inference_steps={shape.steps}", f"sampler.eta={shape.eta}",
+            f"sampler.guidance_scale={shape.guidance}", "sampler.logprob_reduce=mean",
+            f"lora.rank={shape.lora_rank}", f"lora.alpha={float(shape.lora_rank)}",
+            f"trainer.iterations={shape.iterations}", f"trainer.prompts_per_iteration={shape.prompts_per_iteration}",
+            f"trainer.samples_per_prompt={shape.samples // shape.prompts_per_iteration}",
+            f"trainer.minibatch_size={shape.batch}", f"ray.chunk_size={shape.batch}", "trainer.epochs=1",
+            "trainer.timestep_fraction=1.0", "trainer.step_window=1.0", f"trainer.lr={shape.lr}",
+            f"trainer.clip_range={shape.clip}", f"trainer.adv_clip={shape.adv_clip}",
+            f"trainer.max_grad_norm={shape.max_grad_norm}", "trainer.kl_coef=0.0",
+            f"trainer.num_threads={shape.threads}", f"trainer.seed={shape.seed}",
+            "rewards=[jpeg_compressibility:1.0]", f"reward_args.jpeg_compressibility.quality={shape.jpeg_quality}",
+            "eval_every=0", "final_eval_prompts=0", f"run_dir={run_dir}", *ray]
+
+
+def trl_spec(shape: Shape, model_dir: Path, prompts: list[str]) -> dict:
+    """The JSON that ``benchmarks/trl_ddpo_side.py`` reads."""
+    return {**dataclasses.asdict(shape), "model_dir": str(model_dir), "prompts": list(prompts)}
+
+
+def median_phases(iterations: list[dict], samples: int) -> dict:
+    """Median seconds per iteration of each phase, and samples/s from the median full iteration."""
+    keys = iterations[0].keys()
+    med = {k: statistics.median(it[k] for it in iterations) for k in keys}
+    return {**med, "samples_per_s": samples / med["seconds"]}
+
+
+def ours_iterations(history: list[dict], log_times: list[float], cpu_times: list[float]) -> list[dict]:
+    """Per-iteration phases of our run: the full period between consecutive log lines (so each iteration
+    but the first also pays the previous one's checkpoint), sampling = rollouts + reward, training = rest."""
+    out = []
+    for k in range(1, len(history)):
+        period = log_times[k] - log_times[k - 1]
+        out.append({"seconds": period, "cpu_seconds": cpu_times[k] - cpu_times[k - 1],
+                    "sampling": history[k]["rollout_seconds"],
+                    "training": period - history[k]["rollout_seconds"],
+                    "after_record": period - history[k]["seconds"],
+                    **{key: v for key, v in history[k].items() if key.startswith("timing/")}})
+    return out
+
+
+def trl_iterations(epochs: list[dict]) -> list[dict]:
+    """Per-epoch phases of TRL's run: sampling = ``_generate_samples`` + ``compute_rewards``, training = rest."""
+    return [{"seconds": e["seconds"], "cpu_seconds": e["cpu_seconds"], "sampling": e["sampling"] + e["reward"],
+             "training": e["seconds"] - e["sampling"] - e["reward"], "update": e["update"]} for e in epochs]
+
+
+def format_table(rows: list[dict], trl_sps: Optional[float]) -> str:
+    """Markdown table: one row per run, ``{"name", "samples_per_s", "sampling", "training", "seconds"}``."""
+    lines = ["| run | samples/s | sampling s/it | training s/it | iteration s | CPU s/it (this process) "
+             "| vs TRL samples/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['samples_per_s'] / trl_sps:.2f}" if trl_sps else "–"
+        lines.append(f"| {r['name']} | {r['samples_per_s']:.2f} | {r['sampling']:.3f} | {r['training']:.3f} | "
+                     f"{r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def format_floor(floor: dict, iteration_s: dict[str, float]) -> str:
+    """The floor lines and, per side, iteration time ÷ floor (with the 2× and the 3× forward training floor)."""
+    f2, f3 = floor["sampling"] + 2 * floor["forward"], floor["sampling"] + 3 * floor["forward"]
+    lines = [f"physical floor: sampling {floor['sampling']:.3f} s (raw pipe(), {floor['sampling_how']}), "
+             f"training 2–3× forward {2 * floor['forward']:.3f}–{3 * floor['forward']:.3f} s "
+             f"(forward with grad over the trained steps {floor['forward']:.3f} s); iteration floor "
+             f"{f2:.3f}–{f3:.3f} s",
+             "| side | iteration s | ÷ floor (2× fwd) | ÷ floor (3× fwd) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {s:.3f} | {s / f2:.2f} | {s / f3:.2f} |" for name, s in iteration_s.items()]
+    return "\n".join(lines)
+
+
+def _ours_worker(spec_file: str, out_file: str) -> None:
+    """Child process: one ``align train`` run, timed; writes history + log timestamps as JSON."""
+    spec = json.loads(Path(spec_file).read_text())
+    from align.cli import DEFAULT_TRAIN_CONFIG
+    from align.config import load_config
+    from align.train import train
+    from align.train_config import TrainConfig
+    cfg = load_config(TrainConfig, DEFAULT_TRAIN_CONFIG, spec["overrides"])
+    log_times: list[float] = []
+    cpu_times: list[float] = []
+
+    def log(line: str) -> None:
+        if line.startswith("it "):
+            log_times.append(time.perf_counter())
+            cpu_times.append(time.process_time())
+
+    if spec.get("profile"):  # cProfile of the whole run (the caller prints the update path's top entries)
+        import cProfile
+        profiler = cProfile.Profile()
+        state = profiler.runcall(train, cfg, log=log)
+        profiler.dump_stats(spec["profile"])
+    else:
+        state = train(cfg, log=log)
+    Path(out_file).write_text(json.dumps({"history": state.history, "log_times": log_times, "cpu_times": cpu_times}))
+
+
+def run_ours(shape: Shape, model_dir: Path, prompts_file: Path, work: Path, tag: str, rollout_workers: int,
+             profile: Optional[Path] = None) -> dict:
+    spec, out = work / f"{tag}.spec.json", work / f"{tag}.json"
+    overrides = our_overrides(shape, model_dir, prompts_file, work / f"{tag}.run", rollout_workers)
+    spec.write_text(json.dumps({"overrides": overrides, "profile": str(profile) if profile else None}))
+    _child([sys.executable, __file__, "--ours-worker", str(spec), str(out)], shape.threads)
+    data = json.loads(out.read_text())
+    its = ours_iterations(data["history"], data["log_times"], data["cpu_times"])
+    return median_phases(its[shape.warmup - 1:] if shape.warmup else its, shape.samples)
+
+
+def run_trl(shape: Shape, python: str, model_dir: Path, prompts: list[str], work: Path, tag: str) -> dict:
+    spec, out = work / f"{tag}.spec.json", work / f"{tag}.json"
+    spec.write_text(json.dumps(trl_spec(shape, model_dir, prompts)))
+    _child([python, str(ROOT / "benchmarks" / "trl_ddpo_side.py"), "--spec", str(spec), "--out", str(out)],
+           shape.threads, pythonpath=False)
+    data = json.loads(out.read_text())
+    result = median_phases(trl_iterations(data["epochs"])[shape.warmup:], shape.samples)
+    return {**result, "lora": data["lora"], "versions": data["versions"]}
+
+
+def _child(cmd: list[str], threads: int, pythonpath: bool = True) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = str(ROOT)
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+
+
+def measure_floor(shape: Shape, model_dir: Path, prompts: list[str], repeats: int = 3) -> dict:
+    """Raw ``pipe()`` for the iteration's samples (batches of ``batch`` and all at once: the faster counts)
+    and one forward pass with grad over every trained step of every sample (CFG batch), LoRA attached."""
+    import torch
+
+    from align.backbones.lora import attach_lora
+    from align.backbones.model_config import ModelConfig, load_model
+    torch.set_num_threads(shape.threads)
+    pipe = load_model(ModelConfig(source=str(model_dir)))
+    attach_lora(pipe, "policy", rank=shape.lora_rank, alpha=float(shape.lora_rank))
+    lora_params = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
+    pipe.set_progress_bar_config(disable=True)
+    batch_prompts = [prompts[i % len(prompts)] for i in range(shape.samples)]
+
+    def sample(size: int) -> None:
+        for s in range(0, shape.samples, size):
+            pipe(batch_prompts[s:s + size], num_inference_steps=shape.steps, guidance_scale=shape.guidance,
+                 eta=shape.eta, output_type="pt", generator=torch.Generator().manual_seed(s))
+
+    emb, neg = pipe.encode_prompt(batch_prompts[:shape.batch], "cpu", 1, True)
+    cond = torch.cat([neg, emb]).detach()
+    pipe.scheduler.set_timesteps(shape.steps)
+    latents = torch.randn(shape.batch, 4, 8, 8)
+
+    def forward() -> None:
+        for _ in range(shape.samples // shape.batch):
+            for t in pipe.scheduler.timesteps:
+                with torch.enable_grad():
+                    pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=cond).sample.sum()
+
+    timings: dict[str, list[float]] = {"batched": [], "whole": [], "forward": []}
+    for _ in range(repeats + 1):  # the first round warms up
+        for key, fn in (("batched", lambda: sample(shape.batch)), ("whole", lambda: sample(shape.samples)),
+                        ("forward", forward)):
+            start = time.perf_counter()
+            fn()
+            timings[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v[1:]) for k, v in timings.items()}
+    how = f"batches of {shape.batch}" if med["batched"] <= med["whole"] else f"one batch of {shape.samples}"
+    return {"sampling": min(med["batched"], med["whole"]), "sampling_how": how, "forward": med["forward"],
+            "lora_params": lora_params, **{f"{k}_seconds": v for k, v in med.items()}}
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    """The run's top functions by cumulative time, restricted to the update path (learner, algos, train)."""
+    import pstats
+    print(f"cProfile of one in-process run ({path}); top {top} by cumulative time in align/:", flush=True)
+    pstats.Stats(str(path)).sort_stats("cumulative").print_stats(r"align[/\\]", top)
+
+
+def _floor_child(shape: Shape, model_dir: Path, prompts: list[str], work: Path, tag: str) -> dict:
+    """:func:`measure_floor` in a child process with the shape's thread count (as each side's runs)."""
+    spec, out = work / f"{tag}.spec.json", work / f"{tag}.json"
+    spec.write_text(json.dumps({"shape": dataclasses.asdict(shape), "model_dir": str(model_dir), "prompts": prompts}))
+    _child([sys.executable, __file__, "--floor-worker", str(spec), str(out)], shape.threads)
+    return json.loads(out.read_text())
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_all(shape: Shape, args: argparse.Namespace) -> dict:
+    """Venv, pipeline, floor, the alternating runs; returns every measurement (also written as JSON)."""
+    from trl_venv import ensure_venv
+
+    import numpy as np
+
+    from align.prompts import draw_prompts
+    venv = ensure_venv(args.venv)
+    print(f"trl venv: {venv['python']} ({'created in' if venv['created'] else 'reused, checked in'} "
+          f"{venv['seconds']:.1f} s)", flush=True)
+    work = Path(args.out or tempfile.mkdtemp(prefix="vs_trl_ddpo_"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = save_tiny_pipeline(work / "tiny_sd", shape.seed)
+    prompts = list(dict.fromkeys(draw_prompts("toy", 16, np.random.default_rng(shape.seed))))
+    prompts_file = work / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    runs: list[dict] = []
+
+    def record(name: str, fn) -> None:
+        before = _loadavg()
+        result = fn()
+        runs.append({"name": name, **result, "loadavg_before": before, "loadavg_after": _loadavg()})
+        print(f"{name}: {result['samples_per_s']:.2f} samples/s, sampling {result['sampling']:.3f} s, "
+              f"training {result['training']:.3f} s, iteration {result['seconds']:.3f} s "
+              f"(load {before} -> {_loadavg()})", flush=True)
+
+    floors = []
+    for p in range(args.pairs):  # A B A B, the floor measured after each pair (the load drifts)
+        record(f"TRL DDPOTrainer #{p + 1}", lambda: run_trl(shape, venv["python"], model_dir, prompts, work,
+                                                             f"trl{p}"))
+        record(f"ours in-process #{p + 1}", lambda: run_ours(shape, model_dir, prompts_file, work, f"ours{p}", 0))
+        floors.append(_floor_child(shape, model_dir, prompts, work, f"floor{p}"))
+    for p in range(args.ray_runs):
+        record(f"ours, 2 Ray rollout actors #{p + 1}",
+               lambda: run_ours(shape, model_dir, prompts_file, work, f"ray{p}", 2))
+    if args.profile:
+        profile = work / "ours.prof"
+        run_ours(shape, model_dir, prompts_file, work, "profile", 0, profile=profile)
+        print_profile(profile)
+    floor = {k: (statistics.median(f[k] for f in floors) if isinstance(floors[0][k], float) else floors[0][k])
+             for k in floors[0]}
+    floor["sampling_how"] = "min of batches of 4 and one batch of 8"
+    result = {"shape": dataclasses.asdict(shape), "venv": venv, "runs": runs, "floor": floor, "floors": floors,
+              "work": str(work)}
+    (work / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def summary(result: dict) -> str:
+    """The whole printout: per-run table, per-side medians with the ratio ours/TRL, and the floor."""
+    runs = result["runs"]
+    sides: dict[str, list[dict]] = {}
+    for r in runs:
+        sides.setdefault(r["name"].split(" #")[0], []).append(r)
+    trl_key = next((k for k in sides if k.startswith("TRL")), None)
+    trl_sps = statistics.median(r["samples_per_s"] for r in sides[trl_key]) if trl_key else None
+    pooled = [{"name": f"{k} (median of {len(v)})",
+               **{f: statistics.median(r[f] for r in v)
+                  for f in ("samples_per_s", "sampling", "training", "seconds", "cpu_seconds")}}
+              for k, v in sides.items()]
+    out = ["per run (median over each run's measured iterations):", format_table(runs, trl_sps), "",
+           "per side:", format_table(pooled, trl_sps), "",
+           format_floor(result["floor"], {p["name"].split(" (")[0]: p["seconds"] for p in pooled})]
+    trl_lora = next((r["lora"] for r in runs if "lora" in r), None)
+    if trl_lora:
+        out.append(f"\ntrainable LoRA parameters: ours {result['floor']['lora_params']}, TRL "
+                   f"{trl_lora['trainable_params']} (TRL's ranks {trl_lora['lora_ranks']}); TRL "
+                   f"{next(r['versions'] for r in runs if 'versions' in r)}")
+    ours = next((p for p in pooled if p["name"].startswith("ours in-process")), None)
+    if ours and trl_sps:
+        ratio = ours["samples_per_s"] / trl_sps
+        out.append(f"\nours in-process / TRL samples/s = {ratio:.2f} (target >= {TARGET}: "
+                   f"{'met' if ratio >= TARGET else 'NOT met'})")
+    return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # trl_venv beside this file
+    from trl_venv import DEFAULT_VENV
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=2, help="TRL/ours pairs, alternating A B A B")
+    ap.add_argument("--ray-runs", type=int, default=1, help="runs of ours with the default 2 Ray rollout actors")
+    ap.add_argument("--iterations", type=int, default=Shape.iterations, help="iterations per run")
+    ap.add_argument("--warmup", type=int, default=Shape.warmup, help="first iterations of each run not counted")
+    ap.add_argument("--threads", type=int, default=Shape.threads, help="torch threads of each side")
+    ap.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the trl 0.21 venv (created if missing)")
+    ap.add_argument("--out", type=Path, default=None, help="work directory (pipeline, runs, results.json)")
+    ap.add_argument("--profile", action="store_true", help="also one run of ours under cProfile (printed)")
+    ap.add_argument("--ours-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--floor-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.ours_worker:
+        _ours_worker(*args.ours_worker)
+        return
+    if args.floor_worker:
+        spec = json.loads(Path(args.floor_worker[0]).read_text())
+        floor = measure_floor(Shape(**spec["shape"]), Path(spec["model_dir"]), spec["prompts"])
+        Path(args.floor_worker[1]).write_text(json.dumps(floor))
+        return
+    shape = Shape(iterations=args.iterations, warmup=args.warmup, threads=args.threads)
+    shape.validate()
+    if args.pairs < 1:
+        ap.error(f"--pairs must be >= 1, got {args.pairs}")
+    print(summary(run_all(shape, args)))
+
+
+if __name__ == "__main__":
+    main()
