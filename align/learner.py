@@ -60,6 +60,8 @@ class Learner:
             self.critic_params = lora + list(critic.heads.parameters())
         for p in self.policy_params + self.critic_params:
             p.requires_grad_(True)
+        if cfg.learner.gradient_checkpointing:
+            net.enable_gradient_checkpointing()  # the rollout workers sample under no_grad: unaffected
         self.params = {"policy": self.policy_params, "critic": self.critic_params}
         self.lrs = {"policy": cfg.trainer.lr, "critic": cfg.critic.lr}
         self.max_norms = {"policy": cfg.trainer.max_grad_norm, "critic": cfg.critic.max_grad_norm}

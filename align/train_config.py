@@ -172,6 +172,11 @@ class LearnerConfig:
     max_policy_lag: int = field(
         0, help="refuse rollouts sampled more than this many policy versions ago (0: fully on-policy)"
     )
+    gradient_checkpointing: bool = field(
+        False,
+        help="recompute the denoiser's activations in the backward pass instead of keeping them (diffusers' "
+        "enable_gradient_checkpointing): less memory per trained step at real sizes, about one more forward",
+    )
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ silently on CPU), ``log_with=None`` and no image hook (the hook indexes ``tracke
 the last epoch (its ``save_state`` hook raises ``AttributeError: is_world_process_zero`` in 0.21), and
 ``per_prompt_stat_tracking=True`` (our DDPO always normalises per prompt).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,17 +36,20 @@ def jpeg_compressibility(quality: int):
             Image.fromarray(np.ascontiguousarray(img)).save(buf, format="JPEG", quality=quality)
             sizes.append(-buf.tell() / 1000.0)
         return torch.tensor(sizes, dtype=torch.float32), {}
+
     return reward_fn
 
 
 def timed(store: dict, key: str, fn):
     """``fn`` that adds its wall seconds to ``store[key]``."""
+
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             store[key] = store.get(key, 0.0) + time.perf_counter() - start
+
     return wrapper
 
 
@@ -54,6 +58,7 @@ def reload_text_encoder(text_encoder, model_dir: str) -> None:
     without the ``text_model.`` prefix, and transformers 4.55 then initialises every weight afresh with
     only a warning ("Some weights ... newly initialized"); here the prefix is put back and loaded strictly."""
     from safetensors.torch import load_file
+
     state = load_file(os.path.join(model_dir, "text_encoder", "model.safetensors"))
     prefix = "text_model."
     state = {k if k.startswith(prefix) else prefix + k: v for k, v in state.items()}
@@ -62,16 +67,33 @@ def reload_text_encoder(text_encoder, model_dir: str) -> None:
 
 def build_trainer(spec: dict, logdir: str):
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
     samples, batch = spec["samples"], spec["batch"]
     config = DDPOConfig(
-        num_epochs=spec["iterations"], seed=spec["seed"], log_with=None, logdir=logdir, mixed_precision="no",
-        save_freq=10 ** 9, sample_num_steps=spec["steps"], sample_eta=spec["eta"],
-        sample_guidance_scale=spec["guidance"], sample_batch_size=batch,
-        sample_num_batches_per_epoch=samples // batch, train_batch_size=batch,
-        train_gradient_accumulation_steps=1, train_learning_rate=spec["lr"], train_clip_range=spec["clip"],
-        train_adv_clip_max=spec["adv_clip"], train_max_grad_norm=spec["max_grad_norm"], train_num_inner_epochs=1,
-        train_timestep_fraction=1.0, train_cfg=True, per_prompt_stat_tracking=True, async_reward_computation=False,
-        allow_tf32=False)
+        num_epochs=spec["iterations"],
+        seed=spec["seed"],
+        log_with=None,
+        logdir=logdir,
+        mixed_precision="no",
+        save_freq=10**9,
+        sample_num_steps=spec["steps"],
+        sample_eta=spec["eta"],
+        sample_guidance_scale=spec["guidance"],
+        sample_batch_size=batch,
+        sample_num_batches_per_epoch=samples // batch,
+        train_batch_size=batch,
+        train_gradient_accumulation_steps=1,
+        train_learning_rate=spec["lr"],
+        train_clip_range=spec["clip"],
+        train_adv_clip_max=spec["adv_clip"],
+        train_max_grad_norm=spec["max_grad_norm"],
+        train_num_inner_epochs=1,
+        train_timestep_fraction=1.0,
+        train_cfg=True,
+        per_prompt_stat_tracking=True,
+        async_reward_computation=False,
+        allow_tf32=False,
+    )
     pipe = DefaultDDPOStableDiffusionPipeline(spec["model_dir"], use_lora=True)
     reload_text_encoder(pipe.sd_pipeline.text_encoder, spec["model_dir"])
     pipe.sd_pipeline.set_progress_bar_config(disable=True)
@@ -80,6 +102,7 @@ def build_trainer(spec: dict, logdir: str):
 
     def prompt_fn():
         return rng.choice(prompts), {}
+
     trainer = DDPOTrainer(config, jpeg_compressibility(spec["jpeg_quality"]), prompt_fn, pipe)
     pipe.sd_pipeline.set_progress_bar_config(disable=True)  # the trainer turned its per-timestep bar on
     return trainer, pipe
@@ -90,17 +113,25 @@ def lora_check(pipe, rank: int) -> dict:
     unet = pipe.sd_pipeline.unet
     trainable = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     ranks = sorted({p.shape[0] for n, p in trainable if "lora_A" in n})
-    return {"trainable_tensors": len(trainable), "trainable_params": sum(p.numel() for _, p in trainable),
-            "lora_ranks": ranks, "rank_matches": ranks == [rank]}
+    return {
+        "trainable_tensors": len(trainable),
+        "trainable_params": sum(p.numel() for _, p in trainable),
+        "lora_ranks": ranks,
+        "rank_matches": ranks == [rank],
+    }
 
 
 def run(spec: dict, logdir: str) -> dict:
     import torch
+
     torch.set_num_threads(spec["threads"])
     trainer, pipe = build_trainer(spec, logdir)
     phases: dict = {}
-    for method, key in (("_generate_samples", "sampling"), ("compute_rewards", "reward"),
-                        ("_train_batched_samples", "update")):
+    for method, key in (
+        ("_generate_samples", "sampling"),
+        ("compute_rewards", "reward"),
+        ("_train_batched_samples", "update"),
+    ):
         setattr(trainer, method, timed(phases, key, getattr(trainer, method)))
     epochs, global_step = [], 0
     for epoch in range(spec["iterations"]):
@@ -108,8 +139,13 @@ def run(spec: dict, logdir: str) -> dict:
         start, cpu = time.perf_counter(), time.process_time()
         global_step = trainer.step(epoch, global_step)
         epochs.append({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, **phases})
-    return {"epochs": epochs, "global_step": global_step, "lora": lora_check(pipe, spec["lora_rank"]),
-            "threads": torch.get_num_threads(), "versions": versions()}
+    return {
+        "epochs": epochs,
+        "global_step": global_step,
+        "lora": lora_check(pipe, spec["lora_rank"]),
+        "threads": torch.get_num_threads(),
+        "versions": versions(),
+    }
 
 
 def versions() -> dict:
@@ -118,6 +154,7 @@ def versions() -> dict:
     import torch
     import transformers
     import trl
+
     return {m.__name__: m.__version__ for m in (trl, diffusers, transformers, peft, torch)}
 
 

@@ -8,6 +8,7 @@ last, so a killed install is redone). torch comes from the local wheel index (pi
 
     python benchmarks/trl_venv.py [--venv DIR]     # create it (or report that it exists) and time it
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,17 @@ from pathlib import Path
 
 DEFAULT_VENV = Path(os.environ.get("ALIGN_BENCH_CACHE", Path.home() / ".cache" / "align-bench")) / "trl021"
 #: what the venv holds; torch/torchvision as in the project's own env (the pair that imports on CPU)
-PINS = ("trl==0.21.0", "diffusers==0.35.1", "transformers==4.55.4", "peft==0.17.1", "accelerate==1.10.1",
-        "datasets==4.0.0", "torch==2.14.1", "torchvision==0.29.1", "pillow")
+PINS = (
+    "trl==0.21.0",
+    "diffusers==0.35.1",
+    "transformers==4.55.4",
+    "peft==0.17.1",
+    "accelerate==1.10.1",
+    "datasets==4.0.0",
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "pillow",
+)
 MARKER = ".complete"
 
 
@@ -46,8 +56,9 @@ def ensure_venv(venv: Path = DEFAULT_VENV, pins: tuple[str, ...] = PINS, log=pri
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True)
     subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "-q", *pins], check=True)
-    subprocess.run([str(venv_python(venv)), "-c", "import trl, diffusers, peft; from trl import DDPOTrainer"],
-                   check=True)
+    subprocess.run(
+        [str(venv_python(venv)), "-c", "import trl, diffusers, peft; from trl import DDPOTrainer"], check=True
+    )
     seconds = time.perf_counter() - start
     (venv / MARKER).write_text(json.dumps({"pins": list(pins), "seconds": seconds}))
     return {"python": str(venv_python(venv)), "created": True, "seconds": seconds}

@@ -22,6 +22,7 @@ trained steps (CFG batch, every step, every sample).
 
     python benchmarks/vs_trl_ddpo.py [--pairs 2] [--iterations 5] [--ray-runs 1] [--venv DIR] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,13 @@ TARGET = 1.3  # ours ≥ 1.3× TRL's samples/s (issue 16 §2)
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """The benchmark's shape, shared by both sides."""
+
     steps: int = 10
     eta: float = 1.0
     guidance: float = 5.0
     lora_rank: int = 4
-    samples: int = 8             # per iteration
-    batch: int = 4               # sampling batch and training minibatch
+    samples: int = 8  # per iteration
+    batch: int = 4  # sampling batch and training minibatch
     prompts_per_iteration: int = 2
     lr: float = 3e-4
     clip: float = 1e-4
@@ -62,8 +64,10 @@ class Shape:
 
     def validate(self) -> None:
         if self.samples % self.batch or self.samples % self.prompts_per_iteration:
-            raise ValueError(f"samples ({self.samples}) must be a multiple of batch ({self.batch}) and of "
-                             f"prompts_per_iteration ({self.prompts_per_iteration})")
+            raise ValueError(
+                f"samples ({self.samples}) must be a multiple of batch ({self.batch}) and of "
+                f"prompts_per_iteration ({self.prompts_per_iteration})"
+            )
         if not 0 <= self.warmup < self.iterations:
             raise ValueError(f"warmup must be in [0, iterations), got {self.warmup} of {self.iterations}")
 
@@ -76,13 +80,22 @@ def build_tiny_pipeline(seed: int = 0):
 
     from align.backbones.presets import clip_text_encoder, sd_pipeline, tiny_vae
     from align.backbones.tokenizer import toy_tokenizer
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = toy_tokenizer()
-        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                    layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                    attention_head_dim=8, norm_num_groups=16)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
         vae = tiny_vae((16, 16, 16, 16), sample_size=64)
         return sd_pipeline(unet, vae, clip_text_encoder(tokenizer, 32), tokenizer, "epsilon")
 
@@ -90,29 +103,53 @@ def build_tiny_pipeline(seed: int = 0):
 def save_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
     """``save_pretrained`` of :func:`build_tiny_pipeline`, with the tokenizer's BPE files for transformers 4.x."""
     from align.backbones.tokenizer import copy_bpe_files
+
     build_tiny_pipeline(seed).save_pretrained(directory)
     copy_bpe_files(Path(directory) / "tokenizer")
     return Path(directory)
 
 
-def our_overrides(shape: Shape, model_dir: Path, prompts_file: Path, run_dir: Path,
-                  rollout_workers: int = 0) -> list[str]:
+def our_overrides(
+    shape: Shape, model_dir: Path, prompts_file: Path, run_dir: Path, rollout_workers: int = 0
+) -> list[str]:
     """``align train algo=ddpo`` overrides for the shape (on top of the CLI's default config)."""
-    ray = ["ray.num_rollout_workers=0", "ray.num_reward_workers=0"] if rollout_workers == 0 else \
-        [f"ray.num_rollout_workers={rollout_workers}"]
-    return ["algo=ddpo", f"model.source={model_dir}", f"trainer.prompts={prompts_file}",
-            f"sampler.num_inference_steps={shape.steps}", f"sampler.eta={shape.eta}",
-            f"sampler.guidance_scale={shape.guidance}", "sampler.logprob_reduce=mean",
-            f"lora.rank={shape.lora_rank}", f"lora.alpha={float(shape.lora_rank)}",
-            f"trainer.iterations={shape.iterations}", f"trainer.prompts_per_iteration={shape.prompts_per_iteration}",
-            f"trainer.samples_per_prompt={shape.samples // shape.prompts_per_iteration}",
-            f"trainer.minibatch_size={shape.batch}", f"ray.chunk_size={shape.batch}", "trainer.epochs=1",
-            "trainer.timestep_fraction=1.0", "trainer.step_window=1.0", f"trainer.lr={shape.lr}",
-            f"trainer.clip_range={shape.clip}", f"trainer.adv_clip={shape.adv_clip}",
-            f"trainer.max_grad_norm={shape.max_grad_norm}", "trainer.kl_coef=0.0",
-            f"trainer.num_threads={shape.threads}", f"trainer.seed={shape.seed}",
-            "rewards=[jpeg_compressibility:1.0]", f"reward_args.jpeg_compressibility.quality={shape.jpeg_quality}",
-            "eval_every=0", "final_eval_prompts=0", f"run_dir={run_dir}", *ray]
+    ray = (
+        ["ray.num_rollout_workers=0", "ray.num_reward_workers=0"]
+        if rollout_workers == 0
+        else [f"ray.num_rollout_workers={rollout_workers}"]
+    )
+    return [
+        "algo=ddpo",
+        f"model.source={model_dir}",
+        f"trainer.prompts={prompts_file}",
+        f"sampler.num_inference_steps={shape.steps}",
+        f"sampler.eta={shape.eta}",
+        f"sampler.guidance_scale={shape.guidance}",
+        "sampler.logprob_reduce=mean",
+        f"lora.rank={shape.lora_rank}",
+        f"lora.alpha={float(shape.lora_rank)}",
+        f"trainer.iterations={shape.iterations}",
+        f"trainer.prompts_per_iteration={shape.prompts_per_iteration}",
+        f"trainer.samples_per_prompt={shape.samples // shape.prompts_per_iteration}",
+        f"trainer.minibatch_size={shape.batch}",
+        f"ray.chunk_size={shape.batch}",
+        "trainer.epochs=1",
+        "trainer.timestep_fraction=1.0",
+        "trainer.step_window=1.0",
+        f"trainer.lr={shape.lr}",
+        f"trainer.clip_range={shape.clip}",
+        f"trainer.adv_clip={shape.adv_clip}",
+        f"trainer.max_grad_norm={shape.max_grad_norm}",
+        "trainer.kl_coef=0.0",
+        f"trainer.num_threads={shape.threads}",
+        f"trainer.seed={shape.seed}",
+        "rewards=[jpeg_compressibility:1.0]",
+        f"reward_args.jpeg_compressibility.quality={shape.jpeg_quality}",
+        "eval_every=0",
+        "final_eval_prompts=0",
+        f"run_dir={run_dir}",
+        *ray,
+    ]
 
 
 def trl_spec(shape: Shape, model_dir: Path, prompts: list[str]) -> dict:
@@ -133,39 +170,60 @@ def ours_iterations(history: list[dict], log_times: list[float], cpu_times: list
     out = []
     for k in range(1, len(history)):
         period = log_times[k] - log_times[k - 1]
-        out.append({"seconds": period, "cpu_seconds": cpu_times[k] - cpu_times[k - 1],
-                    "sampling": history[k]["rollout_seconds"],
-                    "training": period - history[k]["rollout_seconds"],
-                    "after_record": period - history[k]["seconds"],
-                    **{key: v for key, v in history[k].items() if key.startswith("timing/")}})
+        out.append(
+            {
+                "seconds": period,
+                "cpu_seconds": cpu_times[k] - cpu_times[k - 1],
+                "sampling": history[k]["rollout_seconds"],
+                "training": period - history[k]["rollout_seconds"],
+                "after_record": period - history[k]["seconds"],
+                **{key: v for key, v in history[k].items() if key.startswith("timing/")},
+            }
+        )
     return out
 
 
 def trl_iterations(epochs: list[dict]) -> list[dict]:
     """Per-epoch phases of TRL's run: sampling = ``_generate_samples`` + ``compute_rewards``, training = rest."""
-    return [{"seconds": e["seconds"], "cpu_seconds": e["cpu_seconds"], "sampling": e["sampling"] + e["reward"],
-             "training": e["seconds"] - e["sampling"] - e["reward"], "update": e["update"]} for e in epochs]
+    return [
+        {
+            "seconds": e["seconds"],
+            "cpu_seconds": e["cpu_seconds"],
+            "sampling": e["sampling"] + e["reward"],
+            "training": e["seconds"] - e["sampling"] - e["reward"],
+            "update": e["update"],
+        }
+        for e in epochs
+    ]
 
 
 def format_table(rows: list[dict], trl_sps: Optional[float]) -> str:
     """Markdown table: one row per run, ``{"name", "samples_per_s", "sampling", "training", "seconds"}``."""
-    lines = ["| run | samples/s | sampling s/it | training s/it | iteration s | CPU s/it (this process) "
-             "| vs TRL samples/s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | samples/s | sampling s/it | training s/it | iteration s | CPU s/it (this process) "
+        "| vs TRL samples/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = f"{r['samples_per_s'] / trl_sps:.2f}" if trl_sps else "–"
-        lines.append(f"| {r['name']} | {r['samples_per_s']:.2f} | {r['sampling']:.3f} | {r['training']:.3f} | "
-                     f"{r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {ratio} |")
+        lines.append(
+            f"| {r['name']} | {r['samples_per_s']:.2f} | {r['sampling']:.3f} | {r['training']:.3f} | "
+            f"{r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
 def format_floor(floor: dict, iteration_s: dict[str, float]) -> str:
     """The floor lines and, per side, iteration time ÷ floor (with the 2× and the 3× forward training floor)."""
     f2, f3 = floor["sampling"] + 2 * floor["forward"], floor["sampling"] + 3 * floor["forward"]
-    lines = [f"physical floor: sampling {floor['sampling']:.3f} s (raw pipe(), {floor['sampling_how']}), "
-             f"training 2–3× forward {2 * floor['forward']:.3f}–{3 * floor['forward']:.3f} s "
-             f"(forward with grad over the trained steps {floor['forward']:.3f} s); iteration floor "
-             f"{f2:.3f}–{f3:.3f} s",
-             "| side | iteration s | ÷ floor (2× fwd) | ÷ floor (3× fwd) |", "|---|---|---|---|"]
+    lines = [
+        f"physical floor: sampling {floor['sampling']:.3f} s (raw pipe(), {floor['sampling_how']}), "
+        f"training 2–3× forward {2 * floor['forward']:.3f}–{3 * floor['forward']:.3f} s "
+        f"(forward with grad over the trained steps {floor['forward']:.3f} s); iteration floor "
+        f"{f2:.3f}–{f3:.3f} s",
+        "| side | iteration s | ÷ floor (2× fwd) | ÷ floor (3× fwd) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {name} | {s:.3f} | {s / f2:.2f} | {s / f3:.2f} |" for name, s in iteration_s.items()]
     return "\n".join(lines)
 
@@ -177,6 +235,7 @@ def _ours_worker(spec_file: str, out_file: str) -> None:
     from align.config import load_config
     from align.train import train
     from align.train_config import TrainConfig
+
     cfg = load_config(TrainConfig, DEFAULT_TRAIN_CONFIG, spec["overrides"])
     log_times: list[float] = []
     cpu_times: list[float] = []
@@ -188,6 +247,7 @@ def _ours_worker(spec_file: str, out_file: str) -> None:
 
     if spec.get("profile"):  # cProfile of the whole run (the caller prints the update path's top entries)
         import cProfile
+
         profiler = cProfile.Profile()
         state = profiler.runcall(train, cfg, log=log)
         profiler.dump_stats(spec["profile"])
@@ -196,30 +256,45 @@ def _ours_worker(spec_file: str, out_file: str) -> None:
     Path(out_file).write_text(json.dumps({"history": state.history, "log_times": log_times, "cpu_times": cpu_times}))
 
 
-def run_ours(shape: Shape, model_dir: Path, prompts_file: Path, work: Path, tag: str, rollout_workers: int,
-             profile: Optional[Path] = None) -> dict:
+def run_ours(
+    shape: Shape,
+    model_dir: Path,
+    prompts_file: Path,
+    work: Path,
+    tag: str,
+    rollout_workers: int,
+    profile: Optional[Path] = None,
+) -> dict:
     spec, out = work / f"{tag}.spec.json", work / f"{tag}.json"
     overrides = our_overrides(shape, model_dir, prompts_file, work / f"{tag}.run", rollout_workers)
     spec.write_text(json.dumps({"overrides": overrides, "profile": str(profile) if profile else None}))
     _child([sys.executable, __file__, "--ours-worker", str(spec), str(out)], shape.threads)
     data = json.loads(out.read_text())
     its = ours_iterations(data["history"], data["log_times"], data["cpu_times"])
-    return median_phases(its[shape.warmup - 1:] if shape.warmup else its, shape.samples)
+    return median_phases(its[shape.warmup - 1 :] if shape.warmup else its, shape.samples)
 
 
 def run_trl(shape: Shape, python: str, model_dir: Path, prompts: list[str], work: Path, tag: str) -> dict:
     spec, out = work / f"{tag}.spec.json", work / f"{tag}.json"
     spec.write_text(json.dumps(trl_spec(shape, model_dir, prompts)))
-    _child([python, str(ROOT / "benchmarks" / "trl_ddpo_side.py"), "--spec", str(spec), "--out", str(out)],
-           shape.threads, pythonpath=False)
+    _child(
+        [python, str(ROOT / "benchmarks" / "trl_ddpo_side.py"), "--spec", str(spec), "--out", str(out)],
+        shape.threads,
+        pythonpath=False,
+    )
     data = json.loads(out.read_text())
-    result = median_phases(trl_iterations(data["epochs"])[shape.warmup:], shape.samples)
+    result = median_phases(trl_iterations(data["epochs"])[shape.warmup :], shape.samples)
     return {**result, "lora": data["lora"], "versions": data["versions"]}
 
 
 def _child(cmd: list[str], threads: int, pythonpath: bool = True) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     env.pop("PYTHONPATH", None)
     if pythonpath:
         env["PYTHONPATH"] = str(ROOT)
@@ -233,6 +308,7 @@ def measure_floor(shape: Shape, model_dir: Path, prompts: list[str], repeats: in
 
     from align.backbones.lora import attach_lora
     from align.backbones.model_config import ModelConfig, load_model
+
     torch.set_num_threads(shape.threads)
     pipe = load_model(ModelConfig(source=str(model_dir)))
     attach_lora(pipe, "policy", rank=shape.lora_rank, alpha=float(shape.lora_rank))
@@ -242,10 +318,16 @@ def measure_floor(shape: Shape, model_dir: Path, prompts: list[str], repeats: in
 
     def sample(size: int) -> None:
         for s in range(0, shape.samples, size):
-            pipe(batch_prompts[s:s + size], num_inference_steps=shape.steps, guidance_scale=shape.guidance,
-                 eta=shape.eta, output_type="pt", generator=torch.Generator().manual_seed(s))
+            pipe(
+                batch_prompts[s : s + size],
+                num_inference_steps=shape.steps,
+                guidance_scale=shape.guidance,
+                eta=shape.eta,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(s),
+            )
 
-    emb, neg = pipe.encode_prompt(batch_prompts[:shape.batch], "cpu", 1, True)
+    emb, neg = pipe.encode_prompt(batch_prompts[: shape.batch], "cpu", 1, True)
     cond = torch.cat([neg, emb]).detach()
     pipe.scheduler.set_timesteps(shape.steps)
     latents = torch.randn(shape.batch, 4, 8, 8)
@@ -258,20 +340,29 @@ def measure_floor(shape: Shape, model_dir: Path, prompts: list[str], repeats: in
 
     timings: dict[str, list[float]] = {"batched": [], "whole": [], "forward": []}
     for _ in range(repeats + 1):  # the first round warms up
-        for key, fn in (("batched", lambda: sample(shape.batch)), ("whole", lambda: sample(shape.samples)),
-                        ("forward", forward)):
+        for key, fn in (
+            ("batched", lambda: sample(shape.batch)),
+            ("whole", lambda: sample(shape.samples)),
+            ("forward", forward),
+        ):
             start = time.perf_counter()
             fn()
             timings[key].append(time.perf_counter() - start)
     med = {k: statistics.median(v[1:]) for k, v in timings.items()}
     how = f"batches of {shape.batch}" if med["batched"] <= med["whole"] else f"one batch of {shape.samples}"
-    return {"sampling": min(med["batched"], med["whole"]), "sampling_how": how, "forward": med["forward"],
-            "lora_params": lora_params, **{f"{k}_seconds": v for k, v in med.items()}}
+    return {
+        "sampling": min(med["batched"], med["whole"]),
+        "sampling_how": how,
+        "forward": med["forward"],
+        "lora_params": lora_params,
+        **{f"{k}_seconds": v for k, v in med.items()},
+    }
 
 
 def print_profile(path: Path, top: int = 25) -> None:
     """The run's top functions by cumulative time, restricted to the update path (learner, algos, train)."""
     import pstats
+
     print(f"cProfile of one in-process run ({path}); top {top} by cumulative time in align/:", flush=True)
     pstats.Stats(str(path)).sort_stats("cumulative").print_stats(r"align[/\\]", top)
 
@@ -290,14 +381,17 @@ def _loadavg() -> str:
 
 def run_all(shape: Shape, args: argparse.Namespace) -> dict:
     """Venv, pipeline, floor, the alternating runs; returns every measurement (also written as JSON)."""
+    import numpy as np
     from trl_venv import ensure_venv
 
-    import numpy as np
-
     from align.prompts import draw_prompts
+
     venv = ensure_venv(args.venv)
-    print(f"trl venv: {venv['python']} ({'created in' if venv['created'] else 'reused, checked in'} "
-          f"{venv['seconds']:.1f} s)", flush=True)
+    print(
+        f"trl venv: {venv['python']} ({'created in' if venv['created'] else 'reused, checked in'} "
+        f"{venv['seconds']:.1f} s)",
+        flush=True,
+    )
     work = Path(args.out or tempfile.mkdtemp(prefix="vs_trl_ddpo_"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = save_tiny_pipeline(work / "tiny_sd", shape.seed)
@@ -310,28 +404,39 @@ def run_all(shape: Shape, args: argparse.Namespace) -> dict:
         before = _loadavg()
         result = fn()
         runs.append({"name": name, **result, "loadavg_before": before, "loadavg_after": _loadavg()})
-        print(f"{name}: {result['samples_per_s']:.2f} samples/s, sampling {result['sampling']:.3f} s, "
-              f"training {result['training']:.3f} s, iteration {result['seconds']:.3f} s "
-              f"(load {before} -> {_loadavg()})", flush=True)
+        print(
+            f"{name}: {result['samples_per_s']:.2f} samples/s, sampling {result['sampling']:.3f} s, "
+            f"training {result['training']:.3f} s, iteration {result['seconds']:.3f} s "
+            f"(load {before} -> {_loadavg()})",
+            flush=True,
+        )
 
     floors = []
     for p in range(args.pairs):  # A B A B, the floor measured after each pair (the load drifts)
-        record(f"TRL DDPOTrainer #{p + 1}", lambda: run_trl(shape, venv["python"], model_dir, prompts, work,
-                                                             f"trl{p}"))
+        record(f"TRL DDPOTrainer #{p + 1}", lambda: run_trl(shape, venv["python"], model_dir, prompts, work, f"trl{p}"))
         record(f"ours in-process #{p + 1}", lambda: run_ours(shape, model_dir, prompts_file, work, f"ours{p}", 0))
         floors.append(_floor_child(shape, model_dir, prompts, work, f"floor{p}"))
     for p in range(args.ray_runs):
-        record(f"ours, 2 Ray rollout actors #{p + 1}",
-               lambda: run_ours(shape, model_dir, prompts_file, work, f"ray{p}", 2))
+        record(
+            f"ours, 2 Ray rollout actors #{p + 1}", lambda: run_ours(shape, model_dir, prompts_file, work, f"ray{p}", 2)
+        )
     if args.profile:
         profile = work / "ours.prof"
         run_ours(shape, model_dir, prompts_file, work, "profile", 0, profile=profile)
         print_profile(profile)
-    floor = {k: (statistics.median(f[k] for f in floors) if isinstance(floors[0][k], float) else floors[0][k])
-             for k in floors[0]}
+    floor = {
+        k: (statistics.median(f[k] for f in floors) if isinstance(floors[0][k], float) else floors[0][k])
+        for k in floors[0]
+    }
     floor["sampling_how"] = "min of batches of 4 and one batch of 8"
-    result = {"shape": dataclasses.asdict(shape), "venv": venv, "runs": runs, "floor": floor, "floors": floors,
-              "work": str(work)}
+    result = {
+        "shape": dataclasses.asdict(shape),
+        "venv": venv,
+        "runs": runs,
+        "floor": floor,
+        "floors": floors,
+        "work": str(work),
+    }
     (work / "results.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -344,29 +449,46 @@ def summary(result: dict) -> str:
         sides.setdefault(r["name"].split(" #")[0], []).append(r)
     trl_key = next((k for k in sides if k.startswith("TRL")), None)
     trl_sps = statistics.median(r["samples_per_s"] for r in sides[trl_key]) if trl_key else None
-    pooled = [{"name": f"{k} (median of {len(v)})",
-               **{f: statistics.median(r[f] for r in v)
-                  for f in ("samples_per_s", "sampling", "training", "seconds", "cpu_seconds")}}
-              for k, v in sides.items()]
-    out = ["per run (median over each run's measured iterations):", format_table(runs, trl_sps), "",
-           "per side:", format_table(pooled, trl_sps), "",
-           format_floor(result["floor"], {p["name"].split(" (")[0]: p["seconds"] for p in pooled})]
+    pooled = [
+        {
+            "name": f"{k} (median of {len(v)})",
+            **{
+                f: statistics.median(r[f] for r in v)
+                for f in ("samples_per_s", "sampling", "training", "seconds", "cpu_seconds")
+            },
+        }
+        for k, v in sides.items()
+    ]
+    out = [
+        "per run (median over each run's measured iterations):",
+        format_table(runs, trl_sps),
+        "",
+        "per side:",
+        format_table(pooled, trl_sps),
+        "",
+        format_floor(result["floor"], {p["name"].split(" (")[0]: p["seconds"] for p in pooled}),
+    ]
     trl_lora = next((r["lora"] for r in runs if "lora" in r), None)
     if trl_lora:
-        out.append(f"\ntrainable LoRA parameters: ours {result['floor']['lora_params']}, TRL "
-                   f"{trl_lora['trainable_params']} (TRL's ranks {trl_lora['lora_ranks']}); TRL "
-                   f"{next(r['versions'] for r in runs if 'versions' in r)}")
+        out.append(
+            f"\ntrainable LoRA parameters: ours {result['floor']['lora_params']}, TRL "
+            f"{trl_lora['trainable_params']} (TRL's ranks {trl_lora['lora_ranks']}); TRL "
+            f"{next(r['versions'] for r in runs if 'versions' in r)}"
+        )
     ours = next((p for p in pooled if p["name"].startswith("ours in-process")), None)
     if ours and trl_sps:
         ratio = ours["samples_per_s"] / trl_sps
-        out.append(f"\nours in-process / TRL samples/s = {ratio:.2f} (target >= {TARGET}: "
-                   f"{'met' if ratio >= TARGET else 'NOT met'})")
+        out.append(
+            f"\nours in-process / TRL samples/s = {ratio:.2f} (target >= {TARGET}: "
+            f"{'met' if ratio >= TARGET else 'NOT met'})"
+        )
     return "\n".join(out)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # trl_venv beside this file
     from trl_venv import DEFAULT_VENV
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=2, help="TRL/ours pairs, alternating A B A B")
     ap.add_argument("--ray-runs", type=int, default=1, help="runs of ours with the default 2 Ray rollout actors")

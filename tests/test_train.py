@@ -302,3 +302,23 @@ def test_end_of_run_paired_evaluation_writes_eval_json(tmp_path, tiny_train_cfg)
     assert 0 <= result["base"] <= 1 and 0 <= result["final"] <= 1
     assert result["paired_gain"] == pytest.approx(result["final"] - result["base"], abs=1e-12)
     assert result["base"] == pytest.approx(sum(v["base"] for v in result["per_tag"].values()) / 6, abs=1e-12)
+
+
+def test_gradient_checkpointing_gives_the_same_policy_gradient(tmp_path, tiny_train_cfg) -> None:
+    """``learner.gradient_checkpointing`` recomputes activations in the backward pass instead of storing them:
+    the policy gradient of the same trajectory is the same (float tolerance). Compared on gradients, not on
+    weights after Adam steps, which divide by √v and so amplify last-bit differences of tiny gradients."""
+    from align.backbones.lora import set_active_adapters
+    from align.sampling import recompute_log_probs
+
+    grads = {}
+    for on in (False, True):
+        cfg = tiny_train_cfg(f"learner.gradient_checkpointing={str(on).lower()}")
+        pipe, _critic, _rewards, _weights, learner, worker = build(cfg)
+        traj = worker.rollout(["a red circle", "two squares"], seed=3)
+        set_active_adapters(pipe, ["policy"])
+        assert denoiser(pipe).is_gradient_checkpointing == on
+        loss = recompute_log_probs(pipe, traj).sum()
+        grads[on] = torch.autograd.grad(loss, learner.policy_params)
+    for a, b in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)

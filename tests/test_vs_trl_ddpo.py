@@ -1,5 +1,6 @@
 """benchmarks/vs_trl_ddpo.py: the shared tiny pipeline, our overrides and TRL's spec describe one shape, the
 per-iteration phase arithmetic, and the table. The trl venv is needed only by the ``slow`` case."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,14 @@ def test_tiny_pipeline_has_the_issues_shape_and_loads_through_model_source(model
     assert tuple(pipe.unet.config.block_out_channels) == (32, 64)
     assert pipe.vae_scale_factor == 8 and pipe.text_encoder.config.num_hidden_layers == 2
     assert (model_dir / "tokenizer" / "vocab.json").is_file() and (model_dir / "tokenizer" / "merges.txt").is_file()
-    images = pipe(["a red circle"], num_inference_steps=2, guidance_scale=5.0, eta=1.0, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        ["a red circle"],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        eta=1.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images.shape == (1, 3, 64, 64)
 
 
@@ -43,8 +50,11 @@ def test_our_overrides_and_trl_spec_describe_the_same_shape(model_dir: Path, tmp
     shape = bench.Shape()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
-    cfg = load_config(TrainConfig, DEFAULT_TRAIN_CONFIG,
-                      bench.our_overrides(shape, model_dir, prompts, tmp_path / "run", rollout_workers=0))
+    cfg = load_config(
+        TrainConfig,
+        DEFAULT_TRAIN_CONFIG,
+        bench.our_overrides(shape, model_dir, prompts, tmp_path / "run", rollout_workers=0),
+    )
     spec = bench.trl_spec(shape, model_dir, ["a red circle"])
     t, s = cfg.trainer, cfg.sampler
     assert cfg.algo == "ddpo" and cfg.ray.num_rollout_workers == 0 and cfg.ray.num_reward_workers == 0
@@ -54,12 +64,19 @@ def test_our_overrides_and_trl_spec_describe_the_same_shape(model_dir: Path, tmp
     assert t.prompts_per_iteration * t.samples_per_prompt == spec["samples"] == 8
     assert t.minibatch_size == cfg.ray.chunk_size == spec["batch"] == 4
     assert (t.timestep_fraction, t.step_window, t.epochs) == (1.0, 1.0, 1)
-    assert (t.lr, t.clip_range, t.adv_clip, t.max_grad_norm) == (spec["lr"], spec["clip"], spec["adv_clip"],
-                                                                 spec["max_grad_norm"])
+    assert (t.lr, t.clip_range, t.adv_clip, t.max_grad_norm) == (
+        spec["lr"],
+        spec["clip"],
+        spec["adv_clip"],
+        spec["max_grad_norm"],
+    )
     assert cfg.rewards == ["jpeg_compressibility:1.0"] and cfg.reward_args["jpeg_compressibility"]["quality"] == 95
     assert t.num_threads == spec["threads"] and spec["model_dir"] == str(model_dir)
-    with_ray = load_config(TrainConfig, DEFAULT_TRAIN_CONFIG,
-                           bench.our_overrides(shape, model_dir, prompts, tmp_path / "run", rollout_workers=2))
+    with_ray = load_config(
+        TrainConfig,
+        DEFAULT_TRAIN_CONFIG,
+        bench.our_overrides(shape, model_dir, prompts, tmp_path / "run", rollout_workers=2),
+    )
     assert with_ray.ray.num_rollout_workers == 2
 
 
@@ -71,8 +88,11 @@ def test_shape_refuses_samples_that_do_not_split_into_batches() -> None:
 
 
 def test_our_iteration_is_the_period_between_log_lines_and_training_is_the_rest() -> None:
-    history = [{"seconds": 1.0, "rollout_seconds": 0.4}, {"seconds": 1.5, "rollout_seconds": 0.5},
-               {"seconds": 2.0, "rollout_seconds": 0.75}]
+    history = [
+        {"seconds": 1.0, "rollout_seconds": 0.4},
+        {"seconds": 1.5, "rollout_seconds": 0.5},
+        {"seconds": 2.0, "rollout_seconds": 0.75},
+    ]
     its = bench.ours_iterations(history, log_times=[10.0, 12.0, 14.5], cpu_times=[1.0, 2.5, 4.5])
     assert [i["seconds"] for i in its] == [2.0, 2.5]
     assert [i["sampling"] for i in its] == [0.5, 0.75] and [i["training"] for i in its] == [1.5, 1.75]
@@ -82,16 +102,15 @@ def test_our_iteration_is_the_period_between_log_lines_and_training_is_the_rest(
 
 
 def test_trl_training_is_the_step_minus_sampling_and_reward() -> None:
-    its = bench.trl_iterations([{"seconds": 2.0, "cpu_seconds": 1.75, "sampling": 0.5, "reward": 0.25,
-                                 "update": 1.0}])
+    its = bench.trl_iterations([{"seconds": 2.0, "cpu_seconds": 1.75, "sampling": 0.5, "reward": 0.25, "update": 1.0}])
     assert its == [{"seconds": 2.0, "cpu_seconds": 1.75, "sampling": 0.75, "training": 1.25, "update": 1.0}]
 
 
 def test_table_gives_each_run_its_ratio_to_trl() -> None:
-    rows = [{"name": "TRL", "samples_per_s": 4.0, "sampling": 0.5, "training": 1.5, "seconds": 2.0,
-             "cpu_seconds": 2.0},
-            {"name": "ours", "samples_per_s": 5.0, "sampling": 0.4, "training": 1.2, "seconds": 1.6,
-             "cpu_seconds": 1.5}]
+    rows = [
+        {"name": "TRL", "samples_per_s": 4.0, "sampling": 0.5, "training": 1.5, "seconds": 2.0, "cpu_seconds": 2.0},
+        {"name": "ours", "samples_per_s": 5.0, "sampling": 0.4, "training": 1.2, "seconds": 1.6, "cpu_seconds": 1.5},
+    ]
     lines = bench.format_table(rows, trl_sps=4.0).splitlines()
     assert lines[2].startswith("| TRL | 4.00 |") and lines[2].endswith("| 1.00 |")
     assert lines[3].startswith("| ours | 5.00 | 0.400 | 1.200 | 1.600 | 1.500 |") and lines[3].endswith("| 1.25 |")
@@ -114,8 +133,19 @@ def test_trl_side_trains_two_epochs_with_rank4_lora(model_dir: Path, tmp_path: P
     spec.write_text(json.dumps(bench.trl_spec(bench.Shape(iterations=2, threads=1), model_dir, ["a red circle"])))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
-    subprocess.run([python, str(ROOT / "benchmarks" / "trl_ddpo_side.py"), "--spec", str(spec),
-                    "--out", str(tmp_path / "out.json")], check=True, env=env, timeout=900)
+    subprocess.run(
+        [
+            python,
+            str(ROOT / "benchmarks" / "trl_ddpo_side.py"),
+            "--spec",
+            str(spec),
+            "--out",
+            str(tmp_path / "out.json"),
+        ],
+        check=True,
+        env=env,
+        timeout=900,
+    )
     out = json.loads((tmp_path / "out.json").read_text())
     assert len(out["epochs"]) == 2 and out["global_step"] == 4  # 8 samples / minibatch 4, per epoch
     assert out["lora"]["rank_matches"] and out["versions"]["trl"] == "0.21.0"
@@ -126,15 +156,23 @@ def test_trl_venv_reads_the_same_text_encoder_weights_as_ours(model_dir: Path) -
     """transformers 4.55 would re-initialise the transformers-5 save; the TRL side's strict reload makes the
     prompt embeddings agree (float32, same ops: tolerance of a few ulps of O(1) values)."""
     python = trl_venv.ensure_venv()["python"]
-    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import trl_ddpo_side as t; "
-            "from diffusers import StableDiffusionPipeline; p = StableDiffusionPipeline.from_pretrained(sys.argv[1]); "
-            "t.reload_text_encoder(p.text_encoder, sys.argv[1]); "
-            "ids = p.tokenizer(['a red circle'], padding='max_length', max_length=16, return_tensors='pt').input_ids; "
-            "print(json.dumps({'ids': ids[0].tolist(), 'emb': p.text_encoder(ids)[0][0].tolist()}))")
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[2]); import trl_ddpo_side as t; "
+        "from diffusers import StableDiffusionPipeline; p = StableDiffusionPipeline.from_pretrained(sys.argv[1]); "
+        "t.reload_text_encoder(p.text_encoder, sys.argv[1]); "
+        "ids = p.tokenizer(['a red circle'], padding='max_length', max_length=16, return_tensors='pt').input_ids; "
+        "print(json.dumps({'ids': ids[0].tolist(), 'emb': p.text_encoder(ids)[0][0].tolist()}))"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([python, "-c", code, str(model_dir), str(ROOT / "benchmarks")], capture_output=True,
-                          text=True, check=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [python, "-c", code, str(model_dir), str(ROOT / "benchmarks")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=300,
+    )
     theirs = json.loads(proc.stdout.strip().splitlines()[-1])
     pipe = load_model(ModelConfig(source=str(model_dir)))
     ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
