@@ -4,7 +4,8 @@ Runs inside the trl venv (``benchmarks/trl_venv.py``), so it imports nothing of 
 shape as JSON (``--spec FILE``), builds ``DefaultDDPOStableDiffusionPipeline`` from the local directory
 (no hub), trains ``iterations`` epochs with ``trainer.step`` and writes per-epoch seconds as JSON
 (``--out FILE``): the whole step, sampling (``_generate_samples``), reward (``compute_rewards``) and the
-PPO update (``_train_batched_samples``), and the step's process CPU time, each timed by wrapping that method of the trainer instance.
+PPO update (``_train_batched_samples``), and the step's process CPU time, each timed by wrapping that
+method of the trainer instance.
 
 Settings that differ from TRL's defaults, and why: ``mixed_precision="no"`` (its fp16 default is applied
 silently on CPU), ``log_with=None`` and no image hook (the hook indexes ``trackers[0]``), ``save_freq`` past
