@@ -103,9 +103,13 @@ def _keep_requires_grad(net: torch.nn.Module) -> Iterator[None]:
 
 
 def set_active_adapters(pipe: DiffusionPipeline, names: Sequence[str] | str) -> None:
-    """Activate exactly the named adapters (their outputs add up); trainability is unchanged."""
+    """Activate exactly the named adapters (their outputs add up); trainability is unchanged. A no-op when
+    exactly these are already active (the learner asks once per trained step; peft's set_adapter walks
+    every module: 5.8 ms on the toy UNet against 0.5 ms for the check)."""
     names = [names] if isinstance(names, str) else list(names)
     _check_known(pipe, names)
+    if sorted(active_adapters(pipe)) == sorted(names):
+        return
     net = denoiser(pipe)
     with _keep_requires_grad(net):
         net.set_adapter(names)
