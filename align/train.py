@@ -231,12 +231,11 @@ def _loop(
         record = _record(batch, weights, names, phase, it, t0, timing, stats)
         state.history.append(record)
         algo.end_iteration(state, record, log)
-        with _timed(timing, "checkpoint"):  # (so the checkpoint holds every timing of its iteration but this one)
+        with _timed(timing, "checkpoint"):
             if state.iteration % cfg.trainer.checkpoint_every == 0 or _finished(cfg, state):
                 _save(run / "checkpoint", learner, state, norms, algo)
-        record["timing/checkpoint"] = timing["checkpoint"]
-        if driver:
-            _log_iteration(log, writer, record)
+        if driver:  # (the checkpoint's own seconds are logged, not part of the record it saved)
+            _log_iteration(log, writer, {**record, "timing/checkpoint": timing["checkpoint"]})
         bar.update(1)
     bar.close()
     return state
@@ -492,13 +491,7 @@ def _export(pipe, critic: Optional[LatentCritic], cfg: TrainConfig, state: RunSt
     export_pipeline(pipe, critic, out, **run_export_kwargs(cfg, dataclasses.asdict(state)))
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m align.train [CONFIG] [key=value ...] [--resume RUN_DIR]``: ``align train``, in the form
-    that ``accelerate launch -m align.train ...`` starts on every learner process."""
-    from align.cli import main as cli_main
+if __name__ == "__main__":  # the older `python -m align.train ...` form; the CLI is `python -m align train ...`
+    from align.cli import main
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

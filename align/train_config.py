@@ -80,7 +80,7 @@ class CriticConfig:
         "(the policy is fixed, so they stay on-policy); 0: the newest batch only",
     )
     value_epochs: int = field(
-        4,
+        2,
         help="policy phase: epochs of the critic's own update over the replay of recent "
         "batches after each policy update (more than trainer.epochs: it is cheap and "
         "the critic must track the moving policy)",
@@ -92,7 +92,7 @@ class CriticConfig:
 @dataclasses.dataclass
 class TrainerConfig:
     iterations: int = field(
-        16,
+        24,
         help="policy iterations (each: rollouts, rewards, update); the same for every "
         "algorithm (ECG's value pretraining runs before them)",
     )
@@ -103,15 +103,19 @@ class TrainerConfig:
     prompts_per_iteration: int = field(8, help="distinct prompts per iteration")
     samples_per_prompt: int = field(4, help="G: images per prompt (GRPO's group size)")
     epochs: int = field(1, help="PPO epochs over each batch")
-    minibatch_size: int = field(8, help="samples per optimiser step")
+    minibatch_size: int = field(
+        32,
+        help="samples per optimiser step (= the batch: one step per iteration, which follows the batch's mean "
+        "direction; smaller minibatches are several noisy Adam steps: docs/algorithms.md)",
+    )
     timestep_fraction: float = field(0.5, help="fraction of denoising steps trained per sample (random subset)")
     step_window: float = field(
-        1.0,
+        0.8,
         help="the policy trains only the first step_window of the chain (the steps whose "
         "noise still decides the image; later steps' score gradients scale as 1/σ_t "
         "and are mostly noise: docs/algorithms.md); the critic trains every step",
     )
-    lr: float = field(5e-4, help="policy LoRA learning rate")
+    lr: float = field(1e-3, help="policy LoRA learning rate")
     clip_range: float = field(0.2, help="PPO clip ε (DDPO uses 1e-4)")
     adv_clip: float = field(5.0, help="advantages are clipped to ±adv_clip (DDPO)")
     kl_coef: float = field(0.0, help="weight of the KL to the reference policy (adapters disabled); 0 = off")

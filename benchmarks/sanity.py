@@ -59,7 +59,7 @@ NUM_PROMPTS = 1
 #: the fixed prompt of the brightness and JPEG cases: bright objects on the black background, so both directions
 #: have room (a dark prompt can hardly get darker)
 BRIGHT_PROMPT = "three yellow circles on the left"
-EVAL_SEEDS = 32  # noise seeds per prompt in the paired evaluation
+EVAL_SEEDS = 128  # noise seeds per prompt in the paired evaluation (a reward at its floor, e.g. no red left, needs them)
 
 
 def sanity_prompts(n: int = NUM_PROMPTS, seed: int = 5, containing: Optional[str] = None) -> list[str]:
@@ -175,6 +175,7 @@ def run_case(
         "se": float(se),
         "z": float(diff.mean() / se) if se > 0 else float("nan"),
         "seconds": seconds,
+        "eval_seeds": EVAL_SEEDS,
         "policy_updates": state.policy_updates,
         "history": [{k: v for k, v in h.items() if isinstance(v, (int, float, str))} for h in state.history],
     }

@@ -103,7 +103,6 @@ def test_sparse_checkpoints_resume_by_replaying_the_lost_iterations(tmp_path, ti
         "timing/values",
         "timing/update",
         "timing/sync",
-        "timing/checkpoint",
         "samples_per_s",
     } <= set(state.history[-1])
     split = tiny_train_cfg(f"run_dir={tmp_path / 'b'}", *common)

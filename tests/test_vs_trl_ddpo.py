@@ -70,7 +70,7 @@ def test_our_overrides_and_trl_spec_describe_the_same_shape(model_dir: Path, tmp
         spec["adv_clip"],
         spec["max_grad_norm"],
     )
-    assert cfg.rewards == ["jpeg_compressibility:1.0"] and cfg.reward_args["jpeg_compressibility"]["quality"] == 95
+    assert [(r.name, r.weight, r.args) for r in cfg.rewards] == [("jpeg_compressibility", 1.0, {"quality": 95})]
     assert t.num_threads == spec["threads"] and spec["model_dir"] == str(model_dir)
     with_ray = load_config(
         TrainConfig,
