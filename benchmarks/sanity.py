@@ -59,7 +59,9 @@ NUM_PROMPTS = 1
 #: the fixed prompt of the brightness and JPEG cases: bright objects on the black background, so both directions
 #: have room (a dark prompt can hardly get darker)
 BRIGHT_PROMPT = "three yellow circles on the left"
-EVAL_SEEDS = 128  # noise seeds per prompt in the paired evaluation (a reward at its floor, e.g. no red left, needs them)
+EVAL_SEEDS = (
+    128  # noise seeds per prompt in the paired evaluation (a reward at its floor, e.g. no red left, needs them)
+)
 
 
 def sanity_prompts(n: int = NUM_PROMPTS, seed: int = 5, containing: Optional[str] = None) -> list[str]:
