@@ -55,10 +55,23 @@ RECIPE = [
     "trainer.clip_range=0.2",
 ]
 ITERATIONS = 12
+#: cases that need more policy iterations: "less compressible" has to add fine detail, whose signal sits in the
+#: late steps (gradient_diagnosis): GRPO moved it by +0.016 ± 0.005 in 12 iterations, +0.056 ± 0.004 in 24
+CASE_ITERATIONS: dict[tuple[str, int], int] = {("jpeg_compressibility", -1): 24}
+
+
+def case_iterations(reward: str, sign: int) -> int:
+    return CASE_ITERATIONS.get((reward, sign), ITERATIONS)
+
+
 NUM_PROMPTS = 1
 #: the fixed prompt of the brightness and JPEG cases: bright objects on the black background, so both directions
 #: have room (a dark prompt can hardly get darker)
 BRIGHT_PROMPT = "three yellow circles on the left"
+#: the fixed prompt of the red-fraction cases: the base model draws its red circle on every seed (red fraction
+#: 0.047 ± 0.008 over 32 seeds, never 0), so both directions have room. On "a blue circle and a red square" it draws
+#: no red at all on 81 % of the seeds, and "less red" hits the floor of 0 at once (docs/algorithms.md)
+RED_PROMPT = "a red circle and a blue square"
 EVAL_SEEDS = (
     128  # noise seeds per prompt in the paired evaluation (a reward at its floor, e.g. no red left, needs them)
 )
@@ -80,10 +93,8 @@ def sanity_prompts(n: int = NUM_PROMPTS, seed: int = 5, containing: Optional[str
 
 
 def case_prompts(reward: str) -> list[str]:
-    """The fixed prompt of a case: one of the reward's colour for ``color_fraction`` (on the others the base model
-    draws none of it and the reward has zero variance), else :data:`BRIGHT_PROMPT`."""
-    color = REWARDS[reward][1].get("color")
-    return sanity_prompts(containing=color) if color else [BRIGHT_PROMPT] * NUM_PROMPTS
+    """The fixed prompt of a case: :data:`RED_PROMPT` for ``color_fraction``, else :data:`BRIGHT_PROMPT`."""
+    return [RED_PROMPT if REWARDS[reward][1].get("color") else BRIGHT_PROMPT] * NUM_PROMPTS
 
 
 def case_overrides(
@@ -208,7 +219,7 @@ def main() -> None:
     ap.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
     ap.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=list(REWARDS))
     ap.add_argument("--signs", nargs="+", type=int, default=[1, -1], choices=[1, -1])
-    ap.add_argument("--iterations", type=int, default=ITERATIONS)
+    ap.add_argument("--iterations", type=int, default=None, help="every case (default: case_iterations)")
     ap.add_argument("--out", default="runs/sanity")
     ap.add_argument("--min-z", type=float, default=5.0)
     ap.add_argument("--min-gain", type=float, default=0.5, help="gain must exceed this × the base reward's std")
@@ -233,7 +244,7 @@ def main() -> None:
                         reward,
                         sign,
                         Path(args.out),
-                        args.iterations,
+                        args.iterations or case_iterations(reward, sign),
                         args.overrides,
                         log=print if args.verbose else None,
                         prompts=args.prompts,
@@ -241,7 +252,8 @@ def main() -> None:
                 )
                 print_table(rows[-1:], args.min_z, args.min_gain)
     print(
-        f"\nsanity matrix ({args.iterations} iterations; paired on {NUM_PROMPTS} prompts × {EVAL_SEEDS} seeds; "
+        f"\nsanity matrix ({args.iterations or 'case_iterations'} policy iterations; paired on {NUM_PROMPTS} "
+        f"prompt × {EVAL_SEEDS} seeds; "
         f"pass: gain/SE > {args.min_z} and gain > {args.min_gain} × base std)"
     )
     print_table(rows, args.min_z, args.min_gain)

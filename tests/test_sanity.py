@@ -139,6 +139,6 @@ def test_sanity_matrix_moves_each_reward_both_ways(tmp_path, algo: str, reward: 
     """The full matrix of benchmarks/sanity.py: a large paired margin (gain/SE > 5 and more than half the
     base reward's std) in the asked direction. Measured status: docs/algorithms.md."""
     sanity = _sanity()
-    row = sanity.run_case(algo, reward, sign, tmp_path)
+    row = sanity.run_case(algo, reward, sign, tmp_path, iterations=sanity.case_iterations(reward, sign))
     sanity.print_table([row], 5.0, 0.5)
     assert sanity.passed(row, 5.0, 0.5), row
