@@ -254,7 +254,7 @@ def test_the_resume_log_appends_each_changed_key_and_leaves_config_json_alone(tm
     append_resume_log(run, resumed, run / "checkpoint", 3, force=True)
     lines = [json.loads(line) for line in (run / RESUME_LOG).read_text().splitlines()]
     assert [e["iteration"] for e in lines] == [2, 3] and [e["force"] for e in lines] == [False, True]
-    assert lines[0]["changed"] == {"trainer.lr": [5e-4, 1e-4]}
+    assert lines[0]["changed"] == {"trainer.lr": [cfg.trainer.lr, 1e-4]}
     assert (run / "config.json").read_text() == before
 
 
