@@ -20,20 +20,9 @@ import time
 
 import torch
 
+from align.backbones.presets import SD15_UNET
 from align.config import load_config
 from align.train_config import TrainConfig
-
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    cross_attention_dim=768,
-    block_out_channels=(320, 640, 1280, 1280),
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
 
 
 def rollout_throughput(cfg: TrainConfig, prompts: list[str], repeats: int) -> dict[str, float]:

@@ -41,24 +41,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/gpu_check.py` from anywhere
 
 from align.backbones.presets import (
+    SD15_UNET,
     clip_text_encoder,
     register_preset,  # noqa: E402
+    sd3_pipeline,
     sd_pipeline,
     tiny_vae,
 )
 from align.backbones.tokenizer import toy_tokenizer  # noqa: E402
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    cross_attention_dim=768,
-    block_out_channels=(320, 640, 1280, 1280),
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
 SD35M_TRANSFORMER = dict(
     sample_size=128,
     patch_size=2,
@@ -112,7 +103,7 @@ def sd15_shape(seed: int = 0):
 @register_preset("gpu-check-sd35m")
 def sd35m_shape(seed: int = 0):
     """SD3.5-Medium's transformer (random), CLIP-L/G-wide 1-layer encoders (pooled 768 + 1280), no T5, tiny VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     tokenizer = toy_tokenizer()
@@ -129,17 +120,7 @@ def sd35m_shape(seed: int = 0):
         )
         te1 = clip_text_encoder(tokenizer, 768, layers=1, heads=12, projection_dim=768)
         te2 = clip_text_encoder(tokenizer, 1280, layers=1, heads=20, projection_dim=1280)
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=te1,
-        tokenizer=tokenizer,
-        text_encoder_2=te2,
-        tokenizer_2=toy_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
+    return sd3_pipeline(transformer, vae, te1, te2, tokenizer, shift=3.0)
 
 
 @dataclasses.dataclass

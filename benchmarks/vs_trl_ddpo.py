@@ -76,26 +76,14 @@ def build_tiny_pipeline(seed: int = 0):
     """SD1.5-class pipeline for this shape: UNet (32, 64) on 8×8×4 latents, 4-block VAE (factor 8: 64 px),
     2-layer CLIP text encoder of width 32, the toy tokenizer, DDIM with SD1.5's schedule."""
     import torch
-    from diffusers import UNet2DConditionModel
 
-    from align.backbones.presets import clip_text_encoder, sd_pipeline, tiny_vae
+    from align.backbones.presets import clip_text_encoder, sd_pipeline, tiny_sd_unet, tiny_vae
     from align.backbones.tokenizer import toy_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = toy_tokenizer()
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=16,
-        )
+        unet = tiny_sd_unet(sample_size=8)
         vae = tiny_vae((16, 16, 16, 16), sample_size=64)
         return sd_pipeline(unet, vae, clip_text_encoder(tokenizer, 32), tokenizer, "epsilon")
 

@@ -42,6 +42,18 @@ SD15_SCHEDULE = dict(
     steps_offset=1,
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: SD1.5's UNet2DConditionModel architecture (860 M parameters), for random-weight shape checks
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    cross_attention_dim=768,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
 
 
 def register_preset(name: str) -> Callable[[PresetBuilder], PresetBuilder]:
@@ -146,23 +158,43 @@ def sd_pipeline(
     )
 
 
+def tiny_sd_unet(sample_size: int = 4) -> UNet2DConditionModel:
+    """The tiny SD1.5-class UNet: 2 levels (32, 64), cross-attention width 32, on sample_size² × 4 latents."""
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def sd3_pipeline(transformer, vae, te1, te2, tokenizer, shift: float) -> StableDiffusion3Pipeline:
+    """An SD3 pipeline from its parts: two CLIP encoders (the toy tokenizer for the second), no T5."""
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=tokenizer,
+        text_encoder_2=te2,
+        tokenizer_2=toy_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
 @register_preset("tiny-unet")
 def tiny_unet(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
     """SD1.5-class pipeline: 2-level UNet (32, 64), 3-block VAE (4× down), 2-layer CLIP; 16 px images."""
     with _seeded(seed):
         tokenizer = toy_tokenizer()
-        unet = UNet2DConditionModel(
-            sample_size=4,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=16,
-        )
+        unet = tiny_sd_unet(4)
         vae = tiny_vae((16, 16, 16), sample_size=16)
         return sd_pipeline(unet, vae, clip_text_encoder(tokenizer, 32), tokenizer, prediction_type)
 
@@ -240,15 +272,4 @@ def tiny_dit(seed: int = 0, shift: float = 3.0) -> StableDiffusion3Pipeline:
         )
         te1 = clip_text_encoder(tokenizer, 32, projection_dim=32)
         te2 = clip_text_encoder(tokenizer, 32, projection_dim=32)
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-        return StableDiffusion3Pipeline(
-            transformer=transformer,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=te1,
-            tokenizer=tokenizer,
-            text_encoder_2=te2,
-            tokenizer_2=toy_tokenizer(),
-            text_encoder_3=None,
-            tokenizer_3=None,
-        )
+        return sd3_pipeline(transformer, vae, te1, te2, tokenizer, shift)
