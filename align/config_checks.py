@@ -76,7 +76,16 @@ def check_values(cfg) -> None:
         r.num_rollout_workers >= 0 and r.num_reward_workers >= 0 and r.chunk_size >= 1 and r.max_restarts >= 0,
         "ray.num_rollout_workers, num_reward_workers and max_restarts must be >= 0, ray.chunk_size >= 1",
     )
-    _require(cfg.learner.max_policy_lag >= 0, "learner.max_policy_lag must be >= 0")
+    _require(
+        cfg.learner.max_policy_lag in (0, 1),
+        f"learner.max_policy_lag must be 0 (synchronous) or 1 (the next batch is sampled while the learner "
+        f"trains), got {cfg.learner.max_policy_lag}",
+    )
+    _require(
+        cfg.learner.max_policy_lag == 0 or r.num_rollout_workers >= 1,
+        "learner.max_policy_lag=1 overlaps rollouts with training, which needs rollout actors "
+        "(ray.num_rollout_workers >= 1): in-process rollouts share the learner's pipeline",
+    )
 
 
 def _check_critic(cfg) -> None:

@@ -65,9 +65,21 @@ def policy_step_window(cfg) -> int:
     return max(1, math.ceil(cfg.trainer.step_window * cfg.sampler.num_inference_steps - 1e-9))
 
 
+def policy_steps(cfg, traj) -> list[int]:
+    """The steps the policy trains on a trajectory: its stochastic window's steps (align/sampling/window.py),
+    or, when every step is stochastic, the first :func:`policy_step_window` of the chain."""
+    if traj.sde_steps is not None:
+        return traj.trainable_steps()
+    return traj.trainable_steps(stop=min(traj.num_steps, policy_step_window(cfg)))
+
+
 def steps_per_update(cfg) -> int:
-    """Denoising steps trained per minibatch = backward passes per optimiser step (policy and critic alike)."""
-    return max(1, round(cfg.trainer.timestep_fraction * policy_step_window(cfg)))
+    """Denoising steps trained per minibatch = backward passes per optimiser step (policy and critic alike):
+    ``timestep_fraction`` of the policy's steps (the stochastic window's, else the first ``step_window``)."""
+    from align.sampling.window import window_size
+
+    trained = window_size(cfg.sampler) or policy_step_window(cfg)
+    return max(1, round(cfg.trainer.timestep_fraction * trained))
 
 
 def prepare_deepspeed(

@@ -26,7 +26,7 @@ from align.backbones.lora import adapters_disabled, load_lora_state_dict, lora_s
 from align.distributed import (
     is_deepspeed,
     load_zero_partition,
-    policy_step_window,
+    policy_steps,
     prepare_deepspeed,
     steps_per_update,
     zero_partition_state,
@@ -119,7 +119,7 @@ class Learner:
             traj,
             self.cfg.trainer.epochs,
             lambda mb, idx, i: self._policy_loss(mb, adv[idx], i),
-            window=min(traj.num_steps, policy_step_window(self.cfg)),
+            candidates=policy_steps(self.cfg, traj),
         )
         self.version += 1
         return stats
@@ -133,7 +133,7 @@ class Learner:
             traj,
             epochs,
             lambda mb, idx, i: self._value_loss(mb, targets[idx], None if old is None else old[idx, i], i),
-            window=traj.num_steps,
+            candidates=list(range(traj.num_steps)),  # every state, also outside a stochastic window
         )
 
     def update(
@@ -152,11 +152,13 @@ class Learner:
             stats.update(self.value_update(traj, value_targets, epochs))
         return stats
 
-    def _pass(self, group: str, traj: Trajectory, epochs: int, step_loss: StepLoss, window: int) -> dict[str, float]:
+    def _pass(
+        self, group: str, traj: Trajectory, epochs: int, step_loss: StepLoss, candidates: list[int]
+    ) -> dict[str, float]:
         """``epochs`` × shuffled minibatches of ``traj``; one clipped optimiser step of ``group`` each, on a
-        random subset of the steps ``0 … window−1`` (the same number of steps for policy and critic)."""
+        random subset of the step indices ``candidates`` (the same number of steps for policy and critic)."""
         mb_size = self.cfg.trainer.minibatch_size // self.accelerator.num_processes
-        n, steps = traj.batch_size, window
+        n, steps = traj.batch_size, len(candidates)
         k_steps = min(steps, steps_per_update(self.cfg))
         totals: dict[str, float] = {}
         count = 0
@@ -164,7 +166,8 @@ class Learner:
             order = torch.randperm(n, generator=self.step_generator)
             for start in range(0, n, mb_size):
                 idx = order[start : start + mb_size]
-                step_ids = torch.randperm(steps, generator=self.step_generator)[:k_steps].sort().values.tolist()
+                picks = torch.randperm(steps, generator=self.step_generator)[:k_steps].sort().values.tolist()
+                step_ids = [candidates[j] for j in picks]
                 stats = self._optimiser_step(group, traj.select(idx), idx, step_ids, step_loss)
                 for key, val in stats.items():
                     totals[key] = totals.get(key, 0.0) + val

@@ -92,7 +92,7 @@ class CriticConfig:
 @dataclasses.dataclass
 class TrainerConfig:
     iterations: int = field(
-        24,
+        60,
         help="policy iterations (each: rollouts, rewards, update); the same for every "
         "algorithm (ECG's value pretraining runs before them)",
     )
@@ -100,22 +100,28 @@ class TrainerConfig:
         "toy",
         help="prompt source: 'toy' (the toy world's grammar) or a text file, one prompt per line (align/prompts.py)",
     )
-    prompts_per_iteration: int = field(8, help="distinct prompts per iteration")
-    samples_per_prompt: int = field(4, help="G: images per prompt (GRPO's group size)")
+    prompts_per_iteration: int = field(4, help="distinct prompts per iteration")
+    samples_per_prompt: int = field(8, help="G: images per prompt (GRPO's group size)")
+    shared_group_noise: bool = field(
+        False,
+        help="the G images of a prompt start from one x_T, so that they differ only by the policy's own "
+        "stochastic steps (with an SDE window: one shared prefix); GRPO's group mean is then a baseline for "
+        "that state (docs/algorithms.md)",
+    )
     epochs: int = field(1, help="PPO epochs over each batch")
     minibatch_size: int = field(
         32,
         help="samples per optimiser step (= the batch: one step per iteration, which follows the batch's mean "
         "direction; smaller minibatches are several noisy Adam steps: docs/algorithms.md)",
     )
-    timestep_fraction: float = field(0.5, help="fraction of denoising steps trained per sample (random subset)")
+    timestep_fraction: float = field(1.0, help="fraction of denoising steps trained per sample (random subset)")
     step_window: float = field(
         0.8,
         help="the policy trains only the first step_window of the chain (the steps whose "
         "noise still decides the image; later steps' score gradients scale as 1/σ_t "
         "and are mostly noise: docs/algorithms.md); the critic trains every step",
     )
-    lr: float = field(1e-3, help="policy LoRA learning rate")
+    lr: float = field(2e-3, help="policy LoRA learning rate")
     clip_range: float = field(0.2, help="PPO clip ε (DDPO uses 1e-4)")
     adv_clip: float = field(5.0, help="advantages are clipped to ±adv_clip (DDPO)")
     kl_coef: float = field(0.0, help="weight of the KL to the reference policy (adapters disabled); 0 = off")
@@ -174,7 +180,9 @@ class LearnerConfig:
         None, path="file", help="DeepSpeed JSON (launch/deepspeed/zero2.json); None: the accelerate config decides"
     )
     max_policy_lag: int = field(
-        0, help="refuse rollouts sampled more than this many policy versions ago (0: fully on-policy)"
+        0,
+        help="0: synchronous (sample, then train); 1: the rollout actors sample iteration k+1 with policy "
+        "version k while the learner trains on iteration k (one step off-policy; docs/cluster.md)",
     )
     gradient_checkpointing: bool = field(
         False,
@@ -190,7 +198,11 @@ class TrainConfig:
     #: short top-level keys (``modifiers=[...]``) and their dotted home (align.config.load_config)
     ALIASES: ClassVar[dict[str, str]] = {"modifiers": "sampler.modifiers"}
     model: ModelConfig = field(default_factory=ModelConfig)
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_inference_steps=10, logprob_reduce="sum"))
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(
+            num_inference_steps=10, logprob_reduce="sum", sde_window_size=2, sde_window_span=0.5
+        )
+    )
     algo: str = field("ecg", choices=algorithm_names, help="the RL algorithm (align/algos/registry.py)")
     rewards: list = field(
         default_factory=lambda: [RewardSpec("toy_geneval")],
@@ -214,9 +226,9 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    eval_every: int = field(4, help="iterations between evaluation grids (0: only at the end)")
+    eval_every: int = field(8, help="iterations between evaluation grids (0: only at the end)")
     final_eval_prompts: int = field(
-        256,
+        512,
         help="(prompt, noise) pairs of the paired end-of-run evaluation written to "
         "RUN_DIR/eval.json, spread evenly over the tags (a tag with fewer prompts repeats "
         "them with new noise; align/eval.py balanced_items); base vs trained policy, "

@@ -232,7 +232,7 @@ def test_reward_actor_that_raises_names_the_reward_and_no_update_happens(ray_ses
 def test_learner_refuses_rollouts_staler_than_max_policy_lag(tmp_path) -> None:
     from align.train import build
 
-    cfg = _cfg(tmp_path, "ray.num_rollout_workers=0", "ray.num_reward_workers=0", "learner.max_policy_lag=1")
+    cfg = _cfg(tmp_path, "ray.num_rollout_workers=1", "ray.num_reward_workers=0", "learner.max_policy_lag=1")
     pipe, critic, _, _, learner, worker = build(cfg)
     worker.set_policy(None, 0)
     traj = worker.rollout(PROMPTS[:4], seed=0)

@@ -39,8 +39,10 @@ class ValueReplay:
         """All stored samples as one trajectory, with targets ``normalise(raw)`` (B_total, K)."""
         if not self.batches:
             raise ValueError("ValueReplay.batch: the replay is empty")
-        newest = self.batches[-1][0].policy_version  # value regression needs no version; cat needs one
-        traj = Trajectory.cat([dataclasses.replace(t, policy_version=newest) for t, _ in self.batches])
+        # value regression reads states and returns only: neither the version nor the stochastic window
+        # (drawn per batch) matters to it, and cat needs them equal
+        newest = self.batches[-1][0].policy_version
+        traj = Trajectory.cat([dataclasses.replace(t, policy_version=newest, sde_steps=None) for t, _ in self.batches])
         return traj, normalise(torch.cat([r for _, r in self.batches]))
 
     def clear(self) -> None:

@@ -63,7 +63,7 @@ class RolloutActor:
 
     def rollout(self, request: Request, version: int, box: list) -> Trajectory:
         self.set_policy(version, box)
-        return self.worker.rollout(request.prompts, request.seed)
+        return self.worker.rollout(request.prompts, request.seed, request.sde_steps, request.latent_seeds)
 
 
 class RewardActor:
@@ -259,12 +259,21 @@ def run_requests(
     return results, reissued
 
 
+@dataclasses.dataclass(frozen=True)
+class PolicyHandle:
+    """A policy version and its LoRA state in the object store (boxed: Ray does not fetch it unasked)."""
+
+    version: int
+    box: Optional[list]
+
+
 class RayRollouts:
     """``num_rollout_workers`` rollout actors behind ``rollout(prompts, seed)``."""
 
     def __init__(self, cfg) -> None:
         r = cfg.ray
         self.chunk_size, self.restart_timeout_s = r.chunk_size, r.restart_timeout_s
+        self.sampler = cfg.sampler  # the batch's stochastic window is drawn here, once per batch
         self.actors, self.pg = start_actors(
             RolloutActor,
             (cfg, r.cpus_per_rollout_worker),
@@ -281,13 +290,27 @@ class RayRollouts:
     def pids(self) -> list[int]:
         return _pids(self.actors, self.restart_timeout_s)
 
-    def set_policy(self, state: dict[str, torch.Tensor], version: int) -> SyncStats:
-        """Put the LoRA state once; every live actor loads it (a dead one loads it on its next request)."""
+    def policy_handle(self, state: dict[str, torch.Tensor], version: int) -> PolicyHandle:
+        """``state`` put once in the object store, with its version: what a request carries."""
+        import ray
+
+        return PolicyHandle(version, [ray.put(state)])
+
+    def current_policy(self) -> PolicyHandle:
+        return PolicyHandle(self.version, self.box)
+
+    def set_policy(self, state: dict[str, torch.Tensor], version: int, push: bool = True) -> SyncStats:
+        """Put the LoRA state once; every live actor loads it (a dead one loads it on its next request).
+        ``push=False``: only the next requests carry it, and each actor loads it when it serves one (the
+        overlapped loop: an actor busy sampling the next batch is not waited for)."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         t0 = time.perf_counter()
-        self.version, self.box = version, [ray.put(state)]
+        handle = self.policy_handle(state, version)
+        self.version, self.box = handle.version, handle.box
+        if not push:
+            return SyncStats(version, state_num_bytes(state), time.perf_counter() - t0)
         for ref in [a.set_policy.remote(version, self.box) for a in self.actors]:
             try:
                 ray.get(ref)
@@ -295,13 +318,24 @@ class RayRollouts:
                 pass  # restarting: the version check in ``rollout`` loads the weights there
         return SyncStats(version, state_num_bytes(state), time.perf_counter() - t0)
 
-    def rollout(self, prompts: list[str], seed: int, on_dispatch: Optional[Callable[[], None]] = None) -> Trajectory:
-        if self.box is None:
+    def rollout(
+        self,
+        prompts: list[str],
+        seed: int,
+        on_dispatch: Optional[Callable[[], None]] = None,
+        group_size: int = 0,
+        policy: Optional[PolicyHandle] = None,
+    ) -> Trajectory:
+        """As ``LocalRollouts.rollout``: the same requests, so the same trajectories, served by the actors,
+        all with one policy: ``policy``, else the current one (read once, so a sync during the batch cannot
+        mix two versions in it)."""
+        policy = policy or self.current_policy()
+        if policy.box is None:
             raise RuntimeError("RayRollouts.rollout before set_policy: the actors hold no policy weights yet")
-        requests = make_requests(prompts, seed, self.chunk_size)
+        requests = make_requests(prompts, seed, self.chunk_size, self.sampler, group_size)
         parts, reissued = run_requests(
             self.actors,
-            lambda a, req: a.rollout.remote(req, self.version, self.box),
+            lambda a, req: a.rollout.remote(req, policy.version, policy.box),
             requests,
             on_dispatch,
             restart_timeout_s=self.restart_timeout_s,

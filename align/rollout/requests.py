@@ -17,6 +17,7 @@ import torch
 
 from align.rollout.worker import RolloutWorker
 from align.sampling import Trajectory
+from align.sampling.window import stochastic_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Request:
     index: int  # position of the chunk in the batch
     prompts: list[str]  # the chunk's prompts
     seed: int  # seed of the chunk's generator
+    sde_steps: Optional[tuple[int, ...]] = None  # the batch's stochastic window (the same for every chunk)
+    latent_seeds: Optional[tuple[int, ...]] = None  # per-sample x_T seeds (shared within a group), or None
 
 
 @dataclasses.dataclass
@@ -41,11 +44,28 @@ def chunk_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def make_requests(prompts: list[str], seed: int, chunk_size: int) -> list[Request]:
+def make_requests(prompts: list[str], seed: int, chunk_size: int, sampler=None, group_size: int = 0) -> list[Request]:
+    """The batch's chunks; with ``sampler``, each carries the batch's stochastic window drawn from ``seed``
+    (align/sampling/window.py), so that the chunks' trajectories concatenate. ``group_size`` > 0: samples
+    ``j`` and ``k`` with ``j // group_size == k // group_size`` get one x_T seed (a chunk may cut a group)."""
+    window = stochastic_steps(sampler, seed) if sampler is not None else None
+    latent = [group_latent_seed(seed, j // group_size) for j in range(len(prompts))] if group_size > 0 else None
     return [
-        Request(i, list(prompts[start : start + chunk_size]), chunk_seed(seed, i))
+        Request(
+            i,
+            list(prompts[start : start + chunk_size]),
+            chunk_seed(seed, i),
+            window and tuple(window),
+            latent and tuple(latent[start : start + chunk_size]),
+        )
         for i, start in enumerate(range(0, len(prompts), chunk_size))
     ]
+
+
+def group_latent_seed(seed: int, group: int) -> int:
+    """Seed of the x_T shared by group ``group`` of the batch seeded ``seed`` (independent of the chunk seeds)."""
+    state = np.random.SeedSequence([int(seed), int(group), 0x6A7]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
 
 
 class LocalRollouts:
@@ -56,8 +76,16 @@ class LocalRollouts:
         self.worker, self.chunk_size = worker, chunk_size
         self.reissued = 0
 
-    def rollout(self, prompts: list[str], seed: int, on_dispatch: Optional[Callable[[], None]] = None) -> Trajectory:
-        parts = [self.worker.rollout(r.prompts, r.seed) for r in make_requests(prompts, seed, self.chunk_size)]
+    def rollout(
+        self,
+        prompts: list[str],
+        seed: int,
+        on_dispatch: Optional[Callable[[], None]] = None,
+        group_size: int = 0,
+    ) -> Trajectory:
+        """One trajectory per prompt; ``group_size`` > 0: consecutive groups of that size share x_T."""
+        requests = make_requests(prompts, seed, self.chunk_size, self.worker.sampler, group_size)
+        parts = [self.worker.rollout(r.prompts, r.seed, r.sde_steps, r.latent_seeds) for r in requests]
         return Trajectory.cat(parts)
 
     def set_policy(self, state: Optional[dict[str, torch.Tensor]], version: int) -> SyncStats:

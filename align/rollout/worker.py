@@ -4,10 +4,12 @@ distributed driver wraps it in a Ray actor that owns its own pipeline copy."""
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 from align.backbones.lora import load_lora_state_dict, set_active_adapters
-from align.sampling import SamplerConfig, Trajectory, resolve_resolution, sample_trajectory
+from align.sampling import SamplerConfig, Trajectory, initial_latents, resolve_resolution, sample_trajectory
 
 
 class RolloutWorker:
@@ -22,8 +24,34 @@ class RolloutWorker:
             load_lora_state_dict(self.pipe, state, self.adapter)
         self.policy_version = version
 
-    def rollout(self, prompts: list[str], seed: int) -> Trajectory:
-        """Sample one trajectory per prompt with the policy adapter active, from a seeded generator."""
+    def rollout(
+        self,
+        prompts: list[str],
+        seed: int,
+        sde_steps: Optional[Sequence[int]] = None,
+        latent_seeds: Optional[Sequence[int]] = None,
+    ) -> Trajectory:
+        """Sample one trajectory per prompt with the policy adapter active, from a seeded generator;
+        ``sde_steps``: the batch's stochastic window (None: the sampler's, drawn from ``seed``);
+        ``latent_seeds``: each sample's x_T from its own seed (None: from the generator)."""
         set_active_adapters(self.pipe, [self.adapter])
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        return sample_trajectory(self.pipe, prompts, self.sampler, generator, policy_version=self.policy_version)
+        latents = None
+        if latent_seeds is not None:
+            s = self.sampler
+            latents = torch.cat(
+                [
+                    initial_latents(self.pipe, 1, torch.Generator().manual_seed(int(k)), s.height, s.width)
+                    for k in latent_seeds
+                ]
+            )
+        window = None if sde_steps is None else list(sde_steps)
+        return sample_trajectory(
+            self.pipe,
+            prompts,
+            self.sampler,
+            generator,
+            policy_version=self.policy_version,
+            latents=latents,
+            sde_steps=window,
+        )

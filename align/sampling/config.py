@@ -33,6 +33,20 @@ class SamplerConfig:
         "VAE factor (× the patch size on a DiT), checked when the model loads",
     )
     width: Optional[int] = field(None, help="image width in pixels (None: the model's default); as height")
+    sde_window: list = field(
+        default_factory=list,
+        help="stochastic window (MixGRPO, Flow-GRPO-Fast): these step indices are SDE steps and the only ones "
+        "trained, every other step is deterministic (DDIM eta 0 / flow ODE), e.g. [1, 2]; it takes "
+        "precedence over sde_window_size; empty: see sde_window_size (docs/sampling.md)",
+    )
+    sde_window_size: int = field(
+        0,
+        help="a drawn window: this many consecutive SDE steps, placed per batch inside the first "
+        "sde_window_span of the chain (0: off)",
+    )
+    sde_window_span: float = field(
+        1.0, help="the drawn window lies in the first span of the chain: T = 10, span 0.5 -> it starts at 0..3"
+    )
     negative_prompt: str = field("", help="prompt of CFG's unconditional branch")
     progress: bool = field(False, help="show a per-step progress bar")
     output_type: str = field(
@@ -65,6 +79,9 @@ class SamplerConfig:
                 f"'latent', got {self.logprob_reduce!r} and {self.output_type!r}"
             )
         from align.config_checks import check_resolution
+        from align.sampling.window import check_window
+
+        check_window(self)
 
         check_resolution(self.height, self.width)  # positive ints; the model's multiple: align.sampling.resolution
 

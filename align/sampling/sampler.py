@@ -22,6 +22,7 @@ from align.sampling.hooks import ExtraBranch, GuidanceFn, SamplerHooks, StepCont
 from align.sampling.resolution import resolve_resolution
 from align.sampling.trajectory import Trajectory
 from align.sampling.transitions import TRANSITIONS, take_step, transition_for
+from align.sampling.window import stochastic_steps
 
 EMBED_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
@@ -188,6 +189,12 @@ def set_schedule(pipe, num_inference_steps: int, latents: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
+def step_scale(scale: float, step: int, sde_steps: Optional[list[int]]) -> float:
+    """The noise scale of step ``step``: ``scale`` inside the stochastic window (or everywhere without one),
+    0 outside it (DDIM η = 0, the flow ODE)."""
+    return scale if sde_steps is None or step in sde_steps else 0.0
+
+
 def _chain(
     pipe,
     x: torch.Tensor,
@@ -197,8 +204,10 @@ def _chain(
     generator: torch.Generator,
     latents_out: torch.Tensor,
     log_probs_out: torch.Tensor,
+    sde_steps: Optional[list[int]],
 ) -> torch.Tensor:
-    """Run the T steps from x_T, writing x_t into ``latents_out[:, i]`` and log π into ``log_probs_out``."""
+    """Run the T steps from x_T, writing x_t into ``latents_out[:, i]`` and log π into ``log_probs_out``;
+    outside ``sde_steps`` (None: every step is stochastic) a step is deterministic (noise scale 0)."""
     transition = TRANSITIONS[transition_for(pipe.scheduler)]
     scale = getattr(config, transition.scale_key)
     latents_out[:, 0] = x
@@ -206,7 +215,7 @@ def _chain(
     extra = _extra(hooks, x.shape[0])
     for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not config.progress)):
         out = _guided(pipe, x, t, cond, config.guidance_scale, hooks.guidance, extra)
-        mean, std = transition.distribution(pipe.scheduler, out, i, x, scale)
+        mean, std = transition.distribution(pipe.scheduler, out, i, x, step_scale(scale, i, sde_steps))
         if hooks.transition is not None:
             mean, std = hooks.transition(mean, std, StepContext(i, t, x, out))
         step = take_step(mean, std, generator=generator, reduce=config.logprob_reduce, dtype=x.dtype)
@@ -224,14 +233,20 @@ def sample_trajectory(
     policy_version: int = 0,
     hooks: Optional[SamplerHooks] = None,
     latents: Optional[torch.Tensor] = None,
+    sde_steps: Optional[list[int]] = None,
 ) -> Trajectory:
     """Sample one chain per prompt with per-step log-probs (no autograd graph).
 
     Runs under ``torch.inference_mode`` (``no_grad`` if ``hooks.needs_grad``); the returned
     tensors are ordinary tensors that the learner can feed to autograd. ``latents`` overrides x_T (and with
-    it the resolution); else x_T is drawn at ``config.height`` × ``config.width``.
+    it the resolution); else x_T is drawn at ``config.height`` × ``config.width``. ``sde_steps``: the
+    stochastic steps (align/sampling/window.py); None: the config's window, a drawn one seeded from
+    ``generator``'s initial seed.
     """
     config.validate()
+    if sde_steps is None:
+        first = generator[0] if isinstance(generator, (list, tuple)) else generator  # per-image generators
+        sde_steps = stochastic_steps(config, first.initial_seed())
     stack = _modifier_stack(pipe, config.modifiers, hooks)
     hooks = hooks or (stack.hooks(pipe, list(prompts)) if stack is not None else SamplerHooks())
     name = transition_for(pipe.scheduler)
@@ -254,6 +269,7 @@ def sample_trajectory(
             generator,
             chain,
             log_probs,
+            sde_steps,
         )
         images = decode(pipe, x0) if config.output_type == "pt" else None
     sigmas = pipe.scheduler.sigmas if name == "flow_sde" else None
@@ -271,6 +287,7 @@ def sample_trajectory(
         transition=name,
         logprob_reduce=config.logprob_reduce,
         modifiers=_canonical(config.modifiers),
+        sde_steps=sde_steps,
         **{k: _normal(v) for k, v in embeds.items()},
     )
 
@@ -337,7 +354,8 @@ def _recompute(pipe, traj: Trajectory, step_indices: Optional[list[int]], hooks:
     for i in range(traj.num_steps) if step_indices is None else step_indices:
         x, t = traj.latents[:, i], pipe.scheduler.timesteps[i]
         model_out = _guided(pipe, x, t, cond, traj.guidance_scale, hooks.guidance, extra)
-        mean, std = transition.distribution(pipe.scheduler, model_out, i, x, traj.noise_scale)
+        scale = step_scale(traj.noise_scale, i, traj.sde_steps)
+        mean, std = transition.distribution(pipe.scheduler, model_out, i, x, scale)
         if hooks.transition is not None:
             mean, std = hooks.transition(mean, std, StepContext(i, t, x, model_out))
         out.append(take_step(mean, std, prev_sample=traj.latents[:, i + 1], reduce=traj.logprob_reduce).log_prob)

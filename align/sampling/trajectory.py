@@ -32,6 +32,7 @@ SETTINGS = (
     "transition",
     "logprob_reduce",
     "modifiers",
+    "sde_steps",
 )
 
 
@@ -56,6 +57,12 @@ class Trajectory:
     transition: str = "ddim"  # key of align.sampling.transitions.TRANSITIONS
     logprob_reduce: str = "mean"  # reduction of the per-step log-density: "mean" | "sum"
     modifiers: list = dataclasses.field(default_factory=list)  # sampler.modifiers specs [{name: args}] of π
+    sde_steps: Optional[list[int]] = None  # the stochastic steps (window); None: all. Others have log π = 0
+
+    def trainable_steps(self, first: int = 0, stop: Optional[int] = None) -> list[int]:
+        """The step indices in [first, stop) that are actions of the stochastic policy (the window's)."""
+        stop = self.num_steps if stop is None else stop
+        return [i for i in range(first, stop) if self.sde_steps is None or i in self.sde_steps]
 
     @property
     def batch_size(self) -> int:
