@@ -134,10 +134,12 @@ def evaluate_items(
     (No outer ``no_grad``: the sampler picks its own mode, and grad steering needs autograd.)"""
     from tqdm.auto import tqdm
 
+    from align.modifiers.protocol import build_modifiers
     from critics.steering import sample_steered
 
     steering = steering or SteeringConfig()
     sampler = dataclasses.replace(sampler, progress=False)
+    modifiers = build_modifiers(sampler.modifiers)  # one stack for every batch (steering is appended to it)
     device = str(getattr(pipe, "_execution_device", "cpu"))
     rows: list[dict] = []
     for start in tqdm(range(0, len(items), batch_size), desc="eval", unit="batch", disable=not progress):
@@ -145,7 +147,9 @@ def evaluate_items(
         prompts = [it.prompt for it in chunk]
         gens = [noise_generator(seed, it, device) for it in chunk]
         candidates = torch.Generator(device).manual_seed(seed * 1_000_003 + start + 1)  # rerank's own noise
-        images = sample_steered(pipe, prompts, sampler, gens, critic, steering, candidates).traj.images
+        images = sample_steered(
+            pipe, prompts, sampler, gens, critic, steering, candidates, modifiers=modifiers
+        ).traj.images
         images = images.float().clamp(0, 1).cpu()
         verdicts = judge(images, prompts, [it.record for it in chunk])
         for it, image, verdict in zip(chunk, images, verdicts):

@@ -20,8 +20,9 @@ from align.backbones.model_config import load_model
 from align.checkpoint import write_json
 from align.config import ConfigError, field
 from align.model_source import ModelConfig
+from align.modifiers.protocol import build_modifiers
 from align.sampling import SamplerConfig, resolve_resolution
-from critics.steering import HOOKED_MODES, SteeringConfig, sample_steered
+from critics.steering import SteeringConfig, sample_steered
 
 
 @dataclasses.dataclass
@@ -54,11 +55,6 @@ class SampleJobConfig:
         bad = [p for p in self.prompts if not isinstance(p, str) or not p.strip()]
         if bad:
             raise ValueError(f"prompts must be non-empty strings, got {bad[0]!r}")
-        if self.steering.steer in HOOKED_MODES and self.sampler.modifiers:
-            raise ValueError(
-                f"steering.steer={self.steering.steer} hooks the sampler's transition and cannot be "
-                "combined with sampler.modifiers yet; use one or the other"
-            )
 
 
 def job_prompts(cfg: SampleJobConfig) -> list[str]:
@@ -94,6 +90,7 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
     pipe = load_model(cfg.model)
     resolve_resolution(pipe, cfg.sampler.height, cfg.sampler.width)  # before any sampling
     critic, reward_fns = _steering_parts(pipe, cfg)
+    modifiers = build_modifiers(cfg.sampler.modifiers)  # one stack for every batch (steering is appended to it)
     gen = torch.Generator().manual_seed(cfg.seed)
     candidate_gen = torch.Generator().manual_seed(cfg.seed + 1)  # steering's own noise (rerank candidates)
     records, all_images = [], []
@@ -101,7 +98,7 @@ def run_sample_job(cfg: SampleJobConfig) -> dict:
     batches = range(0, len(prompts), cfg.batch_size)
     for start in tqdm(batches, desc="sample", unit="batch", disable=not cfg.progress):
         chunk = prompts[start : start + cfg.batch_size]
-        batch = sample_steered(pipe, chunk, sampler_cfg, gen, critic, cfg.steering, candidate_gen)
+        batch = sample_steered(pipe, chunk, sampler_cfg, gen, critic, cfg.steering, candidate_gen, modifiers=modifiers)
         traj = batch.traj
         images = traj.images.float().clamp(0, 1).cpu()
         extra = _critic_records(critic, reward_fns, batch, images, chunk)

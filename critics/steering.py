@@ -1,6 +1,9 @@
-"""Inference-time steering with an exported critic (ecg_spec.md §Our design 6), by name.
+"""Inference-time steering with an exported critic (docs/critic_format.md §Steering), by name.
 
-Every mode samples with the project's log-prob sampler and differs only in its hooks:
+Every mode samples with the project's log-prob sampler and the caller's modifier stack
+(``sampler.modifiers``); ``grad`` and ``rerank`` append their modifier to it
+(:mod:`critics.steer_modifiers`, the one hook protocol), so they combine with StayFair and
+symmetric attention:
 
 * ``none``: plain sampling (the baseline).
 * ``grad``: classifier-guidance style, on the step's mean (so the stored log-prob is that of the
@@ -26,13 +29,26 @@ import dataclasses
 from typing import Callable, Optional, Sequence
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from align.config import field
-from align.sampling import SamplerConfig, SamplerHooks, StepContext, Trajectory, sample_trajectory
+from align.modifiers.protocol import ModifierStack, build_modifiers
+from align.sampling import SamplerConfig, Trajectory, sample_trajectory
 from critics.export import LoadedCritic
+from critics.steer_modifiers import COND_KEYS, CriticGrad, CriticRerank, grad_step
 
-COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+__all__ = [
+    "COND_KEYS",
+    "STEERING",
+    "CriticGrad",
+    "CriticRerank",
+    "SteerContext",
+    "SteeredBatch",
+    "SteeringConfig",
+    "final_values",
+    "grad_step",
+    "register_steering",
+    "sample_steered",
+]
 
 
 @dataclasses.dataclass
@@ -43,12 +59,11 @@ class SteerContext:
     weights: Optional[torch.Tensor]  # (K,) w_k
     cfg: SteeringConfig
     candidate_generator: torch.Generator  # rerank's candidate noise (keeps the sampler's stream intact)
+    modifiers: ModifierStack  # the caller's stack (built from sampler.modifiers); a mode may extend it
 
 
 SteerFn = Callable[..., Trajectory]
 STEERING: dict[str, SteerFn] = {}
-#: modes that pass their own SamplerHooks (so they cannot run together with sampler.modifiers)
-HOOKED_MODES = ("grad", "rerank")
 
 
 def register_steering(name: str) -> Callable[[SteerFn], SteerFn]:
@@ -59,82 +74,27 @@ def register_steering(name: str) -> Callable[[SteerFn], SteerFn]:
     return wrap
 
 
-class _Embeds:
-    """``prompt_embeds`` hook that only records the conditional embeddings for the critic."""
-
-    def __init__(self) -> None:
-        self.cond: dict = {}
-
-    def __call__(self, embeds: dict) -> dict:
-        self.cond = {k: embeds.get(k) for k in COND_KEYS}
-        return embeds
-
-
-def _active(step: int, cfg: SteeringConfig) -> bool:
-    return not cfg.steps or step in cfg.steps
-
-
-def grad_step(
-    critic: LoadedCritic,
-    weights: torch.Tensor,
-    scale: float,
-    mean: torch.Tensor,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    cond: dict,
-) -> torch.Tensor:
-    """μ + s · ∇_{x_t} Σ_k w_k V_k(x_t, t, c) (module docstring)."""
-    with torch.enable_grad():
-        x = x_t.detach().clone().requires_grad_(True)
-        objective = (critic.values(x, t, cond) * weights.to(x)).sum()
-        (grad,) = torch.autograd.grad(objective, x)
-    return mean + scale * grad.to(mean.dtype)
-
-
 @register_steering("none")
 def steer_none(
     pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator, ctx: SteerContext
 ) -> Trajectory:
-    return sample_trajectory(pipe, prompts, config, generator)
+    return sample_trajectory(pipe, prompts, config, generator, modifiers=ctx.modifiers)
 
 
 @register_steering("grad")
 def steer_grad(
     pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator, ctx: SteerContext
 ) -> Trajectory:
-    embeds = _Embeds()
-
-    def transition(mean: torch.Tensor, std: torch.Tensor, step: StepContext):
-        if not _active(step.step_index, ctx.cfg):
-            return mean, std
-        return grad_step(ctx.critic, ctx.weights, ctx.cfg.scale, mean, step.sample, step.timestep, embeds.cond), std
-
-    hooks = SamplerHooks(prompt_embeds=embeds, transition=transition, needs_grad=True)
-    return sample_trajectory(pipe, prompts, config, generator, hooks=hooks)
+    grad = CriticGrad(ctx.critic, ctx.weights, ctx.cfg.scale, list(ctx.cfg.steps))
+    return sample_trajectory(pipe, prompts, config, generator, modifiers=ctx.modifiers.extended(grad))
 
 
 @register_steering("rerank")
 def steer_rerank(
     pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator, ctx: SteerContext
 ) -> Trajectory:
-    embeds = _Embeds()
-    m = ctx.cfg.candidates
-
-    def transition(mean: torch.Tensor, std: torch.Tensor, step: StepContext):
-        i = step.step_index
-        timesteps = pipe.scheduler.timesteps
-        if i + 1 >= len(timesteps) or not _active(i, ctx.cfg):
-            return mean, std
-        noise = randn_tensor((m, *mean.shape), generator=ctx.candidate_generator, device=mean.device, dtype=mean.dtype)
-        cands = mean[None] + std * noise  # (M, B, C, h, w)
-        cond = {k: None if v is None else v.repeat(m, *[1] * (v.ndim - 1)) for k, v in embeds.cond.items()}
-        values = ctx.critic.values(cands.flatten(0, 1), timesteps[i + 1], cond)  # (M·B, K), candidate-major
-        score = (values * ctx.weights.to(values)).sum(-1).view(m, -1)  # (M, B)
-        best = cands[score.argmax(0), torch.arange(mean.shape[0], device=mean.device)]
-        return best, torch.zeros_like(torch.as_tensor(std))
-
-    hooks = SamplerHooks(prompt_embeds=embeds, transition=transition)
-    return sample_trajectory(pipe, prompts, config, generator, hooks=hooks)
+    rerank = CriticRerank(ctx.critic, ctx.weights, ctx.candidate_generator, ctx.cfg.candidates, list(ctx.cfg.steps))
+    return sample_trajectory(pipe, prompts, config, generator, modifiers=ctx.modifiers.extended(rerank))
 
 
 @register_steering("best_of_n")
@@ -142,7 +102,7 @@ def steer_best_of_n(
     pipe, prompts: list[str], config: SamplerConfig, generator: torch.Generator, ctx: SteerContext
 ) -> Trajectory:
     n = ctx.cfg.candidates
-    traj = sample_trajectory(pipe, [p for p in prompts for _ in range(n)], config, generator)
+    traj = sample_trajectory(pipe, [p for p in prompts for _ in range(n)], config, generator, modifiers=ctx.modifiers)
     values = final_values(ctx.critic, traj)
     score = (values * ctx.weights.to(values)).sum(-1).view(len(prompts), n)
     return traj.select((torch.arange(len(prompts), device=score.device) * n + score.argmax(1)).cpu())
@@ -207,16 +167,19 @@ def sample_steered(
     cfg: SteeringConfig,
     candidate_generator: Optional[torch.Generator] = None,
     weights: Optional[Sequence[str]] = None,
+    modifiers: Optional[ModifierStack] = None,
 ) -> SteeredBatch:
-    """Sample ``prompts`` with steering mode ``cfg.steer``; values of the results if there is a critic."""
+    """Sample ``prompts`` with steering mode ``cfg.steer`` on top of ``modifiers`` (None: the stack of
+    ``config.modifiers``, built here); values of the results if there is a critic."""
     if cfg.steer not in STEERING:
         raise ValueError(f"unknown steering mode {cfg.steer!r}; available: {', '.join(STEERING)}")
     if cfg.steer != "none" and critic is None:
         raise ValueError(f"steering mode {cfg.steer!r} needs a critic (steering.critic / --critic)")
+    stack = modifiers if modifiers is not None else build_modifiers(config.modifiers)
     w = critic.weights_with(cfg.weights if weights is None else weights) if critic is not None else None
     gen2 = candidate_generator or torch.Generator().manual_seed(generator.initial_seed() + 1)
     before = critic.rows if critic is not None else 0
-    traj = STEERING[cfg.steer](pipe, prompts, config, generator, SteerContext(critic, w, cfg, gen2))
+    traj = STEERING[cfg.steer](pipe, prompts, config, generator, SteerContext(critic, w, cfg, gen2, stack))
     rows = (critic.rows - before) if critic is not None else 0
     values = final_values(critic, traj) if critic is not None else None
     return SteeredBatch(traj, values, rows)

@@ -14,7 +14,7 @@ from align.config import load_config
 from align.generate import SampleJobConfig, run_sample_job
 from align.modifiers.protocol import Modifier, ModifierStack, build_modifiers, canonical_specs
 from align.modifiers.sym_attn import SymSelfAttnProcessor
-from align.sampling import SamplerConfig, SamplerHooks, Trajectory, recompute_log_probs, sample_trajectory
+from align.sampling import SamplerConfig, Trajectory, recompute_log_probs, sample_trajectory
 from align.train_config import TrainConfig
 
 PROMPTS = ["two red circles on the left", "one blue square on the top"]
@@ -169,11 +169,28 @@ def test_attention_processors_are_restored_after_sampling_and_on_error(tiny_unet
     assert all(type(p) is type(before[k]) for k, p in tiny_unet_pipe.unet.attn_processors.items())
 
 
-def test_explicit_hooks_and_modifiers_together_are_refused(tiny_unet_pipe) -> None:
-    with pytest.raises(ValueError, match="either hooks or sampler.modifiers"):
-        sample_trajectory(
-            tiny_unet_pipe, PROMPTS, _cfg("sym_attn:{alpha:1.2}"), torch.Generator(), hooks=SamplerHooks()
-        )
+def test_a_stack_built_from_other_specs_than_sampler_modifiers_is_refused(tiny_unet_pipe) -> None:
+    other = build_modifiers(["sym_attn:{alpha:1.1}"])
+    with pytest.raises(ValueError, match="not from sampler.modifiers"):
+        sample_trajectory(tiny_unet_pipe, PROMPTS, _cfg("sym_attn:{alpha:1.2}"), torch.Generator(), modifiers=other)
+
+
+def test_the_caller_builds_the_stack_and_nothing_is_cached_on_the_pipeline(tiny_unet_pipe) -> None:
+    """One stack passed to several calls gives what a stack built per call (from config) gives; the
+    pipeline's attributes are the same before and after."""
+    before = set(vars(tiny_unet_pipe))
+    cfg = _cfg("stayfair:{alpha:4,words:[red,blue]}", "sym_attn:{alpha:1.2}")
+    stack = build_modifiers(cfg.modifiers)
+    passed = [
+        sample_trajectory(tiny_unet_pipe, PROMPTS, cfg, torch.Generator().manual_seed(s), modifiers=stack)
+        for s in (0, 1)
+    ]
+    built = [_sample(tiny_unet_pipe, cfg, seed=s) for s in (0, 1)]
+    for a, b in zip(passed, built):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+        assert a.modifiers == b.modifiers == canonical_specs(cfg.modifiers)
+    assert set(vars(tiny_unet_pipe)) == before
+    torch.testing.assert_close(recompute_log_probs(tiny_unet_pipe, passed[0], modifiers=stack), passed[0].log_probs)
 
 
 # ----------------------------------------------------------------------------- composition
@@ -219,6 +236,47 @@ def test_two_guidance_replacements_or_two_claims_on_one_layer_are_errors(tiny_un
     with pytest.raises(ValueError, match="both change attention layer"):
         with build_modifiers(["sym_attn:{alpha:1.2}", "sym_attn:{alpha:1.1}"]).attention(tiny_unet_pipe):
             pass
+
+
+@dataclasses.dataclass
+class _SeesProcessors(Modifier):
+    """Records the denoiser's attention-processor types each time its transition hook runs."""
+
+    stock: bool = False
+    name = "sees_processors"
+
+    def __post_init__(self) -> None:
+        self.seen: list[set[str]] = []
+
+    @property
+    def stock_attention(self) -> bool:
+        return self.stock
+
+    def transition(self, pipe):
+        def hook(mean, std, ctx):
+            self.seen.append({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+            return mean, std
+
+        return hook
+
+
+@pytest.mark.parametrize("stock", [False, True])
+def test_a_stock_attention_modifier_runs_its_hook_with_the_stock_processors(tiny_unet_pipe, stock: bool) -> None:
+    """A critic on the shared denoiser (steering) must read stock features while sym_attn is installed;
+    after its hook the stack's processors are back (the chain is the sym_attn one, bit for bit)."""
+    cfg = _cfg("sym_attn:{alpha:1.2}")
+    probe = _SeesProcessors(stock)
+    traj = sample_trajectory(
+        tiny_unet_pipe,
+        PROMPTS,
+        cfg,
+        torch.Generator().manual_seed(0),
+        modifiers=build_modifiers(cfg.modifiers).extended(probe),
+    )
+    assert len(probe.seen) == cfg.num_inference_steps
+    assert all(("SymSelfAttnProcessor" in seen) != stock for seen in probe.seen)
+    assert torch.equal(traj.latents, _sample(tiny_unet_pipe, cfg).latents)
+    assert traj.modifiers == canonical_specs(cfg.modifiers)  # the code-made probe is not recorded
 
 
 # ------------------------------------------------------------------------ jobs with modifiers

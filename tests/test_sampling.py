@@ -1,5 +1,5 @@
 """The sampling loop over real (tiny) diffusers pipelines: parity with ``pipe(...)``, log-prob
-recomputation, hooks, LoRA gradients, and the ``Trajectory`` record."""
+recomputation, modifier hooks, LoRA gradients, and the ``Trajectory`` record."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from align.backbones import attach_lora, denoiser
-from align.sampling import SamplerConfig, SamplerHooks, Trajectory, cfg_combine, recompute_log_probs, sample_trajectory
+from align.modifiers import Modifier, ModifierStack
+from align.sampling import SamplerConfig, Trajectory, cfg_combine, recompute_log_probs, sample_trajectory
 
 FP32_TOL = 1e-5  # fp32 round-off of identical computations in a different batch layout
 PROMPTS = ["two red circles on the left", "one blue square on the top", "three green triangles on the bottom"]
@@ -82,33 +83,55 @@ def test_recompute_has_gradients_on_lora_parameters_only(fixture: str, request) 
     assert {n for n, p in denoiser(pipe).named_parameters() if "lora_" in n} == set(with_grad)
 
 
+@dataclasses.dataclass
+class _IdentityHooks(Modifier):
+    """Every hook point of the protocol, each the identity (and autograd on, like steering)."""
+
+    name = "identity_hooks"
+    needs_grad = True
+
+    def embeds(self, pipe, embeds, prompts):
+        return dict(embeds)
+
+    def guidance(self):
+        return lambda u, c, w: u + w * (c - u)
+
+    def transition(self, pipe):
+        return lambda mean, std, ctx: (mean, std)
+
+
+@dataclasses.dataclass
+class _Nudge(Modifier):
+    """A transition modifier, e.g. steering: shift the mean, widen the step."""
+
+    name = "nudge"
+
+    def transition(self, pipe):
+        return lambda mean, std, ctx: (mean + 0.1 * ctx.sample, std * 1.5)
+
+
 def test_identity_hooks_are_bit_identical(tiny_unet_pipe) -> None:
     plain = _sample(tiny_unet_pipe, steps=3, seed=5)
-    hooks = SamplerHooks(
-        prompt_embeds=lambda e: dict(e),
-        guidance=lambda u, c, w: u + w * (c - u),
-        transition=lambda mean, std, ctx: (mean, std),
-        needs_grad=True,
-    )
+    stack = ModifierStack([_IdentityHooks()])
+    hooks = stack.hooks(tiny_unet_pipe, PROMPTS)
+    assert hooks.prompt_embeds and hooks.transition and hooks.needs_grad  # every hook point is used
     hooked = sample_trajectory(
-        tiny_unet_pipe, PROMPTS, SamplerConfig(num_inference_steps=3), torch.Generator().manual_seed(5), hooks=hooks
+        tiny_unet_pipe, PROMPTS, SamplerConfig(num_inference_steps=3), torch.Generator().manual_seed(5), modifiers=stack
     )
     for f in ("latents", "log_probs", "images", "prompt_embeds", "negative_prompt_embeds"):
         assert torch.equal(getattr(plain, f), getattr(hooked, f)), f
 
 
 def test_transition_hook_changes_the_step_and_its_log_prob_consistently(tiny_dit_pipe) -> None:
-    def nudge(mean, std, ctx):  # e.g. steering: shift the mean, widen the step
-        return mean + 0.1 * ctx.sample, std * 1.5
-
-    hooks = SamplerHooks(transition=nudge)
+    stack = ModifierStack([_Nudge()])
     plain, nudged = (
         _sample(tiny_dit_pipe),
-        sample_trajectory(tiny_dit_pipe, PROMPTS, SamplerConfig(4), torch.Generator().manual_seed(0), hooks=hooks),
+        sample_trajectory(tiny_dit_pipe, PROMPTS, SamplerConfig(4), torch.Generator().manual_seed(0), modifiers=stack),
     )
     assert not torch.allclose(plain.latents[:, 1:], nudged.latents[:, 1:])
+    assert nudged.modifiers == []  # made in code, not from config: not recorded
     with torch.no_grad():
-        ratio = torch.exp(recompute_log_probs(tiny_dit_pipe, nudged, hooks=hooks) - nudged.log_probs)
+        ratio = torch.exp(recompute_log_probs(tiny_dit_pipe, nudged, modifiers=stack) - nudged.log_probs)
         unhooked = recompute_log_probs(tiny_dit_pipe, nudged)
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=FP32_TOL, rtol=0)
     assert not torch.allclose(unhooked, nudged.log_probs)

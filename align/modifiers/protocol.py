@@ -1,4 +1,5 @@
-"""The modifier protocol: one interface for guidance/attention/transition modifiers, a registry by
+"""The modifier protocol: the one way to hook the sampler. One interface for embedding, guidance,
+attention and transition modifiers (StayFair, symmetric attention, critic steering), a registry by
 name, config parsing, and composition into :class:`~align.sampling.hooks.SamplerHooks` plus an
 attention-processor context (docs/modifiers.md).
 
@@ -9,14 +10,21 @@ A modifier may hook at four points (every default is the identity):
    ``set_attn_processor`` (Symmetric attention), or None;
 3. ``guidance()`` / ``extra_branch(pipe)`` — the CFG combination, or a third branch with its own
    combination (FairCFG);
-4. ``transition()`` — the Gaussian step (mean, std) before it is drawn (classifier guidance).
+4. ``transition(pipe)`` — the Gaussian step (mean, std) before it is drawn (classifier guidance,
+   critic steering μ ← μ + s ∇V).
 
 Composition order (stated, tested): embeddings hooks run in list order; attention processors are
 merged per layer, and two modifiers that both change one layer is an error; at most one modifier
 may replace the guidance combination; transition hooks chain in list order. Each modifier says
 whether it ``changes_log_probs`` (any non-identity setting does, since π is the modified
 transition); at identity settings a modifier contributes no hook at all, so the sampler is
-bit-identical to the unmodified one.
+bit-identical to the unmodified one. A modifier with ``stock_attention`` (a critic evaluated on the
+shared denoiser) runs its transition hook with the stock attention processors.
+
+The caller builds the stack (:func:`build_modifiers` from config, :meth:`ModifierStack.extended` for
+modifiers made in code, such as steering) and hands it to the sampler; nothing is cached on the
+pipeline. ``ModifierStack.specs`` are the config items it was built from: what a trajectory records
+so that ``recompute_log_probs`` can rebuild the policy.
 
 Config: ``modifiers`` is a list of ``{name, args}`` items, e.g. on the command line
 ``'modifiers=[{name: stayfair, args: {alpha: 5}}, {name: sym_attn, args: {alpha: 1.05, beta: 3}}]'``;
@@ -30,6 +38,7 @@ import contextlib
 import dataclasses
 from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
+from align.config import ConfigError
 from align.config_lists import parse_modifiers
 from align.sampling.hooks import ExtraBranch, GuidanceFn, SamplerHooks, StepContext, TransitionHook, cfg_combine
 
@@ -55,6 +64,11 @@ class Modifier:
     name: ClassVar[str] = ""
     #: whether a non-identity setting changes the policy's step log-probs (π is the modified transition)
     changes_log_probs: ClassVar[bool] = True
+    #: whether the sampler needs autograd (``no_grad`` instead of ``inference_mode``) for its hooks
+    needs_grad: ClassVar[bool] = False
+    #: whether its transition hook runs with the stock attention processors (a critic on the shared
+    #: denoiser reads the features it was trained on, not those of the stack's processors)
+    stock_attention: ClassVar[bool] = False
 
     def validate(self) -> None:
         """Raise ValueError (one line, naming the arg) for bad args; called before any heavy work."""
@@ -77,7 +91,9 @@ class Modifier:
     def transition(self, pipe) -> Optional[TransitionHook]:
         return None
 
-    needs_grad: ClassVar[bool] = False
+    def spec(self) -> dict:
+        """``{name, args}`` of its init fields (shallow: args may hold live objects, e.g. a critic)."""
+        return {"name": self.name, "args": {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}}
 
 
 # -------------------------------------------------------------------------------- parsing
@@ -107,8 +123,9 @@ def build_modifier(name: str, args: dict) -> Modifier:
 
 
 def build_modifiers(specs: Sequence[Any]) -> "ModifierStack":
-    """Config list → validated :class:`ModifierStack` (raises before any model is loaded)."""
-    return ModifierStack([build_modifier(s.name, s.args) for s in parse_modifiers(specs)])
+    """Config list → validated :class:`ModifierStack` recording ``specs`` (raises before any model is loaded)."""
+    parsed = parse_modifiers(specs)
+    return ModifierStack([build_modifier(s.name, s.args) for s in parsed], [dataclasses.asdict(s) for s in parsed])
 
 
 def _load_builtin() -> None:
@@ -130,9 +147,19 @@ BUILTIN_MODULES = ["align.modifiers.stayfair", "align.modifiers.sym_attn"]
 # ---------------------------------------------------------------------------- composition
 @dataclasses.dataclass
 class ModifierStack:
-    """Modifiers in config order, composed into sampler hooks and an attention-processor context."""
+    """Modifiers in order, composed into sampler hooks and an attention-processor context.
+
+    ``specs``: the config items (``[{name, args}]``) the stack was built from, what a trajectory
+    records; modifiers added in code (:meth:`extended`, e.g. critic steering) are not recorded."""
 
     modifiers: list[Modifier] = dataclasses.field(default_factory=list)
+    specs: list[dict] = dataclasses.field(default_factory=list)
+    #: (denoiser, stock, merged processors) while :meth:`attention` has installed processors
+    _installed: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def extended(self, *modifiers: Modifier) -> "ModifierStack":
+        """A new stack: these modifiers, then ``modifiers`` (same instances, same ``specs``)."""
+        return ModifierStack([*self.modifiers, *modifiers], [dict(s) for s in self.specs])
 
     def active(self, pipe=None) -> list[Modifier]:
         """The modifiers that are not at their identity setting (they are the only ones that hook)."""
@@ -143,15 +170,17 @@ class ModifierStack:
 
     def hooks(self, pipe, prompts: Optional[list[str]] = None) -> SamplerHooks:
         """Compose the sampler hooks. ``prompts`` binds per-prompt embedding hooks (sampling); without
-        it (recomputation) embeddings are taken as stored in the trajectory, already hooked."""
+        it (recomputation) embeddings are taken as stored in the trajectory, already hooked. Two
+        guidance replacements are a one-line :class:`ConfigError` (as are two claims on one attention
+        layer, in :meth:`attention`)."""
         mods = self.active(pipe)
         embeds_hooks = [m for m in mods if type(m).embeds is not Modifier.embeds]
         guides = [(m, g) for m, g in ((m, m.guidance()) for m in mods) if g is not None]
         branches = [(m, b) for m, b in ((m, m.extra_branch(pipe)) for m in mods) if b is not None]
         owners = {m.name for m, _ in guides} | {m.name for m, _ in branches}
         if len(guides) + len(branches) > 1:
-            raise ValueError(f"modifiers {sorted(owners)} all replace the guidance combination; at most one may")
-        transitions = [h for h in (m.transition(pipe) for m in mods) if h is not None]
+            raise ConfigError(f"modifiers {sorted(owners)} all replace the guidance combination; at most one may")
+        transitions = [h for h in (self._transition(m, pipe) for m in mods) if h is not None]
         hooks = SamplerHooks(needs_grad=any(m.needs_grad for m in mods))
         if prompts is not None and embeds_hooks:
 
@@ -167,35 +196,67 @@ class ModifierStack:
             hooks.transition = _chain_transitions(transitions)
         return hooks
 
+    def _transition(self, m: Modifier, pipe) -> Optional[TransitionHook]:
+        """``m``'s transition hook, run under :meth:`stock_attention` if ``m`` asks for it."""
+        hook = m.transition(pipe)
+        if hook is None or not m.stock_attention:
+            return hook
+
+        def with_stock(mean, std, ctx: StepContext):
+            with self.stock_attention():
+                return hook(mean, std, ctx)
+
+        return with_stock
+
     @contextlib.contextmanager
     def attention(self, pipe) -> Iterator[None]:
         """Install the modifiers' attention processors; restore the stock ones on exit (also on error)."""
+        mods = self.active(pipe)
+        if not mods:
+            yield
+            return
         from align.backbones.loading import denoiser
 
         net = denoiser(pipe)
         stock = dict(net.attn_processors)
         merged, owner = dict(stock), {}
-        for m in self.active(pipe):
+        for m in mods:
             procs = m.attention_processors(pipe, stock)
             for layer, proc in (procs or {}).items():
                 if proc is stock.get(layer):
                     continue
                 if layer in owner:
-                    raise ValueError(f"modifiers {owner[layer]!r} and {m.name!r} both change attention layer {layer}")
+                    raise ConfigError(f"modifiers {owner[layer]!r} and {m.name!r} both change attention layer {layer}")
                 owner[layer] = m.name
                 merged[layer] = proc
         if not owner:
             yield
             return
-        net.set_attn_processor(merged)
+        net.set_attn_processor(dict(merged))  # diffusers pops the dict's entries: pass copies
+        self._installed = (net, stock, merged)
         try:
             yield
         finally:
-            net.set_attn_processor(stock)
+            self._installed = None
+            net.set_attn_processor(dict(stock))
+
+    @contextlib.contextmanager
+    def stock_attention(self) -> Iterator[None]:
+        """Inside :meth:`attention`: the stock processors for the block, then the stack's again;
+        elsewhere a no-op."""
+        if self._installed is None:
+            yield
+            return
+        net, stock, merged = self._installed
+        net.set_attn_processor(dict(stock))
+        try:
+            yield
+        finally:
+            net.set_attn_processor(dict(merged))
 
     def describe(self) -> list[dict]:
-        """JSON-able record of the stack (name + args), e.g. for samples.json."""
-        return [{"name": m.name, **dataclasses.asdict(m)} for m in self.modifiers]
+        """The stack as ``[{name, args}]`` (every init field; e.g. for a log)."""
+        return [m.spec() for m in self.modifiers]
 
 
 def _chain_transitions(hooks: list[TransitionHook]) -> TransitionHook:
@@ -211,15 +272,3 @@ def _chain_transitions(hooks: list[TransitionHook]) -> TransitionHook:
 def canonical_specs(specs: Sequence[Any]) -> list[dict]:
     """Config items → ``[{name, args}]`` (JSON-able; what a Trajectory records)."""
     return [dataclasses.asdict(s) for s in parse_modifiers(specs)]
-
-
-def stack_for(pipe, specs: Sequence[Any]) -> ModifierStack:
-    """The validated stack for ``specs`` on ``pipe``, cached on the pipeline (StayFair's direction
-    is encoded once per pipeline, not per rollout)."""
-    import json
-
-    key = json.dumps(canonical_specs(specs), sort_keys=True)
-    cache = pipe.__dict__.setdefault("_align_modifier_stacks", {})
-    if key not in cache:
-        cache[key] = build_modifiers(specs)
-    return cache[key]

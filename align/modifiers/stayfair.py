@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from align.config import ConfigError
 from align.modifiers.protocol import Modifier, register_modifier
 from align.sampling.hooks import ExtraBranch, StepContext, cfg_combine
 
@@ -166,7 +167,7 @@ class StayFair(Modifier):
         """null' on ``negative_prompt_embeds`` (+ pooled for SD3); needs CFG (w > 1)."""
         neg = embeds.get("negative_prompt_embeds")
         if neg is None:
-            raise ValueError("modifier 'stayfair' offsets CFG's null branch: it needs sampler.guidance_scale > 1")
+            raise ConfigError("modifier 'stayfair' offsets CFG's null branch: it needs sampler.guidance_scale > 1")
         g = self.direction(pipe)
         alpha = prompt_alphas(prompts, self.alpha, self._table)
         out = dict(embeds)

@@ -1,4 +1,8 @@
-"""Hook points for modifiers (MAP-RPS, StayFair, CLAMP, critic steering …) in the sampling loop.
+"""The hook points of the sampling loop: what a :class:`~align.modifiers.protocol.ModifierStack`
+compiles to. Modifiers (StayFair, symmetric attention, critic steering …) are the one way to hook
+the sampler; the caller builds the stack and hands it to ``sample_trajectory`` /
+``recompute_log_probs`` (docs/modifiers.md). :class:`SamplerHooks` is the stack's composed form,
+read by the loop.
 
 Three places, each optional; the defaults are the identity, and identity hooks give bit-identical
 trajectories (tested):
@@ -13,8 +17,8 @@ trajectories (tested):
 A fourth, ``extra_branch``, adds a third denoiser branch batched with CFG's two (FairCFG's plain
 null, StayFair §3.2(c)); its ``combine(uncond, cond, extra, w)`` then replaces ``guidance``.
 
-Attention processors are set on the denoiser directly (diffusers' ``set_attn_processor``) and need
-no hook here (``align.modifiers`` composes them with these hooks).
+Attention processors are set on the denoiser directly (diffusers' ``set_attn_processor``) by the
+stack's ``attention`` context and need no hook here.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class StepContext:
     timestep: torch.Tensor  # () scheduler timestep of the step
     sample: torch.Tensor  # (B, C, h, w) x_t
     model_output: torch.Tensor  # (B, C, h, w) guided denoiser output (ε, v or x0 per the scheduler)
+    #: the batch's prompt embeddings (``EMBED_KEYS``, after the embeds hooks: what the trajectory stores)
+    embeds: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -57,8 +63,8 @@ TransitionHook = Callable[[torch.Tensor, torch.Tensor, StepContext], tuple[torch
 
 @dataclasses.dataclass
 class SamplerHooks:
-    """Modifier hook points (module docstring); ``needs_grad`` runs sampling under ``no_grad``
-    instead of ``inference_mode`` so a hook can ``torch.enable_grad()`` (DPS, critic steering)."""
+    """A modifier stack's composed hooks (module docstring); ``needs_grad`` runs sampling under
+    ``no_grad`` instead of ``inference_mode`` so a hook can ``torch.enable_grad()`` (critic steering)."""
 
     prompt_embeds: Optional[EmbedsHook] = None
     guidance: GuidanceFn = cfg_combine

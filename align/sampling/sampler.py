@@ -3,14 +3,19 @@
 diffusers' ``pipe(...)`` cannot return log-probs (its callbacks see latents, not the step's
 distribution), so we run our own loop on the pipeline's own parts: ``encode_prompt``,
 ``prepare_latents``, ``scheduler.set_timesteps``, the denoiser, the VAE and its image processor.
-Modifiers plug in through :class:`~align.sampling.hooks.SamplerHooks`.
+Modifiers are the one way to hook it: the caller builds a
+:class:`~align.modifiers.protocol.ModifierStack` and passes it as ``modifiers`` (without one, the stack
+is built from ``sampler.modifiers`` / the trajectory's record); the loop reads the stack's composed
+:class:`~align.sampling.hooks.SamplerHooks`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
-from typing import Callable, Optional
+import threading
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
@@ -24,18 +29,21 @@ from align.sampling.trajectory import Trajectory
 from align.sampling.transitions import TRANSITIONS, take_step, transition_for
 from align.sampling.window import stochastic_steps
 
+if TYPE_CHECKING:
+    from align.modifiers.protocol import ModifierStack
+
 EMBED_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
 # ------------------------------------------------------------- per-backbone pipeline calls
 def _encode_unet(pipe, prompts: list[str], negative: list[str], cfg_on: bool) -> dict:
-    pos, neg = pipe.encode_prompt(prompts, pipe._execution_device, 1, cfg_on, negative_prompt=negative)
+    pos, neg = pipe.encode_prompt(prompts, execution_device(pipe), 1, cfg_on, negative_prompt=negative)
     return {"prompt_embeds": pos, "negative_prompt_embeds": neg}
 
 
 def _encode_dit(pipe, prompts: list[str], negative: list[str], cfg_on: bool) -> dict:
     pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-        prompts, None, None, device=pipe._execution_device, do_classifier_free_guidance=cfg_on, negative_prompt=negative
+        prompts, None, None, device=execution_device(pipe), do_classifier_free_guidance=cfg_on, negative_prompt=negative
     )
     return {
         "prompt_embeds": pos,
@@ -94,6 +102,37 @@ _CALLS = {
     "unet": _PipelineCalls(_encode_unet, _denoise_unet, _schedule_unet, False),
     "dit": _PipelineCalls(_encode_dit, _denoise_dit, _schedule_dit, True),
 }
+
+
+# ---------------------------------------------------------------------- the execution device
+_PINNED = threading.local()  # .pipes: id(pipe) -> (pipe, device) of this thread's pinned_device blocks
+
+
+def execution_device(pipe) -> torch.device:
+    """``pipe._execution_device``, or the device looked up on entry to the enclosing :func:`pinned_device`.
+
+    diffusers' property walks every submodule of every component for offload hooks (6–9 ms on the tiny SD
+    pipeline, more on a real one) and the loop needs it for the prompts, x_T and the schedule of each batch,
+    and the learner for the schedule of each trained step."""
+    pinned = getattr(_PINNED, "pipes", {}).get(id(pipe))
+    return pinned[1] if pinned is not None and pinned[0] is pipe else pipe._execution_device
+
+
+@contextlib.contextmanager
+def pinned_device(pipe) -> Iterator[torch.device]:
+    """Look the pipeline's execution device up once for the block (in this thread; nested blocks reuse the
+    outer lookup). Inside it the pipeline must not move devices or change its offloading."""
+    pipes = _PINNED.__dict__.setdefault("pipes", {})
+    pinned = pipes.get(id(pipe))
+    if pinned is not None and pinned[0] is pipe:
+        yield pinned[1]
+        return
+    device = pipe._execution_device
+    pipes[id(pipe)] = (pipe, device)
+    try:
+        yield device
+    finally:
+        pipes.pop(id(pipe), None)
 
 
 # ------------------------------------------------------------------------------ public parts
@@ -179,13 +218,13 @@ def initial_latents(
     default; checked by :func:`~align.sampling.resolution.resolve_resolution`)."""
     net = denoiser(pipe)
     h, w = resolve_resolution(pipe, height, width)
-    return pipe.prepare_latents(batch, net.config.in_channels, h, w, net.dtype, pipe._execution_device, generator)
+    return pipe.prepare_latents(batch, net.config.in_channels, h, w, net.dtype, execution_device(pipe), generator)
 
 
 def set_schedule(pipe, num_inference_steps: int, latents: torch.Tensor) -> None:
     """``scheduler.set_timesteps`` as the pipeline calls it (SD3: with ``mu`` if dynamically shifted)."""
     kwargs = _CALLS[backbone_kind(pipe)].schedule_kwargs(pipe, latents)
-    pipe.scheduler.set_timesteps(num_inference_steps, device=pipe._execution_device, **kwargs)
+    pipe.scheduler.set_timesteps(num_inference_steps, device=execution_device(pipe), **kwargs)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -198,7 +237,7 @@ def step_scale(scale: float, step: int, sde_steps: Optional[list[int]]) -> float
 def _chain(
     pipe,
     x: torch.Tensor,
-    cond: dict,
+    embeds: dict,
     config: SamplerConfig,
     hooks: SamplerHooks,
     generator: torch.Generator,
@@ -208,6 +247,7 @@ def _chain(
 ) -> torch.Tensor:
     """Run the T steps from x_T, writing x_t into ``latents_out[:, i]`` and log π into ``log_probs_out``;
     outside ``sde_steps`` (None: every step is stochastic) a step is deterministic (noise scale 0)."""
+    cond = _conditioning(embeds, config.guidance_scale > 1.0)
     transition = TRANSITIONS[transition_for(pipe.scheduler)]
     scale = getattr(config, transition.scale_key)
     latents_out[:, 0] = x
@@ -217,7 +257,7 @@ def _chain(
         out = _guided(pipe, x, t, cond, config.guidance_scale, hooks.guidance, extra)
         mean, std = transition.distribution(pipe.scheduler, out, i, x, step_scale(scale, i, sde_steps))
         if hooks.transition is not None:
-            mean, std = hooks.transition(mean, std, StepContext(i, t, x, out))
+            mean, std = hooks.transition(mean, std, StepContext(i, t, x, out, embeds))
         step = take_step(mean, std, generator=generator, reduce=config.logprob_reduce, dtype=x.dtype)
         x = step.prev_sample
         latents_out[:, i + 1] = x
@@ -231,46 +271,38 @@ def sample_trajectory(
     config: SamplerConfig,
     generator: torch.Generator,
     policy_version: int = 0,
-    hooks: Optional[SamplerHooks] = None,
+    modifiers: Optional[ModifierStack] = None,
     latents: Optional[torch.Tensor] = None,
     sde_steps: Optional[list[int]] = None,
 ) -> Trajectory:
     """Sample one chain per prompt with per-step log-probs (no autograd graph).
 
-    Runs under ``torch.inference_mode`` (``no_grad`` if ``hooks.needs_grad``); the returned
-    tensors are ordinary tensors that the learner can feed to autograd. ``latents`` overrides x_T (and with
-    it the resolution); else x_T is drawn at ``config.height`` × ``config.width``. ``sde_steps``: the
-    stochastic steps (align/sampling/window.py); None: the config's window, a drawn one seeded from
-    ``generator``'s initial seed.
+    ``modifiers``: the caller's stack (None: built from ``config.modifiers``; if those are set, the
+    stack must have been built from them). Runs under ``torch.inference_mode`` (``no_grad`` if a
+    modifier ``needs_grad``); the returned tensors are ordinary tensors that the learner can feed to
+    autograd. ``latents`` overrides x_T (and with it the resolution); else x_T is drawn at
+    ``config.height`` × ``config.width``. ``sde_steps``: the stochastic steps
+    (align/sampling/window.py); None: the config's window, a drawn one seeded from ``generator``'s
+    initial seed.
     """
     config.validate()
     if sde_steps is None:
         first = generator[0] if isinstance(generator, (list, tuple)) else generator  # per-image generators
         sde_steps = stochastic_steps(config, first.initial_seed())
-    stack = _modifier_stack(pipe, config.modifiers, hooks)
-    hooks = hooks or (stack.hooks(pipe, list(prompts)) if stack is not None else SamplerHooks())
+    stack = _stack(config.modifiers, modifiers, "sampler.modifiers")
+    hooks = stack.hooks(pipe, list(prompts))
     name = transition_for(pipe.scheduler)
     if latents is None:
         latents = initial_latents(pipe, len(prompts), generator, config.height, config.width)
     steps = config.num_inference_steps
     chain = latents.new_empty((latents.shape[0], steps + 1, *latents.shape[1:]))  # filled in place
     log_probs = torch.empty((latents.shape[0], steps), dtype=torch.float32, device=latents.device)
-    with torch.no_grad() if hooks.needs_grad else torch.inference_mode(), _attention(pipe, stack):
+    with torch.no_grad() if hooks.needs_grad else torch.inference_mode(), stack.attention(pipe), pinned_device(pipe):
         embeds = encode_prompts(pipe, prompts, config.negative_prompt, config.guidance_scale)
         if hooks.prompt_embeds is not None:
             embeds = hooks.prompt_embeds(embeds)
         set_schedule(pipe, steps, latents)
-        x0 = _chain(
-            pipe,
-            latents,
-            _conditioning(embeds, config.guidance_scale > 1.0),
-            config,
-            hooks,
-            generator,
-            chain,
-            log_probs,
-            sde_steps,
-        )
+        x0 = _chain(pipe, latents, embeds, config, hooks, generator, chain, log_probs, sde_steps)
         images = decode(pipe, x0) if config.output_type == "pt" else None
     sigmas = pipe.scheduler.sigmas if name == "flow_sde" else None
     return Trajectory(
@@ -286,34 +318,24 @@ def sample_trajectory(
         num_inference_steps=steps,
         transition=name,
         logprob_reduce=config.logprob_reduce,
-        modifiers=_canonical(config.modifiers),
+        modifiers=copy.deepcopy(stack.specs),
         sde_steps=sde_steps,
         **{k: _normal(v) for k, v in embeds.items()},
     )
 
 
-def _modifier_stack(pipe, specs: list, hooks: Optional[SamplerHooks]):
-    """The modifier stack of ``specs`` (None if empty); explicit hooks and modifiers together are ambiguous."""
-    if not specs:
-        return None
-    if hooks is not None:
-        raise ValueError("pass either hooks or sampler.modifiers, not both (the modifiers compose their own hooks)")
-    from align.modifiers.protocol import stack_for
+def _stack(specs: list, modifiers: Optional[ModifierStack], where: str) -> ModifierStack:
+    """The caller's stack, or one built from ``specs``; a stack built from other specs is an error."""
+    from align.modifiers.protocol import build_modifiers, canonical_specs
 
-    return stack_for(pipe, specs)
-
-
-def _attention(pipe, stack):
-    """The stack's attention-processor context (stock processors restored on exit)."""
-    return stack.attention(pipe) if stack is not None else contextlib.nullcontext()
-
-
-def _canonical(specs: list) -> list:
-    if not specs:
-        return []
-    from align.modifiers.protocol import canonical_specs
-
-    return canonical_specs(specs)
+    if modifiers is None:
+        return build_modifiers(specs)
+    if specs and canonical_specs(specs) != modifiers.specs:
+        raise ValueError(
+            f"the modifier stack passed was built from {modifiers.specs}, not from {where} "
+            f"{canonical_specs(specs)}; build it with build_modifiers({where})"
+        )
+    return modifiers
 
 
 def _normal(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -322,17 +344,18 @@ def _normal(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def recompute_log_probs(
-    pipe, traj: Trajectory, step_indices: Optional[list[int]] = None, hooks: Optional[SamplerHooks] = None
+    pipe, traj: Trajectory, step_indices: Optional[list[int]] = None, modifiers: Optional[ModifierStack] = None
 ) -> torch.Tensor:
     """log π_θ(x_{t-1} | x_t, c) of the stored steps under the current weights: (B, len(step_indices)).
 
     Differentiable w.r.t. trainable (LoRA) parameters when called under autograd. Uses the stored
-    embeddings (already hooked) and settings; the trajectory's ``modifiers`` are re-applied (same
-    guidance, transition and attention processors), else pass the hooks used at sampling.
+    embeddings (already hooked) and settings. ``modifiers``: the stack used at sampling (None: rebuilt
+    from the trajectory's ``modifiers`` record, with the same guidance, transition and attention
+    processors; modifiers added in code, e.g. steering, are not in the record).
     """
-    stack = _modifier_stack(pipe, traj.modifiers, hooks)
-    hooks = hooks or (stack.hooks(pipe) if stack is not None else SamplerHooks())
-    with _attention(pipe, stack):
+    stack = _stack(traj.modifiers, modifiers, "the trajectory's modifiers")
+    hooks = stack.hooks(pipe)
+    with stack.attention(pipe):
         return _recompute(pipe, traj, step_indices, hooks)
 
 
@@ -348,7 +371,8 @@ def _recompute(pipe, traj: Trajectory, step_indices: Optional[list[int]], hooks:
     set_schedule(pipe, traj.num_inference_steps, traj.latents[:, 0])
     _check_schedule(pipe.scheduler, traj)
     transition = TRANSITIONS[name]
-    cond = _conditioning({k: getattr(traj, k) for k in EMBED_KEYS}, traj.guidance_scale > 1.0)
+    embeds = {k: getattr(traj, k) for k in EMBED_KEYS}
+    cond = _conditioning(embeds, traj.guidance_scale > 1.0)
     out = []
     extra = _extra(hooks, traj.batch_size)
     for i in range(traj.num_steps) if step_indices is None else step_indices:
@@ -357,7 +381,7 @@ def _recompute(pipe, traj: Trajectory, step_indices: Optional[list[int]], hooks:
         scale = step_scale(traj.noise_scale, i, traj.sde_steps)
         mean, std = transition.distribution(pipe.scheduler, model_out, i, x, scale)
         if hooks.transition is not None:
-            mean, std = hooks.transition(mean, std, StepContext(i, t, x, model_out))
+            mean, std = hooks.transition(mean, std, StepContext(i, t, x, model_out, embeds))
         out.append(take_step(mean, std, prev_sample=traj.latents[:, i + 1], reduce=traj.logprob_reduce).log_prob)
     return torch.stack(out, dim=1)
 

@@ -63,12 +63,14 @@ def evaluate_pipeline(
 def evaluate_rl_sampler(pipe, num_images: int, sampler_config, seed: int, batch_size: int = 32) -> dict[str, float]:
     """toy-GenEval with the RL sampler (:func:`align.sampling.sample_trajectory`, e.g. the settings of
     ``configs/toy_ecg.yaml``): the base model's numbers as RL sees them."""
+    from align.modifiers.protocol import build_modifiers
     from align.sampling import sample_trajectory
 
     gen = torch.Generator().manual_seed(seed)
+    modifiers = build_modifiers(sampler_config.modifiers)  # one stack for every chunk
 
     def generate(chunk: list[str]) -> torch.Tensor:
-        return sample_trajectory(pipe, chunk, sampler_config, gen).images
+        return sample_trajectory(pipe, chunk, sampler_config, gen, modifiers=modifiers).images
 
     return evaluate_images(generate, eval_prompts(num_images, seed), batch_size)
 
