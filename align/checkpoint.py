@@ -3,12 +3,16 @@
 A checkpoint is a directory written next to its final place and renamed into it in one step
 (``os.replace`` of a directory on the same filesystem), so a crash leaves either the previous
 checkpoint or the new one, never a half-written one. Optimizer states and RNG states are split
-into tensors (safetensors) and plain structure (JSON).
+into tensors (safetensors) and plain structure (JSON). :func:`save_tree` does the same for any nested
+state (DeepSpeed's, align/distributed.py): one safetensors file whose header holds the structure as JSON,
+objects only of allowlisted classes. :func:`assert_no_pickle` refuses a directory holding a pickle.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import importlib
 import json
 import os
 import shutil
@@ -165,11 +169,13 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: truncated or corrupt JSON ({err})") from None
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None
+) -> None:
     """safetensors save of contiguous CPU clones (shared storage is not allowed by the format)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path), metadata)
     _honour_umask(Path(path), 0o666)
 
 
@@ -184,6 +190,123 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({str(err).splitlines()[0]})") from None
+
+
+#: safetensors header key holding :func:`save_tree`'s structure
+TREE_KEY = "align.tree"
+
+
+def save_tree(path: str | os.PathLike, obj: Any, allowed: tuple[str, ...] = ()) -> None:
+    """Nested dicts, lists, tuples, scalars and tensors as one safetensors file: the tensors, and the
+    structure as JSON in its header. Objects only of the ``allowed`` classes ("module.QualName"; their
+    ``vars``, or an enum's value); anything else is a TypeError naming it, so nothing is pickled."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(obj, tensors, allowed)
+    save_tensors(path, tensors, {TREE_KEY: json.dumps(structure)})
+
+
+def load_tree(path: str | os.PathLike, allowed: tuple[str, ...] = ()) -> Any:
+    """Inverse of :func:`save_tree` (tensors on the CPU); builds objects only of the ``allowed`` classes."""
+    from safetensors import safe_open
+
+    tensors = load_tensors(path)
+    with safe_open(str(path), "pt") as fh:
+        header = (fh.metadata() or {}).get(TREE_KEY)
+    if header is None:
+        raise CheckpointError(f"{path}: not a save_tree file (no {TREE_KEY!r} in its header)")
+    return _decode(json.loads(header), tensors, allowed)
+
+
+def _class_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _allowed_class(name: str, allowed: tuple[str, ...]) -> type:
+    if name not in allowed:
+        raise CheckpointError(f"refusing to build a {name} (not an allowed checkpoint class: {allowed})")
+    module, _, qualname = name.rpartition(".")
+    return getattr(importlib.import_module(module), qualname)
+
+
+def _encode(obj: Any, tensors: dict, allowed: tuple[str, ...]) -> Any:
+    """JSON for ``obj``; its tensors go into ``tensors`` (referenced by key)."""
+    import torch
+
+    if torch.is_tensor(obj):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, enum.Enum) and _class_name(obj) in allowed:  # before int: IntEnum is an int
+        return {"__enum__": _class_name(obj), "value": obj.value}
+    if obj is None or isinstance(obj, (bool, int, float, str)) and not isinstance(obj, enum.Enum):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (list, tuple)):  # torch.Size is a tuple
+        items = [_encode(v, tensors, allowed) for v in obj]
+        return items if type(obj) is list else {"__tuple__": items, "size": isinstance(obj, torch.Size)}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, allowed) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, allowed), _encode(v, tensors, allowed)] for k, v in obj.items()]}
+    if _class_name(obj) in allowed:
+        return {"__object__": _class_name(obj), "state": _encode(vars(obj), tensors, allowed)}
+    raise TypeError(f"save_tree: a {_class_name(obj)} is not an allowed checkpoint class ({allowed})")
+
+
+def _decode(node: Any, tensors: dict, allowed: tuple[str, ...]) -> Any:
+    """Inverse of :func:`_encode`."""
+    import torch
+
+    if isinstance(node, list):
+        return [_decode(v, tensors, allowed) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if "__tensor__" in node:
+        return tensors[node["__tensor__"]]
+    if "__tuple__" in node:
+        items = tuple(_decode(v, tensors, allowed) for v in node["__tuple__"])
+        return torch.Size(items) if node["size"] else items
+    if "__items__" in node:
+        return {_decode(k, tensors, allowed): _decode(v, tensors, allowed) for k, v in node["__items__"]}
+    if "__enum__" in node:
+        return _allowed_class(node["__enum__"], allowed)(node["value"])
+    if "__object__" in node:
+        obj = object.__new__(_allowed_class(node["__object__"], allowed))
+        obj.__dict__.update(_decode(node["state"], tensors, allowed))
+        return obj
+    return {k: _decode(v, tensors, allowed) for k, v in node.items()}
+
+
+def assert_no_pickle(directory: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming the first file under ``directory`` that is neither a
+    safetensors file nor UTF-8 text (JSON, DeepSpeed's ``latest``): a pickle or a torch.save archive
+    is neither. Checked on every checkpoint written and read."""
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        if not (_is_safetensors(path) or _is_text(path)):
+            raise CheckpointError(f"{path}: neither safetensors nor text (a pickle?); checkpoints hold no pickle")
+
+
+def _is_safetensors(path: Path) -> bool:
+    """An 8-byte little-endian header length, then that many bytes of a JSON object."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 2 <= size <= min(100_000_000, path.stat().st_size - 8):
+            return False
+        header = fh.read(size)
+    try:
+        return isinstance(json.loads(header), dict)
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
+def _is_text(path: Path) -> bool:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in data
 
 
 def optimizer_state_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
