@@ -32,6 +32,24 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+#: the accelerate trackers ``log_with`` may name (align/distributed.py make_accelerator)
+TRACKERS = ("tensorboard", "wandb")
+
+
+def _check_trackers(log_with: list[str]) -> None:
+    """``log_with``: known trackers, and wandb installed if asked for (before any model loads)."""
+    import importlib.util
+
+    bad = [t for t in log_with if t not in TRACKERS]
+    _require(not bad, f"log_with: unknown tracker(s) {bad}; choose from {list(TRACKERS)} ([] for none)")
+    if "wandb" in log_with:
+        try:
+            found = importlib.util.find_spec("wandb") is not None
+        except (ImportError, ValueError):
+            found = False
+        _require(found, "log_with: wandb is not installed: pip install wandb (or pip install -e '.[wandb]')")
+
+
 def check_values(cfg) -> None:
     """Every cheap check of a TrainConfig (no torch, nothing loaded); one ValueError line each."""
     t = cfg.trainer
@@ -62,6 +80,8 @@ def check_values(cfg) -> None:
         _finite(t.step_window) and 0 < t.step_window <= 1, f"trainer.step_window must be in (0, 1], got {t.step_window}"
     )
     _require(t.checkpoint_every >= 1, f"trainer.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+    _require(t.snapshot_every >= 0, f"trainer.snapshot_every must be >= 0, got {t.snapshot_every}")
+    _require(t.lr_warmup >= 0, f"trainer.lr_warmup must be >= 0, got {t.lr_warmup}")
     _require(
         t.max_consecutive_skipped >= 1, f"trainer.max_consecutive_skipped must be >= 1, got {t.max_consecutive_skipped}"
     )
@@ -69,6 +89,7 @@ def check_values(cfg) -> None:
     _require(_finite(cfg.lora.alpha) and cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
     _require(cfg.eval_every >= 0 and cfg.eval_prompts >= 1, "eval_every must be >= 0 and eval_prompts >= 1")
     _require(cfg.final_eval_prompts >= 0, "final_eval_prompts must be >= 0 (0: off)")
+    _check_trackers(list(cfg.log_with))
     _check_critic(cfg)
     _check_rewards(cfg.rewards)
     r = cfg.ray

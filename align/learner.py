@@ -8,7 +8,7 @@ other's step. A pass is epochs × minibatches; per minibatch a random subset of
 ``trainer.step_window`` of the chain), their losses' gradients
 accumulate, then one clipped optimiser step. Under DeepSpeed one engine holds both parameter groups:
 a pass zeroes the other group's gradients and learning rate and sets ZeRO's clip to its own.
-Checkpoints are atomic safetensors + JSON.
+Checkpoints are atomic safetensors + JSON (align/distributed.py ``save_learner``).
 """
 
 from __future__ import annotations
@@ -19,26 +19,30 @@ from typing import Callable, Optional
 import torch
 from accelerate import Accelerator
 
-from align import checkpoint as ckpt
 from align.algos.core import kl_to_reference, ppo_clip_loss, value_loss
 from align.backbones.loading import denoiser
-from align.backbones.lora import adapters_disabled, load_lora_state_dict, lora_state_dict, set_active_adapters
+from align.backbones.lora import adapters_disabled, set_active_adapters
 from align.distributed import (
+    clear_stale_gradients,
     is_deepspeed,
-    load_zero_partition,
+    load_learner,
+    lora_copy,
     policy_steps,
     prepare_deepspeed,
+    save_learner,
     steps_per_update,
-    zero_partition_state,
 )
+from align.lr_schedule import lr_factor
 from align.sampling import Trajectory, recompute_log_probs
+from align.sampling.sampler import pinned_device
 from align.train_config import TrainConfig
 from critics.value_model import LatentCritic
 
 EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 GROUPS = ("policy", "critic")
-#: a minibatch loss: (minibatch, its indices in the pass's batch, denoising step i) → (loss, stats)
-StepLoss = Callable[[Trajectory, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
+#: a minibatch loss: (minibatch, its indices in the pass's batch, denoising step i) → (loss, stats: floats or
+#: 0-d tensors, read after the minibatch's last backward)
+StepLoss = Callable[[Trajectory, torch.Tensor, int], tuple[torch.Tensor, dict[str, "float | torch.Tensor"]]]
 
 
 def embeds_of(traj: Trajectory) -> dict:
@@ -64,6 +68,7 @@ class Learner:
             net.enable_gradient_checkpointing()  # the rollout workers sample under no_grad: unaffected
         self.params = {"policy": self.policy_params, "critic": self.critic_params}
         self.lrs = {"policy": cfg.trainer.lr, "critic": cfg.critic.lr}
+        self.lr_factor = lr_factor(cfg.trainer.lr_schedule, cfg.trainer.lr_warmup, cfg.trainer.iterations)
         self.max_norms = {"policy": cfg.trainer.max_grad_norm, "critic": cfg.critic.max_grad_norm}
         self.engine = None  # DeepSpeed engine over the denoiser (+ critic heads) when enabled
         if is_deepspeed(accelerator):
@@ -98,8 +103,12 @@ class Learner:
             )
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """The policy LoRA tensors for weight sync (CPU copies; whole on every rank, ZeRO-3 being refused)."""
-        return {k: v.detach().cpu().clone() for k, v in lora_state_dict(self.pipe, "policy").items()}
+        """The policy LoRA tensors for weight sync (CPU copies, whole). Under ZeRO-3 a gather every rank joins;
+        the copy is kept until the next update, so the driver alone may ask again at the same version."""
+        kept = getattr(self, "_policy_copy", None)
+        if kept is None or kept[0] != self.version:
+            kept = self._policy_copy = (self.version, lora_copy(self, "policy", self.policy_params))
+        return dict(kept[1])
 
     @torch.no_grad()
     def values(self, traj: Trajectory) -> torch.Tensor:
@@ -114,6 +123,8 @@ class Learner:
         ±``trainer.adv_clip``; bumps the policy version."""
         self.check_fresh(traj)
         adv = advantages.clamp(-self.cfg.trainer.adv_clip, self.cfg.trainer.adv_clip)
+        set_active_adapters(self.pipe, ["policy"])  # once: each optimiser step (and the critic) leaves it active
+        self._set_policy_lr(self.cfg.trainer.lr * self.lr_factor(self.version))
         stats = self._pass(
             "policy",
             traj,
@@ -122,7 +133,15 @@ class Learner:
             candidates=policy_steps(self.cfg, traj),
         )
         self.version += 1
-        return stats
+        return {**stats, "lr": self.lrs["policy"]}
+
+    def _set_policy_lr(self, lr: float) -> None:
+        """The policy's rate for this update (``trainer.lr_schedule``); under DeepSpeed ``_deepspeed_activate`` puts
+        ``self.lrs`` on the engine's parameter group at each pass."""
+        self.lrs["policy"] = lr
+        if self.engine is None:
+            for group in self.optimizers["policy"].param_groups:
+                group["lr"] = lr
 
     def value_update(self, traj: Trajectory, targets: torch.Tensor, epochs: int) -> dict[str, float]:
         """Regress every head V_k(s_i) on its return G_k (``targets`` (B_r, K)) for ``epochs``; value clipping
@@ -162,16 +181,17 @@ class Learner:
         k_steps = min(steps, steps_per_update(self.cfg))
         totals: dict[str, float] = {}
         count = 0
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=self.step_generator)
-            for start in range(0, n, mb_size):
-                idx = order[start : start + mb_size]
-                picks = torch.randperm(steps, generator=self.step_generator)[:k_steps].sort().values.tolist()
-                step_ids = [candidates[j] for j in picks]
-                stats = self._optimiser_step(group, traj.select(idx), idx, step_ids, step_loss)
-                for key, val in stats.items():
-                    totals[key] = totals.get(key, 0.0) + val
-                count += 1
+        with pinned_device(self.pipe):  # the schedule of every trained step is set on it (sampler.set_schedule)
+            for _ in range(epochs):
+                order = torch.randperm(n, generator=self.step_generator)
+                for start in range(0, n, mb_size):
+                    idx = order[start : start + mb_size]
+                    picks = torch.randperm(steps, generator=self.step_generator)[:k_steps].sort().values.tolist()
+                    step_ids = [candidates[j] for j in picks]
+                    stats = self._optimiser_step(group, traj.select(idx), idx, step_ids, step_loss)
+                    for key, val in stats.items():
+                        totals[key] = totals.get(key, 0.0) + val
+                    count += 1
         return {k: v / count for k, v in totals.items()}
 
     def _optimiser_step(
@@ -182,14 +202,17 @@ class Learner:
         optimizer.zero_grad(set_to_none=True)
         if self.engine is not None:  # the optimiser steps inside the last backward (DeepSpeed's boundary)
             self._deepspeed_activate(group)
+        per_step = []  # the steps' statistics as tensors, read once after the last backward (no host sync per step)
         for j, i in enumerate(step_ids):
             loss, step_stats = step_loss(mb, idx, i)
-            _add(stats, step_stats, len(step_ids))
+            per_step.append(step_stats)
             if self.engine is not None:
                 self.accelerator.sync_gradients = j == len(step_ids) - 1
                 self.accelerator.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
             else:
                 self.accelerator.backward(loss / len(step_ids))
+        for step_stats in per_step:
+            _add(stats, {k: float(v) for k, v in step_stats.items()}, len(step_ids))
         norm = self.accelerator.clip_grad_norm_(self.params[group], self.max_norms[group])
         if norm is not None:  # None under DeepSpeed (the engine clips)
             stats[f"grad_norm_{group}"] = float(norm)
@@ -207,23 +230,24 @@ class Learner:
         for name, pg in zip(names, zero.optimizer.param_groups, strict=True):
             pg["lr"] = self.lrs[name] if name == group else 0.0
         zero.clip_grad = self.max_norms[group]
+        clear_stale_gradients(zero)  # ZeRO-3: the other group's last gradients would be stepped again
 
     def optimizer_of_engine(self):
         """DeepSpeed's ZeRO optimiser under accelerate's wrapper."""
         return self.optimizers["policy"].optimizer
 
     def _policy_loss(self, mb: Trajectory, adv: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Clipped PPO surrogate at step i (+ KL to the reference policy when ``trainer.kl_coef`` > 0)."""
-        set_active_adapters(self.pipe, ["policy"])
+        """Clipped PPO surrogate at step i (+ KL to the reference policy when ``trainer.kl_coef`` > 0), with the
+        policy adapter active (:meth:`policy_update`); the statistics are detached 0-d tensors."""
         logp = recompute_log_probs(self.pipe, mb, [i])[:, 0]
         loss, pstats = ppo_clip_loss(logp, mb.log_probs[:, i], adv[:, i], self.cfg.trainer.clip_range)
-        stats = {"policy_loss": loss.item(), **{k: v.item() for k, v in pstats.items()}}
+        stats = {"policy_loss": loss.detach(), **{k: v.detach() for k, v in pstats.items()}}
         if self.cfg.trainer.kl_coef > 0:
             with torch.no_grad(), adapters_disabled(self.pipe):
                 ref = recompute_log_probs(self.pipe, mb, [i])[:, 0]
             kl = kl_to_reference(logp, ref)
             loss = loss + self.cfg.trainer.kl_coef * kl
-            stats["kl_ref"] = kl.item()
+            stats["kl_ref"] = kl.detach()
         return loss, stats
 
     def _value_loss(
@@ -232,92 +256,26 @@ class Learner:
         """0.5 (V_k(s_i) − G_k)² averaged over heads, optionally clipped around ``old`` (B, K)."""
         v = self.critic(mb.latents[:, i], mb.timesteps[i], embeds_of(mb))
         vl = value_loss(v, targets, old, self.cfg.critic.value_clip)
-        return self.cfg.critic.value_coef * vl, {"value_loss": vl.item()}
+        return self.cfg.critic.value_coef * vl, {"value_loss": vl.detach()}
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
-        """Policy LoRA, critic (LoRA + heads) and optimizer tensors into ``directory``."""
-        ckpt.save_tensors(directory / "policy_lora.safetensors", lora_state_dict(self.pipe, "policy"))
-        if self.critic is not None:
-            if self.critic.adapter != "policy":
-                ckpt.save_tensors(
-                    directory / "critic_lora.safetensors", lora_state_dict(self.pipe, self.critic.adapter)
-                )
-            ckpt.save_tensors(directory / "critic_heads.safetensors", self.critic.heads.state_dict())
-        if self.engine is not None:  # each rank saves its own partition (save_partition)
-            ckpt.write_json(
-                directory / "optimizer.json",
-                {
-                    "deepspeed": {
-                        "zero_stage": self.engine.zero_optimization_stage(),
-                        "num_processes": self.accelerator.num_processes,
-                    }
-                },
-            )
-        else:
-            metas = {}
-            for g, opt in self.optimizers.items():
-                opt_t, metas[g] = ckpt.optimizer_state_split(_torch_optimizer(opt))
-                ckpt.save_tensors(directory / f"optimizer_{g}.safetensors", opt_t)
-            ckpt.write_json(directory / "optimizer.json", {"optimizers": metas})
-        ckpt.save_tensors(directory / "learner_rng.safetensors", {"steps": self.step_generator.get_state()})
+        """Weights, optimiser and step-RNG state into ``directory``; every rank calls (align/distributed.py
+        ``save_learner``: accelerate's save_state under DeepSpeed)."""
+        save_learner(self, directory)
 
     def partition_dir(self, directory: Path) -> Path:
-        """Where this rank's own state goes (its ZeRO partition, its shard of an algorithm's replay)."""
+        """Where this rank's own state goes (its shard of an algorithm's replay)."""
         if self.engine is None:
             return directory
         path = directory / f"rank{self.accelerator.process_index}"
         path.mkdir(exist_ok=True)
         return path
 
-    def save_partition(self, directory: Path) -> None:
-        """Under DeepSpeed, what this rank alone holds: its ZeRO optimiser partition (fp32 master
-        weights, Adam moments). Every rank calls; no-op otherwise."""
-        if self.engine is None:
-            return
-        rank = self.accelerator.process_index
-        tensors, meta = zero_partition_state(self.optimizers["policy"])
-        ckpt.save_tensors(directory / f"optimizer_rank{rank}.safetensors", tensors)
-        ckpt.write_json(directory / f"optimizer_rank{rank}.json", meta)
-
     def load(self, directory: Path) -> None:
-        saved = ckpt.read_json(directory / "optimizer.json")
-        ds = saved.get("deepspeed")
-        now = self.accelerator.num_processes
-        if (self.engine is None) != (ds is None) or (ds and ds["num_processes"] != now):
-            written = f"by {ds['num_processes']} DeepSpeed processes" if ds else "without DeepSpeed"
-            current = f"{now} process(es), DeepSpeed {'on' if self.engine is not None else 'off'}"
-            raise RuntimeError(
-                f"--resume {directory}: the checkpoint was written {written}; resume with the same "
-                f"launch (now: {current})"
-            )
-        load_lora_state_dict(self.pipe, ckpt.load_tensors(directory / "policy_lora.safetensors"), "policy")
-        if self.critic is not None:
-            if self.critic.adapter != "policy":
-                load_lora_state_dict(
-                    self.pipe, ckpt.load_tensors(directory / "critic_lora.safetensors"), self.critic.adapter
-                )
-            self.critic.heads.load_state_dict(ckpt.load_tensors(directory / "critic_heads.safetensors"))
-        if self.engine is not None:
-            rank = self.accelerator.process_index
-            load_zero_partition(
-                self.optimizers["policy"],
-                ckpt.load_tensors(directory / f"optimizer_rank{rank}.safetensors"),
-                ckpt.read_json(directory / f"optimizer_rank{rank}.json"),
-            )
-        else:
-            for g, opt in self.optimizers.items():
-                _torch_optimizer(opt).load_state_dict(
-                    ckpt.optimizer_state_join(
-                        ckpt.load_tensors(directory / f"optimizer_{g}.safetensors"), saved["optimizers"][g]
-                    )
-                )
-        self.step_generator.set_state(ckpt.load_tensors(directory / "learner_rng.safetensors")["steps"])
-
-
-def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The AdamW under accelerate's wrapper (without DeepSpeed)."""
-    return getattr(optimizer, "optimizer", optimizer)
+        """Inverse of :meth:`save`; every rank calls."""
+        load_learner(self, directory)
+        self._policy_copy = None
 
 
 def _add(acc: dict[str, float], values: dict[str, float], n: int) -> None:

@@ -30,10 +30,20 @@ import torch
 from tqdm.auto import tqdm
 
 from align import checkpoint as ckpt
+from align import snapshots
 from align.algos.batch import Batch
 from align.algos.core import RunningMeanStd, explained_variance
 from align.algos.registry import POLICY, VALUE_PRETRAIN, Algorithm, make_algorithm
-from align.distributed import assert_ranks_agree, make_accelerator, shard_slice, share_batch, share_path
+from align.distributed import (
+    assert_ranks_agree,
+    gathered_model,
+    init_trackers,
+    make_accelerator,
+    sampling_pipe,
+    shard_slice,
+    share_batch,
+    share_path,
+)
 from align.learner import Learner
 from align.policy import build_critic, build_policy
 from align.prompts import draw_prompts, evaluation_prompts, has_records, prompt_metadata
@@ -119,7 +129,8 @@ def train(
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
     pipe, critic, reward_fns, weights, learner, worker = build(cfg)
-    identity = run_identity(cfg, base_fingerprint(pipe))  # run-defining settings + base fingerprint
+    with gathered_model(learner):  # ZeRO-3 partitions the base: every rank gathers it to hash it
+        identity = run_identity(cfg, base_fingerprint(pipe))  # run-defining settings + base fingerprint
     algo = make_algorithm(cfg)
     names = [s.name for s in cfg.reward_specs()]
     accelerator, driver = learner.accelerator, learner.accelerator.is_main_process
@@ -137,38 +148,53 @@ def train(
         ckpt.write_json(run / "config.json", dataclasses.asdict(cfg))
     elif driver:  # config.json stays the run's own; the resume's changes are appended
         append_resume_log(run, cfg, resume_from, state.iteration, force)
-    writer = _tensorboard(run) if driver else None
-    with start_workers(cfg, worker, reward_fns) if driver else contextlib.nullcontext() as workers:
-        first = _sync(learner, workers)
-        if driver and cfg.ray.num_rollout_workers:
-            log(
-                f"ray: {cfg.ray.num_rollout_workers} rollout actor(s), {cfg.ray.num_reward_workers} reward actor(s); "
-                f"weight sync: {int(first['sync_bytes']):,} bytes (policy LoRA) "
-                f"in {1000 * first['sync_seconds']:.1f} ms"
+    with _tracking(accelerator, cfg):  # accelerate's trackers (main process only), ended on every path
+        with start_workers(cfg, worker, reward_fns) if driver else contextlib.nullcontext() as workers:
+            first = _sync(learner, workers)
+            if driver and cfg.ray.num_rollout_workers:
+                log(
+                    f"ray: {cfg.ray.num_rollout_workers} rollout actor(s), "
+                    f"{cfg.ray.num_reward_workers} reward actor(s); "
+                    f"weight sync: {int(first['sync_bytes']):,} bytes (policy LoRA) "
+                    f"in {1000 * first['sync_seconds']:.1f} ms"
+                )
+            state = _loop(
+                cfg,
+                state,
+                algo,
+                learner,
+                workers,
+                norms,
+                weights,
+                names,
+                accelerator,
+                log,
+                stop_after,
+                run,
+                resume_from,
             )
-        state = _loop(
-            cfg, state, algo, learner, workers, norms, weights, names, writer, log, stop_after, run, resume_from
-        )
-        if stop_after is not None and state.iteration >= stop_after:
-            return state
-        if driver:
-            _eval_grid(workers.rollouts, cfg, run, state.iteration)
-    if driver and cfg.final_eval_prompts and has_records(cfg.trainer.prompts):
-        _final_evaluation(pipe, cfg, run, log)
-    if accelerator.num_processes > 1:
-        n = assert_ranks_agree(accelerator, learner.policy_params + learner.critic_params)
-        log(
-            f"ranks agree: {accelerator.num_processes} learner processes hold bit-identical trainable weights "
-            f"({n} values)"
-        )
-    if driver:
-        _plot_rewards(state.history, names, run / "reward_curve.png")
-        _export(pipe, critic, cfg, state, run / "export")
-        log(f"done: {state.iteration} iterations; exports in {run / 'export'}")
-        writer.close()
+            if stop_after is not None and state.iteration >= stop_after:
+                return state
+            if driver:
+                _eval_grid(workers.rollouts, cfg, run, state.iteration, accelerator.trackers)
+        if cfg.final_eval_prompts and has_records(cfg.trainer.prompts):
+            eval_pipe = sampling_pipe(cfg, learner, pipe)  # every rank; under ZeRO-3 a copy with the gathered LoRA
+            if driver:
+                _final_evaluation(eval_pipe, cfg, run, log)
+        with gathered_model(learner):  # under ZeRO-3 every rank gathers the whole weights for the check and export
+            if accelerator.num_processes > 1:
+                n = assert_ranks_agree(accelerator, learner.policy_params + learner.critic_params)
+                log(
+                    f"ranks agree: {accelerator.num_processes} learner processes hold bit-identical trainable "
+                    f"weights ({n} values)"
+                )
+            if driver:
+                _plot_rewards(state.history, names, run / "reward_curve.png")
+                _export(pipe, critic, cfg, state, run / "export")
+                log(f"done: {state.iteration} iterations; exports in {run / 'export'}")
     if accelerator.num_processes > 1:  # a process group left alive aborts a rank at exit ("terminate called")
         accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+        accelerator.end_training()  # the trackers are finished (_tracking): this destroys the process group
     return state
 
 
@@ -188,7 +214,7 @@ class _Loop:
     norms: dict
     weights: torch.Tensor
     names: list[str]
-    writer: object
+    tracker: object  # the Accelerator: its log() reaches the trackers, on the main process only
     log: object
     run: Path
     ahead: Optional[RolloutsAhead]  # learner.max_policy_lag=1: the next batch, collected while this one trains
@@ -203,7 +229,7 @@ def _loop(
     norms: dict,
     weights: torch.Tensor,
     names: list[str],
-    writer,
+    tracker,
     log,
     stop_after: Optional[int],
     run: Path,
@@ -219,7 +245,7 @@ def _loop(
     )
     overlap = driver and cfg.learner.max_policy_lag >= 1  # the next batch is sampled while this one trains
     ahead = RolloutsAhead(functools.partial(_rollout_and_score, cfg, workers)) if overlap else None
-    loop = _Loop(cfg, algo, learner, workers, norms, weights, names, writer, log, run, ahead)
+    loop = _Loop(cfg, algo, learner, workers, norms, weights, names, tracker, log, run, ahead)
     behaviour = _resumed_behaviour(state, workers, resumed_from) if overlap else None
     try:
         while not _finished(cfg, state) and (stop_after is None or state.iteration < stop_after):
@@ -253,7 +279,7 @@ def _iteration(loop: _Loop, state: RunState, behaviour):
     traj, raw, error = _collect(cfg, workers, accelerator, it, timing, loop.ahead, behaviour and behaviour[0])
     behaviour = None
     if traj is None:
-        _skip_batch(cfg, state, algo, learner, norms, phase, error, loop.writer, loop.log, loop.run)
+        _skip_batch(cfg, state, algo, learner, norms, phase, error, loop.tracker, loop.log, loop.run)
         return None
     lag = learner.version - traj.policy_version
     if loop.ahead is not None and not _last_iteration(cfg, state):  # sample it + 1 while this batch trains
@@ -280,11 +306,13 @@ def _iteration(loop: _Loop, state: RunState, behaviour):
         if phase == POLICY:
             state.policy_updates += 1
             stats.update(_sync(learner, workers, push=loop.ahead is None))
+            if driver and snapshots.due(cfg.trainer.snapshot_every, state.policy_updates):
+                snapshots.save_snapshot(loop.run, state.policy_updates, learner.policy_state())
     state.iteration, state.consecutive_skipped = it + 1, 0  # 6. log, checkpoint
     state.value_iterations += phase == VALUE_PRETRAIN
     with _timed(timing, "eval"):
         if driver and cfg.eval_every and state.iteration % cfg.eval_every == 0:
-            _eval_grid(workers.rollouts, cfg, loop.run, state.iteration)
+            _eval_grid(workers.rollouts, cfg, loop.run, state.iteration, accelerator.trackers)
     record = _record(batch, weights, names, phase, it, t0, timing, {**stats, "policy_lag": float(lag)})
     state.history.append(record)
     algo.end_iteration(state, record, loop.log)
@@ -292,7 +320,7 @@ def _iteration(loop: _Loop, state: RunState, behaviour):
         if state.iteration % cfg.trainer.checkpoint_every == 0 or _finished(cfg, state):
             _save(loop.run / "checkpoint", learner, state, norms, algo, behaviour)
     if driver:  # (the checkpoint's own seconds are logged, not part of the record it saved)
-        _log_iteration(loop.log, loop.writer, {**record, "timing/checkpoint": timing["checkpoint"]})
+        _log_iteration(loop.log, loop.tracker, {**record, "timing/checkpoint": timing["checkpoint"]})
     return behaviour
 
 
@@ -379,7 +407,7 @@ def _skip_batch(
     norms: dict,
     phase: str,
     error: Optional[RewardError],
-    writer,
+    tracker,
     log,
     run: Path,
 ) -> None:
@@ -389,8 +417,7 @@ def _skip_batch(
     state.iteration += 1
     state.value_iterations += phase == VALUE_PRETRAIN
     log(f"it {state.iteration:>3} [skipped batch] {error} | skipped batches: {state.skipped_batches}")
-    if writer is not None:
-        writer.add_scalar("skipped_batches", state.skipped_batches, state.iteration)
+    tracker.log({"skipped_batches": state.skipped_batches}, step=state.iteration)
     algo.end_iteration(state, {"explained_variance_late": float("nan")}, log)
     _save(run / "checkpoint", learner, state, norms, algo)
     if state.consecutive_skipped >= cfg.trainer.max_consecutive_skipped:
@@ -459,7 +486,8 @@ def _normalised(norms: dict, names: list[str], raw: torch.Tensor) -> torch.Tenso
     return torch.stack([norms[n].normalise(raw[:, k]) for k, n in enumerate(names)], dim=1).float()
 
 
-def _log_iteration(log, writer, record: dict) -> None:
+def _log_iteration(log, tracker, record: dict) -> None:
+    """The console line, and the record's numbers to the trackers (``tracker.log``: an Accelerator's)."""
     parts = [f"it {record['iteration']:>3} [{record['phase']}]"]
     parts += [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in record.items() if k.startswith("reward/")]
     for key, label in (
@@ -481,25 +509,51 @@ def _log_iteration(log, writer, record: dict) -> None:
     )
     parts.append(f"{record['seconds']:.1f}s ({timing}) {record['samples_per_s']:.1f} samples/s")
     log(" | ".join(parts))
-    for key, val in record.items():
-        if isinstance(val, (int, float)) and key != "iteration" and val == val:
-            writer.add_scalar(key, val, record["iteration"])
+    scalars = {
+        key: val for key, val in record.items() if isinstance(val, (int, float)) and key != "iteration" and val == val
+    }
+    tracker.log(scalars, step=record["iteration"])
 
 
-def _tensorboard(run: Path):
-    from torch.utils.tensorboard import SummaryWriter
+@contextlib.contextmanager
+def _tracking(accelerator, cfg: TrainConfig):
+    """accelerate's trackers of ``cfg.log_with`` (align/distributed.py), started here and finished however
+    the run ends (an error, ``stop_after``, done). The tracker half of ``accelerator.end_training()``: its
+    other half destroys the process group, which a ``stop_after`` return leaves up (train() destroys it at
+    the end of a finished multi-process run)."""
+    init_trackers(accelerator, cfg)
+    try:
+        yield
+    finally:
+        trackers, accelerator.trackers = list(accelerator.trackers), []
+        for tracker in trackers:
+            tracker.finish()
 
-    return SummaryWriter(log_dir=str(run / "tensorboard"))
+
+def _log_grid(trackers, grid: torch.Tensor, iteration: int) -> None:
+    """The evaluation grid (C, H, W in [0, 1]) as the image ``eval/grid`` of each tracker."""
+    from PIL import Image
+
+    chw = grid.detach().float().clamp(0, 1).cpu().numpy()
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"eval/grid": chw[None]}, step=iteration, dataformats="NCHW")
+        elif tracker.name == "wandb":
+            hwc = (chw.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+            tracker.log_images({"eval/grid": [Image.fromarray(hwc)]}, step=iteration)
 
 
-def _eval_grid(rollouts, cfg: TrainConfig, run: Path, iteration: int) -> None:
-    """PNG grid of the fixed evaluation prompts (fixed seed), one per evaluation."""
+def _eval_grid(rollouts, cfg: TrainConfig, run: Path, iteration: int, trackers=()) -> None:
+    """PNG grid of the fixed evaluation prompts (fixed seed), one per evaluation; also an image of each
+    of ``trackers`` (the Accelerator's)."""
     from torchvision.utils import make_grid, save_image
 
     prompts = evaluation_prompts(cfg.trainer.prompts, cfg.eval_prompts, seed=cfg.trainer.seed + 1234)
     traj = rollouts.rollout(prompts, seed=4321)
     (run / "grids").mkdir(exist_ok=True)
-    save_image(make_grid(traj.images, nrow=8, padding=2, pad_value=0.5), run / "grids" / f"iter_{iteration:04d}.png")
+    grid = make_grid(traj.images, nrow=8, padding=2, pad_value=0.5)
+    save_image(grid, run / "grids" / f"iter_{iteration:04d}.png")
+    _log_grid(trackers, grid, iteration)
 
 
 def _final_evaluation(pipe, cfg: TrainConfig, run: Path, log) -> dict:
@@ -565,9 +619,10 @@ def _plot_rewards(history: list[dict], names: list[str], path: Path) -> None:
 
 def _save(directory: Path, learner: Learner, state: RunState, norms: dict, algo: Algorithm, behaviour=None) -> None:
     """Atomic checkpoint; every rank calls: rank 0 writes the shared state, each rank its own
-    optimiser partition (DeepSpeed) and its part of the algorithm's state (ECG's replay) into rank 0's
-    temp dir before it is renamed into place. ``behaviour``: (handle, LoRA) of the policy sampling the next
-    batch ahead (``learner.max_policy_lag=1``), so a resume samples that batch with the same weights."""
+    optimiser partition (DeepSpeed: accelerate's save_state, align/distributed.py) and its part of the
+    algorithm's state (ECG's replay) into rank 0's temp dir before it is renamed into place; no pickle.
+    ``behaviour``: (handle, LoRA) of the policy sampling the next batch ahead (``learner.max_policy_lag=1``),
+    so a resume samples that batch with the same weights."""
     state.normalisers = {n: r.state_dict() for n, r in norms.items()}
     state.algorithm = algo.state_dict()
     state.behaviour_version = None if behaviour is None else behaviour[0].version
@@ -575,16 +630,16 @@ def _save(directory: Path, learner: Learner, state: RunState, norms: dict, algo:
     # complete_marker: resume finds the newest complete checkpoint (align/checkpoint.py)
     with ckpt.atomic_directory(directory, complete_marker=True) if main else contextlib.nullcontext() as tmp:
         tmp = Path(share_path(learner.accelerator, str(tmp) if main else None))
-        learner.save_partition(tmp)
+        learner.save(tmp)  # every rank: collectives under DeepSpeed
         algo.save(learner.partition_dir(tmp))
         learner.accelerator.wait_for_everyone()
         if main:
-            learner.save(tmp)
             if behaviour is not None:
                 ckpt.save_tensors(tmp / "behaviour_lora.safetensors", behaviour[1])
             rng_t, rng_meta = ckpt.rng_state()
             ckpt.save_tensors(tmp / "rng.safetensors", rng_t)
             ckpt.write_json(tmp / "state.json", {**dataclasses.asdict(state), "rng": rng_meta})
+            ckpt.assert_no_pickle(tmp)
 
 
 def _load(directory: Path, learner: Learner, norms: dict, algo: Algorithm) -> RunState:

@@ -122,6 +122,13 @@ class TrainerConfig:
         "and are mostly noise: docs/algorithms.md); the critic trains every step",
     )
     lr: float = field(2e-3, help="policy LoRA learning rate")
+    lr_schedule: str = field(
+        "constant",
+        choices=["constant", "linear", "cosine"],
+        help="the policy's rate over the trainer.iterations policy updates (diffusers' schedules; "
+        "align/lr_schedule.py); the critic's stays at critic.lr",
+    )
+    lr_warmup: int = field(0, help="policy updates of linear warm-up before trainer.lr_schedule")
     clip_range: float = field(0.2, help="PPO clip ε (DDPO uses 1e-4)")
     adv_clip: float = field(5.0, help="advantages are clipped to ±adv_clip (DDPO)")
     kl_coef: float = field(0.0, help="weight of the KL to the reference policy (adapters disabled); 0 = off")
@@ -131,6 +138,11 @@ class TrainerConfig:
         1,
         help="iterations between atomic checkpoints (the last one is always saved); a "
         "resume replays the iterations after the newest checkpoint exactly",
+    )
+    snapshot_every: int = field(
+        0,
+        help="policy updates between policy-LoRA snapshots in RUN_DIR/snapshots (0: none); "
+        "benchmarks/sample_efficiency.py scores them along the run",
     )
     max_consecutive_skipped: int = field(
         3, help="with reward_on_error=skip_batch, this many skipped batches in a row stop the run with an error"
@@ -227,6 +239,11 @@ class TrainConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval_every: int = field(8, help="iterations between evaluation grids (0: only at the end)")
+    log_with: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        help="accelerate trackers of the metric curves and evaluation grids: tensorboard (RUN_DIR/tensorboard), "
+        "wandb (RUN_DIR/wandb; WANDB_MODE=offline to stay local; pip install wandb); []: none",
+    )
     final_eval_prompts: int = field(
         512,
         help="(prompt, noise) pairs of the paired end-of-run evaluation written to "

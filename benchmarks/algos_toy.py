@@ -1,15 +1,19 @@
-"""ECG vs GRPO vs DDPO on the toy reward at the same sample budget, over several seeds.
+"""ECG vs GRPO vs DDPO on toy-GenEval at the same sample budget, over several seeds.
 
 Each (algorithm, seed) is one `align train` subprocess on the embedded default (shipped toy model,
-toy-GenEval reward) with identical sampler, rewards, learner, samples per iteration and number of
-policy iterations (ECG's value pretraining runs before them, its samples counted), all in one
-process (Ray off), so the peak RSS of each run is its own rusage. Prints, side by side in one run:
-mean reward against samples seen (mean ± std over seeds), the samples each method needs to reach
-GRPO's final reward, the peak RSS of ECG and GRPO at equal samples per update, each final policy
-scored on fixed prompts with fixed noise (paired against the base model), and writes a plot.
-A finished run directory is reused (``--reuse``), so an interrupted benchmark continues.
+toy-GenEval reward, the default sampler and learner) with identical samples per iteration and number of
+policy iterations (ECG's value pretraining runs before them, its samples counted), all in one process
+(Ray off), so the peak RSS of each run is its own rusage. Every ``--snapshot-every`` policy updates the
+run keeps its policy LoRA (``trainer.snapshot_every``); each snapshot is then scored against the base
+model on ``--eval`` fixed tag-balanced (prompt, noise) pairs with GenEval's strict score, as ``eval.json``
+scores a run. Prints, side by side in one run: the batch reward against samples seen, the paired gain
+against samples seen (mean ± s.e. over seeds), the samples each method needs to reach GRPO's final gain
+(the paper's claim: ECG needs at most half), ECG's critic EV per step, and the peak RSS of each; writes
+two plots. A finished run directory and its scores are reused (``--reuse``), so an interrupted benchmark
+continues, and seeds can run as separate processes into one ``--out``.
 
-    python benchmarks/algos_toy.py [--seeds 0 1 2] [--iterations 16] [--out runs/bench_algos] [--plot PNG] [--eval 256]
+    python benchmarks/algos_toy.py [--seeds 0 1 2] [--iterations 60] [--snapshot-every 15] [--eval 512]
+        [--out runs/bench_algos] [--reuse] [overrides ...]
 """
 
 from __future__ import annotations
@@ -74,46 +78,118 @@ def samples_to_reach(history: list[dict], target: float) -> float:
     return float("nan")
 
 
-def evaluate_policies(runs: dict[str, list[Path]], n: int, batch: int = 32) -> dict[str, np.ndarray]:
-    """toy-GenEval of each run's final policy LoRA (its checkpoint) on ``n`` fixed prompts with fixed
-    noise, and of the base model ("base": the LoRA at its zero init): (runs, n) scores per method.
-    Same prompts and noise for every policy, so differences are paired and free of the prompt mix."""
+def snapshot_gains(runs: dict[str, list[Path]], n: int, batch: int = 32) -> dict[str, list[list[dict]]]:
+    """Each run's policy snapshots (``trainer.snapshot_every``, align/snapshots.py) scored against the base
+    model on ``n`` tag-balanced (prompt, noise) pairs, GenEval's strict score: per algorithm, per seed, one
+    ``{updates, samples, gain, se, final}`` per snapshot, as ``eval.json`` computes them (align/eval.py
+    ``paired_summary``; the evaluation noise seed is the run's ``trainer.seed``). Cached per run in
+    ``RUN/snapshot_eval_{n}.json`` and the base per seed in ``OUT/base_s{seed}_{n}.json``."""
     import torch
 
-    from align.backbones.lora import load_lora_state_dict
-    from align.checkpoint import load_tensors
-    from align.policy import build_policy, run_config
-    from align.rollout import RolloutWorker
-    from align.toy.evaluate import eval_prompts
-    from rewards import get_reward, score
+    from align.backbones.lora import adapters_disabled, load_lora_state_dict, set_active_adapters
+    from align.checkpoint import load_tensors, read_json, write_json
+    from align.eval import balanced_items, default_judge, evaluate_items, make_judge, paired_summary
+    from align.policy import load_run
+    from align.snapshots import list_snapshots
 
     torch.set_num_threads(1)
-    first = run_config(next(iter(runs.values()))[0])
-    pipe = build_policy(first)
-    worker = RolloutWorker(pipe, first.sampler)
-    base = {
-        k: v.clone()
-        for k, v in load_tensors(next(iter(runs.values()))[0] / "checkpoint" / "policy_lora.safetensors").items()
-    }
-    base = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in base.items()}  # B = 0: the base model
-    prompts, reward = eval_prompts(n, seed=99), get_reward("toy_geneval")
-
-    def scores() -> np.ndarray:
-        out = []
-        for i in range(0, n, batch):
-            traj = worker.rollout(prompts[i : i + batch], seed=777 + i)
-            out.append(score([reward], traj.images, prompts[i : i + batch])[0][:, 0].numpy())
-        return np.concatenate(out)
-
-    load_lora_state_dict(pipe, base, "policy")
-    result = {"base": scores()[None]}
+    out: dict[str, list[list[dict]]] = {}
     for algo, dirs in runs.items():
-        rows = []
-        for d in dirs:
-            load_lora_state_dict(pipe, load_tensors(d / "checkpoint" / "policy_lora.safetensors"), "policy")
-            rows.append(scores())
-        result[algo] = np.stack(rows)
-    return result
+        out[algo] = []
+        for run_dir in dirs:
+            cache = run_dir / f"snapshot_eval_{n}.json"
+            if cache.is_file():
+                out[algo].append(read_json(cache))
+                continue
+            run = load_run(run_dir)
+            cfg, source = run.cfg, run.cfg.trainer.prompts
+            items, judge = balanced_items(source, n), make_judge(default_judge(source))
+            base_file = run_dir.parent / f"base_s{cfg.trainer.seed}_{n}.json"
+            if not base_file.is_file():
+                with adapters_disabled(run.pipe):
+                    write_json(base_file, evaluate_items(run.pipe, items, judge, cfg.sampler, cfg.trainer.seed, batch))
+            base = read_json(base_file)
+            samples = _samples_after_updates(read_json(run_dir / "checkpoint" / "state.json")["history"])
+            rows = []
+            for updates, path in list_snapshots(run_dir):
+                load_lora_state_dict(run.pipe, load_tensors(path), "policy")
+                set_active_adapters(run.pipe, "policy")
+                final = evaluate_items(run.pipe, items, judge, cfg.sampler, cfg.trainer.seed, batch)
+                summary = paired_summary(items, base, final)
+                rows.append(
+                    {
+                        "updates": updates,
+                        "samples": samples[updates],
+                        "gain": summary["paired_gain"],
+                        "se": summary["paired_se"],
+                        "base": summary["base"],
+                        "final": summary["final"],
+                    }
+                )
+                print(f"  {run_dir.name} after {updates} updates: {rows[-1]['gain']:+.3f} ± {rows[-1]['se']:.3f}")
+            write_json(cache, rows)
+            out[algo].append(rows)
+    return out
+
+
+def _samples_after_updates(history: list[dict]) -> dict[int, int]:
+    """Samples seen (value pretraining included) when the policy had made u updates, for every u."""
+    seen, updates = {0: 0}, 0
+    for h in history:
+        updates += h["phase"] == "policy"
+        seen[updates] = h["samples_seen"]
+    return seen
+
+
+def print_sample_efficiency(gains: dict[str, list[list[dict]]]) -> None:
+    """Paired gain against samples seen (mean ± s.e. over seeds), and the samples each algorithm needs to
+    reach GRPO's final gain (linear interpolation between snapshots; the paper's claim is ECG ≤ ½ GRPO's)."""
+    curves = {a: _mean_curve(runs) for a, runs in gains.items() if runs and runs[0]}
+    if not curves:
+        return
+    print("\npaired gain over the base on fixed prompts and noise (strict toy-GenEval), mean ± s.e. over seeds")
+    print(f"{'algo':<5} {'updates':>7} {'samples':>8} {'gain':>8} {'± s.e.':>7}  per seed")
+    for a, rows in curves.items():
+        for r in rows:
+            print(
+                f"{a:<5} {r['updates']:>7} {r['samples']:>8.0f} {r['gain']:>+8.3f} {r['se']:>7.3f}  "
+                f"{[round(g, 3) for g in r['per_seed']]}"
+            )
+    if "grpo" not in curves:
+        return
+    target, grpo_samples = curves["grpo"][-1]["gain"], curves["grpo"][-1]["samples"]
+    print(f"\nsamples to reach GRPO's final gain {target:+.3f} (GRPO: {grpo_samples:.0f})")
+    for a, rows in curves.items():
+        reach = samples_to_gain(rows, target)
+        print(f"  {a:<5} {reach:>8.0f}   {reach / grpo_samples:.2f} × GRPO's")
+
+
+def _mean_curve(runs: list[list[dict]]) -> list[dict]:
+    """Seeds pooled snapshot by snapshot (runs of one algorithm share the snapshot schedule)."""
+    rows = []
+    for snaps in zip(*runs):
+        g = np.array([s["gain"] for s in snaps])
+        se = g.std(ddof=1) / np.sqrt(len(g)) if len(g) > 1 else snaps[0]["se"]
+        rows.append(
+            {
+                "updates": snaps[0]["updates"],
+                "samples": float(np.mean([s["samples"] for s in snaps])),
+                "gain": float(g.mean()),
+                "se": float(se),
+                "per_seed": g.tolist(),
+            }
+        )
+    return rows
+
+
+def samples_to_gain(rows: list[dict], target: float) -> float:
+    """Samples at which a mean curve (starting from gain 0 at 0 samples) first reaches ``target``, by linear
+    interpolation between snapshots; nan if it never does."""
+    xs, ys = [0.0] + [r["samples"] for r in rows], [0.0] + [r["gain"] for r in rows]
+    for i in range(1, len(xs)):
+        if ys[i] >= target:
+            return xs[i - 1] + (xs[i] - xs[i - 1]) * (target - ys[i - 1]) / (ys[i] - ys[i - 1])
+    return float("nan")
 
 
 def print_step_diagnosis(results: dict[str, list[list[dict]]]) -> None:
@@ -132,6 +208,32 @@ def print_step_diagnosis(results: dict[str, list[list[dict]]]) -> None:
     print(f"{'step':>4} {'ECG EV':>7} " + " ".join(f"{'var ' + a:>9}" for a in ALGOS))
     for i in range(len(ev)):
         print(f"{i:>4} {ev[i]:>7.3f} " + " ".join(f"{var[a][i]:>9.3f}" for a in ALGOS))
+
+
+def plot_gains(gains: dict[str, list[list[dict]]], path: Path) -> None:
+    """Paired gain against samples seen, mean ± s.e. over seeds, one line per algorithm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for algo, runs in gains.items():
+        if not runs or not runs[0]:
+            continue
+        rows = _mean_curve(runs)
+        x = [0.0] + [r["samples"] for r in rows]
+        y, e = np.array([0.0] + [r["gain"] for r in rows]), np.array([0.0] + [r["se"] for r in rows])
+        ax.plot(x, y, marker="o", label=f"{algo} (n={len(runs)})")
+        ax.fill_between(x, y - e, y + e, alpha=0.15)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("paired gain, strict toy-GenEval")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 def plot(samples: dict[str, list[int]], curves: dict[str, np.ndarray], path: Path) -> None:
@@ -156,11 +258,12 @@ def plot(samples: dict[str, list[int]], curves: dict[str, np.ndarray], path: Pat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--iterations", type=int, default=16)
+    ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument("--snapshot-every", type=int, default=15, help="policy updates between scored snapshots")
     ap.add_argument("--out", default="runs/bench_algos")
     ap.add_argument("--plot", default=None, help="PNG of the reward curves (default: OUT/reward_vs_samples.png)")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs in OUT")
-    ap.add_argument("--eval", type=int, default=256, help="fixed prompts scoring each final policy (0: skip)")
+    ap.add_argument("--eval", type=int, default=512, help="fixed (prompt, noise) pairs scoring each snapshot (0: skip)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args()
     out = Path(args.out)
@@ -169,7 +272,8 @@ def main() -> None:
     rss: dict[str, list[float]] = {a: [] for a in ALGOS}
     for seed in args.seeds:
         for algo in ALGOS:
-            hist, peak = run_one(algo, seed, args.iterations, out, args.overrides, args.reuse)
+            extra = [f"trainer.snapshot_every={args.snapshot_every}", *args.overrides]
+            hist, peak = run_one(algo, seed, args.iterations, out, extra, args.reuse)
             results[algo].append(hist)
             rss[algo].append(peak)
             print(
@@ -220,20 +324,9 @@ def main() -> None:
         print(f"  {a:<5} {np.mean(rss[a]):>8.0f}")
     print(f"  ratio GRPO/ECG: {np.mean(rss['grpo']) / np.mean(rss['ecg']):.2f}")
     if args.eval:
-        ev_scores = evaluate_policies({a: [out / f"{a}_s{s}" for s in args.seeds] for a in ALGOS}, args.eval)
-        print(
-            f"\nfinal policies on {args.eval} fixed prompts with fixed noise (toy-GenEval; ± = std over seeds; "
-            "paired gain vs the base model ± its standard error over prompts, seeds pooled)"
-        )
-        base = ev_scores["base"][0]
-        print(f"  base   {base.mean():.4f}")
-        for a in ALGOS:
-            per_seed = ev_scores[a].mean(1)
-            gain = (ev_scores[a] - base).mean(0)  # per prompt, averaged over seeds
-            print(
-                f"  {a:<5}  {per_seed.mean():.4f} ± {per_seed.std():.4f}   gain {gain.mean():+.4f} ± "
-                f"{gain.std(ddof=1) / np.sqrt(len(gain)):.4f}   per seed {np.round(per_seed, 4).tolist()}"
-            )
+        gains = snapshot_gains({a: [out / f"{a}_s{s}" for s in args.seeds] for a in ALGOS}, args.eval)
+        print_sample_efficiency(gains)
+        plot_gains(gains, out / "gain_vs_samples.png")
     path = Path(args.plot) if args.plot else out / "reward_vs_samples.png"
     plot(samples, curves, path)
     print(f"\nplot: {path}")

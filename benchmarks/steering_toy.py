@@ -4,8 +4,10 @@ Uses the exported critic and policy of the default run (`align train` → runs/t
 trained here first if missing). For each seed, every mode draws the same toy prompts from the same
 x_T (one generator per seed, so the modes are paired image by image) and the images are scored by
 the critic's own rewards (Σ_k w_k R_k, the objective it steers; the toy reward for the default run),
-and by the toy reward. Prints, side by side: mean toy reward (mean ± std over seeds), the paired
-difference to `none` (± its standard error over all images), the correlation between the critic's
+and by the toy reward (partial credit and GenEval's strict 0/1). Prints, side by side: mean toy reward
+(mean ± std over seeds), the paired difference to `none` (± its standard error over all images), the
+strict score and its paired difference, the fidelity cost (mean |pixel change| against the unsteered image
+drawn from the same x_T), the correlation between the critic's
 Σ_k w_k V_k at the last state and the real reward of the same images (the critic's quality on the
 images that mode produced), and the cost per output image:
 denoiser rows (a CFG step counts 2; best-of-N draws N chains), critic rows (each a partial
@@ -75,7 +77,8 @@ def run_mode(
 ) -> dict:
     gen = torch.Generator().manual_seed(seed)
     cand = torch.Generator().manual_seed(seed + 10_000)
-    rewards, toy, values, critic_rows = [], [], [], 0
+    rewards, toy, strict, values, images, critic_rows = [], [], [], [], [], 0
+    strict_fn = get_reward("toy_geneval", strict=True)
     weights = critic.weights
     t0 = time.perf_counter()
     with count_rows(pipe) as rows:
@@ -83,7 +86,10 @@ def run_mode(
             chunk = prompts[start : start + batch_size]
             out = sample_steered(pipe, chunk, sampler, gen, critic, steer, cand)
             critic_rows += out.critic_rows
-            raw = score(reward_fns, out.traj.images.float().clamp(0, 1), chunk)[0]  # (B, K [+ toy])
+            pixels = out.traj.images.float().clamp(0, 1)
+            raw = score(reward_fns, pixels, chunk)[0]  # (B, K [+ toy])
+            strict.append(score([strict_fn], pixels, chunk)[0][:, 0])
+            images.append(pixels)
             rewards.append(raw[:, : len(weights)] @ weights)  # Σ_k w_k R_k
             toy.append(raw[:, [r.name for r in reward_fns].index("toy_geneval")])
             values.append((out.values * critic.weights).sum(-1))
@@ -93,6 +99,8 @@ def run_mode(
     return {
         "rewards": torch.cat(rewards).numpy(),
         "toy": torch.cat(toy).numpy(),
+        "strict": torch.cat(strict).numpy(),
+        "images": torch.cat(images),
         "values": torch.cat(values).numpy(),
         "denoiser_rows": (rows["rows"] - critic_rows) / n,
         "critic_rows": critic_rows / n,
@@ -142,6 +150,7 @@ def main() -> None:
                 flush=True,
             )
     base = np.concatenate([r["rewards"] for r in results["none"]])
+    base_strict = np.concatenate([r["strict"] for r in results["none"]])
     base_time = np.mean([r["seconds"] for r in results["none"]])
     metrics = critic.config.get("metrics", {})
     print(
@@ -152,9 +161,10 @@ def main() -> None:
     objective = " + ".join(f"{w:g}·{n}" for w, n in zip(critic.weights.tolist(), critic.reward_names))
     print(
         f"| mode | reward {objective} (mean ± std over seeds) | Δ vs none (paired, ± s.e.) | toy reward | "
+        "strict toy-GenEval | Δ strict (paired, ± s.e.) | |Δ image| vs none | "
         "corr(V, reward) | denoiser rows/image | critic rows/image | s/image | time ratio vs none |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, per_seed in results.items():
         means = [r["rewards"].mean() for r in per_seed]
         diff = np.concatenate([r["rewards"] for r in per_seed]) - base
@@ -163,9 +173,16 @@ def main() -> None:
             np.concatenate([r["values"] for r in per_seed]), np.concatenate([r["rewards"] for r in per_seed])
         )[0, 1]
         toy = np.mean([r["toy"].mean() for r in per_seed])
+        strict = np.concatenate([r["strict"] for r in per_seed])
+        d_strict = strict - base_strict
+        moved = np.mean(  # fidelity cost: mean |pixel change| against the unsteered image from the same x_T
+            [(r["images"] - b["images"]).abs().mean().item() for r, b in zip(per_seed, results["none"])]
+        )
         print(
             f"| {name} | {np.mean(means):.4f} ± {np.std(means):.4f} | {diff.mean():+.4f} ± "
-            f"{diff.std(ddof=1) / np.sqrt(len(diff)):.4f} | {toy:.4f} | {corr:+.3f} | "
+            f"{diff.std(ddof=1) / np.sqrt(len(diff)):.4f} | {toy:.4f} | {strict.mean():.3f} | "
+            f"{d_strict.mean():+.3f} ± {d_strict.std(ddof=1) / np.sqrt(len(d_strict)):.3f} | {moved:.4f} | "
+            f"{corr:+.3f} | "
             f"{per_seed[0]['denoiser_rows']:.0f} | "
             f"{per_seed[0]['critic_rows']:.0f} | {secs:.3f} | {secs / base_time:.2f} |"
         )

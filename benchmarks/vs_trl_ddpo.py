@@ -7,20 +7,25 @@ on to_q/k/v/out.0, 8 samples per iteration sampled in batches of 4 and trained i
 timestep trained, lr 3e-4, clip 1e-4, JPEG compressibility at quality 95, torch on 2 threads.
 
 - TRL: trl 0.21.0 in its own venv (``benchmarks/trl_venv.py``), ``benchmarks/trl_ddpo_side.py`` there.
-- Ours: ``align train algo=ddpo`` (the CLI's default config plus the overrides of :func:`our_overrides`),
-  in a subprocess of this interpreter calling :func:`align.train.train`, in-process rollouts
-  (``ray.num_rollout_workers=0``), and once with the default 2 Ray rollout actors (``--ray-runs``).
+- Ours: ``align train algo=ddpo`` (the CLI's default config plus the overrides of :func:`our_overrides`:
+  every step stochastic, no window; one checkpoint, at the end, as TRL's side saves none), in a subprocess
+  of this interpreter calling :func:`align.train.train`, in-process rollouts (``ray.num_rollout_workers=0``),
+  and once with the default 2 Ray rollout actors (``--ray-runs``).
 
 Runs alternate TRL, ours, TRL, ours (``--pairs``); each run does ``--iterations`` iterations of which the
-first ``--warmup`` are dropped, and reports the median over the rest. An iteration is the full period:
-ours from one iteration's log line to the next (checkpoint included), TRL's one ``trainer.step``.
-"sampling" is the rollouts with their reward, "training" the rest of the iteration.
+first ``--warmup`` are dropped, and reports the median (and the fastest) over the rest. Then the lockstep
+comparison (``--lockstep`` rounds): both sides loaded at once in two processes that take turns, one iteration
+each, the idle one blocked on a pipe, so that adjacent iterations see about the same load of a shared machine
+(whole runs, tens of seconds apart, do not); its ratio is the median over rounds. An iteration is the full period:
+ours from one iteration's log line to the next (its checkpoint, if any, included), TRL's one
+``trainer.step``. "sampling" is the rollouts with their reward, "training" the rest of the iteration.
 
 Physical floor (same process, same pipeline with the LoRA attached): sampling cannot beat a raw
 diffusers ``pipe()`` call for the 8 samples; training cannot beat 2–3× a forward pass (with grad) over the
 trained steps (CFG batch, every step, every sample).
 
-    python benchmarks/vs_trl_ddpo.py [--pairs 2] [--iterations 5] [--ray-runs 1] [--venv DIR] [--out DIR]
+    python benchmarks/vs_trl_ddpo.py [--pairs 2] [--lockstep 20] [--iterations 5] [--ray-runs 1] [--threads 2]
+        [--checkpoint-every 0] [--venv DIR] [--out DIR] [--profile]
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class Shape:
     iterations: int = 5
     warmup: int = 1
     seed: int = 0
+    checkpoint_every: int = 0  # ours: trainer.checkpoint_every (0: only the last iteration, as TRL saves none)
 
     def validate(self) -> None:
         if self.samples % self.batch or self.samples % self.prompts_per_iteration:
@@ -114,6 +120,8 @@ def our_overrides(
         f"sampler.eta={shape.eta}",
         f"sampler.guidance_scale={shape.guidance}",
         "sampler.logprob_reduce=mean",
+        "sampler.sde_window=[]",  # every step stochastic and trained, as TRL (the CLI default has a 2-step window)
+        "sampler.sde_window_size=0",
         f"lora.rank={shape.lora_rank}",
         f"lora.alpha={float(shape.lora_rank)}",
         f"trainer.iterations={shape.iterations}",
@@ -131,6 +139,8 @@ def our_overrides(
         "trainer.kl_coef=0.0",
         f"trainer.num_threads={shape.threads}",
         f"trainer.seed={shape.seed}",
+        # TRL saves nothing here (save_freq past the last epoch); ours saves only the last iteration
+        f"trainer.checkpoint_every={shape.checkpoint_every or shape.iterations}",
         f"rewards=[{{name: jpeg_compressibility, weight: 1.0, args: {{quality: {shape.jpeg_quality}}}}}]",
         "eval_every=0",
         "final_eval_prompts=0",
@@ -145,24 +155,51 @@ def trl_spec(shape: Shape, model_dir: Path, prompts: list[str]) -> dict:
 
 
 def median_phases(iterations: list[dict], samples: int) -> dict:
-    """Median seconds per iteration of each phase, and samples/s from the median full iteration."""
+    """Median seconds per iteration of each phase, and samples/s from the median full iteration; ``best_*``:
+    the fastest iteration (the least disturbed by other jobs on a shared machine: contention only adds)."""
     keys = iterations[0].keys()
     med = {k: statistics.median(it[k] for it in iterations) for k in keys}
-    return {**med, "samples_per_s": samples / med["seconds"]}
+    best = min(it["seconds"] for it in iterations)
+    return {
+        **med,
+        "samples_per_s": samples / med["seconds"],
+        "best_seconds": best,
+        "best_samples_per_s": samples / best,
+    }
+
+
+def paired_ratios(runs: list[dict], ours: str = "ours in-process", trl: str = "TRL DDPOTrainer") -> list[float]:
+    """ours / TRL samples/s of each pair ``#p`` (the runs alternate, so a pair saw about the same load)."""
+    by_name = {r["name"]: r for r in runs}
+    return [
+        by_name[f"{ours} #{p}"]["samples_per_s"] / by_name[f"{trl} #{p}"]["samples_per_s"]
+        for p in range(1, len(runs) + 1)
+        if f"{ours} #{p}" in by_name and f"{trl} #{p}" in by_name
+    ]
+
+
+def ours_sampling(record: dict) -> float:
+    """Seconds the iteration spent on its samples: ``timing/rollout`` + ``timing/reward``, or, when the batch
+    was collected ahead (``learner.max_policy_lag=1``), only what the learner still waited
+    (``timing/rollout_wait``)."""
+    if "timing/rollout_wait" in record:
+        return record["timing/rollout_wait"]
+    return record.get("timing/rollout", 0.0) + record.get("timing/reward", 0.0)
 
 
 def ours_iterations(history: list[dict], log_times: list[float], cpu_times: list[float]) -> list[dict]:
-    """Per-iteration phases of our run: the full period between consecutive log lines (so each iteration
-    but the first also pays the previous one's checkpoint), sampling = rollouts + reward, training = rest."""
+    """Per-iteration phases of our run: the full period between consecutive log lines (the iteration's own
+    checkpoint, if it saves one, included), sampling = :func:`ours_sampling`, training = the rest."""
     out = []
     for k in range(1, len(history)):
         period = log_times[k] - log_times[k - 1]
+        sampling = ours_sampling(history[k])
         out.append(
             {
                 "seconds": period,
                 "cpu_seconds": cpu_times[k] - cpu_times[k - 1],
-                "sampling": history[k]["rollout_seconds"],
-                "training": period - history[k]["rollout_seconds"],
+                "sampling": sampling,
+                "training": period - sampling,
                 "after_record": period - history[k]["seconds"],
                 **{key: v for key, v in history[k].items() if key.startswith("timing/")},
             }
@@ -274,7 +311,7 @@ def run_trl(shape: Shape, python: str, model_dir: Path, prompts: list[str], work
     return {**result, "lora": data["lora"], "versions": data["versions"]}
 
 
-def _child(cmd: list[str], threads: int, pythonpath: bool = True) -> None:
+def _child_env(threads: int, pythonpath: bool = True) -> dict:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
@@ -285,7 +322,11 @@ def _child(cmd: list[str], threads: int, pythonpath: bool = True) -> None:
     env.pop("PYTHONPATH", None)
     if pythonpath:
         env["PYTHONPATH"] = str(ROOT)
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    return env
+
+
+def _child(cmd: list[str], threads: int, pythonpath: bool = True) -> None:
+    subprocess.run(cmd, check=True, env=_child_env(threads, pythonpath), cwd=ROOT)
 
 
 def measure_floor(shape: Shape, model_dir: Path, prompts: list[str], repeats: int = 3) -> dict:
@@ -362,6 +403,176 @@ def _floor_child(shape: Shape, model_dir: Path, prompts: list[str], work: Path, 
     return json.loads(out.read_text())
 
 
+# ------------------------------------------------------------------------------ lockstep
+# Both sides loaded at once, in two processes that take turns one iteration at a time (the idle one blocks on
+# a pipe): consecutive iterations of the two see about the same load of the machine, where whole runs, tens
+# of seconds apart, do not. Only one of them computes at any moment (in-process, equal threads).
+
+
+def _lockstep_wait() -> None:
+    """Block until the parent says go (a line on stdin)."""
+    if not sys.stdin.readline():
+        raise SystemExit("lockstep: the parent closed the pipe")
+
+
+def _ours_lockstep_worker(spec_file: str, out_file: str, done_fd: int) -> None:
+    """Child: ``align train`` whose log callback reports each iteration (wall and CPU seconds since the go) on
+    ``done_fd`` and waits for the next go. Iteration 1 is the warm-up ("ready"), 2 … n+1 are measured, and
+    the last one (n+2: the final checkpoint) runs free."""
+    spec = json.loads(Path(spec_file).read_text())
+    from align.cli import DEFAULT_TRAIN_CONFIG
+    from align.config import load_config
+    from align.train import train
+    from align.train_config import TrainConfig
+
+    cfg = load_config(TrainConfig, DEFAULT_TRAIN_CONFIG, spec["overrides"])
+    n, done = spec["lockstep"], os.fdopen(done_fd, "w", buffering=1)
+    clock = {"k": 0, "t": 0.0, "c": 0.0}
+
+    def log(line: str) -> None:
+        if not line.startswith("it "):
+            return
+        now, cpu, k = time.perf_counter(), time.process_time(), clock["k"]
+        clock["k"] += 1
+        if k == 0:
+            done.write("ready\n")
+        elif k <= n:
+            done.write(json.dumps({"seconds": now - clock["t"], "cpu_seconds": cpu - clock["c"]}) + "\n")
+        if k < n:
+            _lockstep_wait()
+            clock["t"], clock["c"] = time.perf_counter(), time.process_time()
+
+    state = train(cfg, log=log)
+    Path(out_file).write_text(json.dumps({"history": state.history}))
+
+
+def _trl_lockstep_worker(spec_file: str, out_file: str, done_fd: int) -> None:
+    """Child, in the trl venv: ``DDPOTrainer.step`` per go (epoch 0 is the warm-up), with the phases of
+    ``benchmarks/trl_ddpo_side.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    import trl_ddpo_side as side
+
+    spec = json.loads(Path(spec_file).read_text())
+    torch.set_num_threads(spec["threads"])
+    trainer, pipe = side.build_trainer(spec, str(Path(out_file).parent / "trl_logs"))
+    phases: dict = {}
+    for method, key in (("_generate_samples", "sampling"), ("compute_rewards", "reward")):
+        setattr(trainer, method, side.timed(phases, key, getattr(trainer, method)))
+    done, global_step, epochs = os.fdopen(done_fd, "w", buffering=1), 0, []
+    for epoch in range(spec["iterations"]):
+        if epoch:
+            _lockstep_wait()
+        phases.clear()
+        start, cpu = time.perf_counter(), time.process_time()
+        global_step = trainer.step(epoch, global_step)
+        record = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, **phases}
+        epochs.append(record)
+        done.write("ready\n" if epoch == 0 else json.dumps(record) + "\n")
+    Path(out_file).write_text(json.dumps({"epochs": epochs, "versions": side.versions()}))
+
+
+class _Turn:
+    """One lockstep child: ``go()`` starts its next iteration, ``wait()`` reads what it reports."""
+
+    def __init__(self, name: str, cmd: list[str], threads: int, pythonpath: bool, log: Path) -> None:
+        read, write = os.pipe()
+        self.name, self.log = name, log
+        with open(log, "w") as fh:
+            self.proc = subprocess.Popen(
+                [*cmd, str(write)],
+                stdin=subprocess.PIPE,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=_child_env(threads, pythonpath),
+                cwd=ROOT,
+                pass_fds=(write,),
+            )
+        os.close(write)
+        self.done = os.fdopen(read)
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def wait(self) -> str:
+        line = self.done.readline()
+        if not line:
+            raise RuntimeError(f"lockstep: {self.name} exited early (exit {self.proc.wait()}); see {self.log}")
+        return line.strip()
+
+    def finish(self) -> None:
+        self.proc.stdin.close()
+        if self.proc.wait() != 0:
+            raise RuntimeError(f"lockstep: {self.name} failed (exit {self.proc.returncode}); see {self.log}")
+
+
+def run_lockstep(
+    shape: Shape, python: str, model_dir: Path, prompts: list[str], prompts_file: Path, work: Path, n: int
+):
+    """``n`` rounds, each one iteration of TRL and one of ours, adjacent (the order alternates per round);
+    returns each side's per-iteration records and the per-round ratios TRL seconds / ours seconds."""
+    ours_shape = dataclasses.replace(shape, iterations=n + 2)
+    trl_shape = dataclasses.replace(shape, iterations=n + 1)
+    ours_spec, trl_spec_file = work / "lock_ours.spec.json", work / "lock_trl.spec.json"
+    overrides = our_overrides(ours_shape, model_dir, prompts_file, work / "lock_ours.run")
+    ours_spec.write_text(json.dumps({"overrides": overrides, "lockstep": n}))
+    trl_spec_file.write_text(json.dumps(trl_spec(trl_shape, model_dir, prompts)))
+    me = [sys.executable, __file__]
+    trl = _Turn(
+        "TRL",
+        [python, __file__, "--trl-lockstep-worker", str(trl_spec_file), str(work / "lock_trl.json")],
+        shape.threads,
+        False,
+        work / "lock_trl.log",
+    )
+    ours = _Turn(
+        "ours",
+        [*me, "--ours-lockstep-worker", str(ours_spec), str(work / "lock_ours.json")],
+        shape.threads,
+        True,
+        work / "lock_ours.log",
+    )
+    for side in (trl, ours):  # both warm up at once (not measured)
+        if side.wait() != "ready":
+            raise RuntimeError(f"lockstep: {side.name} did not start")
+    records: dict[str, list[dict]] = {"TRL": [], "ours": []}
+    for k in range(n):
+        for side in (trl, ours) if k % 2 == 0 else (ours, trl):
+            side.go()
+            records[side.name].append(json.loads(side.wait()))
+    for side in (trl, ours):
+        side.finish()
+    history = json.loads((work / "lock_ours.json").read_text())["history"][1 : n + 1]
+    for rec, h in zip(records["ours"], history, strict=True):
+        rec["sampling"] = ours_sampling(h)
+        rec["training"] = rec["seconds"] - rec["sampling"]
+    for rec in records["TRL"]:
+        rec["sampling"] = rec.pop("sampling") + rec.pop("reward")
+        rec["training"] = rec["seconds"] - rec["sampling"]
+    ratios = [t["seconds"] / o["seconds"] for t, o in zip(records["TRL"], records["ours"], strict=True)]
+    return {"rounds": n, "records": records, "ratios": ratios}
+
+
+def format_lockstep(lock: dict, samples: int) -> str:
+    """Per-side medians of the lockstep iterations and the ratio ours/TRL samples/s (median over rounds)."""
+    rows = [
+        {"name": f"{name} (lockstep, median of {lock['rounds']})", **median_phases(recs, samples)}
+        for name, recs in lock["records"].items()
+    ]
+    r = sorted(lock["ratios"])
+    q1, q3 = r[len(r) // 4], r[(3 * len(r)) // 4]
+    return "\n".join(
+        [
+            format_table(rows, rows[0]["samples_per_s"]),
+            f"lockstep ours / TRL samples/s, median over {len(r)} adjacent rounds: {statistics.median(r):.2f} "
+            f"(quartiles {q1:.2f}–{q3:.2f}; target >= {TARGET}: "
+            f"{'met' if statistics.median(r) >= TARGET else 'NOT met'})",
+        ]
+    )
+
+
 def _loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -403,6 +614,15 @@ def run_all(shape: Shape, args: argparse.Namespace) -> dict:
         record(f"TRL DDPOTrainer #{p + 1}", lambda: run_trl(shape, venv["python"], model_dir, prompts, work, f"trl{p}"))
         record(f"ours in-process #{p + 1}", lambda: run_ours(shape, model_dir, prompts_file, work, f"ours{p}", 0))
         floors.append(_floor_child(shape, model_dir, prompts, work, f"floor{p}"))
+    lockstep = None
+    if args.lockstep:
+        before = _loadavg()
+        lockstep = run_lockstep(shape, venv["python"], model_dir, prompts, prompts_file, work, args.lockstep)
+        lockstep.update(loadavg_before=before, loadavg_after=_loadavg())
+        print(f"lockstep, {args.lockstep} rounds (load {before} -> {_loadavg()}):", flush=True)
+        print(format_lockstep(lockstep, shape.samples), flush=True)
+    if not floors:
+        floors.append(_floor_child(shape, model_dir, prompts, work, "floor"))
     for p in range(args.ray_runs):
         record(
             f"ours, 2 Ray rollout actors #{p + 1}", lambda: run_ours(shape, model_dir, prompts_file, work, f"ray{p}", 2)
@@ -422,6 +642,7 @@ def run_all(shape: Shape, args: argparse.Namespace) -> dict:
         "runs": runs,
         "floor": floor,
         "floors": floors,
+        "lockstep": lockstep,
         "work": str(work),
     }
     (work / "results.json").write_text(json.dumps(result, indent=1))
@@ -429,7 +650,29 @@ def run_all(shape: Shape, args: argparse.Namespace) -> dict:
 
 
 def summary(result: dict) -> str:
-    """The whole printout: per-run table, per-side medians with the ratio ours/TRL, and the floor."""
+    """The whole printout: per-run table, per-side medians, the floor (for the medians and for each side's fastest
+    iteration), the ratio ours/TRL (of the sides' medians, per pair, of the fastest iterations) and the lockstep
+    comparison with its floor."""
+    runs, out = result["runs"], []
+    if runs:
+        out += _runs_summary(result)
+    lock = result.get("lockstep")
+    if lock:
+        samples = result["shape"]["samples"]
+        medians = {
+            f"{name} (lockstep)": median_phases(recs, samples)["seconds"] for name, recs in lock["records"].items()
+        }
+        out += [
+            "",
+            "lockstep (TRL and ours loaded at once, taking turns one iteration each):",
+            format_lockstep(lock, samples),
+            "",
+            format_floor(result["floor"], medians),
+        ]
+    return "\n".join(out).lstrip("\n")
+
+
+def _runs_summary(result: dict) -> list[str]:
     runs = result["runs"]
     sides: dict[str, list[dict]] = {}
     for r in runs:
@@ -455,6 +698,18 @@ def summary(result: dict) -> str:
         "",
         format_floor(result["floor"], {p["name"].split(" (")[0]: p["seconds"] for p in pooled}),
     ]
+    best = {k: min(r["best_seconds"] for r in v) for k, v in sides.items()}
+    floors = result.get("floors") or [result["floor"]]
+    best_floor = {
+        **result["floor"],
+        "sampling": min(f["sampling"] for f in floors),
+        "forward": min(f["forward"] for f in floors),
+    }
+    out += [
+        "",
+        "fastest iteration of each side (min over all its runs' measured iterations) against the fastest floor:",
+        format_floor(best_floor, best),
+    ]
     trl_lora = next((r["lora"] for r in runs if "lora" in r), None)
     if trl_lora:
         out.append(
@@ -465,11 +720,14 @@ def summary(result: dict) -> str:
     ours = next((p for p in pooled if p["name"].startswith("ours in-process")), None)
     if ours and trl_sps:
         ratio = ours["samples_per_s"] / trl_sps
+        paired = paired_ratios(runs)
         out.append(
-            f"\nours in-process / TRL samples/s = {ratio:.2f} (target >= {TARGET}: "
-            f"{'met' if ratio >= TARGET else 'NOT met'})"
+            f"\nours in-process / TRL samples/s = {ratio:.2f} (medians of the sides; target >= {TARGET}: "
+            f"{'met' if ratio >= TARGET else 'NOT met'}); per pair "
+            f"{', '.join(f'{x:.2f}' for x in paired)} (median {statistics.median(paired):.2f}); "
+            f"fastest iterations {best[trl_key] / best['ours in-process']:.2f}"
         )
-    return "\n".join(out)
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -482,24 +740,46 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--iterations", type=int, default=Shape.iterations, help="iterations per run")
     ap.add_argument("--warmup", type=int, default=Shape.warmup, help="first iterations of each run not counted")
     ap.add_argument("--threads", type=int, default=Shape.threads, help="torch threads of each side")
+    ap.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=Shape.checkpoint_every,
+        help="ours: trainer.checkpoint_every (0: only the last iteration saves; TRL's side saves nothing)",
+    )
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the trl 0.21 venv (created if missing)")
     ap.add_argument("--out", type=Path, default=None, help="work directory (pipeline, runs, results.json)")
     ap.add_argument("--profile", action="store_true", help="also one run of ours under cProfile (printed)")
+    ap.add_argument(
+        "--lockstep",
+        type=int,
+        default=20,
+        help="rounds of the lockstep comparison (both sides loaded, one iteration each in turn; 0: off)",
+    )
+    ap.add_argument("--ours-lockstep-worker", nargs=3, metavar=("SPEC", "OUT", "FD"), help=argparse.SUPPRESS)
+    ap.add_argument("--trl-lockstep-worker", nargs=3, metavar=("SPEC", "OUT", "FD"), help=argparse.SUPPRESS)
     ap.add_argument("--ours-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--floor-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ours_worker:
         _ours_worker(*args.ours_worker)
         return
+    if args.ours_lockstep_worker:
+        _ours_lockstep_worker(*args.ours_lockstep_worker[:2], int(args.ours_lockstep_worker[2]))
+        return
+    if args.trl_lockstep_worker:
+        _trl_lockstep_worker(*args.trl_lockstep_worker[:2], int(args.trl_lockstep_worker[2]))
+        return
     if args.floor_worker:
         spec = json.loads(Path(args.floor_worker[0]).read_text())
         floor = measure_floor(Shape(**spec["shape"]), Path(spec["model_dir"]), spec["prompts"])
         Path(args.floor_worker[1]).write_text(json.dumps(floor))
         return
-    shape = Shape(iterations=args.iterations, warmup=args.warmup, threads=args.threads)
+    shape = Shape(
+        iterations=args.iterations, warmup=args.warmup, threads=args.threads, checkpoint_every=args.checkpoint_every
+    )
     shape.validate()
-    if args.pairs < 1:
-        ap.error(f"--pairs must be >= 1, got {args.pairs}")
+    if args.pairs < 0 or args.lockstep < 0 or args.pairs + args.lockstep == 0:
+        ap.error(f"--pairs and --lockstep must be >= 0 and not both 0, got {args.pairs} and {args.lockstep}")
     print(summary(run_all(shape, args)))
 
 

@@ -72,6 +72,8 @@ def test_our_overrides_and_trl_spec_describe_the_same_shape(model_dir: Path, tmp
     )
     assert [(r.name, r.weight, r.args) for r in cfg.rewards] == [("jpeg_compressibility", 1.0, {"quality": 95})]
     assert t.num_threads == spec["threads"] and spec["model_dir"] == str(model_dir)
+    assert s.sde_window == [] and s.sde_window_size == 0  # every step stochastic and trained, as TRL
+    assert t.checkpoint_every == shape.iterations  # one checkpoint, at the end (TRL's side saves none)
     with_ray = load_config(
         TrainConfig,
         DEFAULT_TRAIN_CONFIG,
@@ -89,9 +91,9 @@ def test_shape_refuses_samples_that_do_not_split_into_batches() -> None:
 
 def test_our_iteration_is_the_period_between_log_lines_and_training_is_the_rest() -> None:
     history = [
-        {"seconds": 1.0, "rollout_seconds": 0.4},
-        {"seconds": 1.5, "rollout_seconds": 0.5},
-        {"seconds": 2.0, "rollout_seconds": 0.75},
+        {"seconds": 1.0, "timing/rollout": 0.375, "timing/reward": 0.025},
+        {"seconds": 1.5, "timing/rollout": 0.375, "timing/reward": 0.125},
+        {"seconds": 2.0, "timing/rollout": 0.5, "timing/reward": 0.25},
     ]
     its = bench.ours_iterations(history, log_times=[10.0, 12.0, 14.5], cpu_times=[1.0, 2.5, 4.5])
     assert [i["seconds"] for i in its] == [2.0, 2.5]
@@ -99,6 +101,36 @@ def test_our_iteration_is_the_period_between_log_lines_and_training_is_the_rest(
     assert [i["after_record"] for i in its] == [0.5, 0.5] and [i["cpu_seconds"] for i in its] == [1.5, 2.0]
     med = bench.median_phases(its, samples=8)
     assert med["seconds"] == 2.25 and med["samples_per_s"] == 8 / 2.25
+    assert med["best_seconds"] == 2.0 and med["best_samples_per_s"] == 4.0  # the fastest iteration
+    # collected ahead (learner.max_policy_lag=1): sampling is what the learner still waited
+    assert bench.ours_sampling({"timing/rollout": 0.5, "timing/reward": 0.25, "timing/rollout_wait": 0.125}) == 0.125
+
+
+def test_the_paired_ratio_compares_each_run_of_ours_with_the_trl_run_before_it() -> None:
+    runs = [
+        {"name": "TRL DDPOTrainer #1", "samples_per_s": 4.0},
+        {"name": "ours in-process #1", "samples_per_s": 5.0},
+        {"name": "TRL DDPOTrainer #2", "samples_per_s": 2.0},
+        {"name": "ours in-process #2", "samples_per_s": 3.0},
+        {"name": "ours, 2 Ray rollout actors #1", "samples_per_s": 9.0},
+    ]
+    assert bench.paired_ratios(runs) == [1.25, 1.5]
+
+
+def test_lockstep_summary_gives_the_median_of_the_adjacent_rounds_and_the_floor() -> None:
+    rec = {"TRL": {"seconds": 2.0, "cpu_seconds": 2.0, "sampling": 0.5, "training": 1.5}}
+    rec["ours"] = {"seconds": 1.6, "cpu_seconds": 1.5, "sampling": 0.4, "training": 1.2}
+    lock = {"rounds": 3, "ratios": [1.0, 1.25, 1.5], "records": {k: [v] * 3 for k, v in rec.items()}}
+    result = {
+        "runs": [],
+        "lockstep": lock,
+        "shape": {"samples": 8},
+        "floor": {"sampling": 0.5, "forward": 0.25, "sampling_how": "one batch of 8"},
+    }
+    text = bench.summary(result)
+    assert "| ours (lockstep, median of 3) | 5.00 | 0.400 | 1.200 | 1.600 | 1.500 | 1.25 |" in text
+    assert "median over 3 adjacent rounds: 1.25" in text and "NOT met" in text
+    assert "| ours (lockstep) | 1.600 | 1.60 | 1.28 |" in text  # 1.6 / (0.5 + 2·0.25), 1.6 / (0.5 + 3·0.25)
 
 
 def test_trl_training_is_the_step_minus_sampling_and_reward() -> None:
