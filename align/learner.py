@@ -33,6 +33,7 @@ from align.distributed import (
     steps_per_update,
 )
 from align.lr_schedule import lr_factor
+from align.modifiers.protocol import build_modifiers
 from align.sampling import Trajectory, recompute_log_probs
 from align.sampling.sampler import pinned_device
 from align.train_config import TrainConfig
@@ -68,6 +69,9 @@ class Learner:
             net.enable_gradient_checkpointing()  # the rollout workers sample under no_grad: unaffected
         self.params = {"policy": self.policy_params, "critic": self.critic_params}
         self.lrs = {"policy": cfg.trainer.lr, "critic": cfg.critic.lr}
+        # the sampler's modifier stack, built once: its state (StayFair's encoded group direction) is reused by
+        # every recomputed step instead of being rebuilt from each trajectory's record
+        self.modifiers = build_modifiers(cfg.sampler.modifiers)
         self.lr_factor = lr_factor(cfg.trainer.lr_schedule, cfg.trainer.lr_warmup, cfg.trainer.iterations)
         self.max_norms = {"policy": cfg.trainer.max_grad_norm, "critic": cfg.critic.max_grad_norm}
         self.engine = None  # DeepSpeed engine over the denoiser (+ critic heads) when enabled
@@ -239,12 +243,12 @@ class Learner:
     def _policy_loss(self, mb: Trajectory, adv: torch.Tensor, i: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Clipped PPO surrogate at step i (+ KL to the reference policy when ``trainer.kl_coef`` > 0), with the
         policy adapter active (:meth:`policy_update`); the statistics are detached 0-d tensors."""
-        logp = recompute_log_probs(self.pipe, mb, [i])[:, 0]
+        logp = recompute_log_probs(self.pipe, mb, [i], modifiers=self.modifiers)[:, 0]
         loss, pstats = ppo_clip_loss(logp, mb.log_probs[:, i], adv[:, i], self.cfg.trainer.clip_range)
         stats = {"policy_loss": loss.detach(), **{k: v.detach() for k, v in pstats.items()}}
         if self.cfg.trainer.kl_coef > 0:
             with torch.no_grad(), adapters_disabled(self.pipe):
-                ref = recompute_log_probs(self.pipe, mb, [i])[:, 0]
+                ref = recompute_log_probs(self.pipe, mb, [i], modifiers=self.modifiers)[:, 0]
             kl = kl_to_reference(logp, ref)
             loss = loss + self.cfg.trainer.kl_coef * kl
             stats["kl_ref"] = kl.detach()

@@ -227,12 +227,7 @@ def plot_gains(gains: dict[str, list[list[dict]]], path: Path) -> None:
         ax.plot(x, y, marker="o", label=f"{algo} (n={len(runs)})")
         ax.fill_between(x, y - e, y + e, alpha=0.15)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("samples seen")
-    ax.set_ylabel("paired gain, strict toy-GenEval")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "paired gain, strict toy-GenEval", path)
     print(f"plot: {path}")
 
 
@@ -247,8 +242,15 @@ def plot(samples: dict[str, list[int]], curves: dict[str, np.ndarray], path: Pat
         mean, std = c.mean(0), c.std(0)
         ax.plot(samples[algo], mean, label=f"{algo} (n={len(c)})")
         ax.fill_between(samples[algo], mean - std, mean + std, alpha=0.15)
+    _finish(fig, ax, "mean toy-GenEval reward of the batch", path)
+
+
+def _finish(fig, ax, ylabel: str, path: Path) -> None:
+    """Label a reward-against-samples plot and write it."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("samples seen")
-    ax.set_ylabel("mean toy-GenEval reward of the batch")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

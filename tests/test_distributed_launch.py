@@ -95,6 +95,18 @@ def _state(run: Path) -> dict | None:
         return None
 
 
+def _run_to_end(cmd: list[str], log: Path) -> str:
+    """Run ``cmd`` (reaped by its own PID whatever happens), assert it exits 0, and return its output."""
+    job = Reaper(cmd, log)
+    try:
+        rc = job.wait(540)
+    finally:
+        job.reap()
+    out = job.output()
+    assert rc == 0, out[-4000:]
+    return out
+
+
 def test_two_deepspeed_zero2_learners_with_two_rollout_actors_end_with_identical_lora(tmp_path) -> None:
     """``accelerate launch`` with the shipped multi_gpu config (DeepSpeed ZeRO-2), 2 processes over
     gloo, 2 Ray rollout actors + 1 reward actor, 2 iterations of policy updates; the trainer checks
@@ -119,13 +131,7 @@ def test_two_deepspeed_zero2_learners_with_two_rollout_actors_end_with_identical
         "ray.num_rollout_workers=2",
         f"run_dir={run}",
     ]
-    job = Reaper(cmd, tmp_path / "log.txt")
-    try:
-        rc = job.wait(540)
-    finally:
-        job.reap()
-    out = job.output()
-    assert rc == 0, out[-4000:]
+    out = _run_to_end(cmd, tmp_path / "log.txt")
     assert "ranks agree: 2 learner processes hold bit-identical trainable weights" in out
     state = _state(run)
     assert state["iteration"] == 2 and state["policy_updates"] == 2
@@ -205,13 +211,7 @@ def _launch(tmp_path: Path, name: str, args: list[str]) -> str:
         "train",
         *args,
     ]
-    job = Reaper(cmd, tmp_path / f"{name}.txt")
-    try:
-        rc = job.wait(540)
-    finally:
-        job.reap()
-    assert rc == 0, job.output()[-4000:]
-    return job.output()
+    return _run_to_end(cmd, tmp_path / f"{name}.txt")
 
 
 @pytest.mark.slow
@@ -287,13 +287,7 @@ def test_zero3_two_learners_checkpoint_resume_and_match_an_uninterrupted_run(tmp
     launch = _zero3_launch_files(tmp_path)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch), "--num_processes", "2"]
     cmd += ["--mixed_precision", "no"]  # on the command line: accelerate refuses it beside a DeepSpeed JSON
-    job = Reaper([*cmd, str(Path(__file__).resolve()), str(tmp_path)], tmp_path / "log.txt")
-    try:
-        rc = job.wait(540)
-    finally:
-        job.reap()
-    out = job.output()
-    assert rc == 0, out[-4000:]
+    out = _run_to_end([*cmd, str(Path(__file__).resolve()), str(tmp_path)], tmp_path / "log.txt")
     a, b = tmp_path / "a" / "checkpoint", tmp_path / "b" / "checkpoint"
     assert f"resumed {tmp_path / 'b'} at iteration 1" in out and "ranks agree: 2 learner processes" in out
     assert _state(tmp_path / "a")["iteration"] == _state(tmp_path / "b")["iteration"] == 2
