@@ -141,7 +141,7 @@ def _sample(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--width", help="image width in pixels (= sampler.width; default: the model's)")
 
     def run(ns: argparse.Namespace) -> int:
-        from align.generate import SampleJobConfig, run_sample_job
+        from align.sample_job import SampleJobConfig, run_sample_job
 
         if ns.show_config:
             return _show(SampleJobConfig)

@@ -148,6 +148,9 @@ def _check_critic(cfg) -> None:
     )
     _require(_finite(c.value_coef) and c.value_coef > 0, f"critic.value_coef must be > 0, got {c.value_coef}")
     _require(c.value_epochs >= 1, f"critic.value_epochs must be >= 1, got {c.value_epochs}")
+    _require(
+        c.value_batch_size >= 0, f"critic.value_batch_size must be >= 0 (0: the whole batch), got {c.value_batch_size}"
+    )
     _require(c.replay_batches >= 1, f"critic.replay_batches must be >= 1, got {c.replay_batches}")
     _require(
         _finite(c.max_grad_norm) and c.max_grad_norm > 0, f"critic.max_grad_norm must be > 0, got {c.max_grad_norm}"
@@ -173,18 +176,23 @@ def check_resolution(height: Any, width: Any) -> None:
 
 
 def check_stochastic(kind: Optional[str], eta: float, noise_level: float) -> None:
-    """RL needs a stochastic policy: η > 0 on a UNet, noise_level > 0 on a DiT (either, kind unknown)."""
-    if kind == "unet":
-        _require(eta > 0, f"RL needs a stochastic policy: sampler.eta must be > 0 on a UNet backbone, got {eta}")
-    elif kind == "dit":
+    """RL needs a stochastic policy: the family's noise knob > 0 (``eta`` for DDIM, ``noise_level`` for the
+    flow SDE: :mod:`align.backbones.registry`); either, when the family is not known before loading."""
+    from align.backbones.registry import BACKBONES
+
+    knobs = {"eta": eta, "noise_level": noise_level}
+    if kind is not None:
+        entry = BACKBONES[kind]
+        param = entry.noise_param
         _require(
-            noise_level > 0,
-            f"RL needs a stochastic policy: sampler.noise_level must be > 0 on a DiT backbone, got {noise_level}",
+            knobs[param] > 0,
+            f"RL needs a stochastic policy: sampler.{param} must be > 0 on a {kind} backbone "
+            f"({entry.pipeline}), got {knobs[param]}",
         )
     else:
         _require(
             eta > 0 or noise_level > 0,
-            "RL needs a stochastic policy: sampler.eta (UNet) or sampler.noise_level (DiT) > 0",
+            "RL needs a stochastic policy: sampler.eta (DDIM: UNet) or sampler.noise_level (flow: DiT) > 0",
         )
 
 

@@ -74,7 +74,7 @@ def make_accelerator(cfg) -> Accelerator:
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
     launched_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    kwargs = {"cpu": cfg.model.device == "cpu" and not launched_ds}  # cpu=True would drop DeepSpeed (STACK_NOTES)
+    kwargs = {"cpu": cfg.model.device == "cpu" and not launched_ds}  # cpu=True disables DeepSpeed (accelerate/state.py)
     if cfg.model.device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     if cfg.learner.deepspeed:

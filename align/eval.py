@@ -235,7 +235,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     """`align eval`: load the model (+ policy LoRA, + critic), evaluate, write; returns the summary."""
     from align.backbones.model_config import load_model
     from align.config import ConfigError
-    from align.generate import SampleJobConfig, _steering_parts
+    from align.sample_job import SampleJobConfig, _steering_parts
 
     try:  # bad model paths or records fail here, in one line, before the model loads
         items = eval_items(cfg.prompts, cfg.images_per_prompt, cfg.max_prompts)

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from align.algos.core import kl_to_reference, ppo_clip_loss, value_loss
-from align.backbones.loading import denoiser
+from align.backbones.adapter import denoiser
 from align.backbones.lora import adapters_disabled, set_active_adapters
 from align.distributed import (
     clear_stale_gradients,
@@ -39,7 +39,8 @@ from align.sampling.sampler import pinned_device
 from align.train_config import TrainConfig
 from critics.value_model import LatentCritic
 
-EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+#: The conditional branch's embeddings: what the critic reads (it runs without CFG).
+CONDITIONAL_EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
 GROUPS = ("policy", "critic")
 #: a minibatch loss: (minibatch, its indices in the pass's batch, denoising step i) → (loss, stats: floats or
 #: 0-d tensors, read after the minibatch's last backward)
@@ -47,7 +48,8 @@ StepLoss = Callable[[Trajectory, torch.Tensor, int], tuple[torch.Tensor, dict[st
 
 
 def embeds_of(traj: Trajectory) -> dict:
-    return {k: getattr(traj, k) for k in EMBED_KEYS}
+    """The trajectory's :data:`CONDITIONAL_EMBEDS`."""
+    return {k: getattr(traj, k) for k in CONDITIONAL_EMBEDS}
 
 
 class Learner:
@@ -116,11 +118,23 @@ class Learner:
 
     @torch.no_grad()
     def values(self, traj: Trajectory) -> torch.Tensor:
-        """V_k at every state of the chain: (B, T, K) (rollout-time values for GAE)."""
-        embeds = embeds_of(traj)
-        return torch.stack(
-            [self.critic(traj.latents[:, i], traj.timesteps[i], embeds) for i in range(traj.num_steps)], dim=1
-        )
+        """V_k at every state of the chain: (B, T, K) (rollout-time values for GAE), ``critic.value_batch_size``
+        rows per forward (0: the whole batch)."""
+        rows = self.cfg.critic.value_batch_size or traj.batch_size
+        parts = []
+        for start in range(0, traj.batch_size, rows):
+            mb = (
+                traj
+                if rows >= traj.batch_size
+                else traj.select(torch.arange(start, min(start + rows, traj.batch_size)))
+            )
+            embeds = embeds_of(mb)
+            parts.append(
+                torch.stack(
+                    [self.critic(mb.latents[:, i], mb.timesteps[i], embeds) for i in range(mb.num_steps)], dim=1
+                )
+            )
+        return torch.cat(parts)
 
     def policy_update(self, traj: Trajectory, advantages: torch.Tensor) -> dict[str, float]:
         """PPO on the policy LoRA: ``trainer.epochs`` over ``traj`` with ``advantages`` (B_r, T), clipped to

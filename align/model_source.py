@@ -2,10 +2,10 @@
 
 Torch-free, so that a bad ``model.source`` (an empty directory, garbage, an uncached hub id) is a
 one-line config error in well under a second. :func:`source_kind` reads the backbone family
-(``unet`` / ``dit``) from ``model_index.json`` (a directory, the shipped toy, a cached hub id) or
-from a preset builder's return annotation, without loading weights: validation uses it to check the
-noise parameter of the backbone that will actually load (``sampler.eta`` on a UNet,
-``sampler.noise_level`` on a DiT). :mod:`align.backbones.model_config` re-exports
+(``unet``, ``dit``, ``sdxl``: align/backbones/registry.py) from ``model_index.json`` (a directory,
+the shipped toy, a cached hub id) or from a preset builder's return annotation, without loading
+weights: validation uses it to check the noise parameter of the family that will actually load
+(``sampler.eta`` for DDIM, ``sampler.noise_level`` for the flow SDE). :mod:`align.backbones.model_config` re-exports
 :class:`ModelConfig` and holds ``load_model``.
 """
 
@@ -17,12 +17,15 @@ import os
 import re
 from typing import Optional
 
+from align.backbones.registry import BACKBONES, kind_of_pipeline, supported
 from align.config import field
 
-#: backbone kinds (= align.backbones.loading.BACKBONES keys; tests/test_config.py pins that they agree)
-BACKBONE_KINDS = ("unet", "dit")
-#: pipeline class names of each kind, as ``model_index.json`` names them
-PIPELINE_KINDS = {"StableDiffusionPipeline": "unet", "StableDiffusion3Pipeline": "dit"}
+
+def backbone_kinds() -> list:
+    """``model.kind``'s choices: None or a family of the torch-free registry (align/backbones/registry.py)."""
+    return [None, *BACKBONES]
+
+
 #: weights dtypes (= align.backbones.model_config.DTYPES keys)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PRESET_PREFIX = "preset:"
@@ -36,7 +39,7 @@ class ModelConfig:
     source: str = field(
         "toy", help="'toy' (the shipped toy model), 'preset:<name>', a save_pretrained dir, or a hub id"
     )
-    kind: Optional[str] = field(None, choices=[None, *BACKBONE_KINDS], help="expected backbone kind (checked)")
+    kind: Optional[str] = field(None, choices=backbone_kinds, help="expected backbone family (checked)")
     dtype: str = field("float32", choices=list(DTYPE_NAMES), help="weights dtype (bfloat16 on GPUs)")
     device: str = field("cpu", help="torch device")
     allow_download: bool = field(False, help="let hub ids download (default: local HF cache only)")
@@ -44,7 +47,7 @@ class ModelConfig:
     def validate(self) -> None:
         """The source exists (directory with a readable model_index.json, cached hub id), torch-free."""
         kind = source_kind(self.source, self.allow_download)
-        if self.kind is not None and kind is not None and kind != self.kind:
+        if self.kind in BACKBONES and kind is not None and kind != self.kind:
             raise ValueError(f"source {self.source!r} is a {kind} backbone, but kind={self.kind!r} was asked for")
 
     def check_registries(self) -> None:
@@ -64,9 +67,9 @@ def looks_like_path(source: str) -> bool:
 
 
 def source_kind(source: str, allow_download: bool = False) -> Optional[str]:
-    """``'unet'``/``'dit'`` for a source, read without loading weights; ``None`` where that needs the
-    preset registry (:func:`preset_kind`) or a download. A source that cannot load is a ValueError
-    naming it (``model.source ...``)."""
+    """The backbone family of a source (``'unet'``, ``'dit'``, ``'sdxl'``), read without loading weights;
+    ``None`` where that needs the preset registry (:func:`preset_kind`) or a download. A source that
+    cannot load is a ValueError naming it (``model.source ...``)."""
     from align.toy import SHIPPED_PIPELINE_DIR, TOY_SOURCE_ALIAS
 
     if not source or not source.strip():
@@ -92,7 +95,7 @@ def preset_kind(name: str) -> Optional[str]:
     if name not in PRESETS:
         raise ValueError(f"unknown backbone preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
     returns = getattr(PRESETS[name], "__annotations__", {}).get("return")
-    return PIPELINE_KINDS.get(returns if isinstance(returns, str) else getattr(returns, "__name__", ""))
+    return kind_of_pipeline(returns if isinstance(returns, str) else getattr(returns, "__name__", ""))
 
 
 def _index_kind(directory: str, what: str) -> Optional[str]:
@@ -113,12 +116,10 @@ def _kind_of_index(index: str, what: str) -> Optional[str]:
     if not isinstance(data, dict) or "_class_name" not in data:
         raise ValueError(f"source {what}: {index} has no _class_name (not a diffusers model_index.json)")
     name = data["_class_name"]
-    if name not in PIPELINE_KINDS:
-        raise ValueError(
-            f"source {what}: pipeline class {name!r} is not supported; supported: "
-            + ", ".join(f"{k} ({c})" for c, k in PIPELINE_KINDS.items())
-        )
-    return PIPELINE_KINDS[name]
+    kind = kind_of_pipeline(str(name))
+    if kind is None:
+        raise ValueError(f"source {what}: pipeline class {name!r} is not supported; supported: {supported()}")
+    return kind
 
 
 def _hub_kind(repo_id: str, allow_download: bool) -> Optional[str]:

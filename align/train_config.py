@@ -33,7 +33,7 @@ class LoRAConfig:
 
 @dataclasses.dataclass
 class CriticConfig:
-    """ECG's value model (ecg_spec.md §Our design 1–4)."""
+    """ECG's value model (critics/value_model.py; docs/algorithms.md, "ECG's phases and the sample budget")."""
 
     adapter: str = field(
         "separate",
@@ -44,8 +44,8 @@ class CriticConfig:
     hidden: int = field(128, help="width of each reward head's MLP")
     feature_layer: Optional[str] = field(
         None,
-        help="UNet module whose output the critic reads: mid_block (the "
-        "spec's), up_blocks.N; None: up_blocks.1 (critics/value_model.py says why); "
+        help="UNet (SD1.5, SDXL) module whose output the critic reads: mid_block (the "
+        "ECG paper's), up_blocks.N; None: up_blocks.1 (critics/value_model.py says why); "
         "DiT: norm_out only",
     )
     lr: float = field(1e-3, help="critic learning rate (adapter and heads)")
@@ -87,6 +87,11 @@ class CriticConfig:
     )
     replay_batches: int = field(2, help="policy phase: the critic refits on the last N batches (the newest on-policy)")
     value_coef: float = field(1.0, help="weight of the value loss")
+    value_batch_size: int = field(
+        0,
+        help="rows per critic forward when valuing a batch's chain without gradients (rollout-time values "
+        "for GAE, value clipping); 0: the whole batch at once. Bounds that pass's activation memory at real sizes",
+    )
 
 
 @dataclasses.dataclass

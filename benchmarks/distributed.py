@@ -64,7 +64,7 @@ def sync_bytes(cfg: TrainConfig) -> list[tuple[str, int, int]]:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from align.backbones.loading import denoiser
+    from align.backbones.adapter import denoiser
     from align.backbones.lora import DEFAULT_TARGETS, attach_lora, lora_num_bytes
     from align.backbones.model_config import load_model
 

@@ -272,7 +272,7 @@ def gradient_diagnosis(
     of sample j) (GRPO advantages on one fixed prompt), and the cosine between g_i of two independent halves of
     the batch: ≈ 0 means step i's gradient is noise at this batch size, > 0 means it carries a direction."""
     from align.algos.core import grpo_advantages
-    from align.backbones.loading import denoiser
+    from align.backbones.adapter import denoiser
     from align.backbones.lora import attach_lora, set_active_adapters
     from align.backbones.model_config import ModelConfig, load_model
     from align.rollout import RolloutWorker

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import critics
-from align.backbones.loading import denoiser
+from align.backbones.adapter import denoiser
 from align.backbones.model_config import load_model
 from align.policy import run_config
 from align.sampling import SamplerConfig

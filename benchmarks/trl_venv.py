@@ -4,7 +4,7 @@ The project needs trl >= 1, which has no diffusion trainers, so TRL's ``DDPOTrai
 its own, created once under a cache directory and reused (a ``.complete`` marker with the pins is written
 last, so a killed install is redone). torch comes from the local wheel index (pip's configured
 ``find-links``/``extra-index-url``); the rest from PyPI. The pins are the set known to import together
-(/work/shared/design/STACK_NOTES.md, "Peers").
+(measured on this machine kind; docs/benchmarks.md, "Ours vs TRL's DDPOTrainer").
 
     python benchmarks/trl_venv.py [--venv DIR]     # create it (or report that it exists) and time it
 """

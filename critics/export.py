@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from align import checkpoint as ckpt
-from align.backbones.loading import DENOISER_ATTR, backbone_kind, denoiser
+from align.backbones.adapter import backbone, backbone_kind, denoiser
 from align.backbones.lora import (
     active_adapters,
     adapter_names,
@@ -72,8 +72,8 @@ def base_fingerprint(pipe) -> str:
 # ---------------------------------------------------------------------------------- policy
 def export_policy(pipe, out: Path, adapter: str = "policy") -> Path:
     """``adapter``'s LoRA via the pipeline class's own ``save_lora_weights`` (+ its LoraConfig as metadata)."""
-    net = denoiser(pipe)
-    attr = DENOISER_ATTR[backbone_kind(pipe)]
+    family = backbone(pipe)
+    net, attr = family.net, family.denoiser_attr
     layers = get_peft_model_state_dict(net, adapter_name=adapter)
     metadata = _jsonable(net.peft_config[adapter].to_dict())
     type(pipe).save_lora_weights(out, **{f"{attr}_lora_layers": layers, f"{attr}_lora_adapter_metadata": metadata})

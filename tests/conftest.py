@@ -101,6 +101,12 @@ def tiny_dit_pipe():
 
 
 @pytest.fixture
+def tiny_sdxl_pipe():
+    """Fresh SDXL-class pipeline (UNet with pooled embeddings and time ids, two CLIP encoders, DDIM)."""
+    return build_pipeline("preset:tiny-sdxl")
+
+
+@pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
 

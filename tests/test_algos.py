@@ -1,4 +1,5 @@
-"""Advantage estimators and losses against hand computations (ecg_spec.md)."""
+"""Advantage estimators and losses against hand computations (docs/algorithms.md, "Algorithms: one registered
+object each")."""
 
 from __future__ import annotations
 

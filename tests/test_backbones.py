@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
 from align.backbones import (
@@ -45,6 +45,7 @@ def _trainable(pipe) -> list[str]:
     [
         ("tiny_unet_pipe", StableDiffusionPipeline, "unet"),
         ("tiny_unet_vpred_pipe", StableDiffusionPipeline, "unet"),
+        ("tiny_sdxl_pipe", StableDiffusionXLPipeline, "sdxl"),
         ("tiny_dit_pipe", StableDiffusion3Pipeline, "dit"),
     ],
 )
@@ -83,7 +84,9 @@ def test_presets_are_seeded_and_leave_the_global_rng_alone() -> None:
     assert not torch.equal(a.transformer.proj_out.weight, c.transformer.proj_out.weight)
 
 
-@pytest.mark.parametrize("fixture, kind", [("tiny_unet_pipe", "unet"), ("tiny_dit_pipe", "dit")])
+@pytest.mark.parametrize(
+    "fixture, kind", [("tiny_unet_pipe", "unet"), ("tiny_sdxl_pipe", "sdxl"), ("tiny_dit_pipe", "dit")]
+)
 def test_save_pretrained_then_load_gives_bit_identical_images(fixture: str, kind: str, tmp_path, request) -> None:
     pipe = request.getfixturevalue(fixture)
     pipe.save_pretrained(tmp_path / "pipe")
@@ -92,6 +95,26 @@ def test_save_pretrained_then_load_gives_bit_identical_images(fixture: str, kind
     assert torch.equal(_images(pipe), _images(loaded))
     with pytest.raises(ValueError, match=f"is a {kind} backbone"):
         build_pipeline(str(tmp_path / "pipe"), kind="dit" if kind == "unet" else "unet")
+
+
+@pytest.mark.parametrize(
+    "fixture, shipped", [("tiny_unet_vpred_pipe", "PNDMScheduler"), ("tiny_sdxl_pipe", "EulerDiscreteScheduler")]
+)
+def test_a_checkpoint_shipping_another_scheduler_loads_with_ddim_on_the_same_schedule(
+    fixture: str, shipped: str, tmp_path, request
+) -> None:
+    """Real SD1.5 checkpoints ship PNDM and SDXL's ship Euler; the log-prob sampler steps with DDIM, built from
+    the saved scheduler's config, so betas, timestep spacing and prediction type carry over."""
+    import diffusers
+
+    pipe = request.getfixturevalue(fixture)
+    pipe.scheduler = getattr(diffusers, shipped).from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = build_pipeline(str(tmp_path / "pipe"))
+    assert type(loaded.scheduler) is diffusers.DDIMScheduler
+    for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type", "steps_offset"):
+        assert loaded.scheduler.config[key] == pipe.scheduler.config[key], key
+    assert torch.equal(loaded.scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
 
 
 def test_bad_sources_give_one_line_errors_naming_the_problem(tmp_path) -> None:
@@ -105,7 +128,7 @@ def test_bad_sources_give_one_line_errors_naming_the_problem(tmp_path) -> None:
         build_pipeline("./no/such/dir")
     with pytest.raises(FileNotFoundError, match="has no model_index.json"):
         build_pipeline(str(tmp_path))
-    with pytest.raises(ValueError, match="unknown backbone kind 'vit'; valid kinds: unet, dit"):
+    with pytest.raises(ValueError, match="unknown backbone kind 'vit'; valid kinds: unet, dit, sdxl"):
         build_pipeline("preset:tiny-unet", kind="vit")
     with pytest.raises(ValueError, match="is a unet backbone .*kind='dit'"):
         build_pipeline("preset:tiny-unet", kind="dit")

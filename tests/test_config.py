@@ -65,7 +65,7 @@ def test_describe_lists_every_leaf_with_help_and_choices() -> None:
 
 
 def test_top_level_modifiers_key_is_an_alias_of_sampler_modifiers(tmp_path) -> None:
-    from align.generate import SampleJobConfig
+    from align.sample_job import SampleJobConfig
     from align.train_config import TrainConfig
 
     compact = ["modifiers=[stayfair:{alpha:5},sym_attn:{alpha:1.05,beta:3}]"]
@@ -149,7 +149,7 @@ TINY = ["model.source=preset:tiny-unet", "ray.num_rollout_workers=0", "ray.num_r
         ("rewards=[]", "rewards must list at least one reward"),
         ("critic.pretrain_ev_threshold=1.5", "critic.pretrain_ev_threshold must be <= 1"),
         ("critic.gae_lambda=1.5", "critic.gae_lambda must be in [0, 1]"),
-        ("sampler.eta=0", "sampler.eta must be > 0 on a UNet backbone"),
+        ("sampler.eta=0", "sampler.eta must be > 0 on a unet backbone"),
         ("sampler.eta=inf", "eta must be finite"),
         ("eval_prompts=0", "eval_prompts >= 1"),
     ],
@@ -167,16 +167,18 @@ def test_the_noise_check_reads_the_backbone_family_of_the_source(tmp_path) -> No
     comes from model_index.json (a directory, the shipped toy) or the preset, without loading weights."""
     from align.train_config import TrainConfig
 
-    with pytest.raises(ConfigError, match="sampler.eta must be > 0 on a UNet"):
+    with pytest.raises(ConfigError, match=r"sampler.eta must be > 0 on a unet backbone \(StableDiffusionPipeline\)"):
         load_config(TrainConfig, None, ["model.source=toy", "sampler.eta=0", "sampler.noise_level=0.7"])
+    with pytest.raises(ConfigError, match="sampler.eta must be > 0 on a sdxl backbone"):
+        load_config(TrainConfig, None, ["model.source=preset:tiny-sdxl", "sampler.eta=0", "sampler.noise_level=0.7"])
     index = tmp_path / "dit"
     index.mkdir()
     (index / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     cfg = load_config(TrainConfig, None, [f"model.source={index}", "sampler.eta=0", "sampler.noise_level=0.5"])
     assert cfg.sampler.eta == 0
-    with pytest.raises(ConfigError, match="sampler.noise_level must be > 0 on a DiT"):
+    with pytest.raises(ConfigError, match="sampler.noise_level must be > 0 on a dit backbone"):
         load_config(TrainConfig, None, [f"model.source={index}", "sampler.noise_level=0"])
-    with pytest.raises(ConfigError, match="sampler.noise_level must be > 0 on a DiT"):
+    with pytest.raises(ConfigError, match="sampler.noise_level must be > 0 on a dit backbone"):
         load_config(TrainConfig, None, ["model.source=preset:tiny-dit", "sampler.noise_level=0"])
     with pytest.raises(ConfigError, match="is a dit backbone, but kind='unet'"):
         load_config(TrainConfig, None, [f"model.source={index}", "model.kind=unet"])
@@ -224,9 +226,10 @@ def test_critic_settings_with_a_critic_free_algorithm_warn_and_are_not_errors() 
 
 
 def test_torch_free_config_modules_agree_with_the_torch_side() -> None:
-    from align.backbones.loading import BACKBONES
+    from align.backbones.adapter import Backbone
     from align.backbones.model_config import DTYPES, ModelConfig
-    from align.model_source import BACKBONE_KINDS, DTYPE_NAMES, PIPELINE_KINDS
+    from align.backbones.registry import BACKBONES
+    from align.model_source import DTYPE_NAMES
     from align.model_source import ModelConfig as TorchFreeModelConfig
     from align.sampling import SamplerConfig
     from align.sampling.config import LOGPROB_REDUCTIONS
@@ -234,8 +237,13 @@ def test_torch_free_config_modules_agree_with_the_torch_side() -> None:
     from align.sampling.transitions import LOGPROB_REDUCTIONS as TRANSITION_REDUCTIONS
 
     assert ModelConfig is TorchFreeModelConfig and SamplerConfig is TorchFreeSamplerConfig
-    assert tuple(BACKBONES) == BACKBONE_KINDS and tuple(DTYPES) == DTYPE_NAMES
-    assert {cls.__name__: kind for kind, cls in BACKBONES.items()} == PIPELINE_KINDS
+    assert tuple(DTYPES) == DTYPE_NAMES
+    for kind, entry in BACKBONES.items():  # each torch-free entry names a real pipeline class and its adapter
+        import diffusers
+
+        adapter = entry.adapter_class()
+        assert issubclass(adapter, Backbone) and adapter.kind == kind
+        assert issubclass(getattr(diffusers, entry.pipeline), diffusers.DiffusionPipeline)
     assert LOGPROB_REDUCTIONS == TRANSITION_REDUCTIONS
 
 

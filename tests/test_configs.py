@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from align.config import load_config
-from align.generate import SampleJobConfig
+from align.sample_job import SampleJobConfig
 from align.toy.pretrain import PretrainConfig
 from align.train_config import TrainConfig
 

@@ -44,7 +44,7 @@ def test_critic_gives_one_value_per_reward_and_trains_only_its_own_parameters(fi
 
 
 def test_unet_features_are_the_mid_block_output(tiny_unet_pipe) -> None:
-    """``feature_layer="mid_block"`` (the spec's choice) reads the mid-block output."""
+    """``feature_layer="mid_block"`` (the ECG paper's choice) reads the mid-block output."""
     pipe = tiny_unet_pipe
     traj, embeds = _setup(pipe)
     critic = LatentCritic(pipe, REWARDS, adapter="critic", feature_layer="mid_block")
@@ -73,7 +73,7 @@ def test_shared_adapter_option_reads_the_policy_adapter(tiny_unet_pipe) -> None:
     separate = LatentCritic(pipe, REWARDS, adapter="critic").features(traj.latents[:, 0], traj.timesteps[0], embeds)[0]
     shared = LatentCritic(pipe, REWARDS, adapter="policy").features(traj.latents[:, 0], traj.timesteps[0], embeds)[0]
     assert not torch.allclose(separate, shared)
-    assert FeatureTap(pipe).kind == "unet"
+    assert FeatureTap(pipe).backbone.kind == "unet"
 
 
 def test_unet_features_can_come_from_an_up_block(tiny_unet_pipe) -> None:
@@ -109,5 +109,7 @@ def test_unet_features_can_come_from_an_up_block(tiny_unet_pipe) -> None:
 def test_unknown_feature_layer_lists_the_valid_ones(tiny_unet_pipe, tiny_dit_pipe) -> None:
     with pytest.raises(ValueError, match="critic.feature_layer 'down_blocks.0' is not valid .* mid_block, up_blocks.0"):
         LatentCritic(tiny_unet_pipe, REWARDS, feature_layer="down_blocks.0")
-    with pytest.raises(ValueError, match="the DiT critic reads 'norm_out' only"):
+    with pytest.raises(
+        ValueError, match="'mid_block' is not valid for this SD3Transformer2DModel; choose one of: norm_out$"
+    ):
         LatentCritic(tiny_dit_pipe, REWARDS, feature_layer="mid_block")

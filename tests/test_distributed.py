@@ -110,7 +110,7 @@ def group_cfg_sampler():
 
 
 def test_sync_bytes_equal_the_lora_parameter_bytes(group, local_pipe) -> None:
-    from align.backbones.loading import denoiser
+    from align.backbones.adapter import denoiser
     from align.backbones.lora import lora_state_dict
 
     state = lora_state_dict(local_pipe, "policy")

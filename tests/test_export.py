@@ -67,7 +67,8 @@ def fixed_inputs(pipe, batch: int = 2):
 
 
 @pytest.mark.parametrize(
-    "preset,adapter", [("tiny-unet", "separate"), ("tiny-unet", "shared"), ("tiny-dit", "separate")]
+    "preset,adapter",
+    [("tiny-unet", "separate"), ("tiny-unet", "shared"), ("tiny-sdxl", "separate"), ("tiny-dit", "separate")],
 )
 def test_export_then_load_gives_identical_values_bit_for_bit(preset: str, adapter: str, tmp_path) -> None:
     pipe, critic = trained_like(preset, adapter)
@@ -184,7 +185,7 @@ _PLAIN_DIFFUSERS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("preset", ["tiny-unet", "tiny-dit"])
+@pytest.mark.parametrize("preset", ["tiny-unet", "tiny-sdxl", "tiny-dit"])
 def test_exported_policy_lora_gives_the_same_images_in_plain_diffusers(preset: str, tmp_path) -> None:
     """The policy export loads with ``pipe.load_lora_weights`` in a process without project code,
     and gives our sampler's images for the same seed (DDIM η = 1; DiT: the ODE, as the raw call)."""
@@ -199,7 +200,7 @@ def test_exported_policy_lora_gives_the_same_images_in_plain_diffusers(preset: s
     ours = sample_trajectory(
         pipe, PROMPTS, SamplerConfig(num_inference_steps=4, eta=1.0, noise_level=0.0), torch.Generator().manual_seed(0)
     ).images
-    is_unet = preset == "tiny-unet"
+    is_unet = preset != "tiny-dit"  # DDIM, η = 1
     script = _PLAIN_DIFFUSERS.format(
         root=str(PROJECT_ROOT),
         cls=type(pipe).__name__,

@@ -1,5 +1,6 @@
 """Known-answer tests of DPS, CLAMP and MAP-RPS on a Gaussian prior with an exact denoiser
-(modifiers_spec.md §1 F1–F4, §2.5, §4.6, §6.1). Closed forms are re-derived here in torch."""
+(docs/inverse.md, "Known-answer tests" and "Closed forms behind the Gaussian tests"). Closed forms are
+re-derived here in torch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ DT = torch.float64
 
 
 def _fixture(n: int = 6, m: int = 3, batch: int = 4, seed: int = 0, sy: float = 0.1):
-    """x0 ~ N(μ, Σ) with diagonal Σ in [0.2, 2], y = A x0 + σ_y n (spec F2's 6-D example)."""
+    """x0 ~ N(μ, Σ) with diagonal Σ in [0.2, 2], y = A x0 + σ_y n (a 6-D linear-Gaussian problem)."""
     g = torch.Generator().manual_seed(seed)
     sig = torch.diag(torch.rand(n, generator=g, dtype=DT) * 1.8 + 0.2)
     mu = torch.randn(n, generator=g, dtype=DT)
@@ -25,7 +26,8 @@ def _fixture(n: int = 6, m: int = 3, batch: int = 4, seed: int = 0, sy: float = 
 
 
 def _posterior(sig, mu, a, y, sy, s_smooth: float = 0.0):
-    """F2 with the prior smoothed to N(μ, Σ + s² I): covariance C and mean m(y) (= MAP = MMSE)."""
+    """The linear-Gaussian posterior with the prior smoothed to N(μ, Σ + s² I): covariance C and mean m(y)
+    (= MAP = MMSE)."""
     sig_s = sig + s_smooth**2 * torch.eye(sig.shape[0], dtype=DT)
     cov = torch.linalg.inv(torch.linalg.inv(sig_s) + a.T @ a / sy**2)
     return cov, (torch.linalg.solve(sig_s, mu) + y @ a / sy**2) @ cov
@@ -38,7 +40,7 @@ def _sqrtm(c: torch.Tensor) -> torch.Tensor:
 
 
 def _gaussian_w2(m1, c1, m2, c2) -> float:
-    """F4: W2² = |m1 − m2|² + tr(C1 + C2 − 2 (C2^½ C1 C2^½)^½)."""
+    """Gaussian W2: W2² = |m1 − m2|² + tr(C1 + C2 − 2 (C2^½ C1 C2^½)^½)."""
     r2 = _sqrtm(c2)
     val = (m1 - m2).pow(2).sum() + torch.trace(c1 + c2 - 2 * _sqrtm(r2 @ c1 @ r2))
     return float(val.clamp_min(0).sqrt())
@@ -74,7 +76,7 @@ def test_clamp_noise_split_preserves_variance(s, s_next):
 
 
 def test_clamp_step_equals_the_dense_damped_gauss_newton_solve():
-    """Spec §4.6.3: Δ = −(K_s AᵀA/σ_n² + α(λI + ĝĝᵀ))⁻¹ K_s Aᵀ(A x̂0 − y)/σ_n² at the last step."""
+    """CLAMP's linear-Gaussian step: Δ = −(K_s AᵀA/σ_n² + α(λI + ĝĝᵀ))⁻¹ K_s Aᵀ(A x̂0 − y)/σ_n² at the last step."""
     sig, mu, a, _, y, sy = _fixture(batch=2)
     den = GaussianDenoiser(mu, sig)
     clamp = CLAMP(den, MatrixOperator(a), y, sy, steps=5, gmres_iters=6)
@@ -96,7 +98,7 @@ def test_clamp_step_equals_the_dense_damped_gauss_newton_solve():
 
 
 def test_clamp_without_damping_is_data_consistent():
-    """α → 0 with A of full row rank: A(x̂0 + Δ) = y, and the last step outputs x̂0 + Δ (spec §4.6.3)."""
+    """α → 0 with A of full row rank: A(x̂0 + Δ) = y, and the last step outputs x̂0 + Δ."""
     sig, mu, a, _, y, sy = _fixture(batch=3)
     clamp = CLAMP(GaussianDenoiser(mu, sig), MatrixOperator(a), y, sy, steps=8, gmres_iters=6, alpha_scale=0.0)
     out = clamp.sample(torch.Generator().manual_seed(0))
@@ -107,7 +109,7 @@ def test_clamp_without_damping_is_data_consistent():
 
 
 def _prior_recursion(lam: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Spec §4.6.4: v' = ((λ + s s↓)/(λ + s²))² v + s↑², v_0 = s_max²."""
+    """CLAMP's prior-only variance per prior eigenvalue λ: v' = ((λ + s s↓)/(λ + s²))² v + s↑², v_0 = s_max²."""
     v = torch.full_like(lam, float(grid[0]) ** 2)
     for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
         down, up = sigma_split(s, s_next)
@@ -135,12 +137,12 @@ def test_clamp_prior_only_variance_follows_the_split_recursion_not_the_prior(pri
     se = want * (2.0 / batch) ** 0.5  # std of a sample variance of N Gaussian draws
     assert (out.var(0) - want).abs().max() < 4 * se.max(), (out.var(0), want)
     assert (want - lam).abs()[1] > 10 * se[1]  # at N = 25 the sampler is visibly not marginal-exact
-    assert abs(float(want[1]) - 0.403) < 0.01  # spec §4.6.4's value for λ = 0.7, N = 25
+    assert abs(float(want[1]) - 0.403) < 0.01  # docs/inverse.md's value for λ = 0.7, N = 25
 
 
 # ------------------------------------------------------------------------------- DPS
 def test_dps_last_step_moves_along_the_pulled_back_residual_direction():
-    """Spec §6.1: ∇_x|y − A D(x)| = K_sᵀ Aᵀ (A D − y)/|A D − y|; at s' = 0, x' = D − ζ√(1+s²) ∇."""
+    """DPS on the Gaussian: ∇_x|y − A D(x)| = K_sᵀ Aᵀ (A D − y)/|A D − y|; at s' = 0, x' = D − ζ√(1+s²) ∇."""
     sig, mu, a, _, y, sy = _fixture(batch=2)
     den = GaussianDenoiser(mu, sig)
     dps = DPS(den, MatrixOperator(a), y, None, steps=10, scale=0.3)
@@ -179,7 +181,7 @@ def test_map_stage_converges_to_the_smoothed_map_and_its_error_to_the_mmse_is_or
 
 
 class ExactPosteriorStage2:
-    """Exact stage 2 for the linear-Gaussian problem (spec F3, SDE kernel): from z at grid[start] draw
+    """Exact stage 2 for the linear-Gaussian problem (the reverse-SDE kernel): from z at grid[start] draw
     x0 ~ N(m + C(C+s²)⁻¹(z − m), C − C(C+s²)⁻¹C). Isolates MAP-RPS's own parts (stage 1, knob,
     re-noise) so the D–P curve has a closed form."""
 
@@ -198,7 +200,8 @@ class ExactPosteriorStage2:
 
 
 def test_map_rps_distortion_perception_curve_matches_the_gaussian_closed_forms():
-    """Spec §2.5.1–2: MSE(s*) = tr C + Σ c s*²(2c + s*²)/(c + s*²)², output marginal N(μ, Σ − C + V(s*)),
+    """MAP-RPS's Gaussian D–P curve: MSE(s*) = tr C + Σ c s*²(2c + s*²)/(c + s*²)², output marginal
+    N(μ, Σ − C + V(s*)),
     distortion non-decreasing and W2-to-prior non-increasing along the knob."""
     n_mc = 20000
     sig, mu, a, x, y, sy = _fixture(batch=n_mc, seed=5)

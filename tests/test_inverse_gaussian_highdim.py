@@ -1,6 +1,7 @@
 """Known answers above 32 dimensions: a 48-dimensional Gaussian prior with a non-diagonal covariance
 and a non-zero mean, a blur-and-mask operator (24 of 48 blurred samples observed), σ_y = 0.1, and
-the exact denoiser (spec F1–F2). The posterior N(m(y), C) is closed form."""
+the exact denoiser (docs/inverse.md, "Closed forms behind the Gaussian tests"). The posterior N(m(y), C) is
+closed form."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _blur_mask_problem(batch: int, prior: str = "wishart", seed: int = 1, sy: fl
 
 
 def _posterior(cov, mu, a, y, sy, s_smooth: float = 0.0):
-    """F2 with the prior smoothed to N(μ, Σ + s² I): (C, m(y))."""
+    """The linear-Gaussian posterior with the prior smoothed to N(μ, Σ + s² I): (C, m(y))."""
     cov_s = cov + s_smooth**2 * torch.eye(N, dtype=DT)
     c = torch.linalg.inv(torch.linalg.inv(cov_s) + a.T @ a / sy**2)
     return c, (torch.linalg.solve(cov_s, mu) + y @ a / sy**2) @ c
@@ -111,11 +112,11 @@ def _clamp_samples(cov, mu, a, y, sy, batch: int, **kw):
 
 def test_clamp_uses_sigma_y_and_then_captures_most_of_the_posterior_variance():
     """One y, 500 CLAMP draws (smooth prior: the data pin down most of the signal). CLAMP is not
-    marginal-exact at finite N (spec §4.6.4), so the known answer is a band: with σ_n = σ_y (the
-    default) it captures 0.7–1.0 of tr C (measured 0.83–0.84 at 500 and 2000 draws) and its mean
-    error is under a quarter of the prior-to-posterior move |m(y) − μ| (measured 0.16); the CLAMP
-    repo's fixed σ_n = 0.01 captures under half (measured 0.35) with a larger mean error. Monte Carlo
-    error of these statistics at 500 draws: about 0.02."""
+    marginal-exact at finite N (docs/inverse.md, "Known-answer tests"), so the known answer is a band:
+    with σ_n = σ_y (the default) it captures 0.7–1.0 of tr C (measured 0.83–0.84 at 500 and 2000
+    draws) and its mean error is under a quarter of the prior-to-posterior move |m(y) − μ| (measured
+    0.16); the CLAMP repo's fixed σ_n = 0.01 captures under half (measured 0.35) with a larger mean
+    error. Monte Carlo error of these statistics at 500 draws: about 0.02."""
     cov, mu, a, y, sy = _blur_mask_problem(batch=1, prior="smooth", seed=0)
     c, m = _posterior(cov, mu, a, y, sy)
     tr_c = float(torch.trace(c))
@@ -133,7 +134,7 @@ def test_clamp_uses_sigma_y_and_then_captures_most_of_the_posterior_variance():
 
 
 def test_dps_refuses_sigma_y_for_its_residual_step_and_uses_it_in_likelihood_mode():
-    """Likelihood mode, last step (s' = 0): x' = D − ζ s² K_s Aᵀ(A D − y)/σ_y² (spec §6.1 with the
+    """Likelihood mode, last step (s' = 0): x' = D − ζ s² K_s Aᵀ(A D − y)/σ_y² (DPS's step with the
     Gaussian likelihood score instead of the normalised residual); it scales as 1/σ_y²."""
     cov, mu, a, y, sy = _blur_mask_problem(batch=2)
     den = GaussianDenoiser(mu, cov)

@@ -1,4 +1,5 @@
-"""The VE denoiser view of real diffusers pipelines (spec §0, F1, F5) and the latent solvers on them."""
+"""The VE denoiser view of real diffusers pipelines (docs/inverse.md, "Parts" and "Closed forms behind the
+Gaussian tests") and the latent solvers on them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from align.inverse.denoiser import PipelineDenoiser
 
 
 class FakeGaussianNet(torch.nn.Module):
-    """Spec F5: a denoiser module with the UNet / SD3-transformer call signature whose output is the
+    """A fake denoiser module with the UNet / SD3-transformer call signature whose output is the
     exact ε / v of a unit-variance Gaussian prior N(μ(e), I) with μ(e) = W · mean-token(e), constant
     over space. For the UNet, ᾱ at a (continuous) timestep t comes from the scheduler's table by
     log-sigma interpolation (exactly the table at integer t)."""
@@ -76,7 +77,7 @@ def _fake(pipe, kind, prediction_type="epsilon"):
 def test_pipeline_denoiser_is_exact_for_a_gaussian_prior(
     which, guidance, tiny_unet_pipe, tiny_unet_vpred_pipe, tiny_dit_pipe
 ):
-    """F1: D(z, s) = μ + (z − μ)/(1 + s²) for N(μ, I); with CFG μ = μ_u + w (μ_c − μ_u)."""
+    """The exact Gaussian denoiser: D(z, s) = μ + (z − μ)/(1 + s²) for N(μ, I); with CFG μ = μ_u + w (μ_c − μ_u)."""
     pipe = {"eps": tiny_unet_pipe, "v": tiny_unet_vpred_pipe, "flow": tiny_dit_pipe}[which]
     net = _fake(pipe, "dit" if which == "flow" else "unet", "v_prediction" if which == "v" else "epsilon")
     den = PipelineDenoiser(pipe, prompt="one red circle on the left", guidance_scale=guidance)
@@ -146,7 +147,8 @@ def test_gradient_checkpointing_is_turned_off_for_the_solvers(tiny_unet_pipe):
 
 
 def test_clamp_uses_the_pixel_preset_for_denoisers_and_the_latent_preset_for_pipelines(tiny_unet_pipe):
-    """Spec §4.3: pixel linear tasks 50 steps, K = 5, σ_max = 100; latent 25 steps, K = 20, σ_max = 10."""
+    """CLAMP's presets (docs/inverse.md, "Parts"): pixel linear tasks 50 steps, K = 5, σ_max = 100; latent
+    25 steps, K = 20, σ_max = 10."""
     from align.inverse import GaussianDenoiser, MatrixOperator
 
     pix = CLAMP(GaussianDenoiser(torch.zeros(2), torch.eye(2)), MatrixOperator(torch.eye(2)), torch.zeros(1, 2), 0.1)

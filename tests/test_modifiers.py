@@ -11,9 +11,9 @@ import torch
 
 from align.backbones.lora import attach_lora
 from align.config import load_config
-from align.generate import SampleJobConfig, run_sample_job
 from align.modifiers.protocol import Modifier, ModifierStack, build_modifiers, canonical_specs
 from align.modifiers.sym_attn import SymSelfAttnProcessor
+from align.sample_job import SampleJobConfig, run_sample_job
 from align.sampling import SamplerConfig, Trajectory, recompute_log_probs, sample_trajectory
 from align.train_config import TrainConfig
 

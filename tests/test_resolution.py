@@ -13,7 +13,7 @@ from PIL import Image
 from align.backbones import build_pipeline
 from align.cli import main
 from align.config import ConfigError, load_config
-from align.generate import SampleJobConfig
+from align.sample_job import SampleJobConfig
 from align.sampling import SamplerConfig, default_resolution, recompute_log_probs, resolve_resolution, sample_trajectory
 from critics.value_model import LatentCritic
 

@@ -14,7 +14,7 @@ from align.sampling import SamplerConfig, Trajectory, cfg_combine, recompute_log
 
 FP32_TOL = 1e-5  # fp32 round-off of identical computations in a different batch layout
 PROMPTS = ["two red circles on the left", "one blue square on the top", "three green triangles on the bottom"]
-PIPES = ["tiny_unet_pipe", "tiny_unet_vpred_pipe", "tiny_dit_pipe"]
+PIPES = ["tiny_unet_pipe", "tiny_unet_vpred_pipe", "tiny_sdxl_pipe", "tiny_dit_pipe"]
 
 
 def _sample(pipe, steps: int = 4, seed: int = 0, policy_version: int = 0, **cfg) -> Trajectory:
@@ -64,7 +64,7 @@ def test_recomputed_log_probs_give_ratio_one(fixture: str, guidance_scale: float
     torch.testing.assert_close(sub, new[[2, 0]][:, [1, 3]], atol=FP32_TOL, rtol=0)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_unet_pipe", "tiny_dit_pipe"])
+@pytest.mark.parametrize("fixture", ["tiny_unet_pipe", "tiny_sdxl_pipe", "tiny_dit_pipe"])
 def test_recompute_has_gradients_on_lora_parameters_only(fixture: str, request) -> None:
     pipe = request.getfixturevalue(fixture)
     attach_lora(pipe, "policy", rank=2)

@@ -56,7 +56,7 @@ def reinforce(
     (every step, no ratio, no clipping). Returns the unsigned reward of base and trained policy on
     the sanity suite's fixed evaluation noise."""
     sanity = _sanity()
-    from align.backbones.loading import denoiser
+    from align.backbones.adapter import denoiser
     from align.backbones.lora import lora_state_dict, set_active_adapters
     from align.config import load_config
     from align.policy import build_policy

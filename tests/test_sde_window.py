@@ -11,7 +11,7 @@ import torch
 
 from align.backbones import attach_lora
 from align.distributed import policy_steps, steps_per_update
-from align.rollout.requests import LocalRollouts
+from align.rollout.local import LocalRollouts
 from align.rollout.worker import RolloutWorker
 from align.sampling import SamplerConfig, predict, recompute_log_probs, sample_trajectory, set_schedule
 from align.sampling.window import stochastic_steps, window_starts

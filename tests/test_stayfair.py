@@ -1,8 +1,10 @@
-"""StayFair known answers (modifiers_spec.md §3.7): Gaussian toy, 3-branch identities, linear-logit
-classifier guidance, embedding arithmetic; the lookup table; bias metrics."""
+"""StayFair known answers (docs/modifiers.md, "StayFair"): Gaussian toy, 3-branch identities (those stated in
+StayFair's reference code, ``fair_cfg_pipeline.py``), linear-logit classifier guidance, embedding arithmetic;
+the lookup table; bias metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -32,11 +34,11 @@ from align.sampling import cfg_combine, encode_prompts
 SWEEP = (1.5, 3.0, 4.5, 6.0, 7.5)
 
 
-# ------------------------------------------------------------------- §3.7.1 the Gaussian toy
+# -------------------------------------------------------------------------- the Gaussian toy
 class GaussianToy:
-    """x0 ~ N(W e, I) in 2-D, exact ε (F1): ε(x_t, e) = √(1−ᾱ)(x_t − √ᾱ W e); DDIM (η = 0) with
+    """x0 ~ N(W e, I) in 2-D, exact ε: ε(x_t, e) = √(1−ᾱ)(x_t − √ᾱ W e); DDIM (η = 0) with
     diffusers' own step over 30 steps of a linear-β schedule ("leading" spacing: each step lands on the
-    next listed timestep, so F6's contraction applies exactly); group = sign(x_1)."""
+    next listed timestep, so the DDIM contraction of :attr:`contraction` applies exactly); group = sign(x_1)."""
 
     def __init__(self) -> None:
         rng = np.random.default_rng(0)
@@ -76,7 +78,8 @@ class GaussianToy:
 
     @property
     def contraction(self) -> float:
-        """F6: one DDIM step multiplies the centred state by cos(θ' − θ), ᾱ = cos²θ; s = Π cos Δθ."""
+        """Finite-step DDIM on unit-variance Gaussian data with exact ε is not marginal-exact: one DDIM step
+        multiplies the centred state by cos(θ' − θ), ᾱ = cos²θ; s = Π cos Δθ."""
         ab = [float(self.sched.alphas_cumprod[int(t)]) for t in self.sched.timesteps] + [1.0]
         theta = np.arccos(np.sqrt(ab))
         return float(np.prod(np.cos(np.diff(theta))))
@@ -117,7 +120,7 @@ def test_gaussian_toy_one_dimensional_search_recovers_alpha_star() -> None:
     assert abs(found - toy.alpha_star) < tol, (found, toy.alpha_star, tol)
 
 
-# ----------------------------------------------------------------- §3.7.2 3-branch identities
+# ------------------------------------------------------------------------ 3-branch identities
 def test_fair_cfg_at_w_fair_is_stock_cfg_bit_exactly() -> None:
     g = torch.Generator().manual_seed(0)
     pos, neg, null = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
@@ -151,7 +154,7 @@ def test_three_branch_stayfair_at_alpha_zero_is_the_stock_sampler_bit_for_bit(ti
     assert torch.equal(stock.latents, mod.latents) and torch.equal(stock.log_probs, mod.log_probs)
 
 
-# ------------------------------------------------------- §3.7.3 linear-logit classifier guidance
+# -------------------------------------------------------------- linear-logit classifier guidance
 def _log_ratio_closed_form(w, pi, mus, sigs, a):
     return math.log(pi[0] / pi[1]) + w * float(a @ (mus[0] - mus[1])) + w**2 / 2 * float(a @ (sigs[0] - sigs[1]) @ a)
 
@@ -204,7 +207,7 @@ def test_w1_penalty_is_the_quantile_distance() -> None:
     assert float(w1_dp_penalty(s, torch.tensor([0, 1, 0, 1, 1, 0]))) == pytest.approx(10.0 / 3)
 
 
-# ------------------------------------------------------------ §3.7.4 embedding arithmetic
+# ------------------------------------------------------------------- embedding arithmetic
 def test_unet_direction_is_unit_per_token_and_zero_offset_is_the_empty_prompt(tiny_unet_pipe) -> None:
     gd = group_direction(tiny_unet_pipe, ("red", "blue"), "auto")
     norms = gd.u.norm(dim=-1)
@@ -231,6 +234,26 @@ def test_sd3_direction_is_frobenius_unit_with_a_filler_base(tiny_dit_pipe) -> No
     assert torch.equal(empty.base, stock)
     assert StayFair(alpha=0.0).is_identity(tiny_dit_pipe) is False
     assert StayFair(alpha=0.0, base="empty").is_identity(tiny_dit_pipe) is True
+
+
+def test_sdxl_direction_is_the_pooled_kind_and_its_empty_base_is_the_stock_null(tiny_sdxl_pipe) -> None:
+    """SDXL has a pooled embedding, so it takes the SD3 form (Frobenius u, pooled u/√L); its stock null for an
+    empty negative prompt is zeros (``force_zeros_for_empty_prompt``), so ``base=empty`` at α = 0 is stock CFG."""
+    from align.sampling import SamplerConfig, sample_trajectory
+
+    gd = group_direction(tiny_sdxl_pipe, ("red", "blue"), "auto")
+    assert float(gd.u.flatten(1).norm()) == pytest.approx(1.0, rel=1e-5)
+    assert float(gd.pooled_u.norm()) == pytest.approx(1 / math.sqrt(gd.u.shape[1]), rel=1e-5)
+    stock = encode_prompts(tiny_sdxl_pipe, ["x"], "", guidance_scale=3.0)
+    empty = group_direction(tiny_sdxl_pipe, ("red", "blue"), "empty")
+    assert torch.equal(empty.base, stock["negative_prompt_embeds"]) and not empty.base.any()
+    assert torch.equal(empty.pooled_base, stock["negative_pooled_prompt_embeds"])
+    cfg = SamplerConfig(num_inference_steps=3, guidance_scale=3.0, output_type="latent")
+    plain = sample_trajectory(tiny_sdxl_pipe, ["a red circle"], cfg, torch.Generator().manual_seed(0))
+    offset = dataclasses.replace(cfg, modifiers=["stayfair:{alpha:2,base:empty,words:[red,blue]}"])
+    moved = sample_trajectory(tiny_sdxl_pipe, ["a red circle"], offset, torch.Generator().manual_seed(0))
+    assert not torch.allclose(plain.latents[:, -1], moved.latents[:, -1])
+    assert StayFair(alpha=0.0, base="empty").is_identity(tiny_sdxl_pipe) is True
 
 
 def test_normalisers() -> None:

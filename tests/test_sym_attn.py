@@ -1,4 +1,5 @@
-"""Symmetric Attention Decomposition: the closed forms of modifiers_spec.md §5.7 and the processors."""
+"""Symmetric Attention Decomposition: closed-form identities of its math (align/modifiers/sym_attn_math.py)
+and the processors (docs/modifiers.md, "Symmetric attention")."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def test_eta_endpoints_symmetric_and_skew_couplings() -> None:
 
 
 def test_blend_keeps_the_perturbed_token_norm() -> None:
-    """Inside the clamp range, |output_token| = |Hx_token| (bounded norm rescale, §5.7.6)."""
+    """Inside the clamp range, |output_token| = |Hx_token| (the bounded norm rescale of ``blend``)."""
     g = torch.Generator().manual_seed(3)
     h_org = torch.randn(2, 3, 5, 4, generator=g)
     h = h_org + 0.1 * torch.randn(2, 3, 5, 4, generator=g)
@@ -111,7 +112,7 @@ def test_blend_keeps_the_perturbed_token_norm() -> None:
 
 
 def test_hopfield_eigenvector_is_aligned_and_stable() -> None:
-    """s an eigenvector of X S Xᵀ with positive eigenvalue ⇒ Align = 1, r_X = 0, E = −λ/2 (§5.4)."""
+    """s an eigenvector of X S Xᵀ with positive eigenvalue ⇒ Align = 1, r_X = 0, E = −λ/2 (``hopfield_diagnostics``)."""
     g = torch.Generator().manual_seed(4)
     length, c = 10, 4
     x = torch.randn(1, length, c, generator=g, dtype=torch.float64)
@@ -179,7 +180,8 @@ def test_processor_matches_explicit_dense_attention_of_the_module(tiny_unet_pipe
 @pytest.mark.parametrize("variant", ["exact", "fast"])
 def test_lora_on_to_v_is_honoured(tiny_unet_pipe, variant: str) -> None:
     """The reference reads ``attn.to_v.weight``: under peft that is the *base* weight, so a LoRA on
-    to_v is silently dropped (§5.5). Our processors go through the module: the LoRA changes the output."""
+    to_v is silently dropped (docs/modifiers.md, "Symmetric attention"). Our processors go through the
+    module: the LoRA changes the output."""
     attn = _attn1(tiny_unet_pipe)
     x = _x(attn)
     proc = SymSelfAttnProcessor(SymAttnSettings(1.2, 3.0, variant))

@@ -64,6 +64,21 @@ def test_ecg_iteration_leaves_the_base_bit_identical(tmp_path, tiny_train_cfg) -
     assert all(not torch.equal(critic.heads.state_dict()[k], v) for k, v in heads.items())
 
 
+def test_micro_batched_chain_values_equal_the_whole_batch(tiny_train_cfg) -> None:
+    """``critic.value_batch_size`` only bounds the rows per critic forward: the values are the same up to fp32
+    round-off of a different batch layout (1e-5, as the sampler's parity tests)."""
+    cfg = tiny_train_cfg("critic.value_batch_size=3")  # 4 samples: a chunk of 3 and one of 1
+    pipe, critic, reward_fns, weights, learner, worker = build(cfg)
+    from align.train import iteration_prompts
+
+    traj = worker.rollout(iteration_prompts(cfg, 0), seed=0)
+    chunked = learner.values(traj)
+    learner.cfg.critic.value_batch_size = 0
+    whole = learner.values(traj)
+    assert chunked.shape == whole.shape == (traj.batch_size, traj.num_steps, 1)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+
+
 def test_value_pretraining_does_not_move_the_policy(tmp_path, tiny_train_cfg) -> None:
     cfg = tiny_train_cfg("trainer.iterations=1", "critic.pretrain_iterations=5", "critic.pretrain_ev_threshold=1.0")
     state = train(cfg, stop_after=2, log=lambda *_: None)

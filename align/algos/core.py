@@ -1,4 +1,5 @@
-"""Advantage estimators and losses as plain functions (CleanRL / verl style; ecg_spec.md).
+"""Advantage estimators and losses as plain functions (CleanRL / verl style; docs/algorithms.md, "Algorithms:
+one registered object each").
 
 Indexing along the denoising chain: step i (0 ≤ i < T) moves x_{(i)} = ``latents[:, i]`` to
 ``latents[:, i + 1]``; the state of step i is s_i = (x_{(i)}, t_i, c); the reward R(x_0, c) arrives
@@ -13,7 +14,8 @@ import torch
 
 
 def gae_along_chain(values: torch.Tensor, rewards: torch.Tensor, lam: float) -> torch.Tensor:
-    """GAE(λ) along the denoising chain (ecg_spec.md §Our design 3), γ = 1.
+    """GAE(λ) (Schulman et al., ICLR 2016) along the denoising chain, γ = 1: ECG's advantages
+    (docs/algorithms.md, "Algorithms: one registered object each").
 
     δ_i = V(s_{i+1}) − V(s_i) for inner steps and δ_{T−1} = R − V(s_{T−1}) for the last one;
     A_i = Σ_{l ≥ 0} λ^l δ_{i+l}. λ = 1 gives A_i = R − V(s_i) (Monte Carlo with a value baseline),

@@ -1,4 +1,5 @@
-"""ECG (ecg_spec.md): a state-aligned critic V_k(x_t, t, c), GAE(λ) along the chain, value pretraining.
+"""ECG (Liang, Zhang and Yang, arXiv 2605.27736; docs/algorithms.md, "ECG's phases and the sample budget"):
+a state-aligned critic V_k(x_t, t, c), GAE(λ) along the chain, value pretraining.
 
 Phases: ``value-pretrain`` iterations (the policy is fixed, only the critic trains, refitting every
 pretraining batch so far: they all stay on-policy) until the critic's explained variance on the

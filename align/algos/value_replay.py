@@ -1,4 +1,5 @@
-"""Replay of recent batches for the critic (ecg_spec.md §Our design 4; align/algos/ecg.py).
+"""Replay of recent batches for the critic (docs/algorithms.md, "ECG's phases and the sample budget";
+align/algos/ecg.py).
 
 While only the critic trains, the policy does not move, so every earlier pretraining batch is still
 an on-policy sample of the value targets G_k = R_k(x_0, c). Refitting the critic on all of them

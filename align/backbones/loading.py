@@ -1,44 +1,28 @@
 """Build a pipeline from ``preset:<name>``, a local ``save_pretrained`` directory, or a hub id.
 
 Nothing is downloaded unless ``allow_download`` is set: hub ids resolve from the local HF cache
-(``local_files_only=True``) and fail with a one-line error otherwise.
+(``local_files_only=True``) and fail with a one-line error otherwise. The family's sampling scheduler
+replaces the one a checkpoint ships where they differ (SD1.5's PNDM and SDXL's Euler become DDIM with
+the same noise schedule and prediction type: :meth:`~align.backbones.adapter.Backbone.use_sampling_scheduler`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import re
 import warnings
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+from align.backbones.adapter import backbone
 from align.backbones.presets import build_preset
+from align.backbones.registry import BACKBONES
+from align.model_source import PRESET_PREFIX, looks_like_path
 
-#: Backbone kinds and their pipeline classes: UNet/SD1.5-class and DiT/SD3-class.
-BACKBONES: dict[str, type[DiffusionPipeline]] = {"unet": StableDiffusionPipeline, "dit": StableDiffusion3Pipeline}
-#: The attribute that holds each kind's denoiser (the network LoRA adapts and samplers call).
-DENOISER_ATTR: dict[str, str] = {"unet": "unet", "dit": "transformer"}
+logger = logging.getLogger(__name__)
 #: Always off when loading SD1.5-class pipelines (the safety checker is a separate, large model).
 NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-PRESET_PREFIX = "preset:"
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def backbone_kind(pipe: DiffusionPipeline) -> str:
-    """'unet' or 'dit' for a supported pipeline; a clear error for anything else."""
-    for kind, cls in BACKBONES.items():
-        if isinstance(pipe, cls):
-            return kind
-    raise TypeError(
-        f"unsupported pipeline class {type(pipe).__name__}; supported: "
-        + ", ".join(f"{k} ({c.__name__})" for k, c in BACKBONES.items())
-    )
-
-
-def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
-    """The network that LoRA adapts and the sampler calls: ``pipe.unet`` or ``pipe.transformer``."""
-    return getattr(pipe, DENOISER_ATTR[backbone_kind(pipe)])
 
 
 def build_pipeline(
@@ -50,7 +34,8 @@ def build_pipeline(
     allow_download: bool = False,
     **preset_kwargs,
 ) -> DiffusionPipeline:
-    """Load or build a pipeline (see module docstring); ``kind`` ('unet'|'dit') is checked if given.
+    """Load or build a pipeline (see module docstring); ``kind`` (a registered family: 'unet', 'dit',
+    'sdxl') is checked if given.
 
     ``preset_kwargs`` (``seed``, sizes, ``prediction_type`` …) go to the preset builder only.
     """
@@ -62,23 +47,22 @@ def build_pipeline(
         pipe = build_preset(source[len(PRESET_PREFIX) :], **preset_kwargs)
         if torch_dtype != torch.float32:  # presets are built in fp32
             pipe = pipe.to(dtype=torch_dtype)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         pipe = _load_dir(source, torch_dtype)
     else:
         pipe = _load_hub(source, torch_dtype, allow_download)
-    actual = backbone_kind(pipe)
+    family = backbone(pipe)
+    actual = family.kind
     if kind is not None and actual != kind:
         raise ValueError(f"{source!r} is a {actual} backbone ({type(pipe).__name__}), but kind={kind!r} was asked for")
+    replaced = family.use_sampling_scheduler()
+    if replaced is not None:
+        logger.info(
+            "%s: %s replaced by the sampler's %s (same noise schedule)", source, replaced, type(pipe.scheduler).__name__
+        )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _looks_like_path(source: str) -> bool:
-    """Existing paths, and anything that is not of the hub-id form ``org/name``."""
-    return (
-        os.path.exists(os.path.expanduser(source)) or source.startswith((os.sep, ".", "~")) or not _HUB_ID.match(source)
-    )
 
 
 def _dtype_kwargs(dtype: torch.dtype) -> dict:

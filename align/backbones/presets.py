@@ -2,8 +2,9 @@
 
 Each preset returns a real diffusers pipeline of the same class as its full-size counterpart:
 ``tiny-unet`` and ``toy`` are ``StableDiffusionPipeline`` (UNet, VAE, CLIP text encoder, DDIM),
-``tiny-dit`` is ``StableDiffusion3Pipeline`` (MMDiT, 16-channel VAE, two CLIP encoders, flow
-matching; ``text_encoder_3=None``). All use the committed toy-vocabulary CLIP tokenizer
+``tiny-sdxl`` is ``StableDiffusionXLPipeline`` (UNet with pooled text embeddings and time ids, two
+CLIP encoders, DDIM), ``tiny-dit`` is ``StableDiffusion3Pipeline`` (MMDiT, 16-channel VAE, two CLIP
+encoders, flow matching; ``text_encoder_3=None``). All use the committed toy-vocabulary CLIP tokenizer
 (:mod:`align.backbones.tokenizer`). Weights are random; building never touches the global RNG.
 """
 
@@ -22,6 +23,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -273,3 +275,46 @@ def tiny_dit(seed: int = 0, shift: float = 3.0) -> StableDiffusion3Pipeline:
         te1 = clip_text_encoder(tokenizer, 32, projection_dim=32)
         te2 = clip_text_encoder(tokenizer, 32, projection_dim=32)
         return sd3_pipeline(transformer, vae, te1, te2, tokenizer, shift)
+
+
+@register_preset("tiny-sdxl")
+def tiny_sdxl(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionXLPipeline:
+    """SDXL-class pipeline: a 2-level UNet (32, 64) with SDXL's added conditioning (``text_time``: the pooled
+    embedding and 6 time ids of width 8), cross-attention on the two CLIP encoders' concatenated penultimate
+    states (16 + 16), the second one's 16-d projection pooled; 3-block VAE (4× down), DDIM with SDXL's
+    (= SD1.5's) scaled-linear schedule; 16 px images."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
+    width, time_width = 16, 8
+    with _seeded(seed):
+        tokenizer = toy_tokenizer()
+        te1 = clip_text_encoder(tokenizer, width)
+        te2 = clip_text_encoder(tokenizer, width, projection_dim=width)
+        unet = UNet2DConditionModel(
+            sample_size=4,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=2 * width,
+            attention_head_dim=8,
+            norm_num_groups=16,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_width,
+            projection_class_embeddings_input_dim=6 * time_width + width,
+        )
+        vae = tiny_vae((16, 16, 16), sample_size=16)
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=te1,
+            text_encoder_2=te2,
+            tokenizer=tokenizer,
+            tokenizer_2=toy_tokenizer(),
+            unet=unet,
+            scheduler=DDIMScheduler(prediction_type=prediction_type, **SD15_SCHEDULE),
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )

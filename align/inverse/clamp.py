@@ -1,5 +1,5 @@
-"""CLAMP: damped Gauss–Newton posterior sampling with denoiser pullback (spec §4.2, as coded in
-Seunghyeok0715/CLAMP ``CLAMP.sample`` / ``_penalized_gn_step``).
+"""CLAMP: damped Gauss–Newton posterior sampling with denoiser pullback (Shin et al., ICML 2026,
+arXiv 2605.27990), as coded in its reference code, Seunghyeok0715/CLAMP ``CLAMP.sample`` / ``_penalized_gn_step``.
 
 VE state x on the EDM poly-7 grid s_0 > … > s_{N−1} > s_N = 0, x ~ N(0, s_0² I). Per step (s → s'):
   x̂0 = D(x, s), ε = (x − x̂0)/s, r = A(x̂0) − y                             (one forward, graph kept)
@@ -36,7 +36,8 @@ from align.inverse.problem import gaussian_noise, make_problem
 
 @dataclasses.dataclass
 class ClampConfig:
-    """CLAMP settings; defaults from the repo's pixel linear-task preset (spec §4.3)."""
+    """CLAMP settings; defaults from the repo's pixel linear-task preset (its ``configs_clamp_cli.txt``;
+    docs/inverse.md, "Parts")."""
 
     steps: int = field(50, help="sigma-grid steps N")
     gmres_iters: int = field(5, help="GMRES iterations K per step")

@@ -1,9 +1,10 @@
-"""The backbone as a VE denoiser D(z, s) = E[x0 | z], z = x0 + s·ε (modifiers_spec.md §0).
+"""The backbone as a VE denoiser D(z, s) = E[x0 | z], z = x0 + s·ε (docs/inverse.md).
 
 Inverse-problem samplers (DPS, CLAMP, MAP-RPS) work in variance-exploding coordinates whatever the
-backbone was trained with. The maps, per parameterisation:
+backbone was trained with. Each backbone adapter maps them to its own parameterisation
+(:meth:`~align.backbones.adapter.Backbone.ve_input`, ``ve_timestep``, ``ve_x0``):
 
-* DDPM/VP (SD1.5, ε or v): ᾱ = 1/(1+s²), x_t = √ᾱ z at the continuous timestep whose training
+* DDPM/VP (SD1.5, SDXL; ε or v): ᾱ = 1/(1+s²), x_t = √ᾱ z at the continuous timestep whose training
   sigma √((1−ᾱ_t)/ᾱ_t) is s (log-sigma interpolation of the scheduler's table);
   ε-pred: D = (x_t − √(1−ᾱ) ε̂)/√ᾱ; v-pred: D = √ᾱ x_t − √(1−ᾱ) v̂.
 * Rectified flow (SD3): t = s/(1+s), x_t = (1−t) z = z/(1+s), timestep 1000·t; D = x_t − t v̂.
@@ -16,17 +17,15 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 
-from align.backbones.loading import backbone_kind
-from align.backbones.loading import denoiser as backbone_net
-from align.sampling.sampler import encode_prompts, predict, set_schedule
+from align.backbones.adapter import backbone
+from align.sampling.sampler import encode_prompts, predict
 
 
 def edm_sigmas(steps: int, sigma_max: float, sigma_min: float, rho: float = 7.0) -> torch.Tensor:
     """CLAMP's grid: the first ``steps`` of ``steps+1`` EDM poly-ρ points from σ_max to σ_min, then 0
-    (modifiers_spec.md §4.2; σ_min itself is dropped, as in CLAMP's ``Scheduler.discretize``)."""
+    (σ_min itself is dropped, as in CLAMP's reference code, ``misc.py`` ``Scheduler.discretize``)."""
     r = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     s = (sigma_max ** (1 / rho) + r * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([s[:-1], s.new_zeros(1)])
@@ -57,7 +56,8 @@ class Denoiser:
 
 def denoise_with_vjp(den: Denoiser, z: torch.Tensor, s: float):
     """(x0, vjp) with one retained graph: vjp(u) = J_D(z)ᵀ u via ``autograd.grad`` (no torch.func,
-    so gradient checkpointing wrappers and peft layers work; spec §4.4)."""
+    so gradient checkpointing wrappers and peft layers work; CLAMP's reference code uses ``torch.func.vjp``
+    and has to turn checkpointing off for it)."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         x0 = den(z, s)
@@ -70,7 +70,8 @@ def denoise_with_vjp(den: Denoiser, z: torch.Tensor, s: float):
 
 
 class GaussianDenoiser(Denoiser):
-    """Exact denoiser of a Gaussian prior N(μ, Σ) on flat states (B, n) (spec F1):
+    """Exact denoiser of a Gaussian prior N(μ, Σ) on flat states (B, n) (docs/inverse.md, "Closed forms
+    behind the Gaussian tests"):
     D(z, s) = μ + K_s (z − μ), K_s = Σ (Σ + s² I)⁻¹ — the known-answer fixture for every sampler."""
 
     def __init__(self, mean: torch.Tensor, cov: torch.Tensor, sigma_max: float = 100.0, sigma_min: float = 0.002):
@@ -91,7 +92,7 @@ class GaussianDenoiser(Denoiser):
 
 
 class PipelineDenoiser(Denoiser):
-    """A diffusers SD1.5- or SD3-class pipeline as a VE denoiser on its (scaled) latents."""
+    """A diffusers pipeline of any registered backbone family as a VE denoiser on its (scaled) latents."""
 
     def __init__(
         self,
@@ -102,22 +103,16 @@ class PipelineDenoiser(Denoiser):
         sigma_max_flow: float = 100.0,
     ):
         super().__init__()
-        self.pipe, self.guidance_scale, self.kind = pipe, guidance_scale, backbone_kind(pipe)
-        self.net = backbone_net(pipe)
-        if getattr(self.net, "is_gradient_checkpointing", False):  # spec §4.4: VJPs with a retained graph
+        self.pipe, self.guidance_scale, self.backbone = pipe, guidance_scale, backbone(pipe)
+        self.net = self.backbone.net
+        if getattr(self.net, "is_gradient_checkpointing", False):  # VJPs with a retained graph (docs/inverse.md)
             warnings.warn(
                 f"{type(self.net).__name__}: gradient checkpointing turned off for the inverse solvers", stacklevel=2
             )
             self.net.disable_gradient_checkpointing()
         with torch.no_grad():
             self.embeds = encode_prompts(pipe, [prompt], negative_prompt, guidance_scale)
-        if self.kind == "unet":
-            ab = pipe.scheduler.alphas_cumprod.double()
-            self._log_sigmas = (((1 - ab) / ab).sqrt().log()).numpy()
-            self.sigma_min, self.sigma_max = float(np.exp(self._log_sigmas[0])), float(np.exp(self._log_sigmas[-1]))
-            self.prediction_type = pipe.scheduler.config.prediction_type
-        else:
-            self.sigma_min, self.sigma_max = 1.0 / (pipe.scheduler.config.num_train_timesteps - 1), sigma_max_flow
+        self.sigma_min, self.sigma_max = self.backbone.ve_sigma_range(sigma_max_flow)
 
     # ----------------------------------------------------------------------- denoiser
     def _embeds(self, batch: int) -> dict:
@@ -125,37 +120,19 @@ class PipelineDenoiser(Denoiser):
 
     def timestep(self, s: float) -> float:
         """The model's (continuous) timestep for VE noise level s."""
-        if self.kind == "unet":
-            return float(np.interp(np.log(s), self._log_sigmas, np.arange(len(self._log_sigmas))))
-        return 1000.0 * s / (1.0 + s)
+        return self.backbone.ve_timestep(s)
 
     def __call__(self, z: torch.Tensor, s: float) -> torch.Tensor:
         self.calls["forward"] += 1
         s = self.clip_sigma(float(s))
         t = torch.tensor(self.timestep(s), dtype=torch.float32, device=z.device)
-        dtype = self.net.dtype
-        if self.kind == "unet":
-            a = 1.0 / (1.0 + s * s)  # ᾱ
-            x_t = z * a**0.5
-            out = predict(self.pipe, x_t.to(dtype), t, self._embeds(z.shape[0]), self.guidance_scale).to(z.dtype)
-            if self.prediction_type == "v_prediction":
-                return a**0.5 * x_t - (1 - a) ** 0.5 * out
-            return (x_t - (1 - a) ** 0.5 * out) / a**0.5
-        tf = s / (1.0 + s)
-        x_t = z / (1.0 + s)
-        v = predict(self.pipe, x_t.to(dtype), t, self._embeds(z.shape[0]), self.guidance_scale).to(z.dtype)
-        return x_t - tf * v
+        x_t = self.backbone.ve_input(z, s)
+        out = predict(self.pipe, x_t.to(self.net.dtype), t, self._embeds(z.shape[0]), self.guidance_scale)
+        return self.backbone.ve_x0(out.to(z.dtype), x_t, s)
 
     def schedule(self, steps: int) -> torch.Tensor:
         """The scheduler's own ``steps``-step grid as VE sigmas (σ ≤ σ_max), then 0."""
-        if self.kind == "unet":
-            self.pipe.scheduler.set_timesteps(steps)
-            ts = self.pipe.scheduler.timesteps.cpu().numpy()
-            s = torch.from_numpy(np.exp(self._log_sigmas[ts]))
-        else:
-            set_schedule(self.pipe, steps, torch.zeros(self.state_shape(1)))
-            t = self.pipe.scheduler.sigmas[:-1].double().cpu()
-            s = (t / (1 - t).clamp_min(1e-12)).clamp(max=self.sigma_max)
+        s = self.backbone.ve_schedule(steps, self.sigma_max)
         return torch.cat([s, s.new_zeros(1)])
 
     def state_shape(self, batch: int) -> tuple[int, ...]:
@@ -170,18 +147,12 @@ class PipelineDenoiser(Denoiser):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1] (no clamp, so A∘Dec stays differentiable)."""
         vae = self.pipe.vae
-        z = z / vae.config.scaling_factor
-        if self.kind == "dit" and vae.config.get("shift_factor") is not None:
-            z = z + vae.config.shift_factor
-        return vae.decode(z.to(vae.dtype), return_dict=False)[0].to(z.dtype)
+        return vae.decode(self.backbone.to_vae(z).to(vae.dtype), return_dict=False)[0].to(z.dtype)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] → latents (posterior mean of the VAE encoder, scaled as the pipeline does)."""
         vae = self.pipe.vae
-        z = vae.encode(x.to(vae.dtype)).latent_dist.mean.to(x.dtype)
-        if self.kind == "dit" and vae.config.get("shift_factor") is not None:
-            z = z - vae.config.shift_factor
-        return z * vae.config.scaling_factor
+        return self.backbone.from_vae(vae.encode(x.to(vae.dtype)).latent_dist.mean.to(x.dtype))
 
 
 #: What the samplers use of a denoiser (``Denoiser`` provides all but ``__call__`` and ``state_shape``).

@@ -1,4 +1,5 @@
-"""DPS, Diffusion Posterior Sampling (Chung et al., ICLR 2023), the reference sampler (spec §6.1).
+"""DPS, Diffusion Posterior Sampling (Chung et al., ICLR 2023), the reference sampler (as in its code,
+DPS2022/diffusion-posterior-sampling, ``guided_diffusion/condition_methods.py`` ``PosteriorSampling``).
 
 Per step from σ = s to σ' = s' in VE coordinates, with x̂0 = D(x, s) (graph kept):
   x' ~ N(x̂0 + (s'²/s²)(x − x̂0), s'²(1 − s'²/s²) I)      (ancestral / DDPM step in VE form)

@@ -1,4 +1,5 @@
-"""Matrix-free GMRES without restarts, batched over samples (CLAMP's ``_gmres_solve``, spec §4.2 step 8).
+"""Matrix-free GMRES without restarts, batched over samples (CLAMP's reference code ``_gmres_solve``;
+docs/inverse.md, "Parts").
 
 Solves M Δ = b for each row of b (B, n) from Δ₀ = 0: Arnoldi with modified Gram–Schmidt builds an
 orthonormal Krylov basis V and the (K+1)×K Hessenberg H with M V_K = V_{K+1} H, then

@@ -1,5 +1,6 @@
-"""MAP-RPS / LMAP-RPS: MAP stage, re-noise knob, posterior-sampling stage (spec §2.2; the paper's
-solver details are unpublished, so this is the spec's reconstruction [I]).
+"""MAP-RPS / LMAP-RPS: MAP stage, re-noise knob, posterior-sampling stage (Zhang et al., ICML 2026,
+arXiv 2605.28711; the paper's solver details are unpublished and it has no public code, so this is our
+reconstruction: docs/inverse.md, "Not done / caveats").
 
 Stage 1 (MAP ≈ MMSE) minimises J(x) = |y − A(x)|²/(2σ_y²) − log p_{s_s}(x), whose prior gradient is
 the forward score (x − D(x, s_s))/s_s² (no backprop through the denoiser). Solver: annealed

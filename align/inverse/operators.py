@@ -1,4 +1,4 @@
-"""Forward operators y = A(x) for zero-shot inverse problems (modifiers_spec.md §2.2, §4.2).
+"""Forward operators y = A(x) for zero-shot inverse problems (docs/inverse.md, "Parts").
 
 Every operator is a differentiable ``torch`` function of a batch of states: images ``x`` (B, C, H, W)
 for the image operators, flat (B, n) vectors for :class:`MatrixOperator`, any (B, ...) for a
@@ -237,7 +237,8 @@ class Blur(Operator):
 
 # ---------------------------------------------------------------------------- dense / latent
 class MatrixOperator(Operator):
-    """y = x Aᵀ on flat states (B, n): the linear-Gaussian known-answer fixture (spec F2)."""
+    """y = x Aᵀ on flat states (B, n): the linear-Gaussian known-answer fixture (docs/inverse.md, "Closed forms
+    behind the Gaussian tests")."""
 
     name = "matrix"
 

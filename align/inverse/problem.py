@@ -1,4 +1,4 @@
-"""An inverse problem y = A(x0) + n, n ~ N(0, σ_y² I), bound to a VE denoiser (spec §2.2, §4.4).
+"""An inverse problem y = A(x0) + n, n ~ N(0, σ_y² I), bound to a VE denoiser (docs/inverse.md, "Python").
 
 Given a diffusers pipeline, the state is its latent and the operator becomes A∘Dec (the latent
 variant: LMAP-RPS, latent CLAMP/DPS); given a :class:`~align.inverse.denoiser.Denoiser` over

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from align.backbones.adapter import denoiser
 from align.backbones.model_config import ModelConfig
 from align.config import field
 from align.inverse.clamp import CLAMP
@@ -225,8 +226,7 @@ def run_solve(cfg: SolveConfig, pipe=None) -> list[dict]:
     precheck(cfg)
     lpips = load_lpips(cfg.lpips_weights, cfg.lpips_net) if cfg.lpips_weights else None  # refused before the model
     pipe = pipe if pipe is not None else load_pipeline(cfg)
-    net = getattr(pipe, "unet", None) or pipe.transformer
-    size = net.config.sample_size * pipe.vae_scale_factor
+    size = denoiser(pipe).config.sample_size * pipe.vae_scale_factor
     op, y, ref, knobs = prepare(cfg, size)
     if ref is not None and lpips is None:
         print(LPIPS_UNAVAILABLE)

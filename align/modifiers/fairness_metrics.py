@@ -1,11 +1,12 @@
-"""Group-fairness metrics across guidance scales (modifiers_spec.md §3.3, §3.6) and pluggable group
-classifiers.
+"""Group-fairness metrics across guidance scales (StayFair, arXiv 2605.28036, and its reference code
+Kim-Myeong-Soo/stay-fair; docs/modifiers.md, "StayFair") and pluggable group classifiers.
 
 * group ratio r(w): fraction of samples classified into the group of interest at scale w;
 * bias range: max_w r(w) − min_w r(w), in percentage points (StayFair ``estimate/build_lookup.py``);
 * Fairness Discrepancy (Choi et al. 2020): FD = |p̄ − E_x[p̂(x)]|₂ with p̄ uniform over K groups and
   p̂ the classifier's soft group probabilities;
-* bias decomposition: B(w) = r(w) − r*, B_m = r(1) − r*, B_g(w) = r(w) − r(1) (§3.3).
+* bias decomposition: B(w) = r(w) − r*, B_m = r(1) − r*, B_g(w) = r(w) − r(1) (StayFair's total bias =
+  model bias + guidance bias; these definitions are ours, the paper's equations were not available).
 
 Group classifiers map images (B, 3, H, W) in [0, 1] to probabilities (B, K); register more with
 :func:`register_group_classifier`. The toy world's grammar always names a colour, so its group is

@@ -215,7 +215,7 @@ class ModifierStack:
         if not mods:
             yield
             return
-        from align.backbones.loading import denoiser
+        from align.backbones.adapter import denoiser
 
         net = denoiser(pipe)
         stock = dict(net.attn_processors)

@@ -1,5 +1,5 @@
 """StayFair: keep a group ratio fixed across guidance scales by offsetting CFG's null branch
-(modifiers_spec.md §3.2–§3.4).
+(arXiv 2605.28036; reference code Kim-Myeong-Soo/stay-fair; docs/modifiers.md, "StayFair").
 
 * Vanilla null offset, UNet (SD1.5): ``d = E(a) − E(b)`` (e.g. "female" − "male"), per-token unit
   direction ``u = d / (|d|_token + 1e-6)``, ``null'(p) = null + α(p) u``; plain CFG with ``null'``.
@@ -49,7 +49,8 @@ def offset_null(null: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor) -> tor
 
 
 def fair_cfg(pos: torch.Tensor, neg: torch.Tensor, null: torch.Tensor, w: float, w_fair: float) -> torch.Tensor:
-    """3-branch FairCFG: ε = w ε_pos − (w − w_fair) ε_neg + (1 − w_fair) ε_null (§3.2(c)).
+    """3-branch FairCFG: ε = w ε_pos − (w − w_fair) ε_neg + (1 − w_fair) ε_null (StayFair's reference code,
+    ``generate/pipelines/fair_cfg_pipeline.py``).
     At w = w_fair the intervention term vanishes and stock CFG(w) is returned bit-exactly."""
     if w == w_fair:
         return cfg_combine(null, pos, w)
@@ -67,41 +68,26 @@ class GroupDirection:
     pooled_base: Optional[torch.Tensor] = None  # (1, P)
 
 
-def _encode(pipe, prompt: str, **extra) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    from align.backbones.loading import backbone_kind
-    from align.sampling import encode_prompts
-
-    if backbone_kind(pipe) == "unet":
-        return encode_prompts(pipe, [prompt], guidance_scale=1.0)["prompt_embeds"], None
-    out = pipe.encode_prompt(
-        prompt,
-        extra.get("prompt_2", prompt),
-        extra.get("prompt_3", prompt),
-        device=pipe._execution_device,
-        do_classifier_free_guidance=False,
-    )
-    return out[0], out[2]
-
-
 def group_direction(pipe, words: tuple[str, str], base: str) -> GroupDirection:
-    """UNet: u per token of E(a) − E(b), base E(""); SD3: Frobenius u, pooled u/√L, filler or E("") base.
+    """Without a pooled embedding (SD1.5): u per token of E(a) − E(b), base CFG's null (E("")); with one (SD3,
+    SDXL): Frobenius u, pooled u/√L, filler or null base (the null is zeros on SDXL, as its sampler uses).
     Built outside inference mode: the cached tensors also feed the learner's autograd recomputation."""
     with torch.inference_mode(False), torch.no_grad():
         return _group_direction(pipe, words, base)
 
 
 def _group_direction(pipe, words: tuple[str, str], base: str) -> GroupDirection:
-    from align.backbones.loading import backbone_kind
+    from align.backbones.adapter import backbone
+    from align.sampling.sampler import execution_device
 
-    (ea, pa), (eb, pb) = _encode(pipe, words[0]), _encode(pipe, words[1])
-    if backbone_kind(pipe) == "unet":
-        return GroupDirection(per_token_unit(ea - eb), _encode(pipe, "")[0])
+    net, device = backbone(pipe), execution_device(pipe)
+    (ea, pa), (eb, pb) = net.encode_single(words[0], device), net.encode_single(words[1], device)
+    if not net.pooled:
+        return GroupDirection(per_token_unit(ea - eb), net.encode_null(device)[0])
     if base == "empty":
-        b, bp = _encode(pipe, "")
+        b, bp = net.encode_null(device)
     else:  # filler ids in the word slot: CLIP's EOT token, T5's pad token (reference gen_image_sd3.py)
-        filler = pipe.tokenizer.eos_token
-        t5 = getattr(pipe, "tokenizer_3", None)
-        b, bp = _encode(pipe, filler, prompt_2=filler, prompt_3=t5.pad_token if t5 is not None else filler)
+        b, bp = net.encode_filler(device)
     d, dp = ea - eb, pa - pb
     pooled_u = dp / dp.norm(dim=-1, keepdim=True).clamp_min(1e-12) / math.sqrt(d.shape[1])
     return GroupDirection(frobenius_unit(d), b, pooled_u, bp)
@@ -149,9 +135,10 @@ class StayFair(Modifier):
             self._table = {str(k): float(v) for k, v in table.items()}
 
     def _sd3_filler(self, pipe) -> bool:
-        from align.backbones.loading import backbone_kind
+        """The filler null base (pooled families, ``base`` not ``empty``) changes the image even at α = 0."""
+        from align.backbones.adapter import backbone
 
-        return pipe is not None and backbone_kind(pipe) == "dit" and self.base != "empty"
+        return pipe is not None and backbone(pipe).pooled and self.base != "empty"
 
     def is_identity(self, pipe=None) -> bool:
         no_offset = self.alpha == 0 and not any(self._table.values())

@@ -1,4 +1,5 @@
-"""Choosing StayFair's α and training its fair classifier (modifiers_spec.md §3.2(d), §3.3, §3.7).
+"""Choosing StayFair's α and training its fair classifier (docs/modifiers.md, "StayFair"; the lookup table
+follows StayFair's reference code, ``estimate/build_lookup.py`` and ``estimate/apply_lookup.py``).
 
 * :func:`search_alpha` — 1-D coarse-to-fine grid search of α minimising an objective (bias range);
   a grid, not golden section, because a Monte Carlo bias range is piecewise constant in α.

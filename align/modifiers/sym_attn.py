@@ -1,19 +1,22 @@
-"""Symmetric Attention Decomposition as diffusers attention processors (modifiers_spec.md §5).
+"""Symmetric Attention Decomposition (arXiv 2605.27476) as diffusers attention processors (docs/modifiers.md,
+"Symmetric attention"; the reference repo is hyeon-cho/Attention-Symmetric-Decomposition).
 
 * :class:`SymSelfAttnProcessor` — UNet self-attention (``attn1``). Two variants:
   ``exact`` retrieves in X space like the reference repo (``Hx = P_α X`` per head, then the value
   projection through the ``to_v`` *module*, so a LoRA on ``to_v`` is honoured — the reference reads
-  ``attn.to_v.weight``, which under peft is the base weight, §5.5); ``fast`` uses ``P_α V`` with
-  ``V = to_v(x)`` (2.5× attention FLOPs instead of 2H+3). Both blend with β (§5.2); with β = 1
-  they agree. Cross-attention (``encoder_hidden_states`` given) goes to the stock processor.
+  ``attn.to_v.weight``, which under peft is the base weight); ``fast`` uses ``P_α V`` with
+  ``V = to_v(x)`` (2.5× attention FLOPs instead of 2H+3). Both blend with β (the reference's
+  ``get_blended_pattern``); with β = 1 they agree. Cross-attention (``encoder_hidden_states`` given)
+  goes to the stock processor.
 * :class:`SymJointAttnProcessor` — SD3's joint attention: ``QKᵀ`` over the concatenated
   image+text tokens is square, so the decomposition applies after QK-norm (RMSNorm) to the whole
   joint matrix (fast variant). We perturb every joint block because each is one self-attention over
   one token set; perturbing only the image–image block is not expressible with the q~/k~ trick.
 
 At α = 1 (fixed, or adaptive ``dev``) every processor calls diffusers' stock processor, so the output
-is bit-identical. ``eta_mode`` adapts α (and optionally β) per call from η_M (§5.3), using
-LoRA-effective Wq/Wk. ``diagnostics=True`` records Hopfield energy/instability/alignment (§5.4).
+is bit-identical. ``eta_mode`` adapts α (and optionally β) per call from η_M (the reference's
+``attentions/symmetry_attn_vx_eta.py``), using LoRA-effective Wq/Wk. ``diagnostics=True`` records
+Hopfield energy/instability/alignment (the reference's ``hopfield_energy/log_energy.py``).
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class _SymBase:
         sym, skew = head_couplings(effective_weight(attn.to_q, c, x), effective_weight(attn.to_k, c, x), attn.heads)
         if st.eta_mode is None and not st.eta_beta:
             return st.alpha, st.beta, sym
-        eta = eta_m(x, sym, skew).mean()  # one scalar per call: mean over batch and heads (§5.3)
+        eta = eta_m(x, sym, skew).mean()  # one scalar per call: mean over batch and heads (as the reference does)
         if st.diagnostics:  # .item() syncs a GPU: only when logging was asked for
             self.last["eta_m"] = float(eta.detach())
         alpha = effective_alpha(st.alpha, eta, st.eta_mode)

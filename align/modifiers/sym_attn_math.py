@@ -1,4 +1,5 @@
-"""Symmetric Attention Decomposition: the per-head math (modifiers_spec.md §5.2–§5.4).
+"""Symmetric Attention Decomposition: the per-head math (arXiv 2605.27476, as coded in the reference repo
+hyeon-cho/Attention-Symmetric-Decomposition, ``attentions/``; docs/modifiers.md, "Symmetric attention").
 
 Pre-softmax logits ``M = Q Kᵀ`` split into ``M_sym = (M + Mᵀ)/2`` (a Hopfield energy landscape) and
 ``M_skew = (M − Mᵀ)/2`` (circulation). The knob scales circulation::
@@ -27,7 +28,8 @@ C2_EPS = 1e-12
 
 
 def reparam_qk(q: torch.Tensor, k: torch.Tensor, alpha: Scalar) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q~, k~) on the head dim such that SDPA(q~, k~) has logits (c1 QKᵀ + c2 KQᵀ)/√d (§5.2)."""
+    """(q~, k~) on the head dim such that SDPA(q~, k~) has logits (c1 QKᵀ + c2 KQᵀ)/√d (the reference's
+    ``SkewAttnProcessor2_0``)."""
     c1 = (1 + alpha) / 2
     c2 = (1 - alpha) / 2
     a1 = torch.as_tensor(c1, dtype=q.dtype, device=q.device)
@@ -57,7 +59,7 @@ def dense_sym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha
 
 
 def blend(hx_org: torch.Tensor, hx: torch.Tensor, beta: Scalar) -> torch.Tensor:
-    """Blend with bounded norm rescale (§5.2 ``get_blended_pattern``), per token over the last dim::
+    """Blend with bounded norm rescale (the reference's ``get_blended_pattern``), per token over the last dim::
 
         H_new = H_org + β (H − H_org);  out = H_new · clamp(|H| / |H_new|, 0.25, 4)
 
@@ -73,13 +75,15 @@ def blend(hx_org: torch.Tensor, hx: torch.Tensor, beta: Scalar) -> torch.Tensor:
 
 def effective_weight(linear: torch.nn.Module, in_features: int, like: torch.Tensor) -> torch.Tensor:
     """(out, in) weight of a linear map *as the module computes it* (LoRA deltas included):
-    W = f(I) − f(0). Reading ``.weight`` would return peft's base weight and drop the LoRA (§5.5)."""
+    W = f(I) − f(0). Reading ``.weight`` would return peft's base weight and drop the LoRA (docs/modifiers.md,
+    "Symmetric attention")."""
     eye = torch.eye(in_features, dtype=like.dtype, device=like.device)
     return (linear(eye) - linear(torch.zeros_like(eye[:1]))).T
 
 
 def head_couplings(wq: torch.Tensor, wk: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per head W_h = Wq_hᵀ Wk_h (C×C), returned as (S, N) = ((W+Wᵀ)/2, (W−Wᵀ)/2): (H, C, C) each (§5.3)."""
+    """Per head W_h = Wq_hᵀ Wk_h (C×C), returned as (S, N) = ((W+Wᵀ)/2, (W−Wᵀ)/2): (H, C, C) each (as in the
+    reference's ``symmetry_attn_vx_eta.py``)."""
     d = wq.shape[0] // heads
     wq_h = wq.view(heads, d, -1)
     wk_h = wk.view(heads, d, -1)
@@ -89,8 +93,9 @@ def head_couplings(wq: torch.Tensor, wk: torch.Tensor, heads: int) -> tuple[torc
 
 
 def eta_m(x: torch.Tensor, sym: torch.Tensor, skew: torch.Tensor) -> torch.Tensor:
-    """Functional symmetricity η_M = (|M_sym|²_F − |M_skew|²_F)/(|M_sym|²_F + |M_skew|²_F) of
-    M(X) = X W Xᵀ, via the Gram G = XᵀX: |M_sym|² = tr(SGSG), |M_skew|² = tr(NᵀGNG) (§5.3).
+    """Functional symmetricity (Tanaka & Edwards, arXiv 1810.09325, as the reference's adaptive variant uses it)
+    η_M = (|M_sym|²_F − |M_skew|²_F)/(|M_sym|²_F + |M_skew|²_F) of M(X) = X W Xᵀ, via the Gram G = XᵀX:
+    |M_sym|² = tr(SGSG), |M_skew|² = tr(NᵀGNG).
 
     x: (B, L, C); sym/skew: (H, C, C). Returns (B, H) in [−1, 1]; no L×L matrix."""
     g = x.transpose(1, 2) @ x  # (B, C, C)
@@ -103,7 +108,8 @@ def eta_m(x: torch.Tensor, sym: torch.Tensor, skew: torch.Tensor) -> torch.Tenso
 
 
 def effective_alpha(alpha: float, eta: Optional[torch.Tensor], mode: Optional[str]) -> Scalar:
-    """α_eff: fixed α; ``dev``: 1 + (α−1)η (identity at α=1); ``scale``: αη (not identity at α=1) (§5.3)."""
+    """α_eff: fixed α; ``dev``: 1 + (α−1)η (identity at α=1); ``scale``: αη (not identity at α=1), as the
+    reference's ``alpha_mode``."""
     if mode is None or eta is None:
         return alpha
     return ALPHA_MODES[mode](alpha, eta)
@@ -113,7 +119,8 @@ ALPHA_MODES = {"dev": lambda a, eta: 1 + (a - 1) * eta, "scale": lambda a, eta: 
 
 
 def hopfield_diagnostics(x: torch.Tensor, hx: torch.Tensor, sym: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Hopfield stability of retrieved patterns (§5.4), per (batch, head, channel c) column s_c of Hx.
+    """Hopfield stability of retrieved patterns (the reference's ``hopfield_energy/log_energy.py``), per
+    (batch, head, channel c) column s_c of Hx.
 
     X is centred over tokens; s_c centred and unit-normalised. z = Xᵀ s_c; energy E_c = −½ zᵀ S z;
     local field h = X S z; instability r = mean_l[s_l h_l < 0]; alignment = cos(s_c, h).

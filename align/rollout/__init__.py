@@ -4,7 +4,8 @@
 ``start_workers`` picks and starts them from ``cfg.ray``."""
 
 from align.rollout.groups import LocalRewards, Workers, start_workers
-from align.rollout.requests import LocalRollouts, Request, SyncStats, chunk_seed, make_requests
+from align.rollout.local import LocalRollouts
+from align.rollout.requests import Request, SyncStats, chunk_seed, make_requests
 from align.rollout.worker import RolloutWorker
 
 __all__ = [

@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from align.rollout.requests import LocalRollouts
+from align.rollout.local import LocalRollouts
 from align.rollout.worker import RolloutWorker
 
 

@@ -1,4 +1,4 @@
-"""Seeded rollout requests and the in-process rollout group (no Ray).
+"""Seeded rollout requests (the in-process group that serves them is align/rollout/local.py).
 
 A batch of prompts is cut into chunks of ``chunk_size``; chunk ``i`` of the batch seeded ``seed`` is
 sampled from ``torch.Generator().manual_seed(chunk_seed(seed, i))``. The trajectory of a chunk
@@ -9,14 +9,10 @@ it or how many workers there are, and a re-issued request reproduces the lost on
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
-import torch
 
-from align.rollout.worker import RolloutWorker
-from align.sampling import Trajectory
 from align.sampling.window import stochastic_steps
 
 
@@ -66,32 +62,3 @@ def group_latent_seed(seed: int, group: int) -> int:
     """Seed of the x_T shared by group ``group`` of the batch seeded ``seed`` (independent of the chunk seeds)."""
     state = np.random.SeedSequence([int(seed), int(group), 0x6A7]).generate_state(1, dtype=np.uint64)[0]
     return int(state >> np.uint64(1))
-
-
-class LocalRollouts:
-    """``ray.num_rollout_workers=0``: the same requests served in-process by one ``RolloutWorker``
-    that shares the learner's pipeline (weight sync only stamps the version)."""
-
-    def __init__(self, worker: RolloutWorker, chunk_size: int) -> None:
-        self.worker, self.chunk_size = worker, chunk_size
-        self.reissued = 0
-
-    def rollout(
-        self,
-        prompts: list[str],
-        seed: int,
-        on_dispatch: Optional[Callable[[], None]] = None,
-        group_size: int = 0,
-    ) -> Trajectory:
-        """One trajectory per prompt; ``group_size`` > 0: consecutive groups of that size share x_T."""
-        requests = make_requests(prompts, seed, self.chunk_size, self.worker.sampler, group_size)
-        parts = [self.worker.rollout(r.prompts, r.seed, r.sde_steps, r.latent_seeds) for r in requests]
-        return Trajectory.cat(parts)
-
-    def set_policy(self, state: Optional[dict[str, torch.Tensor]], version: int) -> SyncStats:
-        t0 = time.perf_counter()
-        self.worker.set_policy(None, version)
-        return SyncStats(version, 0, time.perf_counter() - t0)
-
-    def close(self) -> None:
-        pass

@@ -17,7 +17,7 @@ _LAZY = {
     **dict.fromkeys(["SamplerHooks", "StepContext", "cfg_combine"], "hooks"),
     **dict.fromkeys(
         [
-            "EMBED_KEYS",
+            "TRAJECTORY_EMBEDS",
             "decode",
             "encode_prompts",
             "initial_latents",
@@ -28,7 +28,7 @@ _LAZY = {
         ],
         "sampler",
     ),
-    **dict.fromkeys(["default_resolution", "resolution_multiple", "resolve_resolution"], "resolution"),
+    **dict.fromkeys(["default_resolution", "resolve_resolution"], "resolution"),
     "Trajectory": "trajectory",
     **dict.fromkeys(
         [

@@ -15,7 +15,7 @@ trajectories (tested):
   steering the mean with ∇V). The stored log-prob is that of the modified step.
 
 A fourth, ``extra_branch``, adds a third denoiser branch batched with CFG's two (FairCFG's plain
-null, StayFair §3.2(c)); its ``combine(uncond, cond, extra, w)`` then replaces ``guidance``.
+null: docs/modifiers.md, "StayFair"); its ``combine(uncond, cond, extra, w)`` then replaces ``guidance``.
 
 Attention processors are set on the denoiser directly (diffusers' ``set_attn_processor``) by the
 stack's ``attention`` context and need no hook here.
@@ -42,7 +42,7 @@ class StepContext:
     timestep: torch.Tensor  # () scheduler timestep of the step
     sample: torch.Tensor  # (B, C, h, w) x_t
     model_output: torch.Tensor  # (B, C, h, w) guided denoiser output (ε, v or x0 per the scheduler)
-    #: the batch's prompt embeddings (``EMBED_KEYS``, after the embeds hooks: what the trajectory stores)
+    #: the batch's prompt embeddings (``TRAJECTORY_EMBEDS``, after the embeds hooks: what the trajectory stores)
     embeds: dict = dataclasses.field(default_factory=dict)
 
 

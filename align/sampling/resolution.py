@@ -11,31 +11,23 @@ from __future__ import annotations
 
 from typing import Optional
 
-from align.backbones.loading import backbone_kind, denoiser
+from align.backbones.adapter import backbone
 from align.config import ConfigError
 
 
 def default_resolution(pipe) -> tuple[int, int]:
     """(height, width) in pixels that the pipeline draws at by default: ``sample_size × vae_scale_factor``."""
-    size = denoiser(pipe).config.sample_size
+    size = backbone(pipe).net.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
-
-
-def resolution_multiple(pipe) -> tuple[int, str]:
-    """The multiple every side must be (pixels) and why, e.g. ``(16, "VAE factor 8 × patch size 2")``."""
-    vae = pipe.vae_scale_factor
-    if backbone_kind(pipe) != "dit":
-        return vae, f"VAE factor {vae}"
-    patch = denoiser(pipe).config.patch_size
-    return vae * patch, f"VAE factor {vae} × patch size {patch}"
 
 
 def resolve_resolution(pipe, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int]:
     """(height, width) in pixels for ``sampler.height``/``sampler.width`` (None: the model's default);
     a one-line :class:`ConfigError` naming the field for a size this model cannot draw."""
-    multiple, why = resolution_multiple(pipe)
-    max_patches = getattr(denoiser(pipe).config, "pos_embed_max_size", None) if backbone_kind(pipe) == "dit" else None
+    net = backbone(pipe)
+    multiple, why = net.resolution_multiple()
+    max_patches = net.max_patches()
     out = []
     for name, value, default in zip(("height", "width"), (height, width), default_resolution(pipe)):
         if value is None:

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import threading
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from tqdm.auto import tqdm
 
-from align.backbones.loading import backbone_kind, denoiser
+from align.backbones.adapter import Backbone, backbone
 from align.sampling.config import SamplerConfig
 from align.sampling.hooks import ExtraBranch, GuidanceFn, SamplerHooks, StepContext, cfg_combine
 from align.sampling.resolution import resolve_resolution
@@ -32,76 +30,13 @@ from align.sampling.window import stochastic_steps
 if TYPE_CHECKING:
     from align.modifiers.protocol import ModifierStack
 
-EMBED_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-
-
-# ------------------------------------------------------------- per-backbone pipeline calls
-def _encode_unet(pipe, prompts: list[str], negative: list[str], cfg_on: bool) -> dict:
-    pos, neg = pipe.encode_prompt(prompts, execution_device(pipe), 1, cfg_on, negative_prompt=negative)
-    return {"prompt_embeds": pos, "negative_prompt_embeds": neg}
-
-
-def _encode_dit(pipe, prompts: list[str], negative: list[str], cfg_on: bool) -> dict:
-    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-        prompts, None, None, device=execution_device(pipe), do_classifier_free_guidance=cfg_on, negative_prompt=negative
-    )
-    return {
-        "prompt_embeds": pos,
-        "negative_prompt_embeds": neg,
-        "pooled_prompt_embeds": pooled,
-        "negative_pooled_prompt_embeds": neg_pooled,
-    }
-
-
-def _denoise_unet(pipe, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-    x = pipe.scheduler.scale_model_input(x, t)
-    return pipe.unet(x, t, encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
-
-
-def _denoise_dit(pipe, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-    return pipe.transformer(
-        hidden_states=x,
-        timestep=t.expand(x.shape[0]),
-        encoder_hidden_states=cond["prompt_embeds"],
-        pooled_projections=cond["pooled_prompt_embeds"],
-        return_dict=False,
-    )[0]
-
-
-def _schedule_unet(pipe, latents: torch.Tensor) -> dict:
-    return {}
-
-
-def _schedule_dit(pipe, latents: torch.Tensor) -> dict:
-    """SD3's resolution-dependent shift ``mu`` when the scheduler uses dynamic shifting."""
-    conf = pipe.scheduler.config
-    if not conf.get("use_dynamic_shifting", False):
-        return {}
-    patch = pipe.transformer.config.patch_size
-    seq_len = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
-    return {
-        "mu": calculate_shift(
-            seq_len,
-            conf.get("base_image_seq_len", 256),
-            conf.get("max_image_seq_len", 4096),
-            conf.get("base_shift", 0.5),
-            conf.get("max_shift", 1.16),
-        )
-    }
-
-
-@dataclasses.dataclass(frozen=True)
-class _PipelineCalls:
-    encode: Callable[..., dict]
-    denoise: Callable[..., torch.Tensor]
-    schedule_kwargs: Callable[..., dict]
-    vae_shift: bool  # does the pipeline add vae.config.shift_factor before decoding (SD3 does)
-
-
-_CALLS = {
-    "unet": _PipelineCalls(_encode_unet, _denoise_unet, _schedule_unet, False),
-    "dit": _PipelineCalls(_encode_dit, _denoise_dit, _schedule_dit, True),
-}
+#: The prompt embeddings a trajectory stores (both CFG branches; the pooled pair where the backbone has one).
+TRAJECTORY_EMBEDS = (
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
 
 
 # ---------------------------------------------------------------------- the execution device
@@ -138,11 +73,10 @@ def pinned_device(pipe) -> Iterator[torch.device]:
 # ------------------------------------------------------------------------------ public parts
 def encode_prompts(pipe, prompts: list[str], negative_prompt: str = "", guidance_scale: float = 1.0) -> dict:
     """Embeddings of both CFG branches via the pipeline's own ``encode_prompt``: a dict with
-    :data:`EMBED_KEYS` (None where not used: no CFG, or no pooled embedding for SD1.5)."""
-    embeds = dict.fromkeys(EMBED_KEYS)
-    embeds.update(
-        _CALLS[backbone_kind(pipe)].encode(pipe, list(prompts), [negative_prompt] * len(prompts), guidance_scale > 1.0)
-    )
+    :data:`TRAJECTORY_EMBEDS` (None where not used: no CFG, or no pooled embedding for SD1.5)."""
+    embeds = dict.fromkeys(TRAJECTORY_EMBEDS)
+    negative = [negative_prompt] * len(prompts)
+    embeds.update(backbone(pipe).encode(list(prompts), negative, guidance_scale > 1.0, execution_device(pipe)))
     return embeds
 
 
@@ -158,7 +92,7 @@ def _conditioning(embeds: dict, cfg_on: bool) -> dict:
 
 
 def _guided(
-    pipe,
+    net: Backbone,
     latents: torch.Tensor,
     t: torch.Tensor,
     cond: dict,
@@ -170,12 +104,10 @@ def _guided(
     if cfg_on and extra is not None:  # [uncond; cond; extra] in one call, mixed by the branch's combine
         extra_cond, branch = extra
         cond3 = {k: None if v is None else torch.cat([v, extra_cond[k]]) for k, v in cond.items()}
-        uncond, cond_out, extra_out = (
-            _CALLS[backbone_kind(pipe)].denoise(pipe, torch.cat([latents] * 3), t, cond3).chunk(3)
-        )
+        uncond, cond_out, extra_out = net.denoise(torch.cat([latents] * 3), t, cond3).chunk(3)
         return branch.combine(uncond, cond_out, extra_out, guidance_scale)
     x = torch.cat([latents, latents]) if cfg_on else latents
-    out = _CALLS[backbone_kind(pipe)].denoise(pipe, x, t, cond)
+    out = net.denoise(x, t, cond)
     if not cfg_on:
         return out
     uncond, cond_out = out.chunk(2)
@@ -198,16 +130,14 @@ def predict(
 ) -> torch.Tensor:
     """Denoiser output at (x_t, t, c); CFG (w > 1) runs both branches in one batched call and
     returns ``guidance(out_u, out_c, w)``, by default out_u + w (out_c − out_u)."""
-    return _guided(pipe, latents, t, _conditioning(embeds, guidance_scale > 1.0), guidance_scale, guidance)
+    cond = _conditioning(embeds, guidance_scale > 1.0)
+    return _guided(backbone(pipe), latents, t, cond, guidance_scale, guidance)
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """x_0 latents → images in [0, 1]: z/scaling_factor (+ shift_factor for SD3), VAE, postprocess."""
+    """x_0 latents → images in [0, 1]: the backbone's VAE scaling (SD3: and shift), VAE, postprocess."""
     vae = pipe.vae
-    z = latents / vae.config.scaling_factor
-    if _CALLS[backbone_kind(pipe)].vae_shift and vae.config.get("shift_factor") is not None:
-        z = z + vae.config.shift_factor
-    image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    image = vae.decode(backbone(pipe).to_vae(latents).to(vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="pt")
 
 
@@ -216,14 +146,14 @@ def initial_latents(
 ) -> torch.Tensor:
     """x_T from the pipeline's own ``prepare_latents`` at ``height`` × ``width`` pixels (None: the model's
     default; checked by :func:`~align.sampling.resolution.resolve_resolution`)."""
-    net = denoiser(pipe)
+    net = backbone(pipe).net
     h, w = resolve_resolution(pipe, height, width)
     return pipe.prepare_latents(batch, net.config.in_channels, h, w, net.dtype, execution_device(pipe), generator)
 
 
 def set_schedule(pipe, num_inference_steps: int, latents: torch.Tensor) -> None:
     """``scheduler.set_timesteps`` as the pipeline calls it (SD3: with ``mu`` if dynamically shifted)."""
-    kwargs = _CALLS[backbone_kind(pipe)].schedule_kwargs(pipe, latents)
+    kwargs = backbone(pipe).schedule_kwargs(latents)
     pipe.scheduler.set_timesteps(num_inference_steps, device=execution_device(pipe), **kwargs)
 
 
@@ -253,8 +183,9 @@ def _chain(
     latents_out[:, 0] = x
     timesteps = pipe.scheduler.timesteps
     extra = _extra(hooks, x.shape[0])
+    net = backbone(pipe)
     for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not config.progress)):
-        out = _guided(pipe, x, t, cond, config.guidance_scale, hooks.guidance, extra)
+        out = _guided(net, x, t, cond, config.guidance_scale, hooks.guidance, extra)
         mean, std = transition.distribution(pipe.scheduler, out, i, x, step_scale(scale, i, sde_steps))
         if hooks.transition is not None:
             mean, std = hooks.transition(mean, std, StepContext(i, t, x, out, embeds))
@@ -371,13 +302,14 @@ def _recompute(pipe, traj: Trajectory, step_indices: Optional[list[int]], hooks:
     set_schedule(pipe, traj.num_inference_steps, traj.latents[:, 0])
     _check_schedule(pipe.scheduler, traj)
     transition = TRANSITIONS[name]
-    embeds = {k: getattr(traj, k) for k in EMBED_KEYS}
+    embeds = {k: getattr(traj, k) for k in TRAJECTORY_EMBEDS}
     cond = _conditioning(embeds, traj.guidance_scale > 1.0)
     out = []
     extra = _extra(hooks, traj.batch_size)
+    net = backbone(pipe)
     for i in range(traj.num_steps) if step_indices is None else step_indices:
         x, t = traj.latents[:, i], pipe.scheduler.timesteps[i]
-        model_out = _guided(pipe, x, t, cond, traj.guidance_scale, hooks.guidance, extra)
+        model_out = _guided(net, x, t, cond, traj.guidance_scale, hooks.guidance, extra)
         scale = step_scale(traj.noise_scale, i, traj.sde_steps)
         mean, std = transition.distribution(pipe.scheduler, model_out, i, x, scale)
         if hooks.transition is not None:

@@ -1,6 +1,6 @@
 """Stochastic transitions with log-probs: the policy π(x_{t-1} | x_t, c) of diffusion RL.
 
-Equations: ecg_spec.md §"The RL problem". Each transition has two halves, so that modifiers can
+Equations: docs/sampling.md, "One transition API". Each transition has two halves, so that modifiers can
 hook between them and the log-prob always belongs to the step actually taken:
 
 1. a *distribution* maps the denoiser output to the Gaussian step ``N(mean, std² I)``
@@ -112,7 +112,7 @@ def take_step(
 
 
 # --------------------------------------------------------------------------------------- DDIM
-def _x0_and_eps(
+def x0_and_eps(
     prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x̂0 and ε̂ from ε-, v- or x0-prediction (x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε; v = √ᾱ_t ε − √(1−ᾱ_t) x0)."""
@@ -135,7 +135,7 @@ def ddim_distribution(
     eta: float,
     use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DDIM step (Song et al. 2021, eqs. 12 and 16) as ``(mean, std)``; ecg_spec.md §The RL problem.
+    """The DDIM step (Song et al. 2021, eqs. 12 and 16) as ``(mean, std)``; docs/sampling.md, "One transition API".
 
     x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t (or from v / x0); σ_t = η √((1−ᾱ_{t−1})/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_{t−1});
     μ = √ᾱ_{t−1} x̂0 + √(1−ᾱ_{t−1}−σ_t²) ε̂. The previous timestep is t − T_train/N; below 0 it
@@ -161,7 +161,7 @@ def ddim_distribution(
     alpha_t = scheduler.alphas_cumprod[timestep]
     alpha_prev = scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
     model_output, sample = model_output.float(), sample.float()  # the step math in fp32, also for a bf16 model
-    x0, eps = _x0_and_eps(scheduler.config.prediction_type, model_output, sample, alpha_t)
+    x0, eps = x0_and_eps(scheduler.config.prediction_type, model_output, sample, alpha_t)
     if scheduler.config.thresholding:
         x0 = scheduler._threshold_sample(x0)
     elif scheduler.config.clip_sample:
@@ -209,7 +209,7 @@ def flow_sde_distribution(
     """Flow-GRPO's SDE step for rectified flow (x_t = (1−t) x0 + t ε, v ≈ ε − x0) as float32 ``(mean, std)``.
 
     With t = sigmas[i], Δ = sigmas[i+1] − t < 0 and σ_t = a √(t/(1−t)):
-    mean = x_t + [v + σ_t²/(2t) (x_t + (1−t) v)] Δ, std = σ_t √|Δ| (ecg_spec.md §The RL problem).
+    mean = x_t + [v + σ_t²/(2t) (x_t + (1−t) v)] Δ, std = σ_t √|Δ| (docs/sampling.md, "One transition API").
     It keeps the ODE's marginals; a = 0 is exactly ``FlowMatchEulerDiscreteScheduler.step``.
     At t = 1 (SD3's first sigma) t/(1−t) is infinite; as Flow-GRPO does, the denominator then uses
     sigmas[1], the largest sigma below 1, so the first step has σ = a/√(1−sigmas[1]).

@@ -13,8 +13,8 @@ position       "a circle left of a square"         [{square, 1}, {circle, 1, pos
 color_attr     "a red circle and a blue square"    [{circle, 1, red}, {square, 1, blue}]
 =============  ==================================  ===========================================
 
-Metadata records are GenEval's own format (``evaluation_metadata.jsonl``; ``geneval_spec.md``), so
-the one rule engine (``rewards.geneval.rules``) scores toy images. :func:`parse_prompt` is the
+Metadata records are GenEval's own format (``evaluation_metadata.jsonl``; docs/geneval.md, "The metadata
+record"), so the one rule engine (``rewards.geneval.rules``) scores toy images. :func:`parse_prompt` is the
 inverse of :attr:`Scene.prompt` (it also reads colours in position prompts, "a red circle left of
 a blue square"). Objects whose prompt names no colour get a palette colour drawn at render time.
 This module holds the grammar (the single source of the toy tokenizer's vocabulary) and prompt

@@ -1,4 +1,5 @@
-"""GenEval's colour classifier (geneval_spec.md rule 3): zero-shot open_clip on masked object crops.
+"""GenEval's colour classifier (rule 3 of docs/geneval.md, "The rules"): zero-shot open_clip on masked object
+crops.
 
 Each object is its box crop of the image with everything outside its mask replaced by grey #999;
 the class embeddings of the colours average three templates ("a photo of a {c} {class}", "a photo

@@ -34,7 +34,7 @@ class Mask2FormerDetector:
     """Mask2Former instance segmentation → :class:`Detection` (label, mask box, score, bool mask).
 
     ``min_score`` drops instances below it before masks are upsampled (the rule engine applies the
-    spec's thresholds again; keep it at or below the lowest of them). ``shortest_edge`` overrides the
+    GenEval's thresholds again; keep it at or below the lowest of them). ``shortest_edge`` overrides the
     processor's input size (e.g. 800, mmdet's test scale; default: the checkpoint's preprocessor_config)."""
 
     def __init__(

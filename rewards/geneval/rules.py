@@ -1,7 +1,8 @@
 """The one GenEval rule engine: detections + a metadata record -> strict verdict, partial credit, reason.
 
 Both the toy reward (``toy_geneval``, the toy world's detector) and the real ``geneval`` reward (a
-transformers detector + CLIP colours) call :func:`evaluate`. The rules are geneval_spec.md §Rules 1-6:
+transformers detector + CLIP colours) call :func:`evaluate`. The rules are GenEval's (Ghosh et al., 2023; the
+authors' code djghosh13/geneval), as in docs/geneval.md, "The rules":
 
 1. per class keep detections with confidence > 0.3 (> 0.9 for the ``counting`` tag), at most 16,
    most confident first (optional IoU overlap filter, off at ``max_overlap=1``);
@@ -49,7 +50,7 @@ class ColorClassifier(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class RuleConfig:
-    """The spec's numbers (GenEval's ``--options`` defaults)."""
+    """GenEval's numbers (the defaults of its ``--options``; docs/geneval.md, "The rules")."""
 
     threshold: float = 0.3  # confidence a detection must exceed
     counting_threshold: float = 0.9  # ... when the prompt's tag is "counting"

@@ -172,7 +172,7 @@ def check_policy_lora(pipe, directory: str) -> None:
     a size mismatch per layer)."""
     from safetensors import safe_open
 
-    from align.backbones.loading import DENOISER_ATTR, backbone_kind, denoiser
+    from align.backbones.adapter import backbone
 
     path = Path(directory) / LORA_FILE
     if not path.is_file():
@@ -184,8 +184,8 @@ def check_policy_lora(pipe, directory: str) -> None:
         raise ConfigError(
             f"policy_lora {directory}: {path} is truncated or corrupt ({str(err).splitlines()[0]})"
         ) from None
-    net = denoiser(pipe)
-    prefix = DENOISER_ATTR[backbone_kind(pipe)] + "."
+    family = backbone(pipe)
+    net, prefix = family.net, family.denoiser_attr + "."
     modules = dict(net.named_modules())
     for key, shape in shapes.items():
         name, sep, rest = key[len(prefix) :].partition(".lora_")
