@@ -160,9 +160,10 @@ def sd_pipeline(
     )
 
 
-def tiny_sd_unet(sample_size: int = 4) -> UNet2DConditionModel:
-    """The tiny SD1.5-class UNet: 2 levels (32, 64), cross-attention width 32, on sample_size² × 4 latents."""
-    return UNet2DConditionModel(
+def tiny_sd_unet(sample_size: int = 4, **overrides) -> UNet2DConditionModel:
+    """The tiny SD1.5-class UNet: 2 levels (32, 64), cross-attention width 32, on sample_size² × 4 latents;
+    ``overrides`` replace or add UNet2DConditionModel arguments (the SDXL preset's added conditioning)."""
+    config = dict(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -174,6 +175,7 @@ def tiny_sd_unet(sample_size: int = 4) -> UNet2DConditionModel:
         attention_head_dim=8,
         norm_num_groups=16,
     )
+    return UNet2DConditionModel(**{**config, **overrides})
 
 
 def sd3_pipeline(transformer, vae, te1, te2, tokenizer, shift: float) -> StableDiffusion3Pipeline:
@@ -290,17 +292,9 @@ def tiny_sdxl(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusio
         tokenizer = toy_tokenizer()
         te1 = clip_text_encoder(tokenizer, width)
         te2 = clip_text_encoder(tokenizer, width, projection_dim=width)
-        unet = UNet2DConditionModel(
-            sample_size=4,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        unet = tiny_sd_unet(
+            4,
             cross_attention_dim=2 * width,
-            attention_head_dim=8,
-            norm_num_groups=16,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=time_width,

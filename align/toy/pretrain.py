@@ -18,7 +18,6 @@ exactly (model, optimizer, EMA, RNG and data position).
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import time
 from pathlib import Path
@@ -101,14 +100,13 @@ def build_dataset(cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
     return (images * 255).round().to(torch.uint8), [s.prompt for s in scenes]
 
 
-def _lr_lambda(cfg: PretrainConfig):
-    def fn(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_schedule(opt: torch.optim.Optimizer, cfg: PretrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' linear warm-up over ``warmup_steps``, then cosine decay to 5 % of the rate at ``steps``.
+    (The shipped model was trained with a warm-up one step ahead of this one, (k+1)/W instead of k/W; the
+    rates are identical after the warm-up.)"""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    return fn
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps, min_lr_rate=0.05)
 
 
 def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, gen: torch.Generator) -> list[float]:
@@ -245,7 +243,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, log=print, stop_at_step:
     if train_te:
         groups.append({"params": list(te.parameters()), "lr": cfg.text_encoder_lr})
     opt = torch.optim.AdamW(groups, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = lr_schedule(opt, cfg)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     start = _load_state(run, pipe, ema, opt, sched, gen) if resume and has_ckpt else 0
     if start:
