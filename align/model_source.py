@@ -135,3 +135,17 @@ def _hub_kind(repo_id: str, allow_download: bool) -> Optional[str]:
         f"source {repo_id!r}: not a local directory and not in the local HF cache; download it "
         "first, or set model.allow_download=true"
     )
+
+
+def resolve_source(source: str) -> str:
+    """Expand the ``toy`` alias to the packaged pipeline directory."""
+    from align.toy import SHIPPED_PIPELINE_DIR, TOY_SOURCE_ALIAS
+
+    if source == TOY_SOURCE_ALIAS:
+        if not (SHIPPED_PIPELINE_DIR / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the shipped toy model is missing from {SHIPPED_PIPELINE_DIR}; "
+                "regenerate it with `align toy pretrain ship=true`"
+            )
+        return str(SHIPPED_PIPELINE_DIR)
+    return source

@@ -151,6 +151,15 @@ def test_written_tokenizer_has_one_token_per_word_and_round_trips(tmp_path) -> N
     assert len(again) == len(tok) and again.pad_token_id == tok.eos_token_id
 
 
+def test_the_toy_preset_draws_at_the_toy_worlds_resolution() -> None:
+    import inspect
+
+    from align.backbones.presets import toy
+    from align.toy.world import RESOLUTION
+
+    assert inspect.signature(toy).parameters["resolution"].default == RESOLUTION
+
+
 def test_committed_toy_tokenizer_covers_the_toy_vocabulary() -> None:
     tok = toy_tokenizer()
     ids = {w: tok(w, add_special_tokens=False).input_ids for w in vocabulary()}

@@ -214,6 +214,7 @@ def toy(
     text_hidden: int = 64,
     text_layers: int = 2,
     text_init_factor: float = 5.0,
+    resolution: int = 32,
 ) -> StableDiffusionPipeline:
     """The toy world's model, untrained: 32 px images, 16×16×4 latents (2-block VAE), a UNet with
     cross-attention below the top level, and a CLIP text encoder of width ``text_hidden``.
@@ -222,14 +223,13 @@ def toy(
     The text encoder stays frozen in pretraining, so its random features must keep every word
     apart: with CLIP's default init (factor 1) the last word's state ("left"/"right") moved by
     ~2.5 (norm 8) between positions and the UNet never learnt position; ``text_init_factor=5``
-    makes that ~7, like the count word's."""
-    from align.toy.world import RESOLUTION
-
+    makes that ~7, like the count word's. ``resolution``: the toy world's image size (its ``RESOLUTION``;
+    tests/test_backbones.py pins that they agree)."""
     n = len(unet_channels)
     with _seeded(seed):
         tokenizer = toy_tokenizer()
         unet = UNet2DConditionModel(
-            sample_size=RESOLUTION // 2 ** (len(vae_channels) - 1),
+            sample_size=resolution // 2 ** (len(vae_channels) - 1),
             in_channels=4,
             out_channels=4,
             block_out_channels=tuple(unet_channels),
@@ -240,7 +240,7 @@ def toy(
             attention_head_dim=attention_head_dim,
             norm_num_groups=min(32, unet_channels[0]),
         )
-        vae = tiny_vae(tuple(vae_channels), sample_size=RESOLUTION)
+        vae = tiny_vae(tuple(vae_channels), sample_size=resolution)
         text_encoder = clip_text_encoder(tokenizer, text_hidden, layers=text_layers, init_factor=text_init_factor)
         return sd_pipeline(unet, vae, text_encoder, tokenizer, prediction_type)
 
