@@ -169,7 +169,7 @@ def _export(p: argparse.ArgumentParser) -> Handler:
     )
 
     def run(ns: argparse.Namespace) -> int:
-        from critics.export import export_run
+        from align.policy import export_run
 
         try:
             out = export_run(ns.run_dir, ns.out)

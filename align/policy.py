@@ -1,7 +1,7 @@
 """The run's models, built one way: the policy pipeline with its LoRA, the critic, and a trained run
-loaded from its directory. Training (align/train.py ``build``), the rollout actors
-(align/rollout/ray_group.py), export (critics/export.py) and the benchmarks all call these, so an
-adapter setting cannot differ between the learner, the actors and an export.
+loaded from its directory, and a run's export. Training (align/train.py ``build``), the rollout actors
+(align/rollout/ray_group.py), ``align export`` and the benchmarks all call these, so an adapter setting
+cannot differ between the learner, the actors and an export.
 """
 
 from __future__ import annotations
@@ -88,3 +88,29 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             load_lora_state_dict(pipe, ckpt.load_tensors(ck / "critic_lora.safetensors"), critic.adapter)
         critic.heads.load_state_dict(ckpt.load_tensors(ck / "critic_heads.safetensors"))
     return LoadedRun(cfg=cfg, state=state, pipe=pipe, critic=critic, directory=run)
+
+
+def export_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
+    """Rebuild a run's pipeline from ``run_dir/config.json`` + its last checkpoint (:func:`load_run`) and
+    export it (default ``run_dir/export``; critics/export.py writes the files)."""
+    from critics.export import export_pipeline
+
+    run = load_run(run_dir)
+    return export_pipeline(
+        run.pipe,
+        run.critic,
+        out if out is not None else run.directory / "export",
+        **run_export_kwargs(run.cfg, run.state),
+    )
+
+
+def run_export_kwargs(cfg, state: dict) -> dict:
+    """Base id, reward weights, normalisation stats and final metrics of a run, for :func:`export_pipeline`."""
+    history = state.get("history") or []
+    return {
+        "base_model": cfg.model.source,
+        "reward_weights": {s.name: s.weight for s in cfg.reward_specs()},
+        "normalisers": state.get("normalisers") or {},
+        "metrics": {"algo": cfg.algo, "iterations": state.get("iteration", 0), **(history[-1] if history else {})},
+        "adapter_source": cfg.critic.adapter,
+    }

@@ -658,7 +658,8 @@ def _load(directory: Path, learner: Learner, norms: dict, algo: Algorithm) -> Ru
 def _export(pipe, critic: Optional[LatentCritic], cfg: TrainConfig, state: RunState, out: Path) -> None:
     """Policy LoRA in diffusers' format and the critic as an HF-style directory (critics/export.py;
     ``state.normalisers`` is current: every iteration's checkpoint refreshes it)."""
-    from critics.export import export_pipeline, run_export_kwargs
+    from align.policy import run_export_kwargs
+    from critics.export import export_pipeline
 
     export_pipeline(pipe, critic, out, **run_export_kwargs(cfg, dataclasses.asdict(state)))
 

@@ -6,7 +6,6 @@ from critics.export import (
     base_fingerprint,
     export_pipeline,
     export_policy,
-    export_run,
     load,
 )
 
@@ -16,6 +15,5 @@ __all__ = [
     "base_fingerprint",
     "export_pipeline",
     "export_policy",
-    "export_run",
     "load",
 ]

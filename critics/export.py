@@ -244,32 +244,6 @@ def export_pipeline(
     return out
 
 
-def export_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
-    """Rebuild a run's pipeline from ``run_dir/config.json`` + its last checkpoint
-    (:func:`align.policy.load_run`) and export it (default ``run_dir/export``)."""
-    from align.policy import load_run
-
-    run = load_run(run_dir)
-    return export_pipeline(
-        run.pipe,
-        run.critic,
-        out if out is not None else run.directory / "export",
-        **run_export_kwargs(run.cfg, run.state),
-    )
-
-
-def run_export_kwargs(cfg, state: dict) -> dict:
-    """Base id, reward weights, normalisation stats and final metrics of a run, for :func:`export_pipeline`."""
-    history = state.get("history") or []
-    return {
-        "base_model": cfg.model.source,
-        "reward_weights": {s.name: s.weight for s in cfg.reward_specs()},
-        "normalisers": state.get("normalisers") or {},
-        "metrics": {"algo": cfg.algo, "iterations": state.get("iteration", 0), **(history[-1] if history else {})},
-        "adapter_source": cfg.critic.adapter,
-    }
-
-
 # ------------------------------------------------------------------------------------ load
 @dataclasses.dataclass
 class LoadedCritic:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import critics
 from align.backbones import attach_lora, build_pipeline, denoiser
 from align.backbones.lora import active_adapters
+from align.policy import export_run
 from align.sampling import SamplerConfig, encode_prompts, sample_trajectory
 from critics.value_model import LatentCritic, critic_target_modules
 
@@ -270,6 +271,6 @@ def test_export_of_a_run_without_critic_writes_only_the_policy(tmp_path, tiny_tr
 
     run = tmp_path / "run"
     train(tiny_train_cfg(f"run_dir={run}", "trainer.iterations=1", "algo=grpo"), log=lambda *_: None)
-    out = critics.export_run(run, tmp_path / "out")
+    out = export_run(run, tmp_path / "out")
     assert sorted(os.listdir(out)) == ["export.json", "policy"]
     assert json.loads((out / "export.json").read_text())["critic"] is None
