@@ -1,4 +1,4 @@
-"""The state-aligned latent critic V_k(x_t, t, c) on the shared diffusion backbone (docs/algorithms.md, "ECG").
+"""The state-aligned latent critic V_k(x_t, t, c) on the shared diffusion backbone (the ECG paper; docs/algorithms.md).
 
 The critic reads the backbone's own features for the same (x_t, t, c) the policy sees: a UNet block's
 output (SD1.5, SDXL), or the DiT's final hidden tokens (the input of ``norm_out``), computed with the

@@ -1,8 +1,9 @@
-"""The sampling loop with per-step log-probs over real diffusers pipelines (SD1.5- and SD3-class).
+"""The sampling loop with per-step log-probs over real diffusers pipelines of any registered family.
 
 diffusers' ``pipe(...)`` cannot return log-probs (its callbacks see latents, not the step's
 distribution), so we run our own loop on the pipeline's own parts: ``encode_prompt``,
-``prepare_latents``, ``scheduler.set_timesteps``, the denoiser, the VAE and its image processor.
+``prepare_latents``, ``scheduler.set_timesteps``, the denoiser, the VAE and its image processor, each
+reached through the family's backbone adapter (align/backbones/adapter.py: SD1.5, SDXL, SD3).
 Modifiers are the one way to hook it: the caller builds a
 :class:`~align.modifiers.protocol.ModifierStack` and passes it as ``modifiers`` (without one, the stack
 is built from ``sampler.modifiers`` / the trajectory's record); the loop reads the stack's composed
