@@ -13,11 +13,11 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch/torchvision: the pair that resolves from this machine's local disk (see STACK_NOTES).
+	# torch/torchvision: the pair that resolves from this machine's local disk (README, "Installing by hand").
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[test,trl-bench]"
-	# hpsv2 pins protobuf<4 (breaks Ray's raylet) and pytest==7.2.0; its real runtime needs are in
-	# pyproject.toml, so install it without its metadata pins. tests/test_install.py guards this.
+	$(PIP) install -q -e ".[test,trl-bench,deepspeed,hpsv2]"
+	# hpsv2 pins protobuf<4 (breaks Ray's raylet) and pytest==7.2.0; its real runtime needs are the
+	# `hpsv2` extra, so install it without its metadata pins. tests/test_install.py guards this.
 	$(PIP) install -q --no-deps "hpsv2==1.2.0"
 	$(PY) -m align.install_fixups
 	touch $(STAMP)

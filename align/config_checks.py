@@ -10,6 +10,7 @@ types against the reward and preset registries (these import torch but load no m
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import math
 import typing
@@ -50,8 +51,17 @@ def _check_trackers(log_with: list[str]) -> None:
         _require(found, "log_with: wandb is not installed: pip install wandb (or pip install -e '.[wandb]')")
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def check_values(cfg) -> None:
     """Every cheap check of a TrainConfig (no torch, nothing loaded); one ValueError line each."""
+    _require(
+        not cfg.learner.deepspeed or installed("deepspeed"),
+        "learner.deepspeed needs DeepSpeed, which is an extra: pip install -e '.[deepspeed]' (make install has it)",
+    )
     t = cfg.trainer
     _require(
         t.iterations >= 1 and t.prompts_per_iteration >= 1 and t.samples_per_prompt >= 1,

@@ -315,3 +315,15 @@ def test_rl_loop_settings_that_would_train_nothing_are_one_line_errors(override:
     with pytest.raises(ConfigError) as info:
         load_config(TrainConfig, None, [*TINY, override])
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_deepspeed_learner_without_deepspeed_installed_is_one_line(monkeypatch) -> None:
+    """DeepSpeed is an extra: asking for it without it installed fails at config time, naming the extra."""
+    from align import config_checks
+    from align.train_config import TrainConfig
+
+    real = config_checks.installed
+    monkeypatch.setattr(config_checks, "installed", lambda module: module != "deepspeed" and real(module))
+    with pytest.raises(ConfigError, match=r"^config 'TrainConfig': learner.deepspeed needs DeepSpeed.*\[deepspeed\]"):
+        load_config(TrainConfig, None, ["learner.deepspeed=launch/deepspeed/zero2.json"])
+    assert load_config(TrainConfig, None, []).learner.deepspeed in (None, "")  # the default needs no DeepSpeed
