@@ -90,6 +90,7 @@ def run_variant(source: str, overrides: list[str], args: argparse.Namespace, run
         "ray.num_reward_workers=0",
         "eval_every=0",
         "final_eval_prompts=0",
+        "eval_prompts=1",  # the end-of-run grid: one image, so its VAE decode does not set the peak
         f"run_dir={run_dir}",
         *overrides,
     ]
