@@ -28,7 +28,10 @@ from typing import Optional
 
 import numpy as np
 
-from align.train_config import algorithm_names
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's align, as its `-m align` children (cwd=ROOT) import
+
+from align.train_config import algorithm_names  # noqa: E402
 
 ALGOS = algorithm_names()  # the algorithm registry's names
 IN_PROCESS = ["ray.num_rollout_workers=0", "ray.num_reward_workers=0"]  # one process: honest RSS
@@ -61,7 +64,7 @@ def run_one(
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "w") as log:  # a file, not a pipe: wait4 below reaps the child itself
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     if proc.returncode != 0:

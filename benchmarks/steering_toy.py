@@ -29,14 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import critics
-from align.backbones.adapter import denoiser
-from align.backbones.model_config import load_model
-from align.policy import run_config
-from align.sampling import SamplerConfig
-from align.toy.evaluate import eval_prompts
-from critics.steering import SteeringConfig, sample_steered
-from rewards import get_reward, score
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's align, as its `-m align` children (cwd=ROOT) import
+
+import critics  # noqa: E402
+from align.backbones.adapter import denoiser  # noqa: E402
+from align.backbones.model_config import load_model  # noqa: E402
+from align.policy import run_config  # noqa: E402
+from align.sampling import SamplerConfig  # noqa: E402
+from align.toy.evaluate import eval_prompts  # noqa: E402
+from critics.steering import SteeringConfig, sample_steered  # noqa: E402
+from rewards import get_reward, score  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -62,7 +65,7 @@ def ensure_run(run_dir: Path) -> None:
     if (run_dir / "export" / "critic" / "config.json").is_file():
         return
     print(f"{run_dir}/export/critic missing: running `align train run_dir={run_dir}` first", flush=True)
-    subprocess.run([sys.executable, "-m", "align.cli", "train", "--force", f"run_dir={run_dir}"], check=True)
+    subprocess.run([sys.executable, "-m", "align.cli", "train", "--force", f"run_dir={run_dir}"], check=True, cwd=ROOT)
 
 
 def run_mode(
