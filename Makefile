@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(ALIGN) train
 
+# -n auto: one pytest-xdist worker per core, at most 4 (tests/conftest.py keeps each file on one
+# worker and runs the Ray / accelerate-launch tests one after another on one of them).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

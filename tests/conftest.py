@@ -68,6 +68,21 @@ def _lowest_priority_dying_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
+# `make test` runs the suite on pytest-xdist workers (`-n auto --dist loadgroup`). Each test file is
+# one unit of work, so its module fixtures are built once. Every `distributed` test (it starts Ray or
+# `accelerate launch`, whose port is fixed) joins one group, run by one worker one test after another,
+# and the group is put first so that the longest unit starts at once. Without xdist the marks are
+# inert and only the order changes.
+def pytest_collection_modifyitems(config, items) -> None:
+    def is_distributed(item) -> bool:
+        return item.get_closest_marker("distributed") is not None
+
+    for item in items:
+        group = "distributed" if is_distributed(item) else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: not is_distributed(item))  # stable: file order kept within each part
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cpu_hog(request):
     """The PIDs of the ``--cpu-hog`` busy loops, started for the session and ended by PID after it."""

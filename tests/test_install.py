@@ -7,12 +7,15 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 
 def test_protobuf_is_modern_enough_for_ray() -> None:
     major = int(md.version("protobuf").split(".")[0])
     assert major >= 4, f"protobuf {md.version('protobuf')} installed; hpsv2's pin leaked (Ray needs >=4)"
 
 
+@pytest.mark.distributed
 def test_ray_starts_and_hpsv2_imports_in_one_environment() -> None:
     import hpsv2  # noqa: F401  (the import itself is the check)
     import ray

@@ -12,6 +12,8 @@ from align.checkpoint import load_tensors
 from align.config import ConfigError
 from align.train import train
 
+pytestmark = pytest.mark.distributed
+
 RAY = ["ray.num_rollout_workers=1", "ray.num_reward_workers=0"]
 #: a reward that varies within every group of the tiny model's images, so every update moves the policy
 BRIGHT = "rewards=[{name: mean_brightness, weight: 1.0}]"
