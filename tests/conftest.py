@@ -15,6 +15,8 @@ import torch  # noqa: E402
 
 from align.backbones import build_pipeline  # noqa: E402
 
+from tiny_run import TINY_TRAIN  # noqa: E402
+
 # Tiny models gain nothing from intra-op threads, and on a small, shared CPU OpenMP's spinning
 # workers make each op 20–50× slower (measured: a 64-channel 3×3 conv takes 25 ms with 2 threads
 # beside one busy process, 0.5 ms with 1). ALIGN_TEST_THREADS overrides.
@@ -124,25 +126,6 @@ def tiny_sdxl_pipe():
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
-
-
-#: the smallest real `align train` run: tiny UNet, 3 steps, 2 prompts × 2 samples in one minibatch of
-#: 4, no evaluation, no value pretraining, in-process rollouts and rewards. A test adds what it is
-#: about (a later override wins: "critic.pretrain_iterations=1", "ray.num_rollout_workers=2", ...).
-TINY_TRAIN = (
-    "model.source=preset:tiny-unet",
-    "sampler.num_inference_steps=3",
-    "trainer.prompts_per_iteration=2",
-    "trainer.samples_per_prompt=2",
-    "trainer.minibatch_size=4",
-    "eval_every=0",
-    "final_eval_prompts=0",
-    "eval_prompts=2",
-    "critic.pretrain_iterations=0",
-    "critic.hidden=16",
-    "ray.num_rollout_workers=0",
-    "ray.num_reward_workers=0",
-)
 
 
 @pytest.fixture

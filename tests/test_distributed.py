@@ -17,20 +17,10 @@ from align.config import load_config
 from align.rollout import LocalRollouts, RolloutWorker, chunk_seed, make_requests
 from align.train_config import TrainConfig
 
+from tiny_run import TINY_RAY
+
 pytestmark = pytest.mark.distributed
-TINY = [
-    "model.source=preset:tiny-unet",
-    "sampler.num_inference_steps=3",
-    "trainer.prompts_per_iteration=2",
-    "trainer.samples_per_prompt=2",
-    "trainer.minibatch_size=4",
-    "eval_every=0",
-    "final_eval_prompts=0",
-    "eval_prompts=2",
-    "critic.pretrain_iterations=1",
-    "critic.hidden=16",
-    "ray.chunk_size=2",
-]
+TINY = [*TINY_RAY, "critic.pretrain_iterations=1"]
 PROMPTS = [
     "a red circle on the left",
     "a blue square on the right",
@@ -211,10 +201,10 @@ def test_actor_that_does_not_come_back_within_restart_timeout_fails_the_call_in_
 
 
 def test_reward_actor_that_raises_names_the_reward_and_no_update_happens(ray_session, tmp_path) -> None:
-    import distributed_plugins  # noqa: F401  (registers the plugin here too: the config validates names)
-
     from align.train import train
     from rewards import RewardError
+
+    import distributed_plugins  # noqa: F401  (registers the plugin here too: the config validates names)
 
     cfg = _cfg(
         tmp_path,

@@ -23,20 +23,11 @@ from align.config import load_config
 from align.train import train
 from align.train_config import TrainConfig
 
+from tiny_run import TINY_RAY
+
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.source=preset:tiny-unet",
-    "sampler.num_inference_steps=3",
-    "trainer.prompts_per_iteration=2",
-    "trainer.samples_per_prompt=2",
-    "trainer.minibatch_size=4",
-    "eval_every=0",
-    "final_eval_prompts=0",
-    "eval_prompts=2",
-    "critic.hidden=16",
-    "ray.chunk_size=2",
-]
+TINY = list(TINY_RAY)  # every test here sets critic.pretrain_iterations itself
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -112,26 +103,14 @@ def test_two_deepspeed_zero2_learners_with_two_rollout_actors_end_with_identical
     gloo, 2 Ray rollout actors + 1 reward actor, 2 iterations of policy updates; the trainer checks
     at the end that both ranks hold bit-identical LoRA weights and fails otherwise."""
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        "launch/accelerate/multi_gpu.yaml",
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "-m",
-        "align",
-        "train",
+    args = [
         *TINY,
         "trainer.iterations=2",
         "critic.pretrain_iterations=0",
         "ray.num_rollout_workers=2",
         f"run_dir={run}",
     ]
-    out = _run_to_end(cmd, tmp_path / "log.txt")
+    out = _launch(tmp_path, "log", args)
     assert "ranks agree: 2 learner processes hold bit-identical trainable weights" in out
     state = _state(run)
     assert state["iteration"] == 2 and state["policy_updates"] == 2

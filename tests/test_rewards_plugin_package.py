@@ -54,20 +54,11 @@ def test_installed_plugin_is_listed_checked_and_passes_its_own_tests(venv_python
     assert own.returncode == 0 and "3 passed" in own.stdout, own.stdout + own.stderr
 
 
-def test_two_training_iterations_with_the_installed_plugin_by_name(venv_python, tmp_path) -> None:
+def test_two_training_iterations_with_the_installed_plugin_by_name(venv_python, tmp_path, tiny_train_overrides) -> None:
     overrides = [
-        "model.source=preset:tiny-unet",
+        *tiny_train_overrides,
         "algo=grpo",
-        "sampler.num_inference_steps=3",
         "trainer.iterations=2",
-        "trainer.prompts_per_iteration=2",
-        "trainer.samples_per_prompt=2",
-        "trainer.minibatch_size=4",
-        "eval_every=0",
-        "final_eval_prompts=0",
-        "eval_prompts=2",
-        "ray.num_rollout_workers=0",
-        "ray.num_reward_workers=0",
         "rewards=[{name: brightness, args: {target: 0.3}}]",
         f"run_dir={tmp_path}",
     ]
